@@ -1,0 +1,41 @@
+"""Early-exit text classification on any Hugging Face encoder (plain PyTorch + transformers, no Ray)."""
+
+from ee_model.config import EarlyExitConfig
+from ee_model.encoders import SUPPORTED_MODEL_TYPES
+from ee_model.flops import FlopsModel, flops_speedup, layer_speedup
+from ee_model.losses import joint_loss, stage1_loss, stage2_loss
+from ee_model.modeling import EarlyExitClassifier
+from ee_model.outputs import EarlyExitBatch, ExitLogits, Prediction
+from ee_model.policies import (
+    CountPolicy,
+    EntropyPolicy,
+    ExitPolicy,
+    FullDepthPolicy,
+    PatiencePolicy,
+    exit_layers,
+    make_policy,
+    normalised_entropy,
+)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "CountPolicy",
+    "EarlyExitBatch",
+    "EarlyExitClassifier",
+    "EarlyExitConfig",
+    "EntropyPolicy",
+    "ExitLogits",
+    "ExitPolicy",
+    "FlopsModel",
+    "FullDepthPolicy",
+    "PatiencePolicy",
+    "Prediction",
+    "exit_layers",
+    "flops_speedup",
+    "joint_loss",
+    "layer_speedup",
+    "make_policy",
+    "normalised_entropy",
+    "stage1_loss",
+    "stage2_loss",
+]

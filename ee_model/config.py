@@ -1,0 +1,125 @@
+"""The one typed config of an early-exit model: what is saved next to the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+HeadType = Literal["linear", "mlp"]
+Pooling = Literal["cls", "mean"]
+Variant = Literal["kl", "count"]
+PolicyName = Literal["entropy", "count", "patience", "none"]
+
+HEAD_TYPES: tuple[str, ...] = ("linear", "mlp")
+POOLINGS: tuple[str, ...] = ("cls", "mean")
+VARIANTS: tuple[str, ...] = ("kl", "count")
+POLICY_NAMES: tuple[str, ...] = ("entropy", "count", "patience", "none")
+
+CONFIG_FILE = "ee_config.json"
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+def check_labels(labels: Any) -> tuple[str, ...]:
+    """Return labels as a tuple of strings, refusing empty, duplicate or non-string entries."""
+    if isinstance(labels, str) or not isinstance(labels, (list, tuple)):
+        raise ValueError(f"labels must be a list of class names, got {labels!r}")
+    if len(labels) < 2:
+        raise ValueError(f"labels needs at least 2 classes, got {list(labels)!r}")
+    bad = [label for label in labels if not isinstance(label, str) or not label.strip()]
+    if bad:
+        raise ValueError(f"labels must be non-empty strings; bad entries: {bad!r}")
+    seen: set[str] = set()
+    duplicates = sorted({label for label in labels if label in seen or seen.add(label)})
+    if duplicates:
+        raise ValueError(f"labels contain duplicates: {duplicates!r}")
+    return tuple(labels)
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """Everything needed to rebuild an early-exit classifier, apart from its weights.
+
+    Attributes:
+        encoder_name_or_path: the Hugging Face model id or local path the encoder came from (provenance).
+        labels: class names; index i of every exit's logits is labels[i].
+        encoder_config: the encoder's `PretrainedConfig.to_dict()`, so loading needs no hub access.
+        head_type: "linear" (the paper's Linear + Softmax) or "mlp" (the paper's Table 1: H -> 128 -> 128 -> N).
+        pooling: "cls" (first token) or "mean" (average over real tokens).
+        variant: "kl" (two-stage, entropy exit) or "count" (joint, count exit); sets the default policy.
+        policy: default exit policy used by `predict` when none is given.
+        threshold: default normalised-entropy threshold S for the "entropy" policy (0 <= S; S <= 0 = full depth).
+        patience: default t for "count" / "patience" policies.
+        max_length: tokens kept per text (truncation); 128 is the paper's FLOPs convention.
+        head_dropout: dropout before each exit head while training.
+        encoder_revision: the hub revision of the encoder, when known.
+    """
+
+    encoder_name_or_path: str
+    labels: tuple[str, ...]
+    encoder_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    head_type: HeadType = "linear"
+    pooling: Pooling = "mean"  # measured best on BBC with MiniLM-L6 (see docs/results.md)
+    variant: Variant = "kl"
+    policy: PolicyName | None = None  # None -> "entropy" for kl, "count" for count
+    threshold: float = 0.1
+    patience: int = 3
+    max_length: int = 128
+    head_dropout: float = 0.1
+    encoder_revision: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", check_labels(self.labels))
+        _check_choice("head_type", self.head_type, HEAD_TYPES)
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("variant", self.variant, VARIANTS)
+        if self.policy is None:
+            object.__setattr__(self, "policy", "entropy" if self.variant == "kl" else "count")
+        _check_choice("policy", self.policy, POLICY_NAMES)
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold={self.threshold!r} must be in [0, 1] (normalised entropy)")
+        if int(self.patience) < 1:
+            raise ValueError(f"patience={self.patience!r} must be >= 1")
+        if int(self.max_length) < 2:
+            raise ValueError(f"max_length={self.max_length!r} must be >= 2")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def replace(self, **changes: Any) -> EarlyExitConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["labels"] = list(self.labels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EarlyExitConfig:
+        """Build from a dict, refusing unknown keys so a typo never goes unnoticed."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown EarlyExitConfig keys: {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> EarlyExitConfig:
+        path = Path(directory) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a saved early-exit model directory")
+        return cls.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,83 @@
+"""FLOPs in the paper's (and FastBERT's) convention.
+
+Convention: FLOPs = 2 x multiply-accumulates of the `nn.Linear` layers only (biases, layer norms, softmax and
+the attention-score matmuls QK^T and AV are not counted), at the row's real token count. Per transformer
+layer and token: Q, K, V and output projections (4 H^2) plus the two feed-forward matrices (2 H I).
+For BERT-base at 128 tokens this gives 2 * 128 * (4 * 768^2 + 2 * 768 * 3072) = 1,811,939,328 per layer,
+the 1809.8-1809.9M the FastBERT and early-exit papers print. Each exit head that ran is counted once per row
+(it reads one pooled vector). ELECTRA's embedding projection (E -> H per token) counts when present.
+
+`tests/ee_model/test_flops.py` cross-checks these numbers against `torch.utils.flop_counter.FlopCounterMode`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ee_model.heads import MLP_WIDTH
+
+
+def transformer_layer_flops(hidden_size: int, intermediate_size: int, tokens: int | np.ndarray) -> Any:
+    """2 x MACs of one layer's Linear modules at `tokens` real tokens."""
+    return 2 * tokens * (4 * hidden_size * hidden_size + 2 * hidden_size * intermediate_size)
+
+
+def head_flops(head_type: str, hidden_size: int, num_labels: int) -> int:
+    """2 x MACs of one exit head on one pooled vector."""
+    if head_type == "linear":
+        return 2 * hidden_size * num_labels
+    if head_type == "mlp":
+        return 2 * (hidden_size * MLP_WIDTH + MLP_WIDTH * MLP_WIDTH + MLP_WIDTH * num_labels)
+    raise ValueError(f"head_type={head_type!r} is not one of ['linear', 'mlp']")
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    """Per-row FLOPs of one early-exit model, as a function of real tokens and exit layer."""
+
+    hidden_size: int
+    intermediate_size: int
+    embedding_size: int  # == hidden_size unless ELECTRA projects embeddings
+    n_layers: int
+    head_flops: int
+
+    @classmethod
+    def from_encoder_config(cls, encoder_config: Any, head_type: str, num_labels: int) -> FlopsModel:
+        if encoder_config.model_type == "distilbert":
+            hidden, intermediate, layers = encoder_config.dim, encoder_config.hidden_dim, encoder_config.n_layers
+        else:
+            hidden = encoder_config.hidden_size
+            intermediate = encoder_config.intermediate_size
+            layers = encoder_config.num_hidden_layers
+        embedding = getattr(encoder_config, "embedding_size", hidden) or hidden
+        return cls(hidden, intermediate, embedding, layers, head_flops(head_type, hidden, num_labels))
+
+    def embedding_flops(self, tokens: int | np.ndarray) -> Any:
+        if self.embedding_size == self.hidden_size:
+            return 0 * tokens
+        return 2 * tokens * self.embedding_size * self.hidden_size
+
+    def row_flops(self, tokens: int | np.ndarray, exit_layer: int | np.ndarray) -> Any:
+        """FLOPs of rows with `tokens` real tokens that exit after layer `exit_layer` (1-based)."""
+        per_layer = transformer_layer_flops(self.hidden_size, self.intermediate_size, tokens) + self.head_flops
+        return self.embedding_flops(tokens) + exit_layer * per_layer
+
+    def full_depth_flops(self, tokens: int | np.ndarray) -> Any:
+        """FLOPs of the same model run to the teacher only (no student head evaluated): the baseline."""
+        per_layer = transformer_layer_flops(self.hidden_size, self.intermediate_size, tokens)
+        return self.embedding_flops(tokens) + self.n_layers * per_layer + self.head_flops
+
+
+def flops_speedup(flops_model: FlopsModel, tokens: np.ndarray, exit_layer: np.ndarray) -> float:
+    """Total full-depth FLOPs / total early-exit FLOPs over a set of rows."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    spent = flops_model.row_flops(tokens, np.asarray(exit_layer, dtype=np.int64)).sum()
+    return float(flops_model.full_depth_flops(tokens).sum() / spent)
+
+
+def layer_speedup(n_layers: int, exit_layer: np.ndarray) -> float:
+    """L / mean exit layer."""
+    return float(n_layers / np.mean(exit_layer))

@@ -1,0 +1,53 @@
+"""Exit heads (one per transformer layer) and the pooling that feeds them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MLP_WIDTH = 128  # the paper's Table 1 classifier: H -> 128 -> 128 -> N
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(batch, seq, hidden) -> (batch, hidden): first token, or mean over real (mask == 1) tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (batch, seq, 1)
+    summed = (hidden * mask).sum(dim=1)  # (batch, hidden)
+    return summed / mask.sum(dim=1).clamp(min=1.0)
+
+
+class LinearHead(nn.Module):
+    """The paper's internal classifier: Linear (+ Softmax, applied by the caller)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dropout(pooled))  # (batch, num_labels)
+
+
+class MLPHead(nn.Module):
+    """The paper's Table 1 classifier: H -> 128 -> 128 -> N with tanh activations."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.fc_in = nn.Linear(hidden_size, MLP_WIDTH)
+        self.fc_mid = nn.Linear(MLP_WIDTH, MLP_WIDTH)
+        self.out = nn.Linear(MLP_WIDTH, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.fc_in(self.dropout(pooled)))  # (batch, 128)
+        x = torch.tanh(self.fc_mid(x))  # (batch, 128)
+        return self.out(x)  # (batch, num_labels)
+
+
+def build_head(head_type: str, hidden_size: int, num_labels: int, dropout: float) -> nn.Module:
+    if head_type == "linear":
+        return LinearHead(hidden_size, num_labels, dropout)
+    if head_type == "mlp":
+        return MLPHead(hidden_size, num_labels, dropout)
+    raise ValueError(f"head_type={head_type!r} is not one of ['linear', 'mlp']")

@@ -1,0 +1,62 @@
+"""Bad input to predict: clear errors or defined results, never a crash deep inside torch."""
+
+import numpy as np
+import pytest
+
+from ee_model import EarlyExitClassifier
+from tests.conftest import LABELS
+
+
+def test_empty_list_gives_an_empty_result(tiny_model):
+    out = tiny_model("bert").predict([])
+    assert len(out) == 0 and out.probs.shape == (0, len(LABELS))
+
+
+@pytest.mark.parametrize(
+    "texts, message",
+    [
+        (["fine", ""], r"row 1: empty or whitespace-only text"),
+        (["   \n\t", "fine"], r"row 0: empty or whitespace-only text"),
+        (["fine", None], r"row 1: null text"),
+        (["fine", 3, b"bytes"], r"row 1: not a string: int, row 2: not a string: bytes"),
+    ],
+)
+def test_invalid_texts_raise_naming_the_rows(tiny_model, texts, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model("bert").predict(texts)
+
+
+@pytest.mark.parametrize("texts", ["a single string", 42, None])
+def test_texts_must_be_a_list(tiny_model, texts):
+    with pytest.raises(TypeError, match="texts must be a list of strings"):
+        tiny_model("bert").predict(texts)
+
+
+def test_invalid_null_gives_defined_rows_and_scores_the_rest(tiny_model):
+    model = tiny_model("bert")
+    texts = ["the film", None, "", 7, "money and sport " * 200]
+    out = model.predict(texts, invalid="null", batch_size=2)
+    assert out.label[1] is None and out.label[2] is None and out.label[3] is None
+    assert out.error[1] == "null text" and out.error[3] == "not a string: int"
+    assert out.label[0] in LABELS and out.label[4] in LABELS and out.error[0] is None
+    assert np.isnan(out.probs[1]).all() and out.exit_layer[1] == 0 and out.flops[1] == 0
+    assert out.tokens[4] == model.config.max_length  # long texts are truncated, not refused
+    assert out.label[0] == model.predict(["the film"]).label[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"batch_size": 0}, "batch_size=0 must be >= 1"), ({"invalid": "skip"}, "invalid='skip' is not one of"),
+     ({"policy": "entropy", "threshold": float("nan")}, "finite threshold")],
+)
+def test_bad_predict_arguments(tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model("bert").predict(["x"], **kwargs)
+
+
+def test_bad_label_lists_are_refused(tiny_encoder_dir):
+    path = tiny_encoder_dir("bert")
+    with pytest.raises(ValueError, match="duplicates"):
+        EarlyExitClassifier.from_encoder(path, labels=["a", "b", "a"])
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        EarlyExitClassifier.from_encoder(path, labels=[])

@@ -1,0 +1,77 @@
+"""Exit rules on crafted prediction sequences and entropies."""
+
+import math
+
+import pytest
+import torch
+
+from ee_model import CountPolicy, PatiencePolicy, exit_layers, make_policy, normalised_entropy
+
+
+def one_hot_logits(predictions: list[list[int]], num_labels: int = 3) -> torch.Tensor:
+    """(n_layers, batch, N) logits whose argmax follows `predictions[row][layer]`, confidently."""
+    per_row = torch.tensor(predictions)  # (batch, n_layers)
+    logits = torch.full((*per_row.T.shape, num_labels), -5.0)
+    logits.scatter_(2, per_row.T.unsqueeze(-1), 5.0)
+    return logits
+
+
+# Layer predictions of one row over 6 layers; Algorithm 2 as printed never resets the counter.
+@pytest.mark.parametrize(
+    "sequence, patience, count_exit, patience_exit",
+    [
+        ([0, 0, 0, 0, 0, 0], 2, 3, 3),  # agreements at layers 2, 3 -> both exit after layer 3
+        ([0, 0, 1, 1, 2, 2], 2, 4, 6),  # count: agreements at 2 and 4; patience: never 2 in a row
+        ([0, 1, 1, 2, 2, 2], 2, 5, 6),  # count: agreements at 3, 5; patience: 2 consecutive at 6 = teacher
+        ([0, 1, 2, 0, 1, 2], 1, 6, 6),  # never agrees: both leave at the teacher
+        ([0, 0, 1, 1, 1, 1], 3, 5, 6),  # count: 2, 4, 5; patience: 4, 5 -> 2 consecutive by layer 5, 3 at 6
+        ([0, 0, 0, 0, 0, 0], 9, 6, 6),  # t beyond depth: teacher
+    ],
+)
+def test_count_vs_patience_semantics(sequence, patience, count_exit, patience_exit):
+    logits = one_hot_logits([sequence])
+    assert exit_layers(logits, CountPolicy(patience)).tolist() == [count_exit]
+    assert exit_layers(logits, PatiencePolicy(patience)).tolist() == [patience_exit]
+
+
+def test_normalised_entropy_bounds_and_stability():
+    uniform = torch.zeros(1, 5)
+    certain = torch.tensor([[1e4, -1e4, 0.0, 0.0, 0.0]])
+    assert normalised_entropy(uniform).item() == pytest.approx(1.0)
+    assert normalised_entropy(certain).item() == pytest.approx(0.0, abs=1e-6)
+    huge = torch.tensor([[1e30, 1e30, -1e30]])
+    value = normalised_entropy(huge).item()
+    assert math.isfinite(value) and value == pytest.approx(math.log(2) / math.log(3), rel=1e-5)
+
+
+def test_threshold_zero_or_below_gives_full_depth():
+    logits = torch.randn(4, 16, 3) * 10
+    for threshold in (0.0, -0.5):
+        assert exit_layers(logits, make_policy("entropy", threshold=threshold)).eq(4).all()
+
+
+def test_larger_threshold_never_exits_later():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 200, 5) * 3
+    previous = None
+    for threshold in torch.linspace(0, 1, 21).tolist():
+        layers = exit_layers(logits, make_policy("entropy", threshold=threshold))
+        if previous is not None:
+            assert (layers <= previous).all()
+        previous = layers
+    assert previous.float().mean() < 6  # the sweep really moved rows
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("entropy", {"threshold": None}, "needs a finite threshold"),
+        ("entropy", {"threshold": float("nan")}, "needs a finite threshold"),
+        ("count", {"patience": 0}, "integer patience >= 1"),
+        ("patience", {"patience": 1.5}, "integer patience >= 1"),
+        ("fastest", {}, "is not one of"),
+    ],
+)
+def test_bad_policy_arguments_are_refused(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_policy(name, **kwargs)
