@@ -1,0 +1,240 @@
+"""The typed training config: one frozen dataclass per concern, loaded from YAML with unknown keys refused.
+
+Profiles: "quick" (the default: finishes the embedded BBC + MiniLM-L6 run on 2 CPU cores in under 20 minutes)
+and "full" (the paper's settings, for GPU clusters). A YAML file and CLI overrides are applied on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ee_model.config import HEAD_TYPES, POOLINGS, VARIANTS
+
+Stage = Literal["stage1", "stage2", "joint"]
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name}={value!r} must be > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where labeled and unlabeled data come from. Paths: parquet file, folder, glob, or pyarrow URI."""
+
+    train_path: str | None = None  # None -> the BBC News corpus (demo extra), split 80/10/10
+    dev_path: str | None = None  # None -> split from train_path
+    test_path: str | None = None  # None -> split from train_path
+    text_column: str = "text"
+    label_column: str = "label"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0
+    # Stage 2 corpus, streamed: None -> BBC paragraphs when using the default corpus, else none.
+    unlabeled_path: str | None = None
+    unlabeled_text_column: str | None = None  # default: text_column
+    max_unlabeled_rows: int | None = None  # cap for quick runs; None = the whole corpus
+    cache_dir: str = ".ee_data"  # where the default corpus is written as parquet on first use
+
+    def __post_init__(self) -> None:
+        fractions = tuple(float(f) for f in self.split_fractions)
+        object.__setattr__(self, "split_fractions", fractions)
+        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(f"split_fractions={self.split_fractions!r} must be 3 non-negative numbers summing to 1")
+        if fractions[0] == 0:
+            raise ValueError("split_fractions gives the training split nothing")
+        if (self.dev_path is None) != (self.test_path is None):
+            raise ValueError("give both dev_path and test_path, or neither (then both are split from train_path)")
+        if self.max_unlabeled_rows is not None and self.max_unlabeled_rows < 0:
+            raise ValueError(f"max_unlabeled_rows={self.max_unlabeled_rows!r} must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: str | None = None  # HF id or local path; None -> the packaged MiniLM-L6 (demo extra)
+    encoder_revision: str | None = None
+    head_type: str = "linear"
+    pooling: str = "mean"
+    max_length: int = 128
+    head_dropout: float = 0.1
+    threshold: float = 0.1  # default S stored with the model (KL variant)
+    patience: int = 2  # default t stored with the model (Count variant)
+
+    def __post_init__(self) -> None:
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type={self.head_type!r} is not one of {list(HEAD_TYPES)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is not one of {list(POOLINGS)}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length={self.max_length!r} must be >= 8")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Optimisation of one training stage."""
+
+    learning_rate: float = 1e-4
+    epochs: int = 1
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_steps: int | None = None  # stop the stage after this many optimizer steps (quick runs)
+    checkpoint_every_steps: int = 1500  # the paper's 1500; a checkpoint is also written at each epoch end
+    focal_gamma: float = 0.0  # stage 1: 0 = cross-entropy
+    kl_weight: float = 1.0  # stage 2: self-distillation weight
+    gold_weight: float = 0.0  # stage 2: + cross-entropy to gold labels (DeeBERT's recipe uses kl 0, gold 1)
+    joint_weighting: str = "uniform"  # joint: "uniform" or "layer_index" (PABEE)
+
+    def __post_init__(self) -> None:
+        _positive("learning_rate", self.learning_rate)
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("checkpoint_every_steps", self.checkpoint_every_steps)
+        if self.max_steps is not None:
+            _positive("max_steps", self.max_steps)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        if self.joint_weighting not in ("uniform", "layer_index"):
+            raise ValueError(f"joint_weighting={self.joint_weighting!r} is not one of ['uniform', 'layer_index']")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    # Leave CPU for Ray Data: workers that take every CPU starve the data pipeline and the run hangs.
+    cpus_per_worker: float = 0.5
+    max_failures: int = 2  # worker crashes survived by restarting from the last checkpoint
+    storage_path: str = "ray_results"  # made absolute; any pyarrow URI (s3://...) for multi-node
+    torch_threads: int | None = None  # per worker; None = torch's default
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers!r} must be >= 0 (0 = Ray Train local mode)")
+        _positive("cpus_per_worker", self.cpus_per_worker)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment_name: str = "early-exit"
+    registered_model_name: str = "early-exit-classifier"
+    register: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    thresholds: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)  # S grid swept on dev/test
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    variant: str = "kl"
+    profile: str = "quick"
+    seed: int = 0
+    run_name: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=1e-3))
+    joint: StageConfig = field(default_factory=StageConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r} is not one of {list(VARIANTS)}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile={self.profile!r} is not one of {sorted(PROFILES)}")
+
+    def stages(self) -> list[Stage]:
+        return ["stage1", "stage2"] if self.variant == "kl" else ["joint"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Profiles are overrides of the dataclass defaults, nothing else.
+PROFILES: dict[str, dict[str, Any]] = {
+    # 2 CPU cores, MiniLM-L6 on BBC: short texts and a capped stage-2 corpus keep the run under 20 minutes.
+    "quick": {
+        "data": {"max_unlabeled_rows": 1000},
+        "model": {"max_length": 64},
+        "stage1": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "checkpoint_every_steps": 50},
+        "stage2": {"learning_rate": 1e-3, "epochs": 1, "batch_size": 32, "checkpoint_every_steps": 50},
+        "joint": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "checkpoint_every_steps": 50},
+    },
+    # The paper: 10 epochs, checkpoint every 1500 steps, lr from the 8e-5..2e-4 range, stage 2 at 10x.
+    "full": {
+        "model": {"max_length": 128},
+        "stage1": {"learning_rate": 1e-4, "epochs": 10, "batch_size": 32},
+        "stage2": {"learning_rate": 1e-3, "epochs": 10, "batch_size": 64},
+        "joint": {"learning_rate": 1e-4, "epochs": 10, "batch_size": 32},
+        "resources": {"num_workers": 2, "use_gpu": True, "cpus_per_worker": 4},
+    },
+}
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Instantiate a (nested) config dataclass from a dict, refusing unknown keys."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where or 'config'}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        nested = NESTED.get(name) if cls is TrainConfig else None
+        if nested is not None:
+            value = _build(nested, value, f"{where}.{name}".lstrip("."))
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+NESTED: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "stage1": StageConfig, "stage2": StageConfig,
+    "joint": StageConfig, "resources": ResourcesConfig, "tracking": TrackingConfig, "eval": EvalConfig,
+}
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_train_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, profile: str | None = None
+) -> TrainConfig:
+    """Profile defaults <- YAML file <- overrides (nested dicts, e.g. {"stage1": {"epochs": 2}})."""
+    from_file: dict[str, Any] = {}
+    if path is not None:
+        from_file = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(from_file, dict):
+            raise ValueError(f"{path} must hold a YAML mapping, got {type(from_file).__name__}")
+    layered = merge(from_file, overrides or {})
+    chosen = profile or layered.get("profile") or "quick"
+    if chosen not in PROFILES:
+        raise ValueError(f"profile={chosen!r} is not one of {sorted(PROFILES)}")
+    return _build(TrainConfig, merge(merge(PROFILES[chosen], layered), {"profile": chosen}), "")
+
+
+def resolve_tracking_uri(config: TrackingConfig) -> str:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else an absolute sqlite store in the working directory."""
+    uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path('mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # workers run in other directories
+    return uri

@@ -1,0 +1,153 @@
+"""Labeled and unlabeled data: parquet in, checked before any training starts, Ray Datasets out."""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+
+from ee_model.texts import invalid_text_reason
+from pipelines.config import DataConfig
+
+UNLABELED = -100  # label id of stage-2 rows without a gold label (ignored by every loss term that uses labels)
+
+
+class DataError(ValueError):
+    """Labeled or unlabeled data that cannot be trained on; raised before any training starts."""
+
+
+@dataclass(frozen=True)
+class LabeledSplits:
+    """train/dev/test tables with columns text (string) and label (string); labels sorted from train."""
+
+    train: pa.Table
+    dev: pa.Table
+    test: pa.Table
+    labels: tuple[str, ...]
+    dropped_invalid_text: int  # rows whose text was null, empty or not a string (reported, not trained on)
+
+
+def expand_paths(path: str) -> list[str] | str:
+    """A local glob becomes its sorted matches; files, folders and URIs pass through to pyarrow."""
+    if any(ch in path for ch in "*?[") and "://" not in path:
+        matches = sorted(glob.glob(path, recursive=True))
+        if not matches:
+            raise DataError(f"no parquet files match {path!r}")
+        return matches
+    return path
+
+
+def parquet_dataset(path: str) -> pds.Dataset:
+    try:
+        return pds.dataset(expand_paths(path), format="parquet")
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"cannot read parquet at {path!r}: {error}") from error
+
+
+def require_columns(dataset: pds.Dataset, columns: list[str], path: str) -> None:
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise DataError(f"{path!r} has no column(s) {missing}; its columns are {dataset.schema.names}")
+
+
+def read_labeled(path: str, text_column: str, label_column: str) -> pa.Table:
+    """Read text + label columns, as (text, label) with labels cast to strings; null labels refused."""
+    dataset = parquet_dataset(path)
+    require_columns(dataset, [text_column, label_column], path)
+    try:
+        table = dataset.to_table(columns=[text_column, label_column])
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"cannot read parquet at {path!r}: {error}") from error
+    labels = table[label_column]
+    if labels.null_count:
+        rows = np.flatnonzero(pc.is_null(labels).to_numpy(zero_copy_only=False))[:5].tolist()
+        raise DataError(f"{path!r}: {labels.null_count} row(s) have a null {label_column!r} (first rows {rows})")
+    texts = table[text_column]
+    if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
+        raise DataError(f"{path!r}: column {text_column!r} must hold strings, it holds {texts.type}")
+    return pa.table({"text": texts.cast(pa.string()), "label": labels.cast(pa.string())})
+
+
+def drop_invalid_texts(table: pa.Table) -> tuple[pa.Table, int]:
+    keep = np.array([invalid_text_reason(t) is None for t in table["text"].to_pylist()], dtype=bool)
+    return table.filter(pa.array(keep)), int((~keep).sum())
+
+
+def stratified_split(table: pa.Table, fractions: tuple[float, float, float], seed: int):
+    """Deterministic per-class shuffle and cut: each class spread over train/dev/test by `fractions`."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(table["label"].to_pylist())
+    parts: list[list[int]] = [[], [], []]
+    for label in sorted(set(labels.tolist())):
+        index = np.flatnonzero(labels == label)
+        index = index[rng.permutation(len(index))]
+        n_dev, n_test = int(round(len(index) * fractions[1])), int(round(len(index) * fractions[2]))
+        n_train = len(index) - n_dev - n_test
+        parts[0] += index[:n_train].tolist()
+        parts[1] += index[n_train:n_train + n_dev].tolist()
+        parts[2] += index[n_train + n_dev:].tolist()
+    return tuple(table.take(pa.array(sorted(p), type=pa.int64())) for p in parts)
+
+
+def check_splits(train: pa.Table, dev: pa.Table, test: pa.Table) -> tuple[str, ...]:
+    if train.num_rows == 0:
+        raise DataError("the training set is empty (after dropping null/empty texts)")
+    labels = tuple(sorted(set(train["label"].to_pylist())))
+    if len(labels) < 2:
+        raise DataError(f"the training set has a single class {list(labels)}: nothing to classify")
+    for name, split in (("dev", dev), ("test", test)):
+        if split.num_rows == 0:
+            raise DataError(f"the {name} set is empty")
+        unknown = sorted(set(split["label"].to_pylist()) - set(labels))
+        if unknown:
+            raise DataError(f"{name} labels {unknown} never occur in train (train labels: {list(labels)})")
+    return labels
+
+
+def load_labeled_splits(config: DataConfig) -> LabeledSplits:
+    """Read, clean and split (or read separately) the labeled data, checking everything up front."""
+    train_path = config.train_path or default_corpus_paths(config)["labeled"]
+    table = read_labeled(train_path, config.text_column, config.label_column)
+    if config.dev_path is None:
+        table, dropped = drop_invalid_texts(table)
+        train, dev, test = stratified_split(table, config.split_fractions, config.split_seed)
+    else:
+        dev_raw = read_labeled(config.dev_path, config.text_column, config.label_column)
+        test_raw = read_labeled(config.test_path, config.text_column, config.label_column)
+        (train, a), (dev, b), (test, c) = (drop_invalid_texts(t) for t in (table, dev_raw, test_raw))
+        dropped = a + b + c
+    return LabeledSplits(train, dev, test, check_splits(train, dev, test), dropped)
+
+
+def unlabeled_path(config: DataConfig) -> str | None:
+    if config.unlabeled_path is not None:
+        return config.unlabeled_path or None  # "" switches the unlabeled corpus off
+    return default_corpus_paths(config)["unlabeled"] if config.train_path is None else None
+
+
+def default_corpus_paths(config: DataConfig) -> dict[str, str]:
+    """Write the BBC corpus (articles with labels, paragraphs without) as parquet on first use."""
+    from pipelines.bbc import read_bbc_articles, split_paragraphs
+
+    directory = Path(config.cache_dir).resolve() / "bbc"
+    paths = {"labeled": str(directory / "articles.parquet"), "unlabeled": str(directory / "paragraphs.parquet")}
+    if not all(Path(p).is_file() for p in paths.values()):
+        directory.mkdir(parents=True, exist_ok=True)
+        articles = read_bbc_articles()
+        for key, table in (("labeled", articles), ("unlabeled", split_paragraphs(articles))):
+            aside = Path(paths[key] + ".tmp")
+            pq.write_table(table, aside)
+            aside.replace(paths[key])  # atomic: a killed first run never leaves half a file
+    return paths
+
+
+def with_label_ids(table: pa.Table, labels: tuple[str, ...]) -> pa.Table:
+    """(text, label) -> (text, label_id) using the model's label order."""
+    ids = pc.index_in(table["label"], value_set=pa.array(labels)).cast(pa.int64())
+    return pa.table({"text": table["text"], "label_id": ids})

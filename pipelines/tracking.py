@@ -1,0 +1,122 @@
+"""MLflow: tracking setup, runs, per-step metrics from rank 0, the pyfunc model and the registry aliases."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+SELECTION_TAG = "dev_accuracy"  # version tag compared when promoting to champion
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+EE_MODEL_DIR = Path(__file__).resolve().parent.parent / "ee_model"
+
+
+def setup_tracking(tracking_uri: str, experiment_name: str) -> str:
+    """Point MLflow at the store and create the experiment once, in the driver, before workers start.
+
+    Returns the experiment id.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.set_experiment(experiment_name)
+    return experiment.experiment_id
+
+
+def start_child_run(parent_run_id: str, name: str) -> str:
+    """Create a child run (RUNNING) that workers can log to by id; the driver ends it."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(
+        parent.info.experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id}
+    )
+    return run.info.run_id
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+class StepLogger:
+    """Batches per-step metrics from rank 0 into MLflow (one request per flush, not one per step)."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri) if (tracking_uri and run_id) else None
+        self.pending: list[Metric] = []
+
+    def log(self, key: str, value: float, step: int, flush: bool = False) -> None:
+        if self.client is None:
+            return
+        self.pending.append(Metric(key, float(value), int(time.time() * 1000), step))
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client is not None and self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.pending = []
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "safetensors", "numpy", "pandas")] + [
+        f"mlflow=={mlflow.__version__}"
+    ]
+
+
+def log_pyfunc_model(model_dir: str | Path, config: Any, example_texts: list[str]) -> Any:
+    """Log the saved model directory as a pyfunc whose predict takes policy/threshold/patience params."""
+    example = pd.DataFrame({"text": example_texts})
+    output = pd.DataFrame({"label": ["x"], "confidence": [0.5], "exit_layer": [1], "flops": [1], "error": [""]})
+    params = {"policy": config.policy, "threshold": float(config.threshold), "patience": int(config.patience),
+              "batch_size": 32}
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PYFUNC_CODE),
+        artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(EE_MODEL_DIR)],
+        signature=infer_signature(example, output, params=params),
+        input_example=example,
+        pip_requirements=pip_requirements(),
+    )
+
+
+def register(model_uri: str, name: str, dev_accuracy: float, tags: dict[str, str]) -> dict[str, Any]:
+    """Register a version, alias it `candidate`, and `champion` if its dev accuracy >= the champion's."""
+    client = MlflowClient()
+    version = mlflow.register_model(model_uri, name).version
+    client.set_model_version_tag(name, version, SELECTION_TAG, f"{dev_accuracy:.6f}")
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    champion_accuracy = current_champion_accuracy(client, name)
+    promoted = champion_accuracy is None or dev_accuracy >= champion_accuracy
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return {"name": name, "version": int(version), "uri": f"models:/{name}/{version}",
+            "candidate_uri": f"models:/{name}@{CANDIDATE}", "champion": promoted,
+            "previous_champion_dev_accuracy": champion_accuracy}
+
+
+def current_champion_accuracy(client: MlflowClient, name: str) -> float | None:
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None  # no champion yet
+    value = champion.tags.get(SELECTION_TAG)
+    return float(value) if value is not None else None

