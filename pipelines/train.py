@@ -95,16 +95,6 @@ def model_options(config: TrainConfig) -> dict[str, Any]:
             "patience": m.patience}
 
 
-def log_stage_history(result: Any, stage: str) -> None:
-    """Dev metrics of every report, by optimizer step, into the active (child) run."""
-    history = result.metrics_dataframe
-    if history is None:
-        return
-    for row in history.to_dict("records"):
-        metrics = {k: float(v) for k, v in row.items() if k.startswith("dev_") and v == v}
-        mlflow.log_metrics({f"{stage}_{k}": v for k, v in metrics.items()}, step=int(row["step"]))
-
-
 def run_stage(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: str, init: Checkpoint | None,
               parent_run_id: str, tracking_uri: str) -> Checkpoint:
     """Fit one stage on Ray Train, log it to its child run, return its best checkpoint."""
@@ -127,15 +117,14 @@ def run_stage(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: s
         best = result.get_best_checkpoint(metric="dev_score", mode="max")
         if best is None:
             raise RuntimeError(f"{stage} reported no checkpoint; see the Ray Train logs of {result.path}")
-        log_stage_history(result, stage)
         mlflow.set_tag("best_checkpoint", best.path)
         mlflow.log_metric(f"{stage}_best_dev_score", float(best_score(result)))
     return best
 
 
 def best_score(result: Any) -> float:
-    history = result.metrics_dataframe
-    return float(history["dev_score"].max()) if history is not None and len(history) else float("nan")
+    scores = [metrics["dev_score"] for _, metrics in result.best_checkpoints]
+    return float(max(scores)) if scores else float("nan")
 
 
 def local_model_dir(checkpoint: Checkpoint, destination: Path) -> Path:

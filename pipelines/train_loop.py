@@ -84,8 +84,14 @@ def dev_metrics(model: torch.nn.Module, stage: str, device: torch.device) -> dic
     return payload[0]
 
 
-def report(model, optimizer, scheduler, state: TrainState, stage: str, device: torch.device) -> None:
+def report(model, optimizer, scheduler, state: TrainState, stage: str, device: torch.device,
+           logger: StepLogger | None) -> None:
     metrics = {**dev_metrics(model, stage, device), "epoch": state.epoch, "step": state.step}
+    if logger is not None:
+        for key, value in metrics.items():
+            if key.startswith("dev_"):
+                logger.log(f"{stage}_{key}", value, state.step)
+        logger.flush()
     state.best_dev_score = max(state.best_dev_score, metrics["dev_score"])
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
@@ -144,7 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if logger is not None:
                 logger.log(f"{spec.stage}_loss", loss, state.step, flush=state.step % LOG_EVERY_STEPS == 0)
             if state.step % stage_config.checkpoint_every_steps == 0:
-                report(model, optimizer, scheduler, state, spec.stage, device)
+                report(model, optimizer, scheduler, state, spec.stage, device, logger)
                 last_report_step = state.step
             if state.step >= spec.total_steps:
                 break
@@ -152,4 +158,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if logger is not None:
             logger.flush()
         if last_report_step != state.step:
-            report(model, optimizer, scheduler, state, spec.stage, device)
+            report(model, optimizer, scheduler, state, spec.stage, device, logger)

@@ -1,0 +1,51 @@
+"""The typed training config: profiles, YAML, overrides, unknown keys, the tracking URI."""
+
+import pytest
+
+from pipelines.config import TrackingConfig, load_train_config, resolve_tracking_uri
+
+
+def test_quick_profile_is_the_default_and_full_matches_the_paper():
+    quick = load_train_config()
+    assert quick.profile == "quick" and quick.variant == "kl"
+    assert quick.stages() == ["stage1", "stage2"]
+    assert quick.resources.cpus_per_worker < 1  # leaves CPU for Ray Data on small machines
+    full = load_train_config(profile="full")
+    assert full.stage1.epochs == 10 and full.stage1.checkpoint_every_steps == 1500
+    assert full.stage2.learning_rate == pytest.approx(10 * full.stage1.learning_rate)
+
+
+def test_yaml_and_overrides_layer_on_the_profile(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("variant: count\nstage1:\n  epochs: 4\nmodel:\n  pooling: cls\n")
+    config = load_train_config(path, {"joint": {"learning_rate": 3e-5}, "model": {"max_length": 32}})
+    assert config.variant == "count" and config.stages() == ["joint"]
+    assert config.stage1.epochs == 4 and config.model.pooling == "cls" and config.model.max_length == 32
+    assert config.joint.learning_rate == 3e-5 and config.joint.batch_size == 16  # rest from the profile
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"stage1": {"epochs": 1, "epoch": 2}}, r"unknown key\(s\) \['epoch'\] in stage1"),
+        ({"modle": {}}, r"unknown key\(s\) \['modle'\] in config"),
+        ({"variant": "fast"}, "variant='fast' is not one of"),
+        ({"model": {"pooling": "max"}}, "pooling='max' is not one of"),
+        ({"stage2": {"learning_rate": 0}}, "learning_rate=0 must be > 0"),
+        ({"data": {"split_fractions": [0.5, 0.5, 0.5]}}, "must be 3 non-negative numbers summing to 1"),
+        ({"data": {"dev_path": "x.parquet"}}, "give both dev_path and test_path"),
+    ],
+)
+def test_bad_config_values_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_train_config(overrides=overrides)
+
+
+def test_tracking_uri_is_always_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel/m.db")
+    assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path}/rel/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_tracking_uri(TrackingConfig()) == "http://mlflow:5000"

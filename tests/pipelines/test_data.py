@@ -1,0 +1,101 @@
+"""Labeled data checks happen before training: clear errors naming the file, column or labels."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import DataConfig
+from pipelines.data import DataError, load_labeled_splits, stratified_split
+from tests.pipelines.conftest import labeled_table
+
+
+def write(tmp_path, name, table):
+    path = tmp_path / name
+    pq.write_table(table, path)
+    return str(path)
+
+
+def test_split_is_stratified_deterministic_and_complete(labeled_parquet):
+    splits = load_labeled_splits(DataConfig(train_path=labeled_parquet, split_seed=3))
+    again = load_labeled_splits(DataConfig(train_path=labeled_parquet, split_seed=3))
+    assert splits.train.equals(again.train) and splits.dev.equals(again.dev)
+    assert (splits.train.num_rows, splits.dev.num_rows, splits.test.num_rows) == (192, 24, 24)
+    for split in (splits.dev, splits.test):
+        counts = pa.compute.value_counts(split["label"]).to_pylist()
+        assert sorted(c["counts"] for c in counts) == [8, 8, 8]
+    all_texts = sorted(splits.train["text"].to_pylist() + splits.dev["text"].to_pylist()
+                       + splits.test["text"].to_pylist())
+    assert all_texts == sorted(labeled_table()["text"].to_pylist())
+    assert splits.labels == ("mid", "neg", "pos")
+
+
+def test_folder_and_glob_inputs(tmp_path):
+    table = labeled_table()
+    (tmp_path / "parts").mkdir()
+    write(tmp_path / "parts", "a.parquet", table.slice(0, 120))
+    write(tmp_path / "parts", "b.parquet", table.slice(120))
+    for path in (str(tmp_path / "parts"), str(tmp_path / "parts" / "*.parquet")):
+        splits = load_labeled_splits(DataConfig(train_path=path))
+        assert splits.train.num_rows + splits.dev.num_rows + splits.test.num_rows == 240
+
+
+def test_missing_column_names_the_file_and_columns(tmp_path):
+    path = write(tmp_path, "x.parquet", labeled_table().drop_columns(["label"]))
+    with pytest.raises(DataError, match=r"x.parquet' has no column\(s\) \['label'\]; its columns are"):
+        load_labeled_splits(DataConfig(train_path=path))
+
+
+def test_null_labels_are_refused(tmp_path):
+    table = labeled_table()
+    labels = table["label"].to_pylist()
+    labels[5] = None
+    path = write(tmp_path, "x.parquet", table.set_column(1, "label", pa.array(labels)))
+    with pytest.raises(DataError, match=r"1 row\(s\) have a null 'label' \(first rows \[5\]\)"):
+        load_labeled_splits(DataConfig(train_path=path))
+
+
+def test_dev_labels_unknown_to_train_are_refused(tmp_path):
+    table = labeled_table()
+    train = write(tmp_path, "train.parquet", table)
+    dev_table = table.slice(0, 10).set_column(1, "label", pa.array(["zzz"] * 10))
+    dev = write(tmp_path, "dev.parquet", dev_table)
+    with pytest.raises(DataError, match=r"dev labels \['zzz'\] never occur in train"):
+        load_labeled_splits(DataConfig(train_path=train, dev_path=dev, test_path=train))
+
+
+def test_empty_training_set_is_refused(tmp_path):
+    path = write(tmp_path, "x.parquet", labeled_table().slice(0, 0))
+    with pytest.raises(DataError, match="training set is empty"):
+        load_labeled_splits(DataConfig(train_path=path))
+
+
+def test_invalid_texts_are_dropped_and_counted(tmp_path):
+    table = labeled_table()
+    texts = table["text"].to_pylist()
+    texts[0], texts[1], texts[2] = None, "", "   "
+    path = write(tmp_path, "x.parquet", table.set_column(0, "text", pa.array(texts)))
+    splits = load_labeled_splits(DataConfig(train_path=path))
+    assert splits.dropped_invalid_text == 3
+    assert splits.train.num_rows + splits.dev.num_rows + splits.test.num_rows == 237
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="cannot read parquet at .*broken.parquet"):
+        load_labeled_splits(DataConfig(train_path=str(path)))
+    with pytest.raises(DataError, match="no parquet files match"):
+        load_labeled_splits(DataConfig(train_path=str(tmp_path / "nothing-*.parquet")))
+
+
+def test_non_string_text_column_is_refused(tmp_path):
+    path = write(tmp_path, "x.parquet", pa.table({"text": [1, 2, 3], "label": ["a", "b", "a"]}))
+    with pytest.raises(DataError, match="column 'text' must hold strings, it holds int64"):
+        load_labeled_splits(DataConfig(train_path=path))
+
+
+def test_stratified_split_keeps_every_row_once():
+    table = labeled_table(50)
+    parts = stratified_split(table, (0.6, 0.2, 0.2), seed=1)
+    ids = sorted(sum((p["row_id"].to_pylist() for p in parts), []))
+    assert ids == list(range(50))

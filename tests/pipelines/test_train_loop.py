@@ -1,0 +1,113 @@
+"""The worker loop in Ray Train's local mode (num_workers=0) on a tiny model, and the plain step functions."""
+
+import pytest
+import torch
+
+from ee_model import EarlyExitClassifier
+from pipelines.config import DataConfig, ResourcesConfig, StageConfig
+from pipelines.data import load_labeled_splits
+from pipelines.steps import exit_logits, loss_for, per_layer_accuracy, train_step
+from pipelines.train import stage_datasets, total_steps
+from pipelines.train_loop import MODEL_SUBDIR, WorkerConfig
+from pipelines.trainer import build_trainer
+from tests.conftest import random_texts
+
+pytestmark = pytest.mark.ray
+
+
+def mlflow_run(tmp_path):
+    """A real sqlite-backed MLflow store and a run the worker logs into; returns (uri, run_id)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("local"))
+    return uri, run.info.run_id
+
+
+def metric_history(uri, run_id, key):
+    from mlflow.tracking import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def fit_stage(stage, splits, encoder_dir, tmp_path, init=None, tracking=(None, None), epochs=2, **stage_overrides):
+    from pipelines.config import load_train_config
+
+    config = load_train_config(overrides={"data": {"train_path": "unused", "unlabeled_path": ""}})
+    stage_config = StageConfig(learning_rate=5e-3 if stage != "stage2" else 1e-2, epochs=epochs, batch_size=16,
+                               checkpoint_every_steps=5, **stage_overrides)
+    datasets, rows = stage_datasets(stage, splits, config)
+    worker = WorkerConfig(
+        stage=stage, stage_config=vars(stage_config), labels=splits.labels, encoder=encoder_dir,
+        model_options={"variant": "count" if stage == "joint" else "kl", "max_length": 32},
+        total_steps=total_steps(rows, stage_config, 1), init_checkpoint=init,
+        tracking_uri=tracking[0], mlflow_run_id=tracking[1],
+    )
+    resources = ResourcesConfig(num_workers=0, storage_path=str(tmp_path / "ray"), max_failures=0)
+    return build_trainer(worker, datasets, resources, name=f"local-{stage}").fit()
+
+
+def test_stage1_in_local_mode_reports_and_logs(ray_local, labeled_parquet, tiny_encoder_dir, tmp_path):
+    splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
+    tracking = mlflow_run(tmp_path)
+    fit_stage("stage1", splits, tiny_encoder_dir("bert", num_layers=3), tmp_path, tracking=tracking)
+    scores = metric_history(*tracking, "stage1_dev_score")
+    assert [step for step, _ in scores] == [5, 10, 12, 15, 20, 24]  # every 5 global steps + each epoch end
+    assert len(metric_history(*tracking, "stage1_dev_accuracy_layer_3")) == 6
+    assert len(metric_history(*tracking, "stage1_loss")) == 24  # per-step loss
+    assert max(v for _, v in scores) > 0.6  # the separable task is learned
+
+
+def test_stage2_in_local_mode_keeps_the_teacher_and_trains_students(
+    ray_local, labeled_parquet, tiny_encoder_dir, tmp_path
+):
+    from ray.train import Checkpoint
+
+    splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
+    torch.manual_seed(0)
+    start = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=splits.labels)
+    start.save_pretrained(tmp_path / "init" / MODEL_SUBDIR)
+    tracking = mlflow_run(tmp_path)
+    fit_stage("stage2", splits, "unused", tmp_path, init=Checkpoint.from_directory(str(tmp_path / "init")),
+              tracking=tracking)
+    teacher = {v for _, v in metric_history(*tracking, "stage2_dev_accuracy")}
+    student = [v for _, v in metric_history(*tracking, "stage2_dev_accuracy_layer_1")]
+    assert len(teacher) == 1, "the teacher changed during stage 2"
+    assert len(student) == 6 and len(set(student)) > 1, "the students did not train"
+    kl = [v for _, v in metric_history(*tracking, "stage2_loss")]
+    assert sum(kl[-5:]) < sum(kl[:5])  # distillation loss goes down
+
+
+def test_joint_training_trains_every_exit(ray_local, labeled_parquet, tiny_encoder_dir, tmp_path):
+    splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
+    tracking = mlflow_run(tmp_path)
+    fit_stage("joint", splits, tiny_encoder_dir("bert", num_layers=3), tmp_path, tracking=tracking,
+              epochs=5, joint_weighting="layer_index")
+    for layer in (1, 3):
+        assert max(v for _, v in metric_history(*tracking, f"joint_dev_accuracy_layer_{layer}")) > 0.6
+
+
+def test_train_step_on_plain_batches_lowers_the_loss(tiny_model):
+    model = tiny_model("bert", num_layers=2).train()
+    texts = [f"{t} good great" if i % 2 else f"{t} bad awful" for i, t in enumerate(random_texts(64, seed=1))]
+    labels = [i % 2 for i in range(64)]
+    batches = [{"text": texts[i:i + 16], "label_id": labels[i:i + 16]} for i in range(0, 64, 16)]
+    config = StageConfig(learning_rate=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss_fn = loss_for("joint", config)
+    first = [train_step(model, b, "joint", loss_fn, optimizer, scheduler, torch.device("cpu")) for b in batches]
+    for _ in range(5):
+        last = [train_step(model, b, "joint", loss_fn, optimizer, scheduler, torch.device("cpu")) for b in batches]
+    assert sum(last) < 0.5 * sum(first)
+    logits, gold = exit_logits(model, batches, torch.device("cpu"))
+    assert logits.shape == (2, 64, 3) and min(per_layer_accuracy(logits, gold)) > 0.9
+
+
+def test_stage1_refuses_unlabeled_rows(tiny_model):
+    model: EarlyExitClassifier = tiny_model("bert")
+    batch = {"text": ["a", "b"], "label_id": [0, -100]}
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="need a gold label on every row"):
+        train_step(model, batch, "stage1", loss_for("stage1", StageConfig()), optimizer, None, torch.device("cpu"))
