@@ -168,7 +168,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data": {"max_unlabeled_rows": 1000},
         "model": {"max_length": 64},
         "stage1": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "checkpoint_every_steps": 50},
-        "stage2": {"learning_rate": 1e-3, "epochs": 1, "batch_size": 32, "checkpoint_every_steps": 50},
+        # heads only, backbone forward without autograd: a larger rate and 2 epochs cost little
+        "stage2": {"learning_rate": 5e-3, "epochs": 2, "batch_size": 32, "checkpoint_every_steps": 50},
         "joint": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "checkpoint_every_steps": 50},
     },
     # The paper: 10 epochs, checkpoint every 1500 steps, lr from the 8e-5..2e-4 range, stage 2 at 10x.

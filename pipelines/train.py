@@ -25,10 +25,10 @@ from pipelines.config import TrainConfig, resolve_tracking_uri
 from pipelines.data import (
     UNLABELED,
     LabeledSplits,
-    expand_paths,
     load_labeled_splits,
     parquet_dataset,
     require_columns,
+    streaming_parquet_read,
     unlabeled_path,
     with_label_ids,
 )
@@ -65,7 +65,7 @@ def stage2_dataset(splits: LabeledSplits, config: TrainConfig) -> tuple[ray.data
     column = config.data.unlabeled_text_column or config.data.text_column
     require_columns(parquet_dataset(path), [column], path)
     rows = parquet_dataset(path).count_rows()  # parquet metadata only
-    corpus = ray.data.read_parquet(expand_paths(path)).select_columns([column])
+    corpus = streaming_parquet_read(path, [column])
     if config.data.max_unlabeled_rows is not None:
         corpus = corpus.limit(config.data.max_unlabeled_rows)
         rows = min(rows, config.data.max_unlabeled_rows)

@@ -6,7 +6,7 @@ import pytest
 
 from pipelines.config import DataConfig
 from pipelines.data import DataError, load_labeled_splits, stratified_split
-from tests.pipelines.conftest import labeled_table
+from tests.conftest import labeled_table
 
 
 def write(tmp_path, name, table):
