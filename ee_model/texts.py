@@ -8,8 +8,8 @@ from typing import Any
 
 def invalid_text_reason(text: Any) -> str | None:
     """None for a text the model can score, else a short reason ("null", "not a string: int", "empty")."""
-    if text is None:
-        return "null text"
+    if text is None or (isinstance(text, float) and text != text) or type(text).__name__ == "NAType":
+        return "null text"  # None, and the NaN / pd.NA that pandas and Arrow conversions put for nulls
     if not isinstance(text, str):
         return f"not a string: {type(text).__name__}"
     if not text.strip():

@@ -32,8 +32,19 @@ def parse_sets(assignments: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = parse_value(raw)
     return out
+
+
+def parse_value(raw: str) -> Any:
+    """YAML scalars, plus numbers YAML 1.1 reads as strings ("5e-3")."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 @app.command()

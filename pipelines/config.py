@@ -20,6 +20,8 @@ Stage = Literal["stage1", "stage2", "joint"]
 
 
 def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} must be a number")
     if not value > 0:
         raise ValueError(f"{name}={value!r} must be > 0")
 

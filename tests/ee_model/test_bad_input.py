@@ -18,6 +18,7 @@ def test_empty_list_gives_an_empty_result(tiny_model):
         (["fine", ""], r"row 1: empty or whitespace-only text"),
         (["   \n\t", "fine"], r"row 0: empty or whitespace-only text"),
         (["fine", None], r"row 1: null text"),
+        (["fine", float("nan")], r"row 1: null text"),
         (["fine", 3, b"bytes"], r"row 1: not a string: int, row 2: not a string: bytes"),
     ],
 )
