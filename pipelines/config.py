@@ -241,3 +241,32 @@ def resolve_tracking_uri(config: TrackingConfig) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # workers run in other directories
     return uri
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Offline batch scoring of parquet corpora (jobs/score.py)."""
+
+    model: str  # models:/name@alias, models:/name/version, any MLflow model URI, or a saved model directory
+    input: str  # parquet file, folder, glob (local)
+    output: str  # folder; one sub-folder per (model, policy, knob)
+    policy: str | None = None  # default: the model's stored policy
+    threshold: float | None = None  # default: the model's stored S
+    patience: int | None = None  # default: the model's stored t
+    text_column: str = "text"
+    batch_size: int = 64  # rows per map_batches call; sorted by length inside
+    actors: int = 1
+    cpus_per_actor: float = 1.0  # torch threads follow it
+    gpus_per_actor: float = 0.0
+    include_probs: bool = False
+    tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment_name: str = "early-exit-scoring"
+
+    def __post_init__(self) -> None:
+        _positive("batch_size", self.batch_size)
+        _positive("actors", self.actors)
+        _positive("cpus_per_actor", self.cpus_per_actor)
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
+        if self.policy is not None and self.policy not in ("entropy", "count", "patience", "none"):
+            raise ValueError(f"policy={self.policy!r} is not one of ['entropy', 'count', 'patience', 'none']")

@@ -1,0 +1,59 @@
+"""Score parquet corpora with an early-exit model on a Ray Data actor pool; incremental and kill-safe.
+
+Examples:
+    python jobs/score.py --model models:/early-exit-classifier@champion --input corpus/ --output scored/
+    python jobs/score.py --model ./my-model --input 'data/*.parquet' --output scored/ --threshold 0.3 --actors 2
+    python jobs/score.py --model models:/early-exit-classifier/3 --input corpus/ --output scored/ --policy none
+    ray job submit --working-dir . -- python jobs/score.py --model models:/ee@champion --input s/ --output o/
+
+Run it again on the same folder (cron, Airflow, a Ray job schedule): files already scored for this model version,
+policy and threshold are skipped, new files are scored. Prints a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
+
+
+@app.command()
+def main(
+    model: Annotated[str, typer.Option(help="models:/name@alias, models:/name/version, MLflow URI, or model dir")],
+    input: Annotated[str, typer.Option(help="parquet file, folder or glob")],  # noqa: A002
+    output: Annotated[str, typer.Option(help="output folder")],
+    policy: Annotated[str | None, typer.Option(help="entropy, count, patience or none; default the model's")] = None,
+    threshold: Annotated[float | None, typer.Option(help="S for entropy; default the model's")] = None,
+    patience: Annotated[int | None, typer.Option(help="t for count/patience; default the model's")] = None,
+    text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
+    batch_size: Annotated[int, typer.Option(help="rows per model call")] = 64,
+    actors: Annotated[int, typer.Option(help="scoring actors (one model copy each)")] = 1,
+    cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor; torch threads follow")] = 1.0,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor")] = 0.0,
+    include_probs: Annotated[bool, typer.Option(help="also write every class probability")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray address; default $RAY_ADDRESS, else a new local Ray")] = None,
+    summary_file: Annotated[Path | None, typer.Option(help="also write the JSON summary here")] = None,
+) -> None:
+    import ray
+
+    from pipelines.config import ScoreConfig
+    from pipelines.score import run_scoring
+
+    config = ScoreConfig(model=model, input=input, output=output, policy=policy, threshold=threshold,
+                         patience=patience, text_column=text_column, batch_size=batch_size, actors=actors,
+                         cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, include_probs=include_probs)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
+    summary = run_scoring(config)
+    text = json.dumps(summary, indent=2, default=str)
+    print(text)
+    if summary_file:
+        summary_file.write_text(text)
+
+
+if __name__ == "__main__":
+    app()

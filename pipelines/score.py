@@ -1,0 +1,238 @@
+"""Batch scoring of parquet corpora: read_parquet -> map_batches(Scorer) on an actor pool -> one committed
+output per input file, incremental across runs, rows in == rows out; summary to an MLflow `scoring` run."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ee_model.config import EarlyExitConfig
+from ee_model.flops import FlopsModel
+from pipelines.config import ScoreConfig
+from pipelines.incremental import OutputFolder, PendingOutput, output_name
+from pipelines.model_source import ModelSource, resolve_model
+from pipelines.scorer import OUTPUT_COLUMNS, Scorer
+
+SOURCE_COLUMN = "path"  # added by read_parquet(include_paths=True)
+
+
+class ScoringError(ValueError):
+    """Input that cannot be scored: named file or column; raised before any row is scored."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    rows: int
+    schema: pa.Schema
+    output: str
+
+
+def list_input_files(input_path: str) -> tuple[list[str], str | None]:
+    """Sorted parquet files of a file, folder or glob, and the root their output names are relative to."""
+    if os.path.isdir(input_path):
+        files = sorted(str(p) for p in Path(input_path).rglob("*.parquet") if not p.name.startswith(("_", ".")))
+        return files, input_path
+    if any(ch in input_path for ch in "*?["):
+        return sorted(glob.glob(input_path, recursive=True)), None
+    if os.path.isfile(input_path):
+        return [input_path], None
+    raise ScoringError(f"input {input_path!r} does not exist")
+
+
+def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
+    """Open every input file's footer: corrupt files, missing text columns and clashes fail here, by name."""
+    files, root = list_input_files(config.input)
+    if not files:
+        raise ScoringError(f"no parquet files found at {config.input!r}")
+    inputs = []
+    for path in files:
+        try:
+            parquet = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as error:
+            raise ScoringError(f"cannot read parquet file {path!r}: {error}") from error
+        schema = parquet.schema_arrow
+        if config.text_column not in schema.names:
+            raise ScoringError(f"{path!r} has no text column {config.text_column!r}; its columns are {schema.names}")
+        clashes = [c for c in (*OUTPUT_COLUMNS, SOURCE_COLUMN) if c in schema.names]
+        if clashes:
+            raise ScoringError(f"{path!r} already has column(s) {clashes} that scoring writes; rename them first")
+        inputs.append(InputFile(path, parquet.metadata.num_rows, schema, output_name(path, root)))
+    return inputs
+
+
+def output_schema(input_schema: pa.Schema, include_probs: bool) -> pa.Schema:
+    extra = [pa.field("label", pa.string()), pa.field("confidence", pa.float32()), pa.field("exit_layer", pa.int32()),
+             pa.field("flops", pa.int64()), pa.field("tokens", pa.int32())]
+    if include_probs:
+        extra.append(pa.field("probs", pa.list_(pa.float32())))
+    return pa.schema([*input_schema, *extra, pa.field("error", pa.string())])
+
+
+def run_key(source: ModelSource, model_config: EarlyExitConfig, config: ScoreConfig) -> tuple[str, str, Any]:
+    policy = config.policy or model_config.policy
+    knob = {"entropy": config.threshold if config.threshold is not None else model_config.threshold,
+            "none": None}.get(policy, config.patience if config.patience is not None else model_config.patience)
+    return f"{source.identity}__{policy}" + ("" if knob is None else f"-{knob:g}"), policy, knob
+
+
+@dataclass
+class Tally:
+    """Running totals over scored rows, for the summary."""
+
+    rows: int = 0
+    errors: int = 0
+    exit_layers: list[np.ndarray] = field(default_factory=list)
+    tokens: list[np.ndarray] = field(default_factory=list)
+    flops: int = 0
+    labels: collections.Counter = field(default_factory=collections.Counter)
+
+    def add(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        self.errors += table.num_rows - table["error"].null_count
+        scored = table.filter(table["error"].is_null())
+        self.exit_layers.append(scored["exit_layer"].to_numpy())
+        self.tokens.append(scored["tokens"].to_numpy())
+        self.flops += int(pa.compute.sum(scored["flops"]).as_py() or 0)
+        self.labels.update(scored["label"].to_pylist())
+
+
+def score_stream(dataset: Any, pending: dict[str, InputFile], folder: OutputFolder, schema_of, tally: Tally,
+                 record: dict) -> int:
+    """Drive the Ray Data stream; write each input file's rows to its own output and commit it when complete."""
+    open_outputs: dict[str, PendingOutput] = {}
+    committed = 0
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        sources = batch[SOURCE_COLUMN].to_pylist()
+        for source in dict.fromkeys(sources):  # a block may hold rows of several files
+            rows = batch.filter(pa.compute.equal(batch[SOURCE_COLUMN], source)).drop_columns([SOURCE_COLUMN])
+            item = pending[source]
+            output = open_outputs.get(source) or open_outputs.setdefault(
+                source, folder.writer(item.output, schema_of(item)))
+            output.write(rows.cast(output.writer.schema))
+            tally.add(rows)
+            if output.rows == item.rows:
+                output.commit({**record, "input": item.path})
+                del open_outputs[source]
+                committed += 1
+    if open_outputs:  # rows in must equal rows out: never commit a short file
+        short = {s: f"{o.rows}/{pending[s].rows}" for s, o in open_outputs.items()}
+        raise RuntimeError(f"scoring ended with incomplete files (rows written/expected): {short}")
+    return committed
+
+
+def build_dataset(files: list[str], config: ScoreConfig, model_dir: Path):
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    previous = (context.execution_options.preserve_order, getattr(context, "use_datasource_v2", None))
+    context.execution_options.preserve_order = True  # outputs in input order, deterministic
+    if previous[1] is not None:
+        context.use_datasource_v2 = False  # the streaming reader: see pipelines.data.streaming_parquet_read
+    try:
+        dataset = ray.data.read_parquet(files, include_paths=True)
+        return dataset.map_batches(
+            Scorer,
+            fn_constructor_kwargs={"model_dir": str(model_dir), "text_column": config.text_column,
+                                   "policy": config.policy, "threshold": config.threshold,
+                                   "patience": config.patience, "include_probs": config.include_probs,
+                                   "cpus": config.cpus_per_actor},
+            compute=ray.data.ActorPoolStrategy(size=config.actors),
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            num_cpus=config.cpus_per_actor,
+            num_gpus=config.gpus_per_actor or None,
+        )
+    finally:
+        context.execution_options.preserve_order = previous[0]
+        if previous[1] is not None:
+            context.use_datasource_v2 = previous[1]
+
+
+def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, counts: dict) -> dict[str, Any]:
+    layers = np.concatenate(tally.exit_layers) if tally.exit_layers else np.array([])
+    tokens = np.concatenate(tally.tokens).astype(np.int64) if tally.tokens else np.array([], dtype=np.int64)
+    flops_model = FlopsModel.from_encoder_config(_encoder_config(model_config), model_config.head_type,
+                                                 model_config.num_labels)
+    full = int(flops_model.full_depth_flops(tokens).sum()) if len(tokens) else 0
+    return {
+        **counts,
+        "rows_scored": tally.rows,
+        "errors": tally.errors,
+        "rows_per_s": round(tally.rows / seconds, 2) if seconds > 0 else None,
+        "mean_exit_layer": round(float(layers.mean()), 4) if len(layers) else None,
+        "layer_speedup": round(flops_model.n_layers / float(layers.mean()), 4) if len(layers) else None,
+        "flops_speedup": round(full / tally.flops, 4) if tally.flops else None,
+        "label_distribution": dict(sorted(tally.labels.items())),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _encoder_config(model_config: EarlyExitConfig):
+    from transformers import AutoConfig
+
+    data = dict(model_config.encoder_config)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def run_scoring(config: ScoreConfig) -> dict[str, Any]:
+    """Score every input file not yet scored for this (model, policy, knob); return the summary."""
+    inputs = inspect_inputs(config)
+    with tempfile.TemporaryDirectory() as scratch:
+        source = resolve_model(config.model, Path(scratch))
+        model_config = EarlyExitConfig.load(source.directory)
+        key, policy, knob = run_key(source, model_config, config)
+        folder = OutputFolder(Path(config.output).resolve() / key)
+        folder.repair_manifest()
+        pending = {str(Path(f.path).resolve()): f for f in inputs if not folder.committed(f.output)}
+        record = {"model": source.reference, "model_identity": source.identity, "policy": policy, "knob": knob}
+        schema_of = lambda item: output_schema(item.schema, config.include_probs)  # noqa: E731
+        tally, started = Tally(), time.time()
+        skipped = len(inputs) - len(pending)
+        committed = 0
+        for path, item in list(pending.items()):
+            if item.rows == 0:  # nothing to stream: commit an empty output with the full schema
+                folder.writer(item.output, schema_of(item)).commit({**record, "input": item.path})
+                del pending[path]
+                committed += 1
+        if pending:
+            dataset = build_dataset(list(pending), config, source.directory)
+            committed += score_stream(dataset, pending, folder, schema_of, tally, record)
+        counts = {"input_files": len(inputs), "files_scored": committed, "files_skipped": skipped,
+                  "rows_in": sum(f.rows for f in pending.values())}
+        summary = summarize(tally, model_config, time.time() - started, counts)
+        if summary["rows_scored"] != counts["rows_in"]:
+            raise RuntimeError(f"rows in {counts['rows_in']} != rows out {summary['rows_scored']}")
+        summary.update({"output": str(folder.root), "model": source.reference, "model_version": source.version,
+                        "policy": policy, "knob": knob})
+    log_scoring_run(summary, config, source)
+    return summary
+
+
+def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelSource) -> None:
+    """One MLflow `scoring` run per job, tagged with the model version."""
+    import mlflow
+
+    from pipelines.config import TrackingConfig, resolve_tracking_uri
+    from pipelines.tracking import setup_tracking
+
+    setup_tracking(resolve_tracking_uri(TrackingConfig(tracking_uri=config.tracking_uri)), config.experiment_name)
+    tags = {"model": source.reference, "model_identity": source.identity, "model_version": str(source.version),
+            "registered_model": str(source.registered_name), "input": config.input, "output": summary["output"]}
+    with mlflow.start_run(run_name="scoring", tags=tags):
+        mlflow.log_params({"policy": summary["policy"], "knob": summary["knob"], "batch_size": config.batch_size,
+                           "actors": config.actors, "cpus_per_actor": config.cpus_per_actor,
+                           "gpus_per_actor": config.gpus_per_actor})
+        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        mlflow.log_metrics({k: float(v) for k, v in numbers.items() if k != "knob"})
+        mlflow.log_dict(summary, "scoring_summary.json")

@@ -1,0 +1,54 @@
+"""The map_batches callable: one model and tokenizer per actor, per-row early exit per batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ee_model import EarlyExitClassifier
+
+OUTPUT_COLUMNS = ("label", "confidence", "exit_layer", "flops", "tokens", "probs", "error")
+
+
+class Scorer:
+    """Adds label, confidence, exit_layer, flops, tokens (and probs) and error to every row of a batch.
+
+    Rows are never dropped: a null, empty or non-string text gets null outputs and its reason in `error`.
+    Inside, `predict` tokenises the batch once, sorts rows by length to cut padding, exits per row and restores
+    input order.
+    """
+
+    def __init__(self, model_dir: str, text_column: str, policy: str | None, threshold: float | None,
+                 patience: int | None, include_probs: bool = False, cpus: float = 1.0) -> None:
+        torch.set_num_threads(max(1, math.floor(cpus)))  # match the actor's CPUs, not the machine's
+        self.model = EarlyExitClassifier.from_pretrained(model_dir)
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+        self.text_column = text_column
+        self.policy = self.model.policy_for(policy, threshold, patience)
+        self.include_probs = include_probs
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch[self.text_column].to_pylist()
+        out = self.model.predict(texts, policy=self.policy.name, threshold=getattr(self.policy, "threshold", None),
+                                 patience=getattr(self.policy, "patience", None), batch_size=max(len(texts), 1),
+                                 invalid="null")
+        scored = np.array([e is None for e in out.error], dtype=bool)
+        missing = ~scored
+        columns = {
+            "label": pa.array(out.label, pa.string()),
+            "confidence": pa.array(out.confidence, pa.float32(), mask=missing),
+            "exit_layer": pa.array(out.exit_layer, pa.int32(), mask=missing),
+            "flops": pa.array(out.flops, pa.int64(), mask=missing),
+            "tokens": pa.array(out.tokens, pa.int32(), mask=missing),
+        }
+        if self.include_probs:
+            probs = [row.tolist() if ok else None for row, ok in zip(out.probs, scored, strict=True)]
+            columns["probs"] = pa.array(probs, pa.list_(pa.float32()))
+        columns["error"] = pa.array(out.error, pa.string())
+        for name, values in columns.items():
+            batch = batch.append_column(name, values)  # input columns never clash: checked up front
+        return batch

@@ -1,0 +1,133 @@
+"""Batch scoring with real Ray Data actor pools on a tiny model: nothing lost, clear errors, incremental."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ee_model import EarlyExitClassifier
+from pipelines.config import ScoreConfig
+from pipelines.model_source import ModelSourceError
+from pipelines.score import ScoringError, run_scoring
+from tests.conftest import LABELS, random_texts
+
+pytestmark = pytest.mark.ray
+
+AWKWARD = ["hello world", None, "", "   \n", "money " * 20_000, "😀 emoji only 🎉", "the film was good"]
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_encoder_dir):
+    torch.manual_seed(0)
+    model = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=LABELS, threshold=0.95)
+    return str(model.save_pretrained(tmp_path / "model"))
+
+
+def write(path, texts, **extra):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string()), **extra}), path)
+    return path
+
+
+def score(model_dir, input_path, output, tmp_path, **kw):
+    config = ScoreConfig(model=model_dir, input=str(input_path), output=str(output), batch_size=16,
+                         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", **kw)
+    return run_scoring(config)
+
+
+def read_outputs(summary) -> dict[str, pa.Table]:
+    from pathlib import Path
+
+    return {p.name: pq.read_table(p) for p in sorted(Path(summary["output"]).glob("*.parquet"))}
+
+
+def test_awkward_rows_and_extra_columns_all_come_out(ray_local, model_dir, tmp_path):
+    texts = AWKWARD + random_texts(93, seed=2)
+    write(tmp_path / "in" / "a.parquet", texts, doc_id=pa.array(range(100)), source=pa.array(["s"] * 100))
+    write(tmp_path / "in" / "sub" / "b.parquet", random_texts(40, seed=3), doc_id=pa.array(range(40)),
+          source=pa.array(["t"] * 40))
+    write(tmp_path / "in" / "empty.parquet", [], doc_id=pa.array([], pa.int64()), source=pa.array([], pa.string()))
+    summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, include_probs=True)
+    outputs = read_outputs(summary)
+    assert set(outputs) == {"a.parquet", "sub__b.parquet", "empty.parquet"}
+    assert summary["rows_in"] == summary["rows_scored"] == 140 and summary["errors"] == 3
+    a = outputs["a.parquet"]
+    assert a["doc_id"].to_pylist() == list(range(100)) and a["source"].to_pylist() == ["s"] * 100  # order kept
+    assert a["text"].to_pylist() == texts
+    assert a["error"].to_pylist()[:4] == [None, "null text", "empty or whitespace-only text",
+                                         "empty or whitespace-only text"]
+    assert a["label"].to_pylist()[1:4] == [None, None, None] and a["exit_layer"].to_pylist()[1:4] == [None] * 3
+    expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts, invalid="null")
+    assert a["label"].to_pylist() == expected.label
+    assert [x or 0 for x in a["exit_layer"].to_pylist()] == expected.exit_layer.tolist()
+    assert a["tokens"][4].as_py() == 128  # the 100k-character text is truncated, not dropped
+    probs = a["probs"].to_pylist()
+    assert probs[1] is None and np.allclose(probs[0], expected.probs[0], atol=1e-6)
+    assert outputs["empty.parquet"].num_rows == 0 and "label" in outputs["empty.parquet"].column_names
+    manifest = json.loads((tmp_path / "out" / summary["output"].split("/")[-1] / "_manifest" /
+                           "a.parquet.json").read_text())
+    assert manifest["rows"] == 100 and manifest["input"].endswith("a.parquet")
+
+
+def test_second_run_skips_everything_and_new_files_are_scored_alone(ray_local, model_dir, tmp_path):
+    write(tmp_path / "in" / "a.parquet", random_texts(30, seed=1))
+    first = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    before = read_outputs(first)["a.parquet"]
+    again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    assert (again["files_scored"], again["files_skipped"], again["rows_scored"]) == (0, 1, 0)
+    write(tmp_path / "in" / "b.parquet", random_texts(20, seed=5))
+    third = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    assert (third["files_scored"], third["files_skipped"], third["rows_scored"]) == (1, 1, 20)
+    assert read_outputs(third)["a.parquet"].equals(before)
+    other = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, threshold=0.5)  # new knob: new key
+    assert other["files_scored"] == 2 and other["output"] != first["output"]
+
+
+def test_policy_defaults_come_from_the_model(ray_local, model_dir, tmp_path):
+    write(tmp_path / "in" / "a.parquet", random_texts(10))
+    summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    assert (summary["policy"], summary["knob"]) == ("entropy", 0.95)
+    full = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, policy="none")
+    assert full["mean_exit_layer"] == 3 and full["output"].endswith("__none")
+
+
+def test_corrupt_file_is_named(model_dir, tmp_path):
+    write(tmp_path / "in" / "good.parquet", ["a"])
+    (tmp_path / "in" / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ScoringError, match=r"cannot read parquet file '.*bad.parquet'"):
+        score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_text_column_is_named(model_dir, tmp_path):
+    pq.write_table(pa.table({"body": ["a"]}), tmp_path / "x.parquet")
+    with pytest.raises(ScoringError, match=r"x.parquet' has no text column 'text'; its columns are \['body'\]"):
+        score(model_dir, tmp_path / "x.parquet", tmp_path / "out", tmp_path)
+
+
+def test_output_column_clash_is_refused(model_dir, tmp_path):
+    write(tmp_path / "x.parquet", ["a"], label=pa.array(["gold"]))
+    with pytest.raises(ScoringError, match=r"already has column\(s\) \['label'\]"):
+        score(model_dir, tmp_path / "x.parquet", tmp_path / "out", tmp_path)
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("/no/such/model", "no such directory, and not an MLflow model URI"),
+    ("models:/never-registered@champion", "cannot load model 'models:/never-registered@champion'"),
+])
+def test_model_that_cannot_be_loaded_is_named(tmp_path, reference, message, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    write(tmp_path / "x.parquet", ["a"])
+    with pytest.raises(ModelSourceError, match=message):
+        score(reference, tmp_path / "x.parquet", tmp_path / "out", tmp_path)
+
+
+def test_no_input_files_is_an_error(model_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(ScoringError, match="no parquet files found"):
+        score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
