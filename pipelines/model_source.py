@@ -9,7 +9,6 @@ from pathlib import Path
 from ee_model.config import CONFIG_FILE
 from ee_model.io import WEIGHTS_FILE
 
-PYFUNC_MODEL_DIR = Path("artifacts") / "model_dir"  # where log_pyfunc_model puts the saved model
 
 
 class ModelSourceError(ValueError):
@@ -49,12 +48,18 @@ def registry_version(reference: str) -> tuple[str | None, str | None]:
     return None, None  # models:/m-<id> logged models
 
 
+def pyfunc_model_dir(root: Path) -> Path | None:
+    """The saved model directory inside a downloaded pyfunc (artifacts/<name>/ with an ee_config.json)."""
+    found = sorted(p.parent for p in (root / "artifacts").glob(f"*/{CONFIG_FILE}"))
+    return found[0] if len(found) == 1 else None
+
+
 def resolve_model(reference: str, download_root: Path) -> ModelSource:
     path = Path(reference)
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
-            candidate = path / PYFUNC_MODEL_DIR
-            if not (candidate / CONFIG_FILE).is_file():
+            candidate = pyfunc_model_dir(path)  # a downloaded pyfunc directory works too
+            if candidate is None:
                 raise ModelSourceError(f"{reference!r} is not a saved early-exit model directory (no {CONFIG_FILE})")
             path = candidate
         return ModelSource(reference, path.resolve(), f"dir-{weights_digest(path)}")
@@ -67,8 +72,8 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(download_root)))
     except mlflow.exceptions.MlflowException as error:
         raise ModelSourceError(f"cannot load model {reference!r}: {error.message}") from error
-    directory = local / PYFUNC_MODEL_DIR
-    if not (directory / CONFIG_FILE).is_file():
-        raise ModelSourceError(f"model {reference!r} is not an early-exit pyfunc (no {PYFUNC_MODEL_DIR})")
+    directory = pyfunc_model_dir(local)
+    if directory is None:
+        raise ModelSourceError(f"model {reference!r} is not an early-exit pyfunc (no artifacts/*/{CONFIG_FILE})")
     identity = f"{name}-v{version}" if name else f"dir-{weights_digest(directory)}"
     return ModelSource(reference, directory, identity, name, version)
