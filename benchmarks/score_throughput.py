@@ -1,0 +1,208 @@
+"""Batch-scoring throughput through the real Ray Data path, and memory flatness of the whole scoring job.
+
+Part 1 (--model, a trained early-exit model dir or MLflow URI): BBC paragraphs scored by
+  (a) the early-exit model at its stored policy and threshold,
+  (b) the same model at full depth (policy none),
+  (c) a plain AutoModelForSequenceClassification of the same encoder (same weights, its own head),
+each through read_parquet -> map_batches(actor pool) -> consumed rows, same actors, batch size and truncation.
+Reports rows/s, the ratio (a)/(b) next to the FLOPs speed-up, (a)/(c), and agreement of (a) with (b).
+
+Part 2 (--memory-rows): jobs/score.py on a tiny model over N rows in a subprocess; peak RSS of the job's whole
+process tree (driver + Ray) sampled every 0.5 s. Flat memory = the peak does not grow with N.
+
+    python benchmarks/score_throughput.py --model /path/to/model --rows 5000
+    python benchmarks/score_throughput.py --memory-rows 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class PlainScorer:
+    """Baseline (c): the encoder as AutoModelForSequenceClassification, batch at full depth."""
+
+    def __init__(self, model_dir: str, max_length: int, cpus: float) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from ee_model import EarlyExitClassifier
+
+        torch.set_num_threads(max(1, int(cpus)))
+        ee = EarlyExitClassifier.from_pretrained(model_dir)
+        config = ee.encoder.config
+        config.num_labels = ee.config.num_labels
+        self.model = AutoModelForSequenceClassification.from_config(config).eval()
+        base = getattr(self.model, self.model.base_model_prefix)
+        base.load_state_dict(ee.encoder.state_dict(), strict=False)  # same encoder weights; pooler/head its own
+        self.tokenizer, self.max_length = ee.tokenizer, max_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        texts = batch["text"].to_pylist()
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
+                                 return_tensors="pt")
+        with torch.inference_mode():
+            labels = self.model(**encoded).logits.argmax(-1).numpy()
+        return batch.append_column("label_id", pa.array(labels, pa.int64()))
+
+
+def bbc_parquet(directory: Path, rows: int) -> Path:
+    from pipelines.bbc import read_bbc_articles, split_paragraphs
+
+    paragraphs = split_paragraphs(read_bbc_articles())
+    take = np.random.default_rng(0).choice(paragraphs.num_rows, size=min(rows, paragraphs.num_rows), replace=False)
+    table = paragraphs.take(pa.array(np.sort(take)))
+    while table.num_rows < rows:
+        table = pa.concat_tables([table, table.slice(0, rows - table.num_rows)])
+    path = directory / "paragraphs.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def timed_pass(path: Path, scorer, kwargs: dict, actors: int, batch_size: int) -> tuple[float, pa.Table]:
+    import ray.data
+
+    dataset = ray.data.read_parquet(str(path)).map_batches(
+        scorer, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size, batch_format="pyarrow", num_cpus=kwargs["cpus"])
+    start = time.perf_counter()
+    tables = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return time.perf_counter() - start, pa.concat_tables(tables)
+
+
+def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: int) -> dict:
+    import ray
+
+    from ee_model import EarlyExitClassifier
+    from pipelines.model_source import resolve_model
+    from pipelines.scorer import Scorer
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        source = resolve_model(model_ref, Path(scratch))
+        model = EarlyExitClassifier.from_pretrained(source.directory)
+        path = bbc_parquet(Path(scratch), rows)
+        common = {"model_dir": str(source.directory), "text_column": "text", "threshold": None, "patience": None,
+                  "cpus": cpus}
+        results = {}
+        for name, scorer, kwargs in (
+            ("a_early_exit", Scorer, {**common, "policy": None}),
+            ("b_full_depth", Scorer, {**common, "policy": "none"}),
+            ("c_plain_hf", PlainScorer, {"model_dir": str(source.directory),
+                                         "max_length": model.config.max_length, "cpus": cpus}),
+        ):
+            seconds, table = timed_pass(path, scorer, kwargs, actors, batch_size)
+            results[name] = (seconds, table)
+            print(f"{name}: {table.num_rows / seconds:.2f} rows/s ({seconds:.1f} s)", flush=True)
+    (a_s, a), (b_s, b), (c_s, c) = (results[k] for k in ("a_early_exit", "b_full_depth", "c_plain_hf"))
+    tokens = a["tokens"].to_numpy().astype(np.int64)
+    flops_speedup = float(model.flops_model.full_depth_flops(tokens).sum() / a["flops"].to_numpy().sum())
+    agreement = float(np.mean(np.array(a["label"].to_pylist()) == np.array(b["label"].to_pylist())))
+    return {
+        "rows": rows, "actors": actors, "cpus_per_actor": cpus, "batch_size": batch_size,
+        "policy": model.config.policy, "threshold": model.config.threshold, "max_length": model.config.max_length,
+        "rows_per_s": {"a_early_exit": rows / a_s, "b_full_depth": rows / b_s, "c_plain_hf": rows / c_s},
+        "a_over_b": b_s / a_s, "flops_speedup": flops_speedup, "a_over_b_per_flops_speedup": (b_s / a_s) / flops_speedup,
+        "a_over_c": c_s / a_s, "agreement_a_b": agreement,
+        "mean_exit_layer": float(a["exit_layer"].to_numpy().mean()),
+    }
+
+
+def process_tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def memory_run(rows: int, scratch: Path) -> dict:
+    from ee_model import EarlyExitClassifier
+    from ee_model.tiny import write_tiny_encoder
+
+    model_dir = scratch / "model"
+    if not model_dir.exists():
+        EarlyExitClassifier.from_encoder(str(write_tiny_encoder(scratch / "enc", "bert", 2, 32)),
+                                         labels=["a", "b", "c"], threshold=0.9).save_pretrained(model_dir)
+    inputs = scratch / f"in-{rows}"
+    inputs.mkdir(exist_ok=True)
+    per_file = 50_000
+    words = np.array(["money", "sport", "film", "good", "bad", "the", "a", "of", "market", "vote"])
+    rng = np.random.default_rng(0)
+    for f in range((rows + per_file - 1) // per_file):
+        n = min(per_file, rows - f * per_file)
+        texts = [" ".join(words[rng.integers(0, 10, 12)]) for _ in range(n)]
+        pq.write_table(pa.table({"text": texts, "id": np.arange(n)}), inputs / f"part-{f:04d}.parquet")
+    command = [sys.executable, str(ROOT / "jobs" / "score.py"), "--model", str(model_dir), "--input", str(inputs),
+               "--output", str(scratch / f"out-{rows}"), "--batch-size", "512",
+               "--summary-file", str(scratch / f"summary-{rows}.json")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch}/mlflow.db", "RAY_AUTH_MODE": "disabled"}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, process_tree_rss(process.pid))
+        time.sleep(0.5)
+    summary = json.loads((scratch / f"summary-{rows}.json").read_text())
+    return {"rows": rows, "peak_rss_mib": round(peak / 2**20, 1), "seconds": round(time.perf_counter() - start, 1),
+            "rows_scored": summary["rows_scored"], "rows_per_s": summary["rows_per_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="trained early-exit model (dir or MLflow URI) for the throughput part")
+    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--memory-rows", type=int, nargs="*", default=[])
+    parser.add_argument("--out", default="benchmarks/results/score_throughput.json")
+    args = parser.parse_args()
+    record: dict = {"device": "cpu", "cpus": os.cpu_count()}
+    if args.model:
+        record["throughput"] = throughput(args.model, args.rows, args.actors, args.cpus_per_actor, args.batch_size)
+        t = record["throughput"]
+        print("\n| scorer | rows/s |\n|---|---|")
+        for name, value in t["rows_per_s"].items():
+            print(f"| {name} | {value:.2f} |")
+        print(f"\n(a)/(b) = {t['a_over_b']:.3f}x vs FLOPs speed-up {t['flops_speedup']:.3f}x "
+              f"-> ratio {t['a_over_b_per_flops_speedup']:.3f} (target >= 0.85); (a)/(c) = {t['a_over_c']:.3f}x "
+              f"(target >= 3); agreement (a) vs (b) = {t['agreement_a_b']:.4f} (target >= 0.99)")
+    if args.memory_rows:
+        with tempfile.TemporaryDirectory() as scratch:
+            record["memory"] = [memory_run(rows, Path(scratch)) for rows in args.memory_rows]
+        print("\n| rows | peak RSS of the job (MiB) | seconds | rows/s |\n|---|---|---|---|")
+        for m in record["memory"]:
+            print(f"| {m['rows']} | {m['peak_rss_mib']} | {m['seconds']} | {m['rows_per_s']} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
