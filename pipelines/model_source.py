@@ -10,7 +10,6 @@ from ee_model.config import CONFIG_FILE
 from ee_model.io import WEIGHTS_FILE
 
 
-
 class ModelSourceError(ValueError):
     """The model reference cannot be resolved or loaded."""
 

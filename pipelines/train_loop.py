@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class WorkerConfig:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     torch_threads: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
