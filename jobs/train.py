@@ -3,6 +3,7 @@
 Examples:
     python jobs/train.py                                  # KL variant, quick profile, BBC + MiniLM-L6, local Ray
     python jobs/train.py --variant count                  # Count variant (joint training, count exit)
+    python jobs/train.py --tune --set tune.num_samples=6  # Bayesian lr search (Ray Tune + Optuna) for stage 1
     python jobs/train.py --config my.yaml --num-workers 2 --set stage1.epochs=3 --set model.pooling=cls
     python jobs/train.py --train-path data/train.parquet --encoder bert-base-uncased --profile full --use-gpu
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py --num-workers 2
@@ -59,6 +60,7 @@ def main(
     unlabeled_path: Annotated[str | None, typer.Option(help="unlabeled parquet for stage 2 ('' = none)")] = None,
     num_workers: Annotated[int | None, typer.Option(help="Ray Train workers")] = None,
     use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-gpu", help="one GPU per worker")] = None,
+    tune: Annotated[bool | None, typer.Option("--tune/--no-tune", help="Bayesian lr search of stage 1 / joint")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="any config field, e.g. stage1.epochs=3")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address; default $RAY_ADDRESS, else a new local Ray")] = None,
     output: Annotated[Path | None, typer.Option(help="also write the JSON summary here")] = None,
@@ -73,7 +75,7 @@ def main(
     overrides: dict[str, Any] = {}
     flat = {"variant": variant, "data.train_path": train_path, "data.dev_path": dev_path,
             "data.test_path": test_path, "data.unlabeled_path": unlabeled_path, "model.encoder": encoder,
-            "resources.num_workers": num_workers, "resources.use_gpu": use_gpu}
+            "resources.num_workers": num_workers, "resources.use_gpu": use_gpu, "tune.enabled": tune}
     for key, value in flat.items():
         if value is not None:
             overrides = merge(overrides, _nested(key, value))

@@ -130,6 +130,29 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class TuneSearchConfig:
+    """Bayesian learning-rate search of stage 1 (KL) or joint training (Count) with Ray Tune + Optuna."""
+
+    enabled: bool = False
+    num_samples: int = 4
+    lr_min: float = 8e-5  # the paper searched 8e-5 .. 2e-4
+    lr_max: float = 2e-4
+    sampler: str = "tpe"  # "tpe" or "gp" (Optuna's GP sampler)
+    max_concurrent_trials: int | None = None  # None -> as many as the cluster's CPUs/GPUs fit
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("num_samples", self.num_samples)
+        _positive("lr_min", self.lr_min)
+        if not self.lr_max > self.lr_min:
+            raise ValueError(f"lr_max={self.lr_max!r} must be > lr_min={self.lr_min!r}")
+        if self.sampler not in ("tpe", "gp"):
+            raise ValueError(f"sampler={self.sampler!r} is not one of ['tpe', 'gp']")
+        if self.max_concurrent_trials is not None:
+            _positive("max_concurrent_trials", self.max_concurrent_trials)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     thresholds: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)  # S grid swept on dev/test
     batch_size: int = 64
@@ -149,6 +172,7 @@ class TrainConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneSearchConfig = field(default_factory=TuneSearchConfig)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -173,6 +197,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # heads only, backbone forward without autograd: a larger rate and 2 epochs cost little
         "stage2": {"learning_rate": 5e-3, "epochs": 2, "batch_size": 32, "checkpoint_every_steps": 50},
         "joint": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "checkpoint_every_steps": 50},
+        "tune": {"num_samples": 2},  # with --tune: a small search keeps the quick profile quick
     },
     # The paper: 10 epochs, checkpoint every 1500 steps, lr from the 8e-5..2e-4 range, stage 2 at 10x.
     "full": {
@@ -207,6 +232,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 NESTED: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "stage1": StageConfig, "stage2": StageConfig,
     "joint": StageConfig, "resources": ResourcesConfig, "tracking": TrackingConfig, "eval": EvalConfig,
+    "tune": TuneSearchConfig,
 }
 
 

@@ -95,24 +95,30 @@ def model_options(config: TrainConfig) -> dict[str, Any]:
             "patience": m.patience}
 
 
-def run_stage(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: str, init: Checkpoint | None,
-              parent_run_id: str, tracking_uri: str) -> Checkpoint:
-    """Fit one stage on Ray Train, log it to its child run, return its best checkpoint."""
+def worker_config_for(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: str, rows: int,
+                      init: Checkpoint | None, tracking_uri: str, run_id: str | None) -> WorkerConfig:
     stage_config = getattr(config, stage)
-    datasets, rows = stage_datasets(stage, splits, config)
-    child_run_id = start_child_run(parent_run_id, stage)
-    worker_config = WorkerConfig(
+    return WorkerConfig(
         stage=stage, stage_config=vars(stage_config).copy(), labels=splits.labels, encoder=encoder,
         encoder_revision=config.model.encoder_revision, model_options=model_options(config),
         total_steps=total_steps(rows, stage_config, config.resources.num_workers), seed=config.seed,
-        init_checkpoint=init, tracking_uri=tracking_uri, mlflow_run_id=child_run_id,
+        init_checkpoint=init, tracking_uri=tracking_uri, mlflow_run_id=run_id,
         torch_threads=config.resources.torch_threads,
     )
+
+
+def run_stage(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: str, init: Checkpoint | None,
+              parent_run_id: str, tracking_uri: str) -> Checkpoint:
+    """Fit one stage on Ray Train, log it to its child run, return its best checkpoint."""
+    datasets, rows = stage_datasets(stage, splits, config)
+    child_run_id = start_child_run(parent_run_id, stage)
+    worker_config = worker_config_for(stage, config, splits, encoder, rows, init, tracking_uri, child_run_id)
     trainer = build_trainer(worker_config, datasets, config.resources, name=f"ee-{parent_run_id[:12]}-{stage}")
     # the with-block ends the child run FINISHED, or FAILED when fit raises
     with mlflow.start_run(run_id=child_run_id, nested=True):
-        mlflow.log_params(flatten({stage: vars(stage_config), "train_rows": rows,
+        mlflow.log_params(flatten({stage: vars(getattr(config, stage)), "train_rows": rows,
                                    "total_steps": worker_config.total_steps}))
+        mlflow.set_tag("init_checkpoint", init.path if init is not None else "")
         result = trainer.fit()
         best = result.get_best_checkpoint(metric="dev_score", mode="max")
         if best is None:
@@ -120,6 +126,18 @@ def run_stage(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: s
         mlflow.set_tag("best_checkpoint", best.path)
         mlflow.log_metric(f"{stage}_best_dev_score", float(best_score(result)))
     return best
+
+
+def run_tuned_first_stage(config: TrainConfig, splits: LabeledSplits, encoder: str, parent_run_id: str,
+                          tracking_uri: str) -> Checkpoint:
+    """The first stage as a learning-rate search; its best trial's best checkpoint is the stage result."""
+    from pipelines.tune import tune_first_stage
+
+    stage = config.stages()[0]
+    datasets, rows = stage_datasets(stage, splits, config)
+    base = vars(worker_config_for(stage, config, splits, encoder, rows, None, tracking_uri, None)).copy()
+    checkpoint, _, _ = tune_first_stage(config, base, datasets, parent_run_id, tracking_uri)
+    return checkpoint
 
 
 def best_score(result: Any) -> float:
@@ -155,8 +173,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             "rows.dropped_invalid_text": splits.dropped_invalid_text})
         mlflow.log_dict({"labels": list(splits.labels)}, "label_map.json")
         mlflow.log_dict(config.to_dict(), "config.json")
-        checkpoint = None
-        for stage in config.stages():
+        checkpoint, stages = None, config.stages()
+        if config.tune.enabled:
+            checkpoint = run_tuned_first_stage(config, splits, encoder, parent.info.run_id, tracking_uri)
+            stages = stages[1:]
+        for stage in stages:
             checkpoint = run_stage(stage, config, splits, encoder, checkpoint, parent.info.run_id, tracking_uri)
         with tempfile.TemporaryDirectory() as scratch:
             model_dir = local_model_dir(checkpoint, Path(scratch) / "model")

@@ -34,6 +34,8 @@ def test_yaml_and_overrides_layer_on_the_profile(tmp_path):
         ({"stage2": {"learning_rate": 0}}, "learning_rate=0 must be > 0"),
         ({"data": {"split_fractions": [0.5, 0.5, 0.5]}}, "must be 3 non-negative numbers summing to 1"),
         ({"data": {"dev_path": "x.parquet"}}, "give both dev_path and test_path"),
+        ({"tune": {"sampler": "random"}}, "sampler='random' is not one of"),
+        ({"tune": {"lr_min": 1e-3, "lr_max": 1e-4}}, "lr_max=0.0001 must be > lr_min=0.001"),
     ],
 )
 def test_bad_config_values_are_refused(overrides, message):
