@@ -51,6 +51,8 @@ def tune_first_stage(
 ) -> tuple[Checkpoint, float, list[dict]]:
     """Search the learning rate; returns (best trial's best checkpoint, its learning rate, every trial's result)."""
     stage = config.stages()[0]
+    # resolved here: trials run in their own directories, where a relative storage path would land inside them
+    resources = dataclasses.replace(config.resources, storage_path=storage_uri(config.resources))
 
     def trainable(search: dict[str, Any]) -> None:
         mlflow.set_tracking_uri(tracking_uri)
@@ -60,7 +62,7 @@ def tune_first_stage(
         worker = WorkerConfig(**{**worker_base, "stage_config": vars(stage_config), "mlflow_run_id": child})
         with mlflow.start_run(run_id=child):
             mlflow.log_params({"learning_rate": search["learning_rate"], "trial": trial, "stage": stage})
-            build_trainer(worker, datasets, config.resources, name=f"ee-{parent_run_id[:12]}-{trial}",
+            build_trainer(worker, datasets, resources, name=f"ee-{parent_run_id[:12]}-{trial}",
                           callbacks=[TuneReportCallback()]).fit()
 
     searcher = OptunaSearch(metric="dev_score", mode="max", sampler=make_sampler(config))
