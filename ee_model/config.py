@@ -95,6 +95,13 @@ class EarlyExitConfig:
     def num_labels(self) -> int:
         return len(self.labels)
 
+    def pretrained_encoder_config(self) -> Any:
+        """The encoder's transformers `PretrainedConfig`, rebuilt from the stored dict (no hub access)."""
+        from transformers import AutoConfig
+
+        data = dict(self.encoder_config)
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+
     def replace(self, **changes: Any) -> EarlyExitConfig:
         return dataclasses.replace(self, **changes)
 

@@ -78,9 +78,8 @@ class EarlyExitClassifier(nn.Module):
     def from_pretrained(cls, directory: str | Path) -> EarlyExitClassifier:
         """Load a directory written by `save_pretrained` onto CPU (no hub access, no pickle)."""
         config = EarlyExitConfig.load(directory)
-        encoder_config = dict(config.encoder_config)
-        encoder_config = AutoConfig.for_model(encoder_config.pop("model_type"), **encoder_config)
-        model = cls(config, AutoModel.from_config(encoder_config), AutoTokenizer.from_pretrained(str(directory)))
+        encoder = AutoModel.from_config(config.pretrained_encoder_config())
+        model = cls(config, encoder, AutoTokenizer.from_pretrained(str(directory)))
         io.load_weights(model, directory)
         return model.eval()
 

@@ -19,6 +19,8 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from pipelines.config import merge
+
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
 
@@ -29,11 +31,7 @@ def parse_sets(assignments: list[str]) -> dict[str, Any]:
         key, sep, raw = assignment.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--set needs key=value, got {assignment!r}")
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = parse_value(raw)
+        out = merge(out, _nested(key, parse_value(raw)))
     return out
 
 
@@ -69,7 +67,7 @@ def main(
 
     import ray
 
-    from pipelines.config import load_train_config, merge
+    from pipelines.config import load_train_config
     from pipelines.train import run_training, summary_json
 
     overrides: dict[str, Any] = {}

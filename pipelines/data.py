@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,25 +149,38 @@ def default_corpus_paths(config: DataConfig) -> dict[str, str]:
     return paths
 
 
-def streaming_parquet_read(path: str, columns: list[str]):
-    """A lazy Ray Data read of a parquet corpus that streams under object-store backpressure.
+@contextmanager
+def streaming_parquet_reader(preserve_order: bool | None = None) -> Iterator[None]:
+    """Datasets created inside read parquet with the reader that streams under object-store backpressure.
 
     Ray 2.60's datasource-V2 parquet reader reads whole groups of files in one task with no backpressure:
     measured here, a 192 MiB corpus through a 100 MiB object store spilled all 192 MiB with it, and peaked at
-    39 MiB with the previous reader. The flag is read when the dataset is created, so it is set only for this
-    read and restored at once. tests/pipelines/test_streaming.py guards the behaviour.
+    39 MiB with the previous reader. The flags are read when a dataset is created, so they are set only inside
+    this block and restored at once. tests/pipelines/test_streaming.py guards the behaviour.
     """
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    previous = getattr(context, "use_datasource_v2", None)
-    if previous is not None:
+    previous_reader = getattr(context, "use_datasource_v2", None)
+    previous_order = context.execution_options.preserve_order
+    if previous_reader is not None:
         context.use_datasource_v2 = False
+    if preserve_order is not None:
+        context.execution_options.preserve_order = preserve_order
     try:
-        return ray.data.read_parquet(expand_paths(path)).select_columns(columns)
+        yield
     finally:
-        if previous is not None:
-            context.use_datasource_v2 = previous
+        context.execution_options.preserve_order = previous_order
+        if previous_reader is not None:
+            context.use_datasource_v2 = previous_reader
+
+
+def streaming_parquet_read(path: str, columns: list[str]):
+    """A lazy Ray Data read of a parquet corpus that streams (see `streaming_parquet_reader`)."""
+    import ray.data
+
+    with streaming_parquet_reader():
+        return ray.data.read_parquet(expand_paths(path)).select_columns(columns)
 
 
 def with_label_ids(table: pa.Table, labels: tuple[str, ...]) -> pa.Table:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
 from pipelines.config import ScoreConfig
+from pipelines.data import streaming_parquet_reader
 from pipelines.incremental import OutputFolder, PendingOutput, output_name
 from pipelines.model_source import ModelSource, resolve_model
 from pipelines.scorer import OUTPUT_COLUMNS, Scorer
@@ -134,12 +135,7 @@ def score_stream(dataset: Any, pending: dict[str, InputFile], folder: OutputFold
 def build_dataset(files: list[str], config: ScoreConfig, model_dir: Path):
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    previous = (context.execution_options.preserve_order, getattr(context, "use_datasource_v2", None))
-    context.execution_options.preserve_order = True  # outputs in input order, deterministic
-    if previous[1] is not None:
-        context.use_datasource_v2 = False  # the streaming reader: see pipelines.data.streaming_parquet_read
-    try:
+    with streaming_parquet_reader(preserve_order=True):  # outputs in input order, deterministic
         dataset = ray.data.read_parquet(files, include_paths=True)
         return dataset.map_batches(
             Scorer,
@@ -153,17 +149,13 @@ def build_dataset(files: list[str], config: ScoreConfig, model_dir: Path):
             num_cpus=config.cpus_per_actor,
             num_gpus=config.gpus_per_actor or None,
         )
-    finally:
-        context.execution_options.preserve_order = previous[0]
-        if previous[1] is not None:
-            context.use_datasource_v2 = previous[1]
 
 
 def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, counts: dict) -> dict[str, Any]:
     layers = np.concatenate(tally.exit_layers) if tally.exit_layers else np.array([])
     tokens = np.concatenate(tally.tokens).astype(np.int64) if tally.tokens else np.array([], dtype=np.int64)
-    flops_model = FlopsModel.from_encoder_config(_encoder_config(model_config), model_config.head_type,
-                                                 model_config.num_labels)
+    flops_model = FlopsModel.from_encoder_config(model_config.pretrained_encoder_config(),
+                                                 model_config.head_type, model_config.num_labels)
     full = int(flops_model.full_depth_flops(tokens).sum()) if len(tokens) else 0
     return {
         **counts,
@@ -176,13 +168,6 @@ def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, count
         "label_distribution": dict(sorted(tally.labels.items())),
         "seconds": round(seconds, 2),
     }
-
-
-def _encoder_config(model_config: EarlyExitConfig):
-    from transformers import AutoConfig
-
-    data = dict(model_config.encoder_config)
-    return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
 def run_scoring(config: ScoreConfig) -> dict[str, Any]:

@@ -63,8 +63,9 @@ def stage2_dataset(splits: LabeledSplits, config: TrainConfig) -> tuple[ray.data
     if path is None:
         return labeled, splits.train.num_rows
     column = config.data.unlabeled_text_column or config.data.text_column
-    require_columns(parquet_dataset(path), [column], path)
-    rows = parquet_dataset(path).count_rows()  # parquet metadata only
+    corpus_files = parquet_dataset(path)
+    require_columns(corpus_files, [column], path)
+    rows = corpus_files.count_rows()  # parquet metadata only
     corpus = streaming_parquet_read(path, [column])
     if config.data.max_unlabeled_rows is not None:
         corpus = corpus.limit(config.data.max_unlabeled_rows)
