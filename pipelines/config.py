@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from ee_model.config import HEAD_TYPES, POOLINGS, VARIANTS
+from pipelines.thresholds import ThresholdTarget
 
 Stage = Literal["stage1", "stage2", "joint"]
 
@@ -64,8 +65,8 @@ class ModelConfig:
     pooling: str = "mean"
     max_length: int = 128
     head_dropout: float = 0.1
-    threshold: float = 0.1  # default S stored with the model (KL variant)
-    patience: int = 2  # default t stored with the model (Count variant)
+    threshold: float = 0.1  # S stored with the model (KL), unless eval.auto_threshold chooses it on dev
+    patience: int = 2  # t stored with the model (Count), unless eval.auto_threshold chooses it on dev
 
     def __post_init__(self) -> None:
         if self.head_type not in HEAD_TYPES:
@@ -152,10 +153,42 @@ class TuneSearchConfig:
             _positive("max_concurrent_trials", self.max_concurrent_trials)
 
 
+S_GRID: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(51))  # 0, 0.02, ..., 1
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    thresholds: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)  # S grid swept on dev/test
+    """Dev/test evaluation after training: sweeps, the oracle, the automatic knob, wall-clock timings."""
+
+    thresholds: tuple[float, ...] = S_GRID  # S grid in [0, 1] swept on dev and test (t always 1..L-1)
     batch_size: int = 64
+    # Automatic knob, chosen on dev and stored as the model's default: S (KL) or t (Count).
+    auto_threshold: bool = True  # False -> model.threshold / model.patience stay as configured
+    target: str = "retention"  # "retention": keep >= min_retention of full accuracy; "flops": within budget
+    min_retention: float = 0.99
+    flops_budget: float = 0.5  # fraction of the full model's FLOPs, for target "flops"
+    # Measured wall-clock speed-ups on test (same process, vs full depth): the chosen knob plus these.
+    timed_thresholds: tuple[float, ...] = (0.1, 0.5, 0.8)
+    timed_patiences: tuple[int, ...] = (2, 4)
+    wallclock_batch_sizes: tuple[int, ...] = (1, 64)
+    wallclock_rows: int = 256  # test rows timed per point; 0 turns timing off
+
+    def __post_init__(self) -> None:
+        grid = tuple(sorted({float(s) for s in self.thresholds} | {float(s) for s in self.timed_thresholds}))
+        if not grid or grid[0] < 0 or grid[-1] > 1:
+            raise ValueError(f"thresholds={self.thresholds!r} must be values in [0, 1] (normalised entropy)")
+        object.__setattr__(self, "thresholds", grid)  # timed points are always on the grid
+        self.target_spec()  # checks target, min_retention, flops_budget
+        _positive("batch_size", self.batch_size)
+        for size in self.wallclock_batch_sizes:
+            _positive("wallclock_batch_sizes", size)
+        for t in self.timed_patiences:
+            _positive("timed_patiences", t)
+        if self.wallclock_rows < 0:
+            raise ValueError(f"wallclock_rows={self.wallclock_rows!r} must be >= 0")
+
+    def target_spec(self) -> ThresholdTarget:
+        return ThresholdTarget(self.target, self.min_retention, self.flops_budget)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Evaluation of a trained model on a labeled split: per-layer accuracy and S / t sweeps from one pass.
+"""Evaluation of a trained model on a labeled split: per-layer accuracy, S / t sweeps and the oracle,
+all from one full-depth pass.
 
-One full-depth pass records every exit's logits; each grid point's exit layers then follow from
-`ee_model.exit_layers` (the same decisions per-row early exit makes), so a whole sweep costs one pass.
+One pass records every exit's logits; each grid point's exit layers then follow from `ee_model.exit_layers`
+(the same decisions per-row early exit makes), so a whole sweep of every rule costs one pass.
+Wall-clock speed-ups need real early-exit runs: `pipelines.wallclock`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
+from sklearn.metrics import f1_score
 
 from ee_model import EarlyExitClassifier, exit_layers, flops_speedup, layer_speedup, make_policy
 from pipelines.data import with_label_ids
 from pipelines.steps import exit_logits, per_layer_accuracy
+
+RULES = ("entropy", "count", "patience")
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,14 @@ class SplitPass:
     logits: torch.Tensor
     labels: torch.Tensor
     tokens: np.ndarray
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def full_accuracy(self) -> float:
+        return float((self.logits[-1].argmax(-1) == self.labels).float().mean())
 
 
 def full_pass(model: EarlyExitClassifier, table: pa.Table, batch_size: int = 64) -> SplitPass:
@@ -36,39 +49,68 @@ def full_pass(model: EarlyExitClassifier, table: pa.Table, batch_size: int = 64)
     return SplitPass(logits, labels, tokens)
 
 
-def policy_point(model: EarlyExitClassifier, split: SplitPass, policy: str, knob: float | int | None) -> dict:
-    """Accuracy, mean exit layer and speed-ups of one policy setting, from a recorded pass."""
-    rule = make_policy(policy, threshold=knob if policy == "entropy" else None,
-                       patience=int(knob) if policy in ("count", "patience") else None)
-    layers = exit_layers(split.logits, rule)  # (n,) 1-based
-    chosen = split.logits[layers - 1, torch.arange(split.logits.shape[1])]
-    accuracy = float((chosen.argmax(-1) == split.labels).float().mean())
+def point_from_layers(model: EarlyExitClassifier, split: SplitPass, layers: torch.Tensor, policy: str,
+                      knob: float | int | None) -> dict:
+    """Quality and cost of exiting each row at `layers` (n,), 1-based."""
+    chosen = split.logits[layers - 1, torch.arange(split.logits.shape[1])].argmax(-1)
+    labels = split.labels.numpy()
+    predicted = chosen.numpy()
+    accuracy = float((predicted == labels).mean())
+    full = split.full_accuracy
     exit_np = layers.numpy()
     return {
         "policy": policy,
         "knob": knob,
         "accuracy": accuracy,
+        # macro over every class of the model, present in this split or not (0 for a class never right)
+        "macro_f1": float(f1_score(labels, predicted, labels=list(range(split.logits.shape[-1])),
+                                   average="macro", zero_division=0)),
+        "retention": accuracy / full if full > 0 else float("nan"),
         "mean_exit_layer": float(exit_np.mean()),
         "layer_speedup": layer_speedup(model.n_layers, exit_np),
         "flops_speedup": flops_speedup(model.flops_model, split.tokens, exit_np),
     }
 
 
+def policy_point(model: EarlyExitClassifier, split: SplitPass, policy: str, knob: float | int | None) -> dict:
+    """One policy setting, from a recorded pass."""
+    rule = make_policy(policy, threshold=knob if policy == "entropy" else None,
+                       patience=int(knob) if policy in ("count", "patience") else None)
+    return point_from_layers(model, split, exit_layers(split.logits, rule), policy, knob)
+
+
+def oracle_layers(split: SplitPass) -> torch.Tensor:
+    """Each row's earliest layer whose classifier is right, else the last layer: (n,), 1-based.
+
+    The best any exit rule could do with these classifiers (it needs the gold label, so it is a bound).
+    """
+    right = split.logits.argmax(-1) == split.labels.unsqueeze(0)  # (L, n)
+    right[-1] = True  # rows no layer gets right run to the end
+    return right.float().argmax(dim=0) + 1  # first True
+
+
+def oracle_point(model: EarlyExitClassifier, split: SplitPass) -> dict:
+    return point_from_layers(model, split, oracle_layers(split), "oracle", None)
+
+
 def sweep(model: EarlyExitClassifier, split: SplitPass, thresholds: tuple[float, ...]) -> list[dict]:
-    """Entropy over `thresholds` for the KL variant; count and patience over t = 1..L-1 for Count."""
-    if model.config.variant == "kl":
-        return [policy_point(model, split, "entropy", float(s)) for s in thresholds]
-    return [policy_point(model, split, rule, t) for rule in ("count", "patience") for t in range(1, model.n_layers)]
+    """Entropy over `thresholds`, count and patience over t = 1..L-1, whatever the variant (one pass)."""
+    points = [policy_point(model, split, "entropy", float(s)) for s in thresholds]
+    return points + [policy_point(model, split, rule, t) for rule in ("count", "patience")
+                     for t in range(1, model.n_layers)]
 
 
 def evaluate_split(model: EarlyExitClassifier, table: pa.Table, thresholds: tuple[float, ...],
-                   batch_size: int = 64) -> dict:
-    split = full_pass(model, table, batch_size)
+                   batch_size: int = 64, split: SplitPass | None = None) -> dict:
+    """Per-layer accuracy, the model's default policy point, the full model, the oracle and every sweep."""
+    split = split if split is not None else full_pass(model, table, batch_size)
     config = model.config
     knob = config.threshold if config.policy == "entropy" else config.patience
     return {
         "rows": int(split.labels.numel()),
         "layer_accuracy": per_layer_accuracy(split.logits, split.labels),
         "default_policy": policy_point(model, split, config.policy, knob),
+        "full_model": policy_point(model, split, "none", None),
+        "oracle": oracle_point(model, split),
         "sweep": sweep(model, split, thresholds),
     }

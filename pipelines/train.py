@@ -32,7 +32,7 @@ from pipelines.data import (
     unlabeled_path,
     with_label_ids,
 )
-from pipelines.evaluate import evaluate_split
+from pipelines.final_evaluation import default_knob, evaluate_trained_model, log_final_evaluation
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
 from pipelines.train_loop import MODEL_SUBDIR, WorkerConfig
 from pipelines.trainer import build_trainer
@@ -152,15 +152,6 @@ def local_model_dir(checkpoint: Checkpoint, destination: Path) -> Path:
     return destination
 
 
-def log_evaluation(name: str, evaluation: dict) -> None:
-    for i, accuracy in enumerate(evaluation["layer_accuracy"]):
-        mlflow.log_metric(f"{name}_accuracy_layer", accuracy, step=i + 1)
-    point = evaluation["default_policy"]
-    mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in point.items() if k not in ("policy", "knob")})
-    mlflow.log_metric(f"{name}_full_depth_accuracy", evaluation["layer_accuracy"][-1])
-    mlflow.log_dict(evaluation, f"evaluation/{name}.json")
-
-
 def run_training(config: TrainConfig) -> dict[str, Any]:
     """Run the whole training job; returns the summary that jobs/train.py prints."""
     started = time.time()
@@ -183,35 +174,44 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as scratch:
             model_dir = local_model_dir(checkpoint, Path(scratch) / "model")
             model = EarlyExitClassifier.from_pretrained(model_dir)
-            evaluations = {name: evaluate_split(model, table, config.eval.thresholds, config.eval.batch_size)
-                           for name, table in (("dev", splits.dev), ("test", splits.test))}
-            for name, evaluation in evaluations.items():
-                log_evaluation(name, evaluation)
+            final = evaluate_trained_model(model, model_dir, splits.dev, splits.test, config.eval)
+            log_final_evaluation(model, final)
             info = log_pyfunc_model(model_dir, model.config, splits.dev["text"].to_pylist()[:2])
             registered = None
             if config.tracking.register:
                 registered = register(info.model_uri, config.tracking.registered_model_name,
-                                      evaluations["dev"]["default_policy"]["accuracy"],
-                                      {"variant": config.variant, "run_id": parent.info.run_id})
-        summary = make_summary(config, evaluations, info.model_uri, registered, parent.info.run_id, started)
+                                      final.dev["default_policy"]["accuracy"],
+                                      {"variant": config.variant, "run_id": parent.info.run_id,
+                                       "policy": model.config.policy, "knob": default_knob(model),
+                                       "knob_source": "auto" if final.chosen else "config"})
+        summary = make_summary(config, final, info.model_uri, registered, parent.info.run_id, started)
         mlflow.log_dict(summary, "summary.json")
     return summary
 
 
-def make_summary(config, evaluations, model_uri, registered, run_id, started) -> dict[str, Any]:
-    test = evaluations["test"]
-    point = test["default_policy"]
+def make_summary(config, final, model_uri, registered, run_id, started) -> dict[str, Any]:
+    test = final.test
+    point, oracle = test["default_policy"], test["oracle"]
+    timed = {f"b{w['batch_size']}": round(w["wallclock_speedup"], 3) for w in test["wallclock"]
+             if (w["policy"], w["knob"]) == (point["policy"], point["knob"])}
     return {
         "variant": config.variant,
         "run_id": run_id,
         "test_accuracy_full_depth": round(test["layer_accuracy"][-1], 4),
         "test_accuracy": round(point["accuracy"], 4),
+        "test_macro_f1": round(point["macro_f1"], 4),
+        "retention": round(point["retention"], 4),
         "policy": point["policy"],
         "knob": point["knob"],
+        "knob_source": (f"auto: {final.chosen['target']}" + ("" if final.chosen["met"] else " (NOT met on dev)")
+                        if final.chosen else "config"),
         "mean_exit_layer": round(point["mean_exit_layer"], 3),
         "layer_speedup": round(point["layer_speedup"], 3),
         "flops_speedup": round(point["flops_speedup"], 3),
-        "dev_accuracy": round(evaluations["dev"]["default_policy"]["accuracy"], 4),
+        "wallclock_speedup": timed,
+        "oracle_layer_speedup": round(oracle["layer_speedup"], 3),
+        "share_of_oracle_speedup": round(point["layer_speedup"] / oracle["layer_speedup"], 3),
+        "dev_accuracy": round(final.dev["default_policy"]["accuracy"], 4),
         "model_uri": model_uri,
         "registered": registered,
         "seconds": round(time.time() - started, 1),

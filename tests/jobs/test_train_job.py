@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,9 +17,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from ee_model import EarlyExitClassifier
+from ee_model import EarlyExitClassifier, EarlyExitConfig
 from pipelines.config import load_train_config
 from pipelines.data import DataError
+from pipelines.model_source import resolve_model
 from pipelines.train import run_training
 from tests.conftest import random_texts
 
@@ -64,12 +66,19 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
         assert len(client.get_metric_history(run.info.run_id, f"{stage}_loss")) > 3
         assert client.get_metric_history(run.info.run_id, f"{stage}_dev_score")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"label_map.json", "config.json", "summary.json", "evaluation"} <= artifacts
+    assert {"label_map.json", "config.json", "summary.json", "evaluation", "trade_off", "plots"} <= artifacts
     assert len(client.get_metric_history(parent.info.run_id, "dev_accuracy_layer")) == 3
     assert parent.data.params["rows.train"] == "192"
 
     version = client.get_model_version_by_alias(MODEL_NAME, "candidate")
     assert int(version.version) == 1 and int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 1
+
+    # the knob chosen on dev is the registered model's default
+    assert summary["knob_source"].startswith("auto") and version.tags["knob"] == str(summary["knob"])
+    assert parent.data.params["auto_threshold.knob"] == str(summary["knob"])
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    source = resolve_model(f"models:/{MODEL_NAME}@candidate", tmp_path / "download")
+    assert EarlyExitConfig.load(source.directory).threshold == summary["knob"]
 
     # stage 2 started from stage 1's best checkpoint and left backbone + teacher untouched
     stage1_ckpt = Path(by_name["stage1"].data.tags["best_checkpoint"]) / "model" / "model.safetensors"

@@ -36,6 +36,10 @@ def test_yaml_and_overrides_layer_on_the_profile(tmp_path):
         ({"data": {"dev_path": "x.parquet"}}, "give both dev_path and test_path"),
         ({"tune": {"sampler": "random"}}, "sampler='random' is not one of"),
         ({"tune": {"lr_min": 1e-3, "lr_max": 1e-4}}, "lr_max=0.0001 must be > lr_min=0.001"),
+        ({"eval": {"thresholds": [0.1, 1.5]}}, r"must be values in \[0, 1\]"),
+        ({"eval": {"target": "speed"}}, "target 'speed' is not one of"),
+        ({"eval": {"min_retention": 1.2}}, "min_retention=1.2 must be in"),
+        ({"eval": {"wallclock_batch_sizes": [0]}}, "wallclock_batch_sizes=0 must be > 0"),
     ],
 )
 def test_bad_config_values_are_refused(overrides, message):
@@ -51,3 +55,9 @@ def test_tracking_uri_is_always_absolute(tmp_path, monkeypatch):
     assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path}/rel/m.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert resolve_tracking_uri(TrackingConfig()) == "http://mlflow:5000"
+
+
+def test_timed_thresholds_join_the_sweep_grid():
+    config = load_train_config(overrides={"eval": {"thresholds": [0.0, 0.4], "timed_thresholds": [0.25]}})
+    assert config.eval.thresholds == (0.0, 0.25, 0.4)
+    assert config.eval.auto_threshold and config.eval.target_spec().min_retention == 0.99

@@ -1,0 +1,100 @@
+"""After training: evaluate on dev and test, choose the exit knob on dev, time chosen settings, log it all.
+
+The knob (S for the KL variant's entropy rule, t for the Count variant's count rule) is chosen on dev only
+and written into the saved model's config, so the registered model carries it as its default; test numbers
+are then reported at that knob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pyarrow as pa
+
+from ee_model import EarlyExitClassifier, exit_layers
+from pipelines.config import EvalConfig
+from pipelines.evaluate import SplitPass, evaluate_split, full_pass, policy_point
+from pipelines.thresholds import choose_knob
+from pipelines.tradeoff_report import exit_histogram_figure, log_trade_off, trade_off_figure, trade_off_table
+from pipelines.wallclock import wallclock_speedups
+
+
+@dataclass
+class FinalEvaluation:
+    dev: dict
+    test: dict
+    chosen: dict | None  # the dev sweep point chosen automatically (with `met`, `target`); None when off
+    wallclock: list[dict]
+    passes: dict[str, SplitPass]
+
+
+def default_knob(model: EarlyExitClassifier) -> float | int:
+    return model.config.threshold if model.config.policy == "entropy" else model.config.patience
+
+
+def set_default_knob(model: EarlyExitClassifier, knob: float | int, model_dir: str | Path) -> None:
+    """Store `knob` as the model's default for its policy, in memory and in the saved config."""
+    field = "threshold" if model.config.policy == "entropy" else "patience"
+    model.config = model.config.replace(**{field: knob})
+    model.config.save(model_dir)
+
+
+def timed_points(model: EarlyExitClassifier, config: EvalConfig) -> list[tuple[str, float | int]]:
+    """The model's default setting first, then the configured extra knobs of the same rule."""
+    policy = model.config.policy
+    extra = config.timed_thresholds if policy == "entropy" else [t for t in config.timed_patiences
+                                                                   if t < model.n_layers]
+    points = [(policy, default_knob(model))]
+    for knob in extra:
+        if (policy, knob) not in points:
+            points.append((policy, knob))
+    return points
+
+
+def evaluate_trained_model(model: EarlyExitClassifier, model_dir: str | Path, dev: pa.Table, test: pa.Table,
+                           config: EvalConfig) -> FinalEvaluation:
+    passes = {"dev": full_pass(model, dev, config.batch_size), "test": full_pass(model, test, config.batch_size)}
+    dev_eval = evaluate_split(model, dev, config.thresholds, split=passes["dev"])
+    chosen = None
+    if config.auto_threshold:
+        chosen = choose_knob(dev_eval["sweep"], model.config.policy, config.target_spec())
+        set_default_knob(model, chosen["knob"], model_dir)
+        dev_eval["default_policy"] = policy_point(model, passes["dev"], model.config.policy, chosen["knob"])
+    test_eval = evaluate_split(model, test, config.thresholds, split=passes["test"])
+    wallclock = []
+    if config.wallclock_rows > 0:
+        texts = test["text"].to_pylist()[: config.wallclock_rows]
+        wallclock = wallclock_speedups(model, texts, timed_points(model, config), config.wallclock_batch_sizes)
+    test_eval["wallclock"] = wallclock
+    dev_eval["chosen"] = test_eval["chosen"] = chosen
+    return FinalEvaluation(dev_eval, test_eval, chosen, wallclock, passes)
+
+
+def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) -> None:
+    """Per split: per-layer accuracy, the default point, sweep metrics, the table and the plots."""
+    if result.chosen is not None:
+        mlflow.log_params({"auto_threshold.policy": result.chosen["policy"],
+                           "auto_threshold.knob": result.chosen["knob"],
+                           "auto_threshold.met_on_dev": result.chosen["met"],
+                           "auto_threshold.target": result.chosen["target"]})
+    knob = default_knob(model)
+    for name, evaluation in (("dev", result.dev), ("test", result.test)):
+        for i, accuracy in enumerate(evaluation["layer_accuracy"]):
+            mlflow.log_metric(f"{name}_accuracy_layer", accuracy, step=i + 1)
+        point = evaluation["default_policy"]
+        mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in point.items() if k not in ("policy", "knob")})
+        mlflow.log_metric(f"{name}_full_depth_accuracy", evaluation["layer_accuracy"][-1])
+        mlflow.log_dict(evaluation, f"evaluation/{name}.json")
+        table = trade_off_table(evaluation, result.wallclock if name == "test" else ())
+        layers = exit_layers(result.passes[name].logits, model.policy_for()).numpy()
+        figures = {
+            f"{name}_trade_off.png": trade_off_figure(evaluation, f"{name}: accuracy vs speed-up", point),
+            f"{name}_exit_histogram.png": exit_histogram_figure(
+                layers, model.n_layers, f"{name}: exit layers at {model.config.policy}={knob}"),
+        }
+        log_trade_off(name, evaluation, table, figures)
+    for row in result.wallclock:
+        mlflow.log_metric(f"test_wallclock_speedup_b{row['batch_size']}_{row['policy']}_{row['knob']}",
+                          row["wallclock_speedup"])

@@ -1,0 +1,149 @@
+"""Sweeps, the oracle, the automatic knob, wall-clock timing and the MLflow trade-off records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ee_model.flops import FlopsModel
+from pipelines.config import EvalConfig
+from pipelines.evaluate import SplitPass, evaluate_split, full_pass, oracle_layers, point_from_layers, sweep
+from pipelines.final_evaluation import evaluate_trained_model, log_final_evaluation
+from pipelines.thresholds import ThresholdTarget, choose_knob
+from pipelines.tradeoff_report import trade_off_table
+from pipelines.wallclock import wallclock_speedups
+from tests.conftest import LABELS, labeled_table
+
+GRID = tuple(np.round(np.linspace(0, 1, 26), 2))
+
+
+@pytest.fixture(scope="module")
+def model_and_pass(tiny_model):
+    model = tiny_model("bert", num_layers=4, seed=3)
+    table = labeled_table(90).set_column(1, "label", __import__("pyarrow").array(
+        [LABELS[i % 3] for i in range(90)]))
+    return model, table, full_pass(model, table, batch_size=16)
+
+
+def test_sweep_mean_exit_layers_are_monotone(model_and_pass):
+    model, _, split = model_and_pass
+    points = sweep(model, split, GRID)
+    entropy = [p["mean_exit_layer"] for p in points if p["policy"] == "entropy"]
+    assert len(entropy) == len(GRID)
+    assert all(a >= b for a, b in zip(entropy, entropy[1:], strict=False))  # larger S never exits later
+    assert entropy[0] == 4 and entropy[-1] < entropy[0]  # S=0 is full depth; the sweep moved rows
+    for rule in ("count", "patience"):
+        by_t = [p["mean_exit_layer"] for p in points if p["policy"] == rule]
+        assert len(by_t) == 3 and all(a <= b for a, b in zip(by_t, by_t[1:], strict=False))  # larger t: later
+
+
+def test_every_point_reports_all_quantities(model_and_pass):
+    model, table, split = model_and_pass
+    evaluation = evaluate_split(model, table, GRID, split=split)
+    full = evaluation["full_model"]
+    assert full["mean_exit_layer"] == 4 and full["retention"] == pytest.approx(1.0)
+    assert full["flops_speedup"] < 1  # full depth at early-exit cost (student heads) vs the plain model
+    for point in evaluation["sweep"]:
+        assert set(point) >= {"accuracy", "macro_f1", "retention", "mean_exit_layer", "layer_speedup",
+                              "flops_speedup"}
+        assert point["retention"] == pytest.approx(point["accuracy"] / full["accuracy"])
+        assert 0 <= point["macro_f1"] <= 1
+
+
+def test_oracle_matches_a_hand_computed_case():
+    # 3 layers, 4 rows, 2 classes; labels 0, 1, 1, 0
+    logits = torch.tensor([
+        [[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]],  # layer 1 right on rows 0, 2
+        [[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [0.0, 2.0]],  # layer 2 right on rows 0, 1, 2
+        [[0.0, 2.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]],  # layer 3 right on row 1 only
+    ])
+    split = SplitPass(logits, torch.tensor([0, 1, 1, 0]), np.array([5, 5, 5, 5]))
+    assert oracle_layers(split).tolist() == [1, 2, 1, 3]  # row 3: no layer right -> the last
+
+    class Model:  # what point_from_layers reads of a model
+        n_layers = 3
+        flops_model = FlopsModel(8, 16, 8, 3, 0)
+
+    point = point_from_layers(Model(), split, oracle_layers(split), "oracle", None)
+    assert point["accuracy"] == 0.75 and point["mean_exit_layer"] == pytest.approx(7 / 4)
+    assert point["layer_speedup"] == pytest.approx(3 / (7 / 4))
+    assert point["retention"] == pytest.approx(0.75 / 0.25)  # the full model gets 1 of 4 right
+    # macro-F1 by hand: class 0 P=1/1 R=1/2 F=2/3; class 1 P=2/3 R=2/2 F=4/5
+    assert point["macro_f1"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+def points(rule, knobs, retention):
+    return [{"policy": rule, "knob": k, "retention": r, "accuracy": r, "flops_speedup": 1.0 + i}
+            for i, (k, r) in enumerate(zip(knobs, retention, strict=True))]
+
+
+def test_choose_knob_stops_at_the_first_failing_setting():
+    sweep_points = points("entropy", [0.0, 0.1, 0.2, 0.3], [1.0, 0.995, 0.98, 0.995])
+    chosen = choose_knob(sweep_points, "entropy", ThresholdTarget())
+    assert chosen["knob"] == 0.1 and chosen["met"]  # 0.3 meets it too, but only past a failing 0.2
+    # count: larger t is safer, so the walk goes t = 3, 2, 1
+    count = points("count", [1, 2, 3], [0.97, 0.995, 1.0])
+    assert choose_knob(count, "count", ThresholdTarget())["knob"] == 2
+    none_meet = points("entropy", [0.0, 0.5], [0.9, 0.8])
+    assert choose_knob(none_meet, "entropy", ThresholdTarget())["met"] is False
+
+
+def test_choose_knob_with_a_flops_budget():
+    sweep_points = points("entropy", [0.0, 0.1, 0.2, 0.3], [1.0, 0.99, 0.97, 0.9])  # FLOPs 1x .. 4x
+    chosen = choose_knob(sweep_points, "entropy", ThresholdTarget(kind="flops", flops_budget=0.5))
+    assert chosen["knob"] == 0.1 and 1 / chosen["flops_speedup"] <= 0.5
+
+
+def test_auto_knob_meets_its_target_on_the_data_it_was_chosen_on(model_and_pass, tmp_path):
+    model, table, _ = model_and_pass
+    config = EvalConfig(thresholds=GRID, min_retention=0.97, wallclock_rows=0)
+    result = evaluate_trained_model(model, tmp_path, table, table, config)
+    assert result.chosen["met"]
+    assert model.config.threshold == result.chosen["knob"]  # now the model's default
+    assert result.dev["default_policy"]["retention"] >= 0.97
+    eager = [p for p in result.dev["sweep"] if p["policy"] == "entropy" and p["knob"] > result.chosen["knob"]]
+    assert not eager or eager[0]["retention"] < 0.97  # the next, faster setting would miss the target
+    from ee_model import EarlyExitConfig
+
+    assert EarlyExitConfig.load(tmp_path).threshold == result.chosen["knob"]  # saved with the model
+
+
+def test_wallclock_rows_and_the_table(model_and_pass):
+    model, table, split = model_and_pass
+    texts = table["text"].to_pylist()[:24]
+    rows = wallclock_speedups(model, texts, [("entropy", 0.52), ("entropy", 0.0)], batch_sizes=(1, 8))
+    assert [(r["batch_size"], r["knob"]) for r in rows] == [(1, 0.52), (1, 0.0), (8, 0.52), (8, 0.0)]
+    assert all(r["wallclock_speedup"] > 0 and r["rows"] == 24 for r in rows)
+    evaluation = evaluate_split(model, table, GRID, split=split)
+    frame = trade_off_table(evaluation, rows)
+    assert list(frame["policy"][:2]) == ["none", "oracle"]
+    timed = frame.dropna(subset=["wallclock_speedup_b1"])
+    assert sorted(timed["knob"]) == [0.0, 0.52]
+
+
+@pytest.mark.slow
+def test_mlflow_run_holds_the_table_and_plots(model_and_pass, tmp_path):
+    import mlflow
+
+    model, table, _ = model_and_pass
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    config = EvalConfig(thresholds=GRID, wallclock_rows=12, wallclock_batch_sizes=(4,))
+    model_dir = model.save_pretrained(tmp_path / "model")
+    with mlflow.start_run() as run:
+        result = evaluate_trained_model(model, model_dir, table, table, config)
+        log_final_evaluation(model, result)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    files = {f.path for folder in ("trade_off", "plots", "evaluation")
+             for f in client.list_artifacts(run.info.run_id, folder)}
+    assert {"trade_off/test_sweep.csv", "trade_off/test_sweep.md", "trade_off/dev_sweep.csv",
+            "plots/test_trade_off.png", "plots/test_exit_histogram.png", "plots/dev_trade_off.png",
+            "evaluation/test.json"} <= files
+    history = client.get_metric_history(run.info.run_id, "test_sweep_entropy_mean_exit_layer")
+    assert sorted(m.step for m in history) == list(range(len(config.thresholds)))  # grid + timed knobs
+    csv = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/trade_off/test_sweep.csv")
+    assert csv.splitlines()[0].startswith("policy,knob,accuracy,macro_f1,retention") and "wallclock_speedup_b4" in csv
+    png = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/plots/test_trade_off.png", dst_path=str(tmp_path))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert client.get_run(run.info.run_id).data.params["auto_threshold.knob"] == str(result.chosen["knob"])
