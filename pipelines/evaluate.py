@@ -36,7 +36,7 @@ class SplitPass:
 
     @property
     def full_accuracy(self) -> float:
-        return float((self.logits[-1].argmax(-1) == self.labels).float().mean())
+        return float((self.logits[-1].argmax(-1) == self.labels).double().mean())
 
 
 def full_pass(model: EarlyExitClassifier, table: pa.Table, batch_size: int = 64) -> SplitPass:

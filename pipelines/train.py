@@ -109,12 +109,14 @@ def worker_config_for(stage: str, config: TrainConfig, splits: LabeledSplits, en
 
 
 def run_stage(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: str, init: Checkpoint | None,
-              parent_run_id: str, tracking_uri: str) -> Checkpoint:
-    """Fit one stage on Ray Train, log it to its child run, return its best checkpoint."""
+              parent_run_id: str, tracking_uri: str, run_name: str | None = None) -> Checkpoint:
+    """Fit one stage on Ray Train, log it to its child run (named `run_name`, default the stage), return its
+    best checkpoint."""
     datasets, rows = stage_datasets(stage, splits, config)
-    child_run_id = start_child_run(parent_run_id, stage)
+    child_run_id = start_child_run(parent_run_id, run_name or stage)
     worker_config = worker_config_for(stage, config, splits, encoder, rows, init, tracking_uri, child_run_id)
-    trainer = build_trainer(worker_config, datasets, config.resources, name=f"ee-{parent_run_id[:12]}-{stage}")
+    trainer = build_trainer(worker_config, datasets, config.resources,
+                            name=f"ee-{parent_run_id[:12]}-{run_name or stage}")
     # the with-block ends the child run FINISHED, or FAILED when fit raises
     with mlflow.start_run(run_id=child_run_id, nested=True):
         mlflow.log_params(flatten({stage: vars(getattr(config, stage)), "train_rows": rows,
