@@ -115,8 +115,13 @@ class ResourcesConfig:
     max_failures: int = 2  # worker crashes survived by restarting from the last checkpoint
     storage_path: str = "ray_results"  # made absolute; any pyarrow URI (s3://...) for multi-node
     torch_threads: int | None = None  # per worker; None = torch's default
+    # Ray placement of the workers: PACK fills a node first; SPREAD / STRICT_SPREAD put them on different nodes
+    placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy={self.placement_strategy!r} is not one of "
+                             "['PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD']")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers!r} must be >= 0 (0 = Ray Train local mode)")
         _positive("cpus_per_worker", self.cpus_per_worker)

@@ -137,6 +137,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.train()
     loss_fn = loss_for(spec.stage, stage_config)
     logger = StepLogger(spec.tracking_uri, spec.mlflow_run_id) if context.get_world_rank() == 0 else None
+    if logger is not None and state.step > 0:  # a worker group restarted after a failure
+        logger.log("resumed_from_step", state.step, state.step, flush=True)
     shard = ray.train.get_dataset_shard("train")
     while state.epoch < stage_config.epochs and state.step < spec.total_steps:
         last_report_step = -1

@@ -33,6 +33,7 @@ def build_trainer(
         num_workers=resources.num_workers,
         use_gpu=resources.use_gpu,
         resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
+        placement_strategy=resources.placement_strategy,
     )
     run = RunConfig(
         name=name,
