@@ -175,20 +175,27 @@ class EarlyExitClassifier(nn.Module):
             hidden = encoders.run_layer(layer, hidden, encoders.attention_mask_for(self.encoder, hidden, mask))
             logits = head(pool(hidden, mask, self.config.pooling)).float()  # (remaining, N)
             if index == last:
-                leave = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
-            else:
-                leave, state = policy.step(logits, state)
-            if not leave.any():
-                continue
-            out_logits[rows[leave]] = logits[leave]
-            exit_layer[rows[leave]] = index + 1
-            if leave.all():
+                out_logits[rows] = logits
+                exit_layer[rows] = index + 1
                 break
-            keep = ~leave
-            rows, hidden, mask = rows[keep], hidden[keep], mask[keep]
-            state = {name: value[keep] for name, value in state.items()}
+            leave, state = policy.step(logits, state)
+            # One device->host read per layer (this is what costs on a GPU): how many rows leave, and the
+            # widest remaining row. Everything else is index arithmetic on the device.
+            widths = mask.sum(dim=1).masked_fill(leave, 0)
+            n_leave, width = (int(v) for v in torch.stack([leave.sum(), widths.max()]).tolist())
+            if n_leave == 0:
+                continue
+            n_keep = len(rows) - n_leave
+            order = torch.argsort(leave.to(torch.uint8), stable=True)  # staying rows first, in their order
+            gone = order[n_keep:]
+            out_logits[rows[gone]] = logits[gone]
+            exit_layer[rows[gone]] = index + 1
+            if n_keep == 0:
+                break
+            stay = order[:n_keep]
+            rows, hidden, mask = rows[stay], hidden[stay], mask[stay]
+            state = {name: value[stay] for name, value in state.items()}
             if right_padded:
-                width = int(mask.sum(dim=1).max())
                 hidden, mask = hidden[:, :width], mask[:, :width]
         return EarlyExitBatch(logits=out_logits, exit_layer=exit_layer, tokens=tokens)
 

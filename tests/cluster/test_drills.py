@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -98,6 +99,14 @@ def all_rows_once(output: Path) -> pa.Table:
     return table
 
 
+def assert_same_scores(got: pa.Table, expected: pa.Table) -> None:
+    """Same rows in the same order with the same labels and exit layers; confidences equal to float noise."""
+    assert got.column_names == expected.column_names
+    for column in ("row_id", "text", "label", "exit_layer", "flops", "tokens", "error"):
+        assert got[column].to_pylist() == expected[column].to_pylist(), column
+    np.testing.assert_allclose(got["confidence"].to_numpy(), expected["confidence"].to_numpy(), atol=1e-6)
+
+
 def nodes_of(cluster: LocalCluster, actor_name: str) -> set[str]:
     roles = cluster.node_ids()
     return {roles.get(a["node_id"], "gone") for a in cluster.actors(actor_name, state=None)}
@@ -127,15 +136,14 @@ def test_two_node_training_and_scoring_match_a_single_node_run(cluster, work, en
                                      batch_size=64, tracking_uri=env["MLFLOW_TRACKING_URI"]))
     assert single["rows_scored"] == FILES * ROWS_PER_FILE
     single_rows = all_rows_once(work / "scored-single")
-    for column in ("row_id", "label", "exit_layer", "confidence"):
-        assert two_node[column].to_pylist() == single_rows[column].to_pylist()
+    assert_same_scores(two_node, single_rows)
     print(f"\ndrill two-node train+score: {time.time() - started:.1f} s")
 
 
 def test_training_resumes_after_a_train_worker_is_killed(cluster, work, job_env, tiny_encoder_dir):
     started = time.time()
     job = cluster.submit(*train_args(work, tiny_encoder_dir("bert", num_layers=3), "killed-worker",
-                                     "--set", "stage1.epochs=6", "--set", "stage1.checkpoint_every_steps=4"),
+                                     "--set", "stage1.epochs=30", "--set", "stage1.checkpoint_every_steps=10"),
                          env_vars=job_env)
     wait_until(lambda: list((work / "killed-worker").glob("*stage1*/checkpoint_*")), timeout=600, every=0.5)
     victim = cluster.wait_for_actors("RayTrainWorker", count=1)[0]
@@ -148,7 +156,7 @@ def test_training_resumes_after_a_train_worker_is_killed(cluster, work, job_env,
                                 filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}' "
                                               "and tags.mlflow.runName = 'stage1'")[0]
     resumed = client.get_metric_history(stage1.info.run_id, "resumed_from_step")
-    assert resumed and resumed[0].value >= 4  # restarted from a checkpoint, not from scratch
+    assert resumed and resumed[0].value >= 10  # restarted from a checkpoint, not from scratch
     assert client.get_metric_history(stage1.info.run_id, "stage1_dev_score")
     print(f"\ndrill kill Train worker: {time.time() - started:.1f} s")
 
@@ -162,9 +170,7 @@ def test_scoring_survives_a_killed_actor(cluster, work, job_env, corpus, scoring
     assert committed_outputs(output) < FILES  # killed mid-run
     cluster.kill_pid(victim["pid"])
     assert cluster.wait(job) == "SUCCEEDED", cluster.logs(job)[-4000:]
-    killed = all_rows_once(output)
-    clean = all_rows_once(work / "scored-two-node")
-    assert killed["label"].to_pylist() == clean["label"].to_pylist()
+    assert_same_scores(all_rows_once(output), all_rows_once(work / "scored-two-node"))
     print(f"\ndrill kill scoring actor: {time.time() - started:.1f} s")
 
 
@@ -181,8 +187,7 @@ def test_killed_incremental_job_rerun_equals_a_clean_run(cluster, work, job_env,
     assert cluster.wait(rerun) == "SUCCEEDED", cluster.logs(rerun)[-4000:]
     summary = read_summary(Path(f"{output}.json"))
     assert summary["files_skipped"] == done and summary["files_scored"] == FILES - done
-    resumed, clean = all_rows_once(output), all_rows_once(work / "scored-two-node")
-    assert resumed.equals(clean)
+    assert_same_scores(all_rows_once(output), all_rows_once(work / "scored-two-node"))
     print(f"\ndrill kill + rerun incremental scoring: {time.time() - started:.1f} s")
 
 
@@ -195,6 +200,5 @@ def test_scoring_finishes_on_the_head_when_the_worker_node_dies(cluster, work, j
     assert committed_outputs(output) < FILES
     cluster.kill_worker_node()
     assert cluster.wait(job) == "SUCCEEDED", cluster.logs(job)[-4000:]
-    lost = all_rows_once(output)
-    assert lost["label"].to_pylist() == all_rows_once(work / "scored-two-node")["label"].to_pylist()
+    assert_same_scores(all_rows_once(output), all_rows_once(work / "scored-two-node"))
     print(f"\ndrill kill worker node during scoring: {time.time() - started:.1f} s")

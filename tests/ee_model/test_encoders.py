@@ -62,15 +62,13 @@ def test_ee_model_imports_without_ray_or_mlflow():
     import subprocess
     import sys
 
+    # Libraries may probe for optional packages (find_spec); what matters is that nothing imports them.
     code = (
         "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('ray', 'mlflow', 'pipelines', 'jobs'):\n"
-        "            raise ImportError('blocked: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
         "import ee_model, ee_model.tiny\n"
-        "print('ok')\n"
+        "m = ee_model.tiny.write_tiny_encoder\n"
+        "loaded = sorted({n.split('.')[0] for n in sys.modules} & {'ray', 'mlflow', 'pipelines', 'jobs'})\n"
+        "print('ok' if not loaded else f'imported: {loaded}')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ee_model.io import unwrap
+from ee_model.policies import normalised_entropy
 from pipelines.steps import exit_logits, loss_for, train_step
 from tests.conftest import labeled_table, random_texts
 
@@ -43,14 +44,25 @@ def process_group(request):
 def test_predict_on_device_matches_cpu_at_any_batch_size(tiny_model, device):
     model = tiny_model("bert", num_layers=4, seed=3)
     texts = random_texts(40, seed=5)
-    reference = model.predict(texts, policy="count", patience=1, batch_size=1)
+    # S = the median layer-1 entropy: about half the rows leave at layer 1, the rest go on (any random init)
+    layer1 = full_pass_logits(model, texts)[0]
+    ordered = normalised_entropy(layer1).sort().values
+    threshold = float(ordered[19] + ordered[20]) / 2  # midway between neighbours: no row sits on S
+    reference = model.predict(texts, threshold=threshold, batch_size=1)
+    assert len(set(reference.exit_layer.tolist())) >= 2
     moved = copy.deepcopy(model).to(device)
     for batch_size in (1, 7, 40):
-        out = moved.predict(texts, policy="count", patience=1, batch_size=batch_size)
+        out = moved.predict(texts, threshold=threshold, batch_size=batch_size)
         assert out.label == reference.label
         np.testing.assert_array_equal(out.exit_layer, reference.exit_layer)
         np.testing.assert_allclose(out.probs, reference.probs, atol=1e-4)
-    assert len(set(reference.exit_layer.tolist())) >= 2
+
+
+def full_pass_logits(model, texts):
+    encoded = model.tokenizer(texts, truncation=True, max_length=model.config.max_length, padding=True,
+                              return_tensors="pt")
+    with torch.no_grad():
+        return model(encoded["input_ids"], encoded["attention_mask"], encoded.get("token_type_ids")).logits
 
 
 @pytest.mark.parametrize("process_group", ["cpu", CUDA], indirect=True)
