@@ -78,9 +78,12 @@ def bbc_parquet(directory: Path, rows: int) -> Path:
 def timed_pass(path: Path, scorer, kwargs: dict, actors: int, batch_size: int) -> tuple[float, pa.Table]:
     import ray.data
 
-    dataset = ray.data.read_parquet(str(path)).map_batches(
-        scorer, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=batch_size, batch_format="pyarrow", num_cpus=kwargs["cpus"])
+    from pipelines.data import streaming_parquet_reader
+
+    with streaming_parquet_reader(preserve_order=True):  # the reader jobs/score.py uses
+        dataset = ray.data.read_parquet(str(path)).map_batches(
+            scorer, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=batch_size, batch_format="pyarrow", num_cpus=kwargs["cpus"])
     start = time.perf_counter()
     tables = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     return time.perf_counter() - start, pa.concat_tables(tables)

@@ -36,6 +36,9 @@ def free_port() -> int:
 class LocalCluster:
     env: dict[str, str]
     temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="rdrill", dir="/tmp"))
+    # The worker node gets its own temp dir, as a real second machine would: nodes sharing one session folder
+    # would share (and garbage-collect each other's) unpacked job working directories.
+    worker_temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="rdrillw", dir="/tmp"))
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     worker_node_manager_port: int = field(default_factory=free_port)
@@ -63,6 +66,7 @@ class LocalCluster:
                   f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                   f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
                   f"--runtime-env-agent-port={free_port()}", '--resources={"drill_worker": 1}',
+                  f"--temp-dir={self.worker_temp_dir}",
                   "--object-store-memory=200000000", "--disable-usage-stats")
         self.wait_for_nodes(2)
 
@@ -154,12 +158,14 @@ class LocalCluster:
 
     def stop(self) -> None:
         for process in psutil.process_iter(["cmdline"]):
-            if self.temp_dir in " ".join(process.info["cmdline"] or []):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if self.temp_dir in cmdline or self.worker_temp_dir in cmdline:
                 try:
                     process.send_signal(signal.SIGKILL)
                 except psutil.NoSuchProcess:
                     pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.worker_temp_dir, ignore_errors=True)
 
 
 def committed_outputs(folder: Path) -> int:
