@@ -16,6 +16,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks():
+    """A test that sets an MLflow tracking URI (itself or through the pipeline's setup_tracking) must not hand it
+    to later tests: mlflow.set_tracking_uri pins a process-wide URI that wins over $MLFLOW_TRACKING_URI, and also
+    writes that variable, which every later subprocess inherits."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)  # clears the pinned URI and the variable
+    if before is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 FAMILIES = ["bert", "roberta", "distilbert", "electra"]
 LABELS = ["business", "sport", "tech"]
 
