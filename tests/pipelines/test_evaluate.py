@@ -129,6 +129,7 @@ def test_mlflow_run_holds_the_table_and_plots(model_and_pass, tmp_path):
 
     model, table, _ = model_and_pass
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("trade-off")  # never the active experiment id another test left behind
     config = EvalConfig(thresholds=GRID, wallclock_rows=12, wallclock_batch_sizes=(4,))
     model_dir = model.save_pretrained(tmp_path / "model")
     with mlflow.start_run() as run:
