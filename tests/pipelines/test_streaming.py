@@ -1,5 +1,5 @@
 """Stage 2 streams its unlabeled corpus: a corpus twice the size of Ray's object store passes through with
-the store never holding a large part of it and nothing spilled to disk."""
+the store staying well under its spill threshold and nothing spilled to disk."""
 
 from __future__ import annotations
 
@@ -66,4 +66,7 @@ def test_stage2_corpus_larger_than_the_object_store_is_streamed(ray_local, tmp_p
     assert rows == seen == 192 + FILES * ROWS_PER_FILE  # every row once
     assert unlabeled == FILES * ROWS_PER_FILE
     assert not spilled[0], "the corpus was spilled to disk: it was materialised, not streamed"
-    assert 0 < peak[0] < corpus_bytes / 4, f"peak {peak[0] >> 20} MiB in the store for a {corpus_bytes >> 20} MiB corpus"
+    # Materialising a corpus twice the store's size would fill the store past Ray's spill threshold (80 %) and
+    # spill; streaming keeps it under Ray Data's own budget (half the store) plus the labeled splits.
+    assert 0 < peak[0] < 0.75 * OBJECT_STORE_BYTES, (
+        f"peak {peak[0] >> 20} MiB in a {OBJECT_STORE_BYTES >> 20} MiB store for a {corpus_bytes >> 20} MiB corpus")
