@@ -38,7 +38,7 @@ class DataConfig:
     label_column: str = "label"
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: int = 0
-    # Stage 2 corpus, streamed: None -> BBC paragraphs when using the default corpus, else none.
+    # Stage 2 corpus, streamed: None -> the training articles' paragraphs with the default corpus, else none.
     unlabeled_path: str | None = None
     unlabeled_text_column: str | None = None  # default: text_column
     max_unlabeled_rows: int | None = None  # cap for quick runs; None = the whole corpus

@@ -127,26 +127,48 @@ def load_labeled_splits(config: DataConfig) -> LabeledSplits:
     return LabeledSplits(train, dev, test, check_splits(train, dev, test), dropped)
 
 
-def unlabeled_path(config: DataConfig) -> str | None:
+def unlabeled_path(config: DataConfig, splits: LabeledSplits) -> str | None:
+    """The stage-2 corpus: the configured one, or for the default corpus the training articles' paragraphs."""
     if config.unlabeled_path is not None:
         return config.unlabeled_path or None  # "" switches the unlabeled corpus off
-    return default_corpus_paths(config)["unlabeled"] if config.train_path is None else None
+    return default_unlabeled_corpus(splits.train, config) if config.train_path is None else None
 
 
 def default_corpus_paths(config: DataConfig) -> dict[str, str]:
-    """Write the BBC corpus (articles with labels, paragraphs without) as parquet on first use."""
-    from pipelines.bbc import read_bbc_articles, split_paragraphs
+    """Write the BBC articles (with labels) as parquet on first use."""
+    from pipelines.bbc import read_bbc_articles
 
-    directory = Path(config.cache_dir).resolve() / "bbc"
-    paths = {"labeled": str(directory / "articles.parquet"), "unlabeled": str(directory / "paragraphs.parquet")}
-    if not all(Path(p).is_file() for p in paths.values()):
-        directory.mkdir(parents=True, exist_ok=True)
-        articles = read_bbc_articles()
-        for key, table in (("labeled", articles), ("unlabeled", split_paragraphs(articles))):
-            aside = Path(paths[key] + ".tmp")
-            pq.write_table(table, aside)
-            aside.replace(paths[key])  # atomic: a killed first run never leaves half a file
-    return paths
+    path = Path(config.cache_dir).resolve() / "bbc" / "articles.parquet"
+    if not path.is_file():
+        write_atomically(read_bbc_articles(), path)
+    return {"labeled": str(path)}
+
+
+def default_unlabeled_corpus(train: pa.Table, config: DataConfig) -> str:
+    """Paragraphs of the training split's articles only, in a seeded random order, as parquet.
+
+    Only training articles: paragraphs of dev or test articles would let stage 2 distil on the very texts the
+    threshold is chosen and the model reported on. Shuffled: a capped corpus (`max_unlabeled_rows`) is then a
+    sample of every class, not the first class's paragraphs.
+    """
+    from pipelines.bbc import split_paragraphs
+
+    fractions = "-".join(f"{f:g}" for f in config.split_fractions)
+    path = Path(config.cache_dir).resolve() / "bbc" / f"paragraphs-train-{fractions}-seed{config.split_seed}.parquet"
+    if not path.is_file():
+        articles = pa.table({"doc_id": pa.array(range(train.num_rows)), "text": train["text"]})
+        paragraphs = split_paragraphs(articles).select(["text"])
+        order = np.random.default_rng(config.split_seed).permutation(paragraphs.num_rows)
+        write_atomically(paragraphs.take(pa.array(order)), path)
+    return str(path)
+
+
+def write_atomically(table: pa.Table, path: Path) -> None:
+    """Written aside, then renamed: a killed run never leaves half a file at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(path.name + ".tmp")
+    pq.write_table(table, aside)
+    aside.replace(path)
 
 
 @contextmanager

@@ -59,7 +59,7 @@ def unlabeled_rows(batch: pa.Table, column: str) -> pa.Table:
 def stage2_dataset(splits: LabeledSplits, config: TrainConfig) -> tuple[ray.data.Dataset, int]:
     """Labeled training texts plus the unlabeled corpus, streamed (never read whole into memory)."""
     labeled = ray.data.from_arrow(with_label_ids(splits.train, splits.labels))
-    path = unlabeled_path(config.data)
+    path = unlabeled_path(config.data, splits)
     if path is None:
         return labeled, splits.train.num_rows
     column = config.data.unlabeled_text_column or config.data.text_column

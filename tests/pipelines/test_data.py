@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import DataConfig
-from pipelines.data import DataError, load_labeled_splits, stratified_split
+from pipelines.data import DataError, LabeledSplits, load_labeled_splits, stratified_split, unlabeled_path
 from tests.conftest import labeled_table
 
 
@@ -99,3 +99,23 @@ def test_stratified_split_keeps_every_row_once():
     parts = stratified_split(table, (0.6, 0.2, 0.2), seed=1)
     ids = sorted(sum((p["row_id"].to_pylist() for p in parts), []))
     assert ids == list(range(50))
+
+
+def test_default_unlabeled_corpus_holds_only_training_paragraphs_shuffled(tmp_path):
+    def article(name: str, n: int) -> str:
+        return "\n\n".join(["Headline"] + [f"{name} paragraph {i} " + "with enough words to keep" for i in range(n)])
+
+    train = pa.table({"text": [article("train-a", 4), article("train-b", 5)], "label": ["x", "y"]})
+    held_out = pa.table({"text": [article("held-out", 3)], "label": ["x"]})
+    splits = LabeledSplits(train, held_out, held_out, ("x", "y"), 0)
+    config = DataConfig(cache_dir=str(tmp_path), split_seed=3)
+
+    path = unlabeled_path(config, splits)  # no train_path, no unlabeled_path: the default corpus
+    texts = pq.read_table(path)["text"].to_pylist()
+    expected = [p for t in train["text"].to_pylist() for p in t.split("\n\n")[1:]]
+    assert sorted(texts) == sorted(expected)  # every training paragraph once; no headline, nothing held out
+    assert texts != expected  # shuffled, so a capped corpus samples every article
+    assert unlabeled_path(config, splits) == path and pq.read_table(path)["text"].to_pylist() == texts
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert unlabeled_path(DataConfig(cache_dir=str(tmp_path), train_path="x.parquet"), splits) is None
+    assert unlabeled_path(DataConfig(train_path="x.parquet", unlabeled_path="c/"), splits) == "c/"
