@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,16 +18,10 @@ import torch.distributed as dist
 from ee_model.io import unwrap
 from ee_model.policies import normalised_entropy
 from pipelines.steps import exit_logits, loss_for, train_step
-from tests.conftest import labeled_table, random_texts
+from tests.conftest import free_port, labeled_table, random_texts
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                        reason="needs a CUDA GPU")])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
