@@ -32,6 +32,7 @@ def main(
     patience: Annotated[int | None, typer.Option(help="t for count/patience; default the model's")] = None,
     text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
     batch_size: Annotated[int, typer.Option(help="rows per model call")] = 64,
+    sort_rows: Annotated[int, typer.Option(help="rows sorted by length together, then cut into model calls")] = 512,
     actors: Annotated[int, typer.Option(help="scoring actors (one model copy each)")] = 1,
     cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor; torch threads follow")] = 1.0,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor")] = 0.0,
@@ -45,8 +46,8 @@ def main(
     from pipelines.score import run_scoring
 
     config = ScoreConfig(model=model, input=input, output=output, policy=policy, threshold=threshold,
-                         patience=patience, text_column=text_column, batch_size=batch_size, actors=actors,
-                         cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, include_probs=include_probs)
+                         patience=patience, text_column=text_column, batch_size=batch_size, sort_rows=sort_rows,
+                         actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, include_probs=include_probs)
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     summary = run_scoring(config)
     text = json.dumps(summary, indent=2, default=str)

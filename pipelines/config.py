@@ -318,7 +318,10 @@ class ScoreConfig:
     threshold: float | None = None  # default: the model's stored S
     patience: int | None = None  # default: the model's stored t
     text_column: str = "text"
-    batch_size: int = 64  # rows per map_batches call; sorted by length inside
+    batch_size: int = 64  # rows per model call
+    # rows per map_batches call: sorted by length together, then cut into model calls of batch_size, so a model
+    # call holds texts of similar length (less padding); at least batch_size
+    sort_rows: int = 512
     actors: int = 1
     cpus_per_actor: float = 1.0  # torch threads follow it
     gpus_per_actor: float = 0.0
@@ -328,9 +331,15 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size)
+        _positive("sort_rows", self.sort_rows)
         _positive("actors", self.actors)
         _positive("cpus_per_actor", self.cpus_per_actor)
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
         if self.policy is not None and self.policy not in ("entropy", "count", "patience", "none"):
             raise ValueError(f"policy={self.policy!r} is not one of ['entropy', 'count', 'patience', 'none']")
+
+    @property
+    def rows_per_task(self) -> int:
+        """Rows per map_batches call: the sort window, never less than one model call."""
+        return max(self.sort_rows, self.batch_size)

@@ -142,9 +142,9 @@ def build_dataset(files: list[str], config: ScoreConfig, model_dir: Path):
             fn_constructor_kwargs={"model_dir": str(model_dir), "text_column": config.text_column,
                                    "policy": config.policy, "threshold": config.threshold,
                                    "patience": config.patience, "include_probs": config.include_probs,
-                                   "cpus": config.cpus_per_actor},
+                                   "cpus": config.cpus_per_actor, "batch_size": config.batch_size},
             compute=ray.data.ActorPoolStrategy(size=config.actors),
-            batch_size=config.batch_size,
+            batch_size=config.rows_per_task,
             batch_format="pyarrow",
             num_cpus=config.cpus_per_actor,
             num_gpus=config.gpus_per_actor or None,
@@ -216,7 +216,7 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
             "registered_model": str(source.registered_name), "input": config.input, "output": summary["output"]}
     with mlflow.start_run(run_name="scoring", tags=tags):
         mlflow.log_params({"policy": summary["policy"], "knob": summary["knob"], "batch_size": config.batch_size,
-                           "actors": config.actors, "cpus_per_actor": config.cpus_per_actor,
+                           "sort_rows": config.rows_per_task, "actors": config.actors, "cpus_per_actor": config.cpus_per_actor,
                            "gpus_per_actor": config.gpus_per_actor})
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics({k: float(v) for k, v in numbers.items() if k != "knob"})

@@ -17,12 +17,13 @@ class Scorer:
     """Adds label, confidence, exit_layer, flops, tokens (and probs) and error to every row of a batch.
 
     Rows are never dropped: a null, empty or non-string text gets null outputs and its reason in `error`.
-    Inside, `predict` tokenises the batch once, sorts rows by length to cut padding, exits per row and restores
-    input order.
+    Inside, `predict` tokenises the whole batch once, sorts its rows by length, runs model calls of `batch_size`
+    rows of similar length (less padding), exits per row and restores input order.
     """
 
     def __init__(self, model_dir: str, text_column: str, policy: str | None, threshold: float | None,
-                 patience: int | None, include_probs: bool = False, cpus: float = 1.0) -> None:
+                 patience: int | None, include_probs: bool = False, cpus: float = 1.0,
+                 batch_size: int | None = None) -> None:
         torch.set_num_threads(max(1, math.floor(cpus)))  # match the actor's CPUs, not the machine's
         self.model = EarlyExitClassifier.from_pretrained(model_dir)
         if torch.cuda.is_available():
@@ -30,11 +31,12 @@ class Scorer:
         self.text_column = text_column
         self.policy = self.model.policy_for(policy, threshold, patience)
         self.include_probs = include_probs
+        self.batch_size = batch_size  # None: the whole batch in one model call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch[self.text_column].to_pylist()
         out = self.model.predict(texts, policy=self.policy.name, threshold=getattr(self.policy, "threshold", None),
-                                 patience=getattr(self.policy, "patience", None), batch_size=max(len(texts), 1),
+                                 patience=getattr(self.policy, "patience", None), batch_size=self.batch_size or max(len(texts), 1),
                                  invalid="null")
         scored = np.array([e is None for e in out.error], dtype=bool)
         missing = ~scored

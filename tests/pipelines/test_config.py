@@ -61,3 +61,13 @@ def test_timed_thresholds_join_the_sweep_grid():
     config = load_train_config(overrides={"eval": {"thresholds": [0.0, 0.4], "timed_thresholds": [0.25]}})
     assert config.eval.thresholds == (0.0, 0.25, 0.4)
     assert config.eval.auto_threshold and config.eval.target_spec().min_retention == 0.99
+
+
+def test_score_config_sorts_at_least_one_model_call():
+    from pipelines.config import ScoreConfig
+
+    assert ScoreConfig(model="m", input="i", output="o").rows_per_task == 512
+    assert ScoreConfig(model="m", input="i", output="o", batch_size=1024, sort_rows=512).rows_per_task == 1024
+    for bad in ({"sort_rows": 0}, {"batch_size": 0}, {"actors": 0}, {"policy": "fastest"}, {"gpus_per_actor": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ScoreConfig(model="m", input="i", output="o", **bad)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ee_model import EarlyExitClassifier
+from ee_model.policies import normalised_entropy
 from pipelines.config import ScoreConfig
 from pipelines.model_source import ModelSourceError
 from pipelines.score import ScoringError, run_scoring
@@ -131,3 +132,25 @@ def test_no_input_files_is_an_error(model_dir, tmp_path):
     (tmp_path / "in").mkdir()
     with pytest.raises(ScoringError, match="no parquet files found"):
         score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+
+
+def test_model_calls_of_sorted_rows_score_like_one_call(model_dir):
+    from pipelines.scorer import Scorer
+
+    texts = AWKWARD + random_texts(57, seed=4)
+    batch = pa.table({"text": pa.array(texts, pa.string()), "id": list(range(len(texts)))})
+    model = EarlyExitClassifier.from_pretrained(model_dir)
+    encoded = model.tokenizer(texts[-57:], padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        first = model(encoded["input_ids"], encoded["attention_mask"]).logits[0]
+    threshold = float(normalised_entropy(first).median())  # about half the rows leave at layer 1
+    whole = Scorer(model_dir, "text", "entropy", threshold, None, include_probs=True)(batch)
+    sorted_calls = Scorer(model_dir, "text", "entropy", threshold, None, include_probs=True, batch_size=4)(batch)
+    assert sorted_calls["id"].to_pylist() == whole["id"].to_pylist()  # input order kept
+    for column in ("label", "exit_layer", "tokens", "flops", "error"):
+        assert sorted_calls[column].to_pylist() == whole[column].to_pylist(), column
+    scored = [p is not None for p in whole["probs"].to_pylist()]
+    np.testing.assert_allclose(np.array([p for p in sorted_calls["probs"].to_pylist() if p is not None]),
+                               np.array([p for p in whole["probs"].to_pylist() if p is not None]), atol=1e-5)
+    assert sum(scored) == len(texts) - 3  # None, "" and whitespace are not scored
+    assert len(set(whole["exit_layer"].drop_null().to_pylist())) > 1  # rows really exit at different layers
