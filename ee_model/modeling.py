@@ -138,14 +138,21 @@ class EarlyExitClassifier(nn.Module):
         """Every exit's logits (n_layers, batch, num_labels). train_encoder=False runs the backbone without
         autograd (stage 2: one backbone pass feeds every student, no activation memory kept)."""
         with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
-            hidden = encoders.embed(self.encoder, input_ids, token_type_ids)  # (batch, seq, hidden)
-            mask = encoders.attention_mask_for(self.encoder, hidden, attention_mask)
-            pooled = []
-            for layer in self.layers:
-                hidden = encoders.run_layer(layer, hidden, mask)  # (batch, seq, hidden)
-                pooled.append(pool(hidden, attention_mask, self.config.pooling))  # (batch, hidden)
+            pooled = self.pooled_features(input_ids, attention_mask, token_type_ids)
         logits = torch.stack([head(p) for head, p in zip(self.heads, pooled, strict=True)])  # (L, batch, N)
         return ExitLogits(logits=logits)
+
+    def pooled_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What each exit head sees: every layer's pooled hidden state, (n_layers, batch, hidden)."""
+        hidden = encoders.embed(self.encoder, input_ids, token_type_ids)  # (batch, seq, hidden)
+        mask = encoders.attention_mask_for(self.encoder, hidden, attention_mask)
+        pooled = []
+        for layer in self.layers:
+            hidden = encoders.run_layer(layer, hidden, mask)  # (batch, seq, hidden)
+            pooled.append(pool(hidden, attention_mask, self.config.pooling))  # (batch, hidden)
+        return torch.stack(pooled)
 
     # ---- per-row early exit -------------------------------------------------------------------------
     @torch.inference_mode()

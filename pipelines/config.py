@@ -229,11 +229,14 @@ class TrainConfig:
 PROFILES: dict[str, dict[str, Any]] = {
     # 2 CPU cores, MiniLM-L6 on BBC: short texts and a capped stage-2 corpus keep the run under 20 minutes.
     "quick": {
-        "data": {"max_unlabeled_rows": 1000},
+        "data": {"max_unlabeled_rows": 4000},
         "model": {"max_length": 64},
         "stage1": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "checkpoint_every_steps": 50},
-        # heads only, backbone forward without autograd: a larger rate and 2 epochs cost little
-        "stage2": {"learning_rate": 5e-3, "epochs": 2, "batch_size": 32, "checkpoint_every_steps": 50},
+        # Heads only, backbone forward without autograd: cheap next to stage 1. Measured on BBC (students
+        # trained on the frozen backbone's features, docs/results.md): 4,000 paragraphs x 3 epochs at 1e-2
+        # let the dev-chosen S keep 99 % of accuracy at about 0.9 of the oracle's speed-up; 1,000 x 2 at 5e-3
+        # stopped near 0.65.
+        "stage2": {"learning_rate": 1e-2, "epochs": 3, "batch_size": 32, "checkpoint_every_steps": 100},
         "joint": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "checkpoint_every_steps": 50},
         "tune": {"num_samples": 2},  # with --tune: a small search keeps the quick profile quick
     },
