@@ -8,8 +8,10 @@ Part 1 (--model, a trained early-exit model dir or MLflow URI): BBC paragraphs s
   (c') the same plain model given what (a) and (b) get from jobs/score.py: --sort-rows rows per Ray Data batch,
       sorted by length, model calls of --batch-size (isolates the padding that sorting saves),
 each through read_parquet -> map_batches(actor pool) -> consumed rows, same actors, model-call size and
-truncation. Reports rows/s, the ratio (a)/(b) next to the FLOPs speed-up, (a)/(c), (a)/(c') and agreement of (a)
-with (b).
+truncation. Reports rows/s end to end (actor start and model load included) and steady (rows over the seconds
+spent inside the scorer's calls: what a large corpus pays per row once the actors are up), the ratio (a)/(b) next to the FLOPs speed-up, (a)/(c), (a)/(c') and
+agreement of (a) with (b). Then calibrates S on these same texts without labels (one full-depth pass, the
+fastest S whose every safer S agrees with full depth on >= 99 % of rows) and times (a) again at that S.
 
 Part 2 (--memory-rows): jobs/score.py on a tiny model over N rows in a subprocess; peak RSS of the job's whole
 process tree (driver + Ray) sampled every 0.5 s. Flat memory = the peak does not grow with N.
@@ -105,26 +107,58 @@ def bbc_parquet(directory: Path, rows: int) -> Path:
     return path
 
 
-def timed_pass(path: Path, scorer, kwargs: dict, actors: int, rows_per_call: int) -> tuple[float, pa.Table]:
+def timed(scorer_class: type) -> type:
+    """The scorer, adding `call_seconds`: each row's share of the time its map_batches call took."""
+
+    class Timed(scorer_class):
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            start = time.perf_counter()
+            out = super().__call__(batch)
+            share = (time.perf_counter() - start) / max(batch.num_rows, 1)
+            return out.append_column("call_seconds", pa.array([share] * batch.num_rows, pa.float64()))
+
+    Timed.__name__ = Timed.__qualname__ = scorer_class.__name__
+    return Timed
+
+
+def timed_pass(path: Path, scorer, kwargs: dict, actors: int, rows_per_call: int) -> tuple[float, float, pa.Table]:
+    """(seconds end to end, steady rows/s, the scored table).
+
+    End to end includes starting the actor pool and loading the model (seconds, whatever the corpus size).
+    Steady: rows over the seconds spent inside the scorer's calls (tokenising, the model, Arrow out): what a
+    large corpus pays per row once the actors are up, without Ray Data's start."""
     import ray.data
 
     from pipelines.data import streaming_parquet_reader
 
     with streaming_parquet_reader(preserve_order=True):  # the reader jobs/score.py uses
         dataset = ray.data.read_parquet(str(path)).map_batches(
-            scorer, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
+            timed(scorer), fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=rows_per_call, batch_format="pyarrow", num_cpus=kwargs["cpus"])
     start = time.perf_counter()
-    tables = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
-    return time.perf_counter() - start, pa.concat_tables(tables)
+    table = pa.concat_tables(list(dataset.iter_batches(batch_size=None, batch_format="pyarrow")))
+    seconds = time.perf_counter() - start
+    return seconds, table.num_rows / max(sum(table["call_seconds"].to_pylist()), 1e-9), table
+
+
+def agreement_sweep(model, texts: list[str], full_depth_labels: list[str]) -> list[dict]:
+    """Every S of the default grid on these texts from one full-depth pass, `retention` = agreement with full
+    depth (no gold labels needed: how a threshold is calibrated on the corpus to be scored)."""
+    from pipelines.config import EvalConfig
+    from pipelines.evaluate import full_pass, sweep
+
+    split = full_pass(model, pa.table({"text": texts, "label": full_depth_labels}))
+    return [p for p in sweep(model, split, EvalConfig().thresholds) if p["policy"] == "entropy"]
 
 
 def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: int, sort_rows: int) -> dict:
     import ray
 
     from ee_model import EarlyExitClassifier
+    from pipelines.config import ThresholdTarget
     from pipelines.model_source import resolve_model
     from pipelines.scorer import Scorer
+    from pipelines.thresholds import choose_knob
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -136,28 +170,53 @@ def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: 
         plain = {"model_dir": str(source.directory), "max_length": model.config.max_length, "cpus": cpus}
         window = max(sort_rows, batch_size)  # as jobs/score.py: sort this many rows, model calls of batch_size
         results = {}
+
+        def run(name, scorer, kwargs, rows_per_call):
+            seconds, steady, table = timed_pass(path, scorer, kwargs, actors, rows_per_call)
+            results[name] = (seconds, steady, table)
+            print(f"{name}: {table.num_rows / seconds:.2f} rows/s end to end ({seconds:.1f} s), "
+                  f"{steady:.2f} rows/s steady", flush=True)
+
         for name, scorer, kwargs, rows_per_call in (
             ("a_early_exit", Scorer, {**common, "policy": None}, window),
             ("b_full_depth", Scorer, {**common, "policy": "none"}, window),
             ("c_plain_hf", PlainScorer, plain, batch_size),
             ("c_plain_hf_sorted", PlainScorer, {**plain, "batch_size": batch_size}, window),
         ):
-            seconds, table = timed_pass(path, scorer, kwargs, actors, rows_per_call)
-            results[name] = (seconds, table)
-            print(f"{name}: {table.num_rows / seconds:.2f} rows/s ({seconds:.1f} s)", flush=True)
-    (a_s, a), (b_s, b), (c_s, _), (cs_s, _) = (
-        results[k] for k in ("a_early_exit", "b_full_depth", "c_plain_hf", "c_plain_hf_sorted"))
-    tokens = a["tokens"].to_numpy().astype(np.int64)
-    flops_speedup = float(model.flops_model.full_depth_flops(tokens).sum() / a["flops"].to_numpy().sum())
-    agreement = float(np.mean(np.array(a["label"].to_pylist()) == np.array(b["label"].to_pylist())))
+            run(name, scorer, kwargs, rows_per_call)
+        b = results["b_full_depth"][2]
+        points = agreement_sweep(model, pq.read_table(path)["text"].to_pylist(), b["label"].to_pylist())
+        calibrated = choose_knob(points, "entropy", ThresholdTarget("retention", 0.99, 1.0))
+        print(f"S calibrated on these texts for >= 99 % agreement: {calibrated['knob']}", flush=True)
+        run("a_calibrated", Scorer, {**common, "policy": "entropy", "threshold": calibrated["knob"]}, window)
+    (a_s, a_ss, a), (b_s, b_ss, b), (c_s, c_ss, _), (cs_s, cs_ss, _), (k_s, k_ss, k) = (
+        results[n] for n in ("a_early_exit", "b_full_depth", "c_plain_hf", "c_plain_hf_sorted", "a_calibrated"))
+
+    def flops_speedup(table: pa.Table) -> float:
+        tokens = table["tokens"].to_numpy().astype(np.int64)
+        return float(model.flops_model.full_depth_flops(tokens).sum() / table["flops"].to_numpy().sum())
+
+    def agreement(table: pa.Table) -> float:
+        return float(np.mean(np.array(table["label"].to_pylist()) == np.array(b["label"].to_pylist())))
+
     return {
         "rows": rows, "actors": actors, "cpus_per_actor": cpus, "batch_size": batch_size, "sort_rows": window,
         "policy": model.config.policy, "threshold": model.config.threshold, "max_length": model.config.max_length,
         "rows_per_s": {"a_early_exit": rows / a_s, "b_full_depth": rows / b_s, "c_plain_hf": rows / c_s,
-                       "c_plain_hf_sorted": rows / cs_s},
-        "a_over_b": b_s / a_s, "flops_speedup": flops_speedup, "a_over_b_per_flops_speedup": (b_s / a_s) / flops_speedup,
-        "a_over_c": c_s / a_s, "a_over_c_sorted": cs_s / a_s, "agreement_a_b": agreement,
+                       "c_plain_hf_sorted": rows / cs_s, "a_calibrated": rows / k_s},
+        "steady_rows_per_s": {"a_early_exit": a_ss, "b_full_depth": b_ss, "c_plain_hf": c_ss,
+                              "c_plain_hf_sorted": cs_ss, "a_calibrated": k_ss},
+        "a_over_b": b_s / a_s, "flops_speedup": flops_speedup(a),
+        "a_over_b_per_flops_speedup": (b_s / a_s) / flops_speedup(a),
+        "steady_a_over_b_per_flops_speedup": (a_ss / b_ss) / flops_speedup(a),
+        "a_over_c": c_s / a_s, "a_over_c_sorted": cs_s / a_s, "steady_a_over_c": a_ss / c_ss,
+        "agreement_a_b": agreement(a),
+        "calibrated": {"threshold": calibrated["knob"], "agreement_on_sweep": calibrated["retention"],
+                       "agreement_a_b": agreement(k), "flops_speedup": flops_speedup(k), "a_over_c": c_s / k_s,
+                       "steady_a_over_c": k_ss / c_ss,
+                       "steady_a_over_b_per_flops_speedup": (k_ss / b_ss) / flops_speedup(k)},
         "mean_exit_layer": float(a["exit_layer"].to_numpy().mean()),
+        "mean_exit_layer_calibrated": float(k["exit_layer"].to_numpy().mean()),
     }
 
 
@@ -227,12 +286,18 @@ def main() -> None:
         record["throughput"] = throughput(args.model, args.rows, args.actors, args.cpus_per_actor, args.batch_size,
                                           args.sort_rows)
         t = record["throughput"]
-        print("\n| scorer | rows/s |\n|---|---|")
+        print("\n| scorer | rows/s end to end | rows/s steady |\n|---|---|---|")
         for name, value in t["rows_per_s"].items():
-            print(f"| {name} | {value:.2f} |")
-        print(f"\n(a)/(b) = {t['a_over_b']:.3f}x vs FLOPs speed-up {t['flops_speedup']:.3f}x "
-              f"-> ratio {t['a_over_b_per_flops_speedup']:.3f} (target >= 0.85); (a)/(c) = {t['a_over_c']:.3f}x "
-              f"(target >= 3), over (c) sorted by length as (a) is {t['a_over_c_sorted']:.3f}x; agreement (a) vs (b) = {t['agreement_a_b']:.4f} (target >= 0.99)")
+            print(f"| {name} | {value:.2f} | {t['steady_rows_per_s'][name]:.2f} |")
+        k = t["calibrated"]
+        print(f"\nDefault S: (a)/(b) = {t['a_over_b']:.3f}x vs FLOPs speed-up {t['flops_speedup']:.3f}x -> ratio "
+              f"{t['a_over_b_per_flops_speedup']:.3f} end to end, {t['steady_a_over_b_per_flops_speedup']:.3f} steady "
+              f"(target >= 0.85); (a)/(c) = {t['a_over_c']:.3f}x end to end, {t['steady_a_over_c']:.3f}x steady "
+              f"(target >= 3; over (c) sorted by length as (a) is: {t['a_over_c_sorted']:.3f}x); agreement (a) vs "
+              f"(b) = {t['agreement_a_b']:.4f} (target >= 0.99)")
+        print(f"S = {k['threshold']} calibrated on these texts (>= 99 % agreement with full depth, no labels): "
+              f"agreement {k['agreement_a_b']:.4f}, FLOPs {k['flops_speedup']:.3f}x, (a)/(c) {k['a_over_c']:.3f}x end "
+              f"to end, {k['steady_a_over_c']:.3f}x steady; steady wall/FLOPs {k['steady_a_over_b_per_flops_speedup']:.3f}")
     if args.memory_rows:
         with tempfile.TemporaryDirectory() as scratch:
             record["memory"] = [memory_run(rows, Path(scratch)) for rows in args.memory_rows]
