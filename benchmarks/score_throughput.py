@@ -67,9 +67,10 @@ class PlainScorer:
 
         texts = batch["text"].to_pylist()
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        order = np.argsort([-len(ids) for ids in encoded["input_ids"]], kind="stable")
         if self.batch_size is None:
             order = np.arange(len(texts))
+        else:
+            order = np.argsort([-len(ids) for ids in encoded["input_ids"]], kind="stable")
         size = self.batch_size or max(len(texts), 1)
         labels = np.empty(len(texts), dtype=np.int64)
         for start in range(0, len(texts), size):
@@ -185,7 +186,7 @@ def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: 
         ):
             run(name, scorer, kwargs, rows_per_call)
         b = results["b_full_depth"][2]
-        points = agreement_sweep(model, pq.read_table(path)["text"].to_pylist(), b["label"].to_pylist())
+        points = agreement_sweep(model, b["text"].to_pylist(), b["label"].to_pylist())  # input order kept
         calibrated = choose_knob(points, "entropy", ThresholdTarget("retention", 0.99, 1.0))
         print(f"S calibrated on these texts for >= 99 % agreement: {calibrated['knob']}", flush=True)
         run("a_calibrated", Scorer, {**common, "policy": "entropy", "threshold": calibrated["knob"]}, window)
