@@ -4,10 +4,15 @@ Examples:
     python jobs/score.py --model models:/early-exit-classifier@champion --input corpus/ --output scored/
     python jobs/score.py --model ./my-model --input 'data/*.parquet' --output scored/ --threshold 0.3 --actors 2
     python jobs/score.py --model models:/early-exit-classifier/3 --input corpus/ --output scored/ --policy none
+    python jobs/score.py --model models:/ee@champion --input corpus/ --output scored/ --calibrate-rows 2000
     ray job submit --working-dir . -- python jobs/score.py --model models:/ee@champion --input s/ --output o/
 
 Run it again on the same folder (cron, Airflow, a Ray job schedule): files already scored for this model version,
 policy and threshold are skipped, new files are scored. Prints a JSON summary.
+
+The threshold stored with the model was chosen on its labeled dev split. For a corpus of another kind,
+--calibrate-rows N chooses it on N rows of this input instead (one full-depth pass, no labels) so that early-exit
+labels agree with the full model's on >= --min-agreement of them; the choice is pinned in the output folder.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ def main(
     cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor; torch threads follow")] = 1.0,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor")] = 0.0,
     include_probs: Annotated[bool, typer.Option(help="also write every class probability")] = False,
+    calibrate_rows: Annotated[int, typer.Option(
+        help="choose S (or t) on this many input rows, no labels needed: the fastest agreeing with full depth on "
+             ">= --min-agreement of them; pinned in <output>/_calibration for later runs. 0: the model's")] = 0,
+    min_agreement: Annotated[float, typer.Option(help="agreement with full depth that --calibrate-rows keeps")] = 0.99,
     address: Annotated[str | None, typer.Option(help="Ray address; default $RAY_ADDRESS, else a new local Ray")] = None,
     summary_file: Annotated[Path | None, typer.Option(help="also write the JSON summary here")] = None,
 ) -> None:
@@ -47,7 +56,8 @@ def main(
 
     config = ScoreConfig(model=model, input=input, output=output, policy=policy, threshold=threshold,
                          patience=patience, text_column=text_column, batch_size=batch_size, sort_rows=sort_rows,
-                         actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, include_probs=include_probs)
+                         actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                         include_probs=include_probs, calibrate_rows=calibrate_rows, min_agreement=min_agreement)
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     summary = run_scoring(config)
     text = json.dumps(summary, indent=2, default=str)

@@ -329,6 +329,10 @@ class ScoreConfig:
     cpus_per_actor: float = 1.0  # torch threads follow it
     gpus_per_actor: float = 0.0
     include_probs: bool = False
+    # > 0: choose the knob on this many rows of the input without labels (pipelines.calibration): the fastest
+    # agreeing with full depth on >= min_agreement of them; pinned in <output>/_calibration so reruns keep it
+    calibrate_rows: int = 0
+    min_agreement: float = 0.99
     tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment_name: str = "early-exit-scoring"
 
@@ -341,6 +345,14 @@ class ScoreConfig:
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
         if self.policy is not None and self.policy not in ("entropy", "count", "patience", "none"):
             raise ValueError(f"policy={self.policy!r} is not one of ['entropy', 'count', 'patience', 'none']")
+        if self.calibrate_rows < 0:
+            raise ValueError(f"calibrate_rows={self.calibrate_rows!r} must be >= 0")
+        if not 0 < self.min_agreement <= 1:
+            raise ValueError(f"min_agreement={self.min_agreement!r} must be in (0, 1]")
+        if self.calibrate_rows and self.policy == "none":
+            raise ValueError("calibrate_rows chooses an exit knob; policy 'none' has none")
+        if self.calibrate_rows and (self.threshold is not None or self.patience is not None):
+            raise ValueError("calibrate_rows chooses the knob: give a threshold / patience or calibrate_rows, not both")
 
     @property
     def rows_per_task(self) -> int:

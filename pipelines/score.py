@@ -4,7 +4,9 @@ output per input file, incremental across runs, rows in == rows out; summary to 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
+import json
 import os
 import tempfile
 import time
@@ -18,7 +20,8 @@ import pyarrow.parquet as pq
 
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
-from pipelines.config import ScoreConfig
+from pipelines.calibration import Calibration, calibrate_on_worker, sample_texts
+from pipelines.config import S_GRID, ScoreConfig
 from pipelines.data import streaming_parquet_reader
 from pipelines.incremental import OutputFolder, PendingOutput, output_name
 from pipelines.model_source import ModelSource, resolve_model
@@ -170,12 +173,50 @@ def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, count
     }
 
 
+def calibration_path(config: ScoreConfig, source: ModelSource, policy: str) -> Path:
+    name = f"{source.identity}__{policy}__agree-{config.min_agreement:g}__rows-{config.calibrate_rows}.json"
+    return Path(config.output).resolve() / "_calibration" / name
+
+
+def pinned_calibration(config: ScoreConfig, source: ModelSource, model_config: EarlyExitConfig,
+                       inputs: list[InputFile]) -> tuple[Calibration, bool]:
+    """(calibration, whether it was pinned by an earlier run). The first run on an output folder calibrates on
+    the inputs it sees, in a Ray task with an actor's resources, and pins the result; later runs reuse it, so new
+    files are scored with the same knob into the same output key."""
+    import ray
+
+    policy = config.policy or model_config.policy
+    path = calibration_path(config, source, policy)
+    if path.is_file():
+        return Calibration(**json.loads(path.read_text())), True
+    texts = sample_texts([(f.path, f.rows) for f in inputs], config.text_column, config.calibrate_rows)
+    if not texts:
+        raise ScoringError(f"no valid text to calibrate on in column {config.text_column!r} of {config.input!r}")
+    task = ray.remote(calibrate_on_worker).options(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)
+    calibration = ray.get(task.remote(str(source.directory), texts, policy, config.min_agreement, S_GRID,
+                                      config.batch_size, config.cpus_per_actor))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(path.name + ".tmp")
+    aside.write_text(json.dumps(calibration.to_dict(), indent=2))
+    aside.replace(path)  # atomic: a killed run pins nothing or everything
+    return calibration, False
+
+
+def with_calibrated_knob(config: ScoreConfig, calibration: Calibration) -> ScoreConfig:
+    knob = {"threshold" if calibration.policy == "entropy" else "patience": calibration.knob}
+    return dataclasses.replace(config, calibrate_rows=0, policy=calibration.policy, **knob)
+
+
 def run_scoring(config: ScoreConfig) -> dict[str, Any]:
     """Score every input file not yet scored for this (model, policy, knob); return the summary."""
     inputs = inspect_inputs(config)
+    requested, calibration = config, None
     with tempfile.TemporaryDirectory() as scratch:
         source = resolve_model(config.model, Path(scratch))
         model_config = EarlyExitConfig.load(source.directory)
+        if config.calibrate_rows:
+            calibration, pinned = pinned_calibration(config, source, model_config, inputs)
+            config = with_calibrated_knob(config, calibration)
         key, policy, knob = run_key(source, model_config, config)
         folder = OutputFolder(Path(config.output).resolve() / key)
         folder.repair_manifest()
@@ -200,7 +241,9 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
             raise RuntimeError(f"rows in {counts['rows_in']} != rows out {summary['rows_scored']}")
         summary.update({"output": str(folder.root), "model": source.reference, "model_version": source.version,
                         "policy": policy, "knob": knob})
-    log_scoring_run(summary, config, source)
+        if calibration is not None:
+            summary["calibration"] = {**calibration.to_dict(), "pinned": pinned}
+    log_scoring_run(summary, requested, source)
     return summary
 
 
@@ -217,7 +260,13 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
     with mlflow.start_run(run_name="scoring", tags=tags):
         mlflow.log_params({"policy": summary["policy"], "knob": summary["knob"], "batch_size": config.batch_size,
                            "sort_rows": config.rows_per_task, "actors": config.actors, "cpus_per_actor": config.cpus_per_actor,
-                           "gpus_per_actor": config.gpus_per_actor})
+                           "gpus_per_actor": config.gpus_per_actor, "calibrate_rows": config.calibrate_rows,
+                           "min_agreement": config.min_agreement if config.calibrate_rows else None})
+        if "calibration" in summary:
+            calibration = summary["calibration"]
+            mlflow.log_metrics({f"calibration_{k}": float(calibration[k]) for k in
+                                ("agreement", "agreement_lower_95", "rows", "flops_speedup", "mean_exit_layer")})
+            mlflow.log_params({"calibration_met": calibration["met"], "calibration_pinned": calibration["pinned"]})
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics({k: float(v) for k, v in numbers.items() if k != "knob"})
         mlflow.log_dict(summary, "scoring_summary.json")

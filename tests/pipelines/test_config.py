@@ -71,3 +71,15 @@ def test_score_config_sorts_at_least_one_model_call():
     for bad in ({"sort_rows": 0}, {"batch_size": 0}, {"actors": 0}, {"policy": "fastest"}, {"gpus_per_actor": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ScoreConfig(model="m", input="i", output="o", **bad)
+
+
+def test_score_config_calibration_excludes_a_given_knob():
+    from pipelines.config import ScoreConfig
+
+    assert ScoreConfig(model="m", input="i", output="o", calibrate_rows=100, policy="count").min_agreement == 0.99
+    for bad, message in (({"calibrate_rows": -1}, "calibrate_rows"), ({"min_agreement": 0}, "min_agreement"),
+                         ({"min_agreement": 1.5}, "min_agreement"), ({"calibrate_rows": 10, "policy": "none"}, "none"),
+                         ({"calibrate_rows": 10, "threshold": 0.3}, "not both"),
+                         ({"calibrate_rows": 10, "patience": 2}, "not both")):
+        with pytest.raises(ValueError, match=message):
+            ScoreConfig(model="m", input="i", output="o", **bad)

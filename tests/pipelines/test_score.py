@@ -154,3 +154,52 @@ def test_model_calls_of_sorted_rows_score_like_one_call(model_dir):
                                np.array([p for p in whole["probs"].to_pylist() if p is not None]), atol=1e-5)
     assert sum(scored) == len(texts) - 3  # None, "" and whitespace are not scored
     assert len(set(whole["exit_layer"].drop_null().to_pylist())) > 1  # rows really exit at different layers
+
+
+def test_calibration_sample_is_spread_over_files_and_reads_row_groups(tmp_path):
+    from pipelines.calibration import sample_texts
+
+    pq.write_table(pa.table({"text": [f"a{i}" for i in range(10)]}), tmp_path / "a.parquet", row_group_size=3)
+    b_texts = [f"b{i}" for i in range(25)]
+    b_texts[5], b_texts[15] = None, "  "  # never scored, so never calibrated on
+    pq.write_table(pa.table({"text": b_texts, "x": list(range(25))}), tmp_path / "b.parquet", row_group_size=4)
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "e.parquet")
+    files = [(str(tmp_path / "a.parquet"), 10), (str(tmp_path / "e.parquet"), 0), (str(tmp_path / "b.parquet"), 25)]
+    # rows 0, 5, 10, ..., 30 of the 35: a0, a5, then b0, b5 (null), b10, b15 (blank), b20
+    assert sample_texts(files, "text", 7) == ["a0", "a5", "b0", "b10", "b20"]
+    assert sample_texts(files, "text", 1000) == [f"a{i}" for i in range(10)] + [t for t in b_texts if t and t.strip()]
+
+
+def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_encoder_dir, tmp_path):
+    encoder = tiny_encoder_dir("bert", num_layers=3)
+    torch.manual_seed(3)
+    model = EarlyExitClassifier.from_encoder(encoder, labels=LABELS, threshold=0.95)
+    with torch.no_grad():  # sharper heads: entropies spread over [0, 1], so S really trades agreement for speed
+        for parameter in model.heads.parameters():
+            parameter.mul_(3)
+    model_dir = str(model.save_pretrained(tmp_path / "model"))
+    texts = random_texts(300, seed=7) + [None, ""]
+    write(tmp_path / "in" / "a.parquet", texts)
+    first = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, calibrate_rows=200, min_agreement=0.9)
+    calibration, knob = first["calibration"], first["knob"]
+    assert calibration["met"] and not calibration["pinned"] and 0 < knob < 1 and calibration["knob"] == knob
+    assert 0.9 <= calibration["agreement"] < 1 and 1 < calibration["mean_exit_layer"] < 3  # rows exit early
+    assert first["policy"] == "entropy" and first["output"].endswith(f"__entropy-{knob:g}")
+    # the sample is rows 0, 1.51, 3.02, ... of the 302: check the chosen S with the model's own early exit
+    sample = [texts[int(i * 302 / 200)] for i in range(200)]
+    sample = [t for t in sample if t]
+    model = EarlyExitClassifier.from_pretrained(model_dir)  # the saved weights, as the Ray task loaded them
+    full = model.predict(sample, policy="none").label
+
+    def agreement(s):
+        return float(np.mean(np.array(model.predict(sample, policy="entropy", threshold=s).label) == np.array(full)))
+
+    assert calibration["rows"] == len(sample) and agreement(knob) == pytest.approx(calibration["agreement"])
+    assert agreement(knob) >= 0.9 > agreement(round(knob + 0.02, 2))  # the fastest S that keeps the target
+    assert calibration["agreement_lower_95"] < calibration["agreement"]
+    write(tmp_path / "in" / "b.parquet", random_texts(40, seed=8))
+    again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, calibrate_rows=200, min_agreement=0.9)
+    assert again["calibration"]["pinned"] and again["knob"] == knob and again["output"] == first["output"]
+    assert (again["files_scored"], again["files_skipped"]) == (1, 1)
+    explicit = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, threshold=knob)
+    assert explicit["output"] == first["output"] and explicit["files_skipped"] == 2

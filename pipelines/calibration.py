@@ -1,0 +1,111 @@
+"""Label-free calibration of the exit knob on the corpus being scored.
+
+A model's stored S (or t) was chosen on its labeled dev split. A corpus of another kind (shorter texts, another
+source) can need a safer knob to keep the early-exit labels equal to the full model's. Calibration needs no labels:
+one full-depth pass over a sample of the corpus records every exit's logits, the full model's own predictions
+stand in for gold labels, so each sweep point's `retention` is its agreement with full depth, and the knob is
+chosen with the training job's rule (`pipelines.thresholds.choose_knob`): the fastest setting whose every safer
+setting agrees on >= `min_agreement` of the sample.
+
+The sample is spread evenly over the inputs (file order, then row order) and reads only the row groups that hold
+its rows, so calibrating costs one full-depth pass over `rows` texts whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from scipy.stats import binomtest
+
+from ee_model import EarlyExitClassifier
+from ee_model.texts import invalid_text_reasons
+from pipelines.evaluate import SplitPass, sweep
+from pipelines.steps import exit_logits
+from pipelines.thresholds import ThresholdTarget, choose_knob
+
+
+@dataclass(frozen=True)
+class Calibration:
+    policy: str
+    knob: float | int
+    min_agreement: float
+    met: bool  # False: not even the safest setting agreed on min_agreement of the sample (the safest is used)
+    agreement: float  # on the sample, at knob
+    agreement_lower_95: float  # Wilson 95 % lower bound of that agreement (the sample is finite)
+    rows: int  # valid texts in the sample
+    flops_speedup: float  # on the sample, at knob
+    mean_exit_layer: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evenly_spaced_rows(total: int, rows: int) -> np.ndarray:
+    """`rows` indices spread evenly over range(total) (all of them when rows >= total)."""
+    if rows >= total:
+        return np.arange(total)
+    return np.unique(np.floor(np.arange(rows) * (total / rows)).astype(np.int64))
+
+
+def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int) -> list[str]:
+    """About `rows` texts spread evenly over `files` ((path, row count) in order); null, empty and non-string
+    texts are left out (they are never scored). Only the row groups holding sampled rows are read."""
+    counts = np.array([n for _, n in files], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    wanted = evenly_spaced_rows(int(counts.sum()), rows)
+    texts: list = []
+    for f, (path, _) in enumerate(files):
+        local = wanted[(wanted >= starts[f]) & (wanted < starts[f + 1])] - starts[f]
+        if not len(local):
+            continue
+        parquet = pq.ParquetFile(path)
+        group_starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+        group_of = np.searchsorted(group_starts, local, side="right") - 1  # the row group of each sampled row
+        groups = np.unique(group_of)
+        column = parquet.read_row_groups(groups.tolist(), columns=[text_column])[text_column]
+        read_starts = np.cumsum(np.concatenate([[0], np.diff(group_starts)[groups]]))[:-1]  # in `column`
+        positions = read_starts[np.searchsorted(groups, group_of)] + (local - group_starts[group_of])
+        texts.extend(column.take(positions).to_pylist())
+    reasons = invalid_text_reasons(texts)
+    return [t for t, reason in zip(texts, reasons, strict=True) if reason is None]
+
+
+def agreement_pass(model: EarlyExitClassifier, texts: list[str], batch_size: int = 64) -> SplitPass:
+    """One full-depth pass whose `labels` are the full model's own predictions (agreement = accuracy)."""
+    batches = [{"text": texts[i:i + batch_size], "label_id": np.zeros(len(texts[i:i + batch_size]), np.int64)}
+               for i in range(0, len(texts), batch_size)]
+    logits, _ = exit_logits(model, batches, model.device)
+    tokens = np.array([len(ids) for ids in model.tokenize(texts)["input_ids"]], dtype=np.int64)
+    return SplitPass(logits, logits[-1].argmax(-1), tokens)
+
+
+def calibrate(model: EarlyExitClassifier, texts: list[str], policy: str, min_agreement: float,
+              thresholds: tuple[float, ...], batch_size: int = 64) -> Calibration:
+    """The fastest knob of `policy` agreeing with full depth on >= min_agreement of `texts` (see module doc)."""
+    if policy not in ("entropy", "count", "patience"):
+        raise ValueError(f"calibration needs an early-exit policy (entropy, count or patience), not {policy!r}")
+    if not texts:
+        raise ValueError("calibration sample holds no valid text")
+    split = agreement_pass(model, texts, batch_size)
+    points = [p for p in sweep(model, split, thresholds) if p["policy"] == policy]
+    chosen = choose_knob(points, policy, ThresholdTarget("retention", min_agreement))
+    agreeing = round(chosen["accuracy"] * len(texts))
+    lower = binomtest(agreeing, len(texts)).proportion_ci(0.95, method="wilson").low
+    knob = float(chosen["knob"]) if policy == "entropy" else int(chosen["knob"])
+    return Calibration(policy, knob, min_agreement, bool(chosen["met"]), float(chosen["accuracy"]),
+                       float(lower), len(texts), float(chosen["flops_speedup"]), float(chosen["mean_exit_layer"]))
+
+
+def calibrate_on_worker(model_dir: str, texts: list[str], policy: str, min_agreement: float,
+                        thresholds: tuple[float, ...], batch_size: int, cpus: float) -> Calibration:
+    """`calibrate` where a scoring actor would run (its CPUs, its GPU when it has one): a Ray task body."""
+    torch.set_num_threads(max(1, math.floor(cpus)))
+    model = EarlyExitClassifier.from_pretrained(model_dir)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return calibrate(model, texts, policy, min_agreement, thresholds, batch_size)
