@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,10 @@ def pinned_calibration(config: ScoreConfig, source: ModelSource, model_config: E
     aside = path.with_name(path.name + ".tmp")
     aside.write_text(json.dumps(calibration.to_dict(), indent=2))
     aside.replace(path)  # atomic: a killed run pins nothing or everything
+    if not calibration.met:
+        warnings.warn(f"no {policy} setting agrees with full depth on {config.min_agreement:.1%} of the calibration "
+                      f"sample; using the safest ({calibration.knob}, agreement {calibration.agreement:.4f})",
+                      stacklevel=2)
     return calibration, False
 
 

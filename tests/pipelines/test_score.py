@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -203,3 +204,8 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
     assert (again["files_scored"], again["files_skipped"]) == (1, 1)
     explicit = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, threshold=knob)
     assert explicit["output"] == first["output"] and explicit["files_skipped"] == 2
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["early-exit-scoring"], order_by=["start_time ASC"])
+    assert runs["params.calibrate_rows"].tolist() == ["200", "200", "0"]
+    assert runs["params.calibration_pinned"].tolist()[:2] == ["False", "True"]
+    assert runs["metrics.calibration_agreement"].iloc[0] == pytest.approx(calibration["agreement"])
