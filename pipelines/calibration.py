@@ -76,10 +76,11 @@ def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int) 
 
 
 def agreement_pass(model: EarlyExitClassifier, texts: list[str], batch_size: int = 64) -> SplitPass:
-    """One full-depth pass whose `labels` are the full model's own predictions (agreement = accuracy)."""
+    """One full-depth pass whose `labels` are the full model's own predictions (agreement = accuracy), in the
+    precision the scorer runs (no autocast), so the chosen knob is measured on the logits scoring will see."""
     batches = [{"text": texts[i:i + batch_size], "label_id": np.zeros(len(texts[i:i + batch_size]), np.int64)}
                for i in range(0, len(texts), batch_size)]
-    logits, _ = exit_logits(model, batches, model.device)
+    logits, _ = exit_logits(model, batches, model.device, mixed_precision=False)
     tokens = np.array([len(ids) for ids in model.tokenize(texts)["input_ids"]], dtype=np.int64)
     return SplitPass(logits, logits[-1].argmax(-1), tokens)
 

@@ -69,8 +69,11 @@ def train_step(
 
 
 @torch.no_grad()
-def exit_logits(model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device):
-    """Every exit's logits (L, n, N) and label ids (n,) over all batches, from one full-depth pass."""
+def exit_logits(model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device,
+                mixed_precision: bool = True):
+    """Every exit's logits (L, n, N) and label ids (n,) over all batches, from one full-depth pass.
+
+    mixed_precision: bf16 autocast on CUDA, as training runs; False runs the model's own dtype, as scoring does."""
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()
@@ -78,7 +81,7 @@ def exit_logits(model: torch.nn.Module, batches: Iterable[dict[str, Any]], devic
     try:
         for batch in batches:
             inputs = encode(inner, batch, device)
-            with autocast_for(device):
+            with autocast_for(device) if mixed_precision else nullcontext():
                 out = inner(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
             all_logits.append(out.logits.float().cpu())
             all_labels.append(torch.tensor(np.array(batch["label_id"]), dtype=torch.long))
