@@ -172,7 +172,7 @@ def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: 
         source = resolve_model(model_ref, Path(scratch))
         model = EarlyExitClassifier.from_pretrained(source.directory)
         path = bbc_parquet(Path(scratch), rows)
-        common = {"model_dir": str(source.directory), "text_column": "text", "threshold": None, "patience": None,
+        common = {"model": str(source.directory), "text_column": "text", "threshold": None, "patience": None,
                   "cpus": cpus, "batch_size": batch_size}
         plain = {"model_dir": str(source.directory), "max_length": model.config.max_length, "cpus": cpus}
         window = max(sort_rows, batch_size)  # as jobs/score.py: sort this many rows, model calls of batch_size

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -25,8 +26,12 @@ from scipy.stats import binomtest
 from ee_model import EarlyExitClassifier
 from ee_model.texts import invalid_text_reasons
 from pipelines.evaluate import SplitPass, sweep
+from pipelines.model_source import ModelFiles, load_shipped_model
 from pipelines.steps import exit_logits
 from pipelines.thresholds import ThresholdTarget, choose_knob
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 
 @dataclass(frozen=True)
@@ -102,11 +107,8 @@ def calibrate(model: EarlyExitClassifier, texts: list[str], policy: str, min_agr
                        float(lower), len(texts), float(chosen["flops_speedup"]), float(chosen["mean_exit_layer"]))
 
 
-def calibrate_on_worker(model_dir: str, texts: list[str], policy: str, min_agreement: float,
+def calibrate_on_worker(model: ModelFiles | ObjectRef | str, texts: list[str], policy: str, min_agreement: float,
                         thresholds: tuple[float, ...], batch_size: int, cpus: float) -> Calibration:
     """`calibrate` where a scoring actor would run (its CPUs, its GPU when it has one): a Ray task body."""
     torch.set_num_threads(max(1, math.floor(cpus)))
-    model = EarlyExitClassifier.from_pretrained(model_dir)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    return calibrate(model, texts, policy, min_agreement, thresholds, batch_size)
+    return calibrate(load_shipped_model(model), texts, policy, min_agreement, thresholds, batch_size)

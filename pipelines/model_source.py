@@ -3,15 +3,42 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ee_model.config import CONFIG_FILE
 from ee_model.io import WEIGHTS_FILE
 
+if TYPE_CHECKING:
+    from ray import ObjectRef
+
+    from ee_model import EarlyExitClassifier
+
 
 class ModelSourceError(ValueError):
     """The model reference cannot be resolved or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A saved model directory's files, as bytes. The driver resolves the model once and `ray.put`s this, so
+    actors and tasks on any node load it from the object store instead of a path only the driver can see."""
+
+    files: dict[str, bytes]
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> ModelFiles:
+        root = Path(directory)
+        return cls({str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()})
+
+    def write_to(self, directory: str | Path) -> Path:
+        root = Path(directory)
+        for name, data in self.files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+        return root
 
 
 @dataclass(frozen=True)
@@ -76,3 +103,21 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
         raise ModelSourceError(f"model {reference!r} is not an early-exit pyfunc (no artifacts/*/{CONFIG_FILE})")
     identity = f"{name}-v{version}" if name else f"dir-{weights_digest(directory)}"
     return ModelSource(reference, directory, identity, name, version)
+
+
+def load_shipped_model(model: ModelFiles | ObjectRef | str | Path) -> EarlyExitClassifier:
+    """The model from a `ModelFiles` (or an object-store reference to one, as jobs pass it) or a local directory;
+    on the GPU when the worker has one."""
+    import ray
+    import torch
+
+    from ee_model import EarlyExitClassifier
+
+    if isinstance(model, ray.ObjectRef):
+        model = ray.get(model)
+    if isinstance(model, ModelFiles):
+        with tempfile.TemporaryDirectory(prefix="ee-model-") as local:
+            loaded = EarlyExitClassifier.from_pretrained(model.write_to(local))
+    else:
+        loaded = EarlyExitClassifier.from_pretrained(Path(model))
+    return loaded.to("cuda") if torch.cuda.is_available() else loaded

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import json
 import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +27,11 @@ from pipelines.calibration import Calibration, calibrate_on_worker, sample_texts
 from pipelines.config import S_GRID, ScoreConfig
 from pipelines.data import streaming_parquet_reader
 from pipelines.incremental import OutputFolder, PendingOutput, output_name
-from pipelines.model_source import ModelSource, resolve_model
+from pipelines.model_source import ModelFiles, ModelSource, resolve_model
 from pipelines.scorer import OUTPUT_COLUMNS, Scorer
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 SOURCE_COLUMN = "path"  # added by read_parquet(include_paths=True)
 
@@ -136,14 +141,14 @@ def score_stream(dataset: Any, pending: dict[str, InputFile], folder: OutputFold
     return committed
 
 
-def build_dataset(files: list[str], config: ScoreConfig, model_dir: Path):
+def build_dataset(files: list[str], config: ScoreConfig, model: ObjectRef):
     import ray.data
 
     with streaming_parquet_reader(preserve_order=True):  # outputs in input order, deterministic
         dataset = ray.data.read_parquet(files, include_paths=True)
         return dataset.map_batches(
             Scorer,
-            fn_constructor_kwargs={"model_dir": str(model_dir), "text_column": config.text_column,
+            fn_constructor_kwargs={"model": model, "text_column": config.text_column,
                                    "policy": config.policy, "threshold": config.threshold,
                                    "patience": config.patience, "include_probs": config.include_probs,
                                    "cpus": config.cpus_per_actor, "batch_size": config.batch_size},
@@ -174,13 +179,21 @@ def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, count
     }
 
 
+def ship_model(source: ModelSource) -> ObjectRef:
+    """The resolved model's files in the object store, once per job: actors and tasks on any node load them from
+    there (the driver's download folder exists on the driver's node only)."""
+    import ray
+
+    return ray.put(ModelFiles.from_directory(source.directory))
+
+
 def calibration_path(config: ScoreConfig, source: ModelSource, policy: str) -> Path:
     name = f"{source.identity}__{policy}__agree-{config.min_agreement:g}__rows-{config.calibrate_rows}.json"
     return Path(config.output).resolve() / "_calibration" / name
 
 
 def pinned_calibration(config: ScoreConfig, source: ModelSource, model_config: EarlyExitConfig,
-                       inputs: list[InputFile]) -> tuple[Calibration, bool]:
+                       inputs: list[InputFile], shipped_model: Callable[[], ObjectRef]) -> tuple[Calibration, bool]:
     """(calibration, whether it was pinned by an earlier run). The first run on an output folder calibrates on
     the inputs it sees, in a Ray task with an actor's resources, and pins the result; later runs reuse it, so new
     files are scored with the same knob into the same output key."""
@@ -194,7 +207,7 @@ def pinned_calibration(config: ScoreConfig, source: ModelSource, model_config: E
     if not texts:
         raise ScoringError(f"no valid text to calibrate on in column {config.text_column!r} of {config.input!r}")
     task = ray.remote(calibrate_on_worker).options(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)
-    calibration = ray.get(task.remote(str(source.directory), texts, policy, config.min_agreement, S_GRID,
+    calibration = ray.get(task.remote(shipped_model(), texts, policy, config.min_agreement, S_GRID,
                                       config.batch_size, config.cpus_per_actor))
     path.parent.mkdir(parents=True, exist_ok=True)
     aside = path.with_name(path.name + ".tmp")
@@ -219,8 +232,9 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         source = resolve_model(config.model, Path(scratch))
         model_config = EarlyExitConfig.load(source.directory)
+        shipped_model = functools.cache(lambda: ship_model(source))
         if config.calibrate_rows:
-            calibration, pinned = pinned_calibration(config, source, model_config, inputs)
+            calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model)
             config = with_calibrated_knob(config, calibration)
         key, policy, knob = run_key(source, model_config, config)
         folder = OutputFolder(Path(config.output).resolve() / key)
@@ -237,7 +251,7 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
                 del pending[path]
                 committed += 1
         if pending:
-            dataset = build_dataset(list(pending), config, source.directory)
+            dataset = build_dataset(list(pending), config, shipped_model())
             committed += score_stream(dataset, pending, folder, schema_of, tally, record)
         counts = {"input_files": len(inputs), "files_scored": committed, "files_skipped": skipped,
                   "rows_in": sum(f.rows for f in pending.values())}

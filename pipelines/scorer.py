@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from ee_model import EarlyExitClassifier
+from pipelines.model_source import load_shipped_model
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+
+    from pipelines.model_source import ModelFiles
 
 OUTPUT_COLUMNS = ("label", "confidence", "exit_layer", "flops", "tokens", "probs", "error")
 
@@ -21,13 +27,11 @@ class Scorer:
     rows of similar length (less padding), exits per row and restores input order.
     """
 
-    def __init__(self, model_dir: str, text_column: str, policy: str | None, threshold: float | None,
+    def __init__(self, model: ModelFiles | ObjectRef | str, text_column: str, policy: str | None, threshold: float | None,
                  patience: int | None, include_probs: bool = False, cpus: float = 1.0,
                  batch_size: int | None = None) -> None:
         torch.set_num_threads(max(1, math.floor(cpus)))  # match the actor's CPUs, not the machine's
-        self.model = EarlyExitClassifier.from_pretrained(model_dir)
-        if torch.cuda.is_available():
-            self.model.to("cuda")
+        self.model = load_shipped_model(model)
         self.text_column = text_column
         self.policy = self.model.policy_for(policy, threshold, patience)
         self.include_probs = include_probs

@@ -209,3 +209,26 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
     assert runs["params.calibrate_rows"].tolist() == ["200", "200", "0"]
     assert runs["params.calibration_pinned"].tolist()[:2] == ["False", "True"]
     assert runs["metrics.calibration_agreement"].iloc[0] == pytest.approx(calibration["agreement"])
+
+
+def test_actors_load_the_model_from_the_object_store_not_the_drivers_folder(ray_local, model_dir, tmp_path):
+    """On a cluster the driver's download folder exists on the driver's node only: actors must not read it."""
+    import shutil
+
+    from pipelines.model_source import ModelFiles, resolve_model
+    from pipelines.score import build_dataset, ship_model
+
+    copy = shutil.copytree(model_dir, tmp_path / "driver-only")
+    texts = random_texts(50, seed=4) + [None]
+    write(tmp_path / "in" / "a.parquet", texts)
+    shipped = ship_model(resolve_model(str(copy), tmp_path / "dl"))
+    shutil.rmtree(copy)  # before any actor starts (Ray Data starts them when the stream is read)
+    config = ScoreConfig(model=str(copy), input=str(tmp_path / "in"), output=str(tmp_path / "out"), batch_size=16)
+    dataset = build_dataset([str(tmp_path / "in" / "a.parquet")], config, shipped)
+    out = pa.concat_tables(list(dataset.iter_batches(batch_size=None, batch_format="pyarrow")))
+    expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts, invalid="null")
+    assert out["label"].to_pylist() == expected.label and out["error"].to_pylist()[-1] == "null text"
+    files = ModelFiles.from_directory(model_dir)
+    assert set(files.files) >= {"model.safetensors", "ee_config.json"}
+    written = files.write_to(tmp_path / "again")
+    assert ModelFiles.from_directory(written) == files
