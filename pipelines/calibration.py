@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,9 +25,8 @@ from scipy.stats import binomtest
 
 from ee_model import EarlyExitClassifier
 from ee_model.texts import invalid_text_reasons
-from pipelines.evaluate import SplitPass, sweep
+from pipelines.evaluate import SplitPass, sweep, texts_pass
 from pipelines.model_source import ModelFiles, load_shipped_model
-from pipelines.steps import exit_logits
 from pipelines.thresholds import ThresholdTarget, choose_knob
 
 if TYPE_CHECKING:
@@ -83,11 +82,8 @@ def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int) 
 def agreement_pass(model: EarlyExitClassifier, texts: list[str], batch_size: int = 64) -> SplitPass:
     """One full-depth pass whose `labels` are the full model's own predictions (agreement = accuracy), in the
     precision the scorer runs (no autocast), so the chosen knob is measured on the logits scoring will see."""
-    batches = [{"text": texts[i:i + batch_size], "label_id": np.zeros(len(texts[i:i + batch_size]), np.int64)}
-               for i in range(0, len(texts), batch_size)]
-    logits, _ = exit_logits(model, batches, model.device, mixed_precision=False)
-    tokens = np.array([len(ids) for ids in model.tokenize(texts)["input_ids"]], dtype=np.int64)
-    return SplitPass(logits, logits[-1].argmax(-1), tokens)
+    recorded = texts_pass(model, texts, np.zeros(len(texts), np.int64), batch_size, mixed_precision=False)
+    return replace(recorded, labels=recorded.logits[-1].argmax(-1))
 
 
 def calibrate(model: EarlyExitClassifier, texts: list[str], policy: str, min_agreement: float,

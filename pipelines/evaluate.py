@@ -39,14 +39,19 @@ class SplitPass:
         return float((self.logits[-1].argmax(-1) == self.labels).double().mean())
 
 
-def full_pass(model: EarlyExitClassifier, table: pa.Table, batch_size: int = 64) -> SplitPass:
-    data = with_label_ids(table, model.config.labels)
-    texts, label_ids = data["text"].to_pylist(), data["label_id"].to_numpy()
+def texts_pass(model: EarlyExitClassifier, texts: list[str], label_ids: np.ndarray, batch_size: int = 64,
+               mixed_precision: bool = True) -> SplitPass:
+    """One full-depth pass over `texts` in batches of `batch_size` (see `steps.exit_logits` for the precision)."""
     batches = [{"text": texts[i:i + batch_size], "label_id": label_ids[i:i + batch_size]}
                for i in range(0, len(texts), batch_size)]
-    logits, labels = exit_logits(model, batches, model.device)
+    logits, labels = exit_logits(model, batches, model.device, mixed_precision)
     tokens = np.array([len(ids) for ids in model.tokenize(texts)["input_ids"]], dtype=np.int64)
     return SplitPass(logits, labels, tokens)
+
+
+def full_pass(model: EarlyExitClassifier, table: pa.Table, batch_size: int = 64) -> SplitPass:
+    data = with_label_ids(table, model.config.labels)
+    return texts_pass(model, data["text"].to_pylist(), data["label_id"].to_numpy(), batch_size)
 
 
 def point_from_layers(model: EarlyExitClassifier, split: SplitPass, layers: torch.Tensor, policy: str,
