@@ -9,8 +9,8 @@ Part 1 (--model, a trained early-exit model dir or MLflow URI): BBC paragraphs s
       sorted by length, model calls of --batch-size (isolates the padding that sorting saves),
 each through read_parquet -> map_batches(actor pool) -> consumed rows, same actors, model-call size and
 truncation. Reports rows/s end to end (actor start and model load included) and steady (rows over the seconds
-spent inside the scorer's calls: what a large corpus pays per row once the actors are up), the ratio (a)/(b) next to the FLOPs speed-up, (a)/(c), (a)/(c') and
-agreement of (a) with (b). Then chooses S as `jobs/score.py --calibrate-rows N` does (N evenly spaced rows of the
+spent inside the scorer's calls: what a large corpus pays per row once the actors are up), the ratio (a)/(b)
+next to the FLOPs speed-up, (a)/(c), (a)/(c') and agreement of (a) with (b). Then chooses S as `jobs/score.py --calibrate-rows N` does (N evenly spaced rows of the
 input, one full-depth pass, no labels: the fastest S agreeing with full depth on >= --min-agreement of them),
 times that Ray task, and times (a) again at that S; its agreement is then measured on every row.
 

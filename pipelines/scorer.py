@@ -27,8 +27,8 @@ class Scorer:
     rows of similar length (less padding), exits per row and restores input order.
     """
 
-    def __init__(self, model: ModelFiles | ObjectRef | str, text_column: str, policy: str | None, threshold: float | None,
-                 patience: int | None, include_probs: bool = False, cpus: float = 1.0,
+    def __init__(self, model: ModelFiles | ObjectRef | str, text_column: str, policy: str | None,
+                 threshold: float | None, patience: int | None, include_probs: bool = False, cpus: float = 1.0,
                  batch_size: int | None = None) -> None:
         torch.set_num_threads(max(1, math.floor(cpus)))  # match the actor's CPUs, not the machine's
         self.model = load_shipped_model(model)
