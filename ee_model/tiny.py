@@ -20,7 +20,8 @@ WORDS = ["the", "a", "and", "of", "to", "in", "is", "good", "bad", "great", "awf
 
 def tiny_tokenizer() -> BertTokenizer:
     characters = string.ascii_lowercase + string.digits
-    vocab = SPECIAL_TOKENS + WORDS + list(characters + string.punctuation) + ["##" + c for c in characters]
+    tokens = SPECIAL_TOKENS + WORDS + list(characters + string.punctuation) + ["##" + c for c in characters]
+    vocab = list(dict.fromkeys(tokens))  # "a" is a word and a character: one id each token, none past the end
     return BertTokenizer(vocab={token: index for index, token in enumerate(vocab)})
 
 

@@ -42,8 +42,14 @@ def encode(model: EarlyExitClassifier, batch: dict[str, Any], device: torch.devi
     return {key: value.to(device) for key, value in encoded.items()}
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision of training on this device: bf16 autocast on CUDA, none on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def autocast_for(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def train_step(

@@ -8,7 +8,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
@@ -64,6 +64,10 @@ class StepLogger:
         self.pending.append(Metric(key, float(value), int(time.time() * 1000), step))
         if flush:
             self.flush()
+
+    def tags(self, tags: dict[str, str]) -> None:
+        if self.client is not None:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def flush(self) -> None:
         if self.client is not None and self.pending:

@@ -25,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from ee_model import EarlyExitClassifier
 from ee_model.io import load_weights, unwrap
 from pipelines.config import StageConfig
-from pipelines.steps import exit_logits, loss_for, per_layer_accuracy, train_step
+from pipelines.steps import autocast_dtype, exit_logits, loss_for, per_layer_accuracy, train_step
 from pipelines.tracking import StepLogger
 
 MODEL_SUBDIR = "model"
@@ -116,6 +116,14 @@ def restore(model, optimizer, scheduler) -> TrainState:
         return TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
 
 
+def placement_tags(device: torch.device) -> dict[str, str]:
+    """Where this worker group really ran, for the stage's MLflow run (rank 0 writes them)."""
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+    return {"worker.device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "worker.dist_backend": backend, "worker.world_size": str(ray.train.get_context().get_world_size()),
+            "worker.autocast": str(autocast_dtype(device) or "off").removeprefix("torch.")}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = WorkerConfig(**config)
     stage_config = StageConfig(**spec.stage_config)
@@ -137,6 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.train()
     loss_fn = loss_for(spec.stage, stage_config)
     logger = StepLogger(spec.tracking_uri, spec.mlflow_run_id) if context.get_world_rank() == 0 else None
+    if logger is not None:
+        logger.tags(placement_tags(device))
     if logger is not None and state.step > 0:  # a worker group restarted after a failure
         logger.log("resumed_from_step", state.step, state.step, flush=True)
     shard = ray.train.get_dataset_shard("train")

@@ -73,3 +73,12 @@ def test_ee_model_imports_without_ray_or_mlflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_tiny_vocabulary_has_an_embedding_for_every_id(tiny_model):
+    model = tiny_model("bert")
+    vocab = model.tokenizer.get_vocab()
+    assert sorted(vocab.values()) == list(range(len(vocab)))  # no duplicate token, no gap
+    ids = model.tokenizer(["9 z ~"], return_tensors="pt")["input_ids"]  # "##9"-style pieces: the last ids
+    assert ids.max() < model.encoder.get_input_embeddings().num_embeddings
+    assert model.predict(["year 2019: 99 ~~"]).label[0] in LABELS

@@ -65,6 +65,9 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
         assert run.info.status == "FINISHED"
         assert len(client.get_metric_history(run.info.run_id, f"{stage}_loss")) > 3
         assert client.get_metric_history(run.info.run_id, f"{stage}_dev_score")
+        placement = {k: v for k, v in run.data.tags.items() if k.startswith("worker.")}
+        assert placement == {"worker.device": "cpu", "worker.dist_backend": "gloo", "worker.world_size": "2",
+                             "worker.autocast": "off"}  # on a GPU: the GPU's name, nccl, bfloat16
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"label_map.json", "config.json", "summary.json", "evaluation", "trade_off", "plots"} <= artifacts
     assert len(client.get_metric_history(parent.info.run_id, "dev_accuracy_layer")) == 3
