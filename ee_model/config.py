@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ee_model.policies import check_patience, check_threshold
+
 HeadType = Literal["linear", "mlp"]
 Pooling = Literal["cls", "mean"]
 Variant = Literal["kl", "count"]
@@ -54,7 +56,7 @@ class EarlyExitConfig:
         pooling: "cls" (first token) or "mean" (average over real tokens).
         variant: "kl" (two-stage, entropy exit) or "count" (joint, count exit); sets the default policy.
         policy: default exit policy used by `predict` when none is given.
-        threshold: default normalised-entropy threshold S for the "entropy" policy (0 <= S; S <= 0 = full depth).
+        threshold: default normalised-entropy threshold S for the "entropy" policy (0 <= S <= 1; S = 0: full depth).
         patience: default t for "count" / "patience" policies.
         max_length: tokens kept per text (truncation); 128 is the paper's FLOPs convention.
         head_dropout: dropout before each exit head while training.
@@ -82,10 +84,8 @@ class EarlyExitConfig:
         if self.policy is None:
             object.__setattr__(self, "policy", "entropy" if self.variant == "kl" else "count")
         _check_choice("policy", self.policy, POLICY_NAMES)
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"threshold={self.threshold!r} must be in [0, 1] (normalised entropy)")
-        if int(self.patience) < 1:
-            raise ValueError(f"patience={self.patience!r} must be >= 1")
+        check_threshold(self.threshold)
+        check_patience(self.patience)
         if int(self.max_length) < 2:
             raise ValueError(f"max_length={self.max_length!r} must be >= 2")
         if not 0.0 <= self.head_dropout < 1.0:

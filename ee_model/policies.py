@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -97,16 +98,32 @@ class FullDepthPolicy(ExitPolicy):
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
 
 
+KNOB_OF_POLICY: dict[str, str | None] = {"entropy": "threshold", "count": "patience", "patience": "patience",
+                                         "none": None}  # the argument each policy takes
+
+
+def check_threshold(threshold: Any) -> float:
+    """S is a normalised entropy: a number in [0, 1]."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold={threshold!r} must be a number in [0, 1] (normalised entropy S)")
+    return float(threshold)
+
+
+def check_patience(patience: Any) -> int:
+    """t counts layers: an integer >= 1."""
+    if isinstance(patience, bool) or not isinstance(patience, (int, float)) or not math.isfinite(patience) \
+            or int(patience) != patience or patience < 1:
+        raise ValueError(f"patience={patience!r} must be an integer >= 1 (layers t)")
+    return int(patience)
+
+
 def make_policy(name: str, threshold: float | None = None, patience: int | None = None) -> ExitPolicy:
-    """Build a policy by name; entropy needs `threshold`, count and patience need `patience` >= 1."""
+    """Build a policy by name; entropy needs `threshold` in [0, 1], count and patience need `patience` >= 1."""
     if name == "entropy":
-        if threshold is None or not math.isfinite(float(threshold)):
-            raise ValueError(f"policy 'entropy' needs a finite threshold, got {threshold!r}")
-        return EntropyPolicy(float(threshold))
+        return EntropyPolicy(check_threshold(threshold))
     if name in ("count", "patience"):
-        if patience is None or int(patience) != patience or int(patience) < 1:
-            raise ValueError(f"policy {name!r} needs an integer patience >= 1, got {patience!r}")
-        return CountPolicy(int(patience)) if name == "count" else PatiencePolicy(int(patience))
+        patience = check_patience(patience)
+        return CountPolicy(patience) if name == "count" else PatiencePolicy(patience)
     if name == "none":
         return FullDepthPolicy()
     raise ValueError(f"policy={name!r} is not one of ['entropy', 'count', 'patience', 'none']")

@@ -51,15 +51,20 @@ def main(
 ) -> None:
     import ray
 
+    from jobs.cli import one_line_errors
     from pipelines.config import ScoreConfig
+    from pipelines.errors import UserError
     from pipelines.score import run_scoring
 
-    config = ScoreConfig(model=model, input=input, output=output, policy=policy, threshold=threshold,
-                         patience=patience, text_column=text_column, batch_size=batch_size, sort_rows=sort_rows,
-                         actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                         include_probs=include_probs, calibrate_rows=calibrate_rows, min_agreement=min_agreement)
+    with one_line_errors(ValueError):  # every bad flag value is refused here, before Ray starts
+        config = ScoreConfig(model=model, input=input, output=output, policy=policy, threshold=threshold,
+                             patience=patience, text_column=text_column, batch_size=batch_size,
+                             sort_rows=sort_rows, actors=actors, cpus_per_actor=cpus_per_actor,
+                             gpus_per_actor=gpus_per_actor, include_probs=include_probs,
+                             calibrate_rows=calibrate_rows, min_agreement=min_agreement)
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
-    summary = run_scoring(config)
+    with one_line_errors(UserError):
+        summary = run_scoring(config)
     text = json.dumps(summary, indent=2, default=str)
     print(text)
     if summary_file:

@@ -67,7 +67,9 @@ def main(
 
     import ray
 
+    from jobs.cli import one_line_errors
     from pipelines.config import load_train_config
+    from pipelines.errors import UserError
     from pipelines.train import run_training, summary_json
 
     overrides: dict[str, Any] = {}
@@ -78,9 +80,11 @@ def main(
         if value is not None:
             overrides = merge(overrides, _nested(key, value))
     overrides = merge(overrides, parse_sets(set_ or []))
-    train_config = load_train_config(config, overrides, profile)
+    with one_line_errors(ValueError, OSError):  # every config value is checked here, before Ray starts
+        train_config = load_train_config(config, overrides, profile)
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
-    summary = run_training(train_config)
+    with one_line_errors(UserError):
+        summary = run_training(train_config)
     text = summary_json(summary)
     print(text)
     if output:

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
-from ee_model.config import HEAD_TYPES, POOLINGS, VARIANTS
+from ee_model.config import HEAD_TYPES, POLICY_NAMES, POOLINGS, VARIANTS
+from ee_model.policies import KNOB_OF_POLICY, check_patience, check_threshold
 from pipelines.thresholds import ThresholdTarget
 
 Stage = Literal["stage1", "stage2", "joint"]
@@ -75,6 +76,11 @@ class ModelConfig:
             raise ValueError(f"pooling={self.pooling!r} is not one of {list(POOLINGS)}")
         if self.max_length < 8:
             raise ValueError(f"max_length={self.max_length!r} must be >= 8")
+        check_threshold(self.threshold)
+        check_patience(self.patience)
+        if isinstance(self.head_dropout, bool) or not isinstance(self.head_dropout, (int, float)) \
+                or not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -290,7 +296,10 @@ def load_train_config(
     """Profile defaults <- YAML file <- overrides (nested dicts, e.g. {"stage1": {"epochs": 2}})."""
     from_file: dict[str, Any] = {}
     if path is not None:
-        from_file = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            from_file = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: {error}") from None
         if not isinstance(from_file, dict):
             raise ValueError(f"{path} must hold a YAML mapping, got {type(from_file).__name__}")
     layered = merge(from_file, overrides or {})
@@ -343,8 +352,15 @@ class ScoreConfig:
         _positive("cpus_per_actor", self.cpus_per_actor)
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
-        if self.policy is not None and self.policy not in ("entropy", "count", "patience", "none"):
-            raise ValueError(f"policy={self.policy!r} is not one of ['entropy', 'count', 'patience', 'none']")
+        if self.policy is not None and self.policy not in POLICY_NAMES:
+            raise ValueError(f"policy={self.policy!r} is not one of {list(POLICY_NAMES)}")
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+        if self.patience is not None:
+            check_patience(self.patience)
+        for knob in ("threshold", "patience"):
+            if self.policy is not None and getattr(self, knob) is not None and KNOB_OF_POLICY[self.policy] != knob:
+                raise ValueError(f"policy {self.policy!r} does not use {knob}={getattr(self, knob)!r}: drop it")
         if self.calibrate_rows < 0:
             raise ValueError(f"calibrate_rows={self.calibrate_rows!r} must be >= 0")
         if not 0 < self.min_agreement <= 1:

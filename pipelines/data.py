@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 
 from ee_model.texts import invalid_text_reason
 from pipelines.config import DataConfig
+from pipelines.errors import UserError
 
 UNLABELED = -100  # label id of stage-2 rows without a gold label (ignored by every loss term that uses labels)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Labeled or unlabeled data that cannot be trained on; raised before any training starts."""
 
 

@@ -1,56 +1,135 @@
 """Incremental, kill-safe output of batch scoring: one committed output file per input file.
 
-Layout under the output folder, per (model, policy, knob) key:
-    <output>/<key>/<input name>.parquet      committed outputs (their presence is the commit)
-    <output>/<key>/_manifest/<input name>.json   what was scored: input path, rows, model, time
-    <output>/<key>/_tmp/                      work in progress; cleared at start, never read
-Each output is written aside in _tmp and made visible with one os.replace (atomic on a POSIX filesystem), so a
-run killed at any moment leaves only complete outputs, and the rerun scores exactly the files without one.
+Layout under the output folder:
+    <output>/_lock                             held (flock) by the one scoring run writing here
+    <output>/<key>/<input path>.parquet        committed outputs, the input folder's layout mirrored
+    <output>/<key>/_manifest/<input path>.json what was scored: input path and fingerprint, rows, model, time
+    <output>/<key>/_tmp/                       work in progress; cleared by the run holding the lock, never read
+`<key>` names the (model, policy, knob). Each output is written aside in _tmp and made visible with one
+os.replace (atomic on a POSIX filesystem), so a run killed at any moment leaves only complete outputs, and the
+rerun scores exactly the files without one, and the files whose input changed since.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.errors import UserError
 
-def output_name(input_file: str, input_root: str | None) -> str:
-    """A flat, unique output file name for an input file (its path below the input folder)."""
-    relative = os.path.relpath(input_file, input_root) if input_root else os.path.basename(input_file)
-    stem = relative.replace(os.sep, "__")
-    return stem if stem.endswith(".parquet") else f"{stem}.parquet"
+HIDDEN_PREFIXES = ("_", ".")  # Spark's _temporary/ and _SUCCESS, .staging folders, our own _manifest/ and _tmp/
+
+
+def is_hidden(relative: str | Path) -> bool:
+    """Whether any part of a path below the input (or output) root starts with '_' or '.'."""
+    return any(part.startswith(HIDDEN_PREFIXES) for part in Path(relative).parts)
+
+
+def output_name(input_file: str, input_root: str) -> str:
+    """The output of an input file: its path below the input root, as a .parquet file. Distinct inputs below
+    one root get distinct names (the layout is mirrored, not flattened)."""
+    relative = Path(os.path.relpath(input_file, input_root)).as_posix()
+    return relative if relative.endswith(".parquet") else f"{relative}.parquet"
+
+
+def fingerprint(path: str, rows: int) -> dict[str, int]:
+    """What identifies an input file's content cheaply: size, modification time and row count."""
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rows": rows}
+
+
+class OutputLockedError(UserError):
+    """Another scoring run is writing to the same output folder."""
+
+
+class OutputLock:
+    """One scoring run at a time per output folder. An flock is released by the kernel when its holder exits,
+    however it exits (SIGKILL too), so a crashed run never leaves a stale lock behind."""
+
+    def __init__(self, output: Path) -> None:
+        self.path = output / "_lock"
+        self.file: IO[str] | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")  # noqa: SIM115 (held open until __exit__)
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise OutputLockedError(f"another scoring run is writing to {self.path.parent} ({holder}); wait for it "
+                                    "to finish or give another --output") from None
+        file.truncate(0)
+        file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        file.flush()
+        self.file = file
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
 
 
 @dataclass
 class OutputFolder:
     root: Path  # <output>/<key>
 
-    def __post_init__(self) -> None:
+    def prepare(self) -> None:
+        """Create the folder and discard a killed run's unfinished files (call while holding the OutputLock)."""
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "_manifest").mkdir(exist_ok=True)
         shutil.rmtree(self.root / "_tmp", ignore_errors=True)  # leftovers of a killed run: never committed
         (self.root / "_tmp").mkdir()
+        self.repair_manifest()
 
-    def committed(self, name: str) -> bool:
-        return (self.root / name).is_file()
+    def record(self, name: str) -> dict | None:
+        """The manifest record of a committed output, or None when `name` has no committed output."""
+        if not (self.root / name).is_file():
+            return None
+        return json.loads(self._record_path(name).read_text())
+
+    def is_current(self, name: str, source: dict[str, int]) -> bool | None:
+        """None: never committed; True: committed from an input with this fingerprint; False: the input changed
+        since (a record repaired after a kill knows only the row count, which must still match)."""
+        record = self.record(name)
+        if record is None:
+            return None
+        if "fingerprint" in record:
+            return record["fingerprint"] == source
+        return record.get("rows") == source["rows"]
 
     def repair_manifest(self) -> None:
         """Write the manifest record of any output committed just before a kill took its record."""
-        for output in self.root.glob("*.parquet"):
-            record = self.root / "_manifest" / f"{output.name}.json"
-            if not record.is_file():
-                rows = pq.ParquetFile(output).metadata.num_rows
-                record.write_text(json.dumps({"output": output.name, "rows": rows, "repaired": True}))
+        for output in self.root.rglob("*.parquet"):
+            name = output.relative_to(self.root).as_posix()
+            if is_hidden(name) or self._record_path(name).is_file():
+                continue
+            rows = pq.ParquetFile(output).metadata.num_rows
+            self._record_path(name).parent.mkdir(parents=True, exist_ok=True)
+            self._record_path(name).write_text(json.dumps({"output": name, "rows": rows, "repaired": True}))
 
     def writer(self, name: str, schema: pa.Schema) -> PendingOutput:
-        return PendingOutput(self, name, self.root / "_tmp" / name, pq.ParquetWriter(self.root / "_tmp" / name, schema))
+        path = self.root / "_tmp" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return PendingOutput(self, name, path, pq.ParquetWriter(path, schema))
+
+    def _record_path(self, name: str) -> Path:
+        return self.root / "_manifest" / f"{name}.json"
 
 
 @dataclass
@@ -60,7 +139,6 @@ class PendingOutput:
     path: Path
     writer: pq.ParquetWriter
     rows: int = 0
-    meta: dict = field(default_factory=dict)
 
     def write(self, table: pa.Table) -> None:
         self.writer.write_table(table)
@@ -69,8 +147,11 @@ class PendingOutput:
     def commit(self, record: dict) -> None:
         """Close, then make the output visible in one atomic rename; the manifest record follows."""
         self.writer.close()
-        manifest_tmp = self.folder.root / "_tmp" / f"{self.name}.json"
+        manifest_tmp = self.path.with_name(self.path.name + ".json")
         manifest_tmp.write_text(json.dumps({**record, "output": self.name, "rows": self.rows,
                                             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
-        os.replace(self.path, self.folder.root / self.name)  # the commit point
-        os.replace(manifest_tmp, self.folder.root / "_manifest" / f"{self.name}.json")
+        final = self.folder.root / self.name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, final)  # the commit point
+        self.folder._record_path(self.name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(manifest_tmp, self.folder._record_path(self.name))

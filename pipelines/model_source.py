@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ee_model.config import CONFIG_FILE
 from ee_model.io import WEIGHTS_FILE
+from pipelines.errors import UserError
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from ee_model import EarlyExitClassifier
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """The model reference cannot be resolved or loaded."""
 
 
@@ -45,7 +46,7 @@ class ModelFiles:
 class ModelSource:
     reference: str  # what the user passed
     directory: Path  # a directory EarlyExitClassifier.from_pretrained loads
-    identity: str  # stable name of these exact weights: "<name>-v<version>" or "dir-<sha>"
+    identity: str  # stable name of these exact weights: "<name>-v<version>-<sha>" or "dir-<sha>"
     registered_name: str | None = None
     version: str | None = None
 
@@ -101,7 +102,8 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
     directory = pyfunc_model_dir(local)
     if directory is None:
         raise ModelSourceError(f"model {reference!r} is not an early-exit pyfunc (no artifacts/*/{CONFIG_FILE})")
-    identity = f"{name}-v{version}" if name else f"dir-{weights_digest(directory)}"
+    # the digest too: another registry (or a recreated one) has its own "<name>" v1
+    identity = f"{name}-v{version}-{weights_digest(directory)}" if name else f"dir-{weights_digest(directory)}"
     return ModelSource(reference, directory, identity, name, version)
 
 

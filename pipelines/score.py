@@ -26,7 +26,8 @@ from ee_model.flops import FlopsModel
 from pipelines.calibration import Calibration, calibrate_on_worker, sample_texts
 from pipelines.config import S_GRID, ScoreConfig
 from pipelines.data import streaming_parquet_reader
-from pipelines.incremental import OutputFolder, PendingOutput, output_name
+from pipelines.errors import UserError
+from pipelines.incremental import OutputFolder, OutputLock, PendingOutput, fingerprint, is_hidden, output_name
 from pipelines.model_source import ModelFiles, ModelSource, resolve_model
 from pipelines.scorer import OUTPUT_COLUMNS, Scorer
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 SOURCE_COLUMN = "path"  # added by read_parquet(include_paths=True)
 
 
-class ScoringError(ValueError):
+class ScoringError(UserError):
     """Input that cannot be scored: named file or column; raised before any row is scored."""
 
 
@@ -45,24 +46,46 @@ class InputFile:
     path: str
     rows: int
     schema: pa.Schema
-    output: str
+    output: str  # its output's name below the run's output folder
+    fingerprint: dict[str, int]  # size, mtime, rows: a file replaced in place is scored again
+
+    def manifest_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "input": self.path, "fingerprint": self.fingerprint}
 
 
-def list_input_files(input_path: str) -> tuple[list[str], str | None]:
-    """Sorted parquet files of a file, folder or glob, and the root their output names are relative to."""
+def list_input_files(input_path: str, output_root: Path) -> tuple[list[str], str]:
+    """Sorted parquet files of a file, folder or glob, and the folder their output names are relative to (the
+    folder given, or the deepest folder holding every match of a glob). Below that folder, paths with a part
+    starting with '_' or '.' (Spark's _temporary/, _SUCCESS, .staging) are skipped, and so is the output folder
+    itself when it lies inside the input."""
     if os.path.isdir(input_path):
-        files = sorted(str(p) for p in Path(input_path).rglob("*.parquet") if not p.name.startswith(("_", ".")))
-        return files, input_path
-    if any(ch in input_path for ch in "*?["):
-        return sorted(glob.glob(input_path, recursive=True)), None
-    if os.path.isfile(input_path):
-        return [input_path], None
-    raise ScoringError(f"input {input_path!r} does not exist")
+        files, root = [str(p) for p in Path(input_path).rglob("*.parquet")], input_path
+    elif any(ch in input_path for ch in "*?["):
+        files = [f for f in glob.glob(input_path, recursive=True) if os.path.isfile(f)]
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else "."
+    elif os.path.isfile(input_path):
+        return [input_path], os.path.dirname(input_path) or "."
+    else:
+        raise ScoringError(f"input {input_path!r} does not exist")
+    inside_output = lambda f: Path(f).resolve().is_relative_to(output_root)  # noqa: E731
+    kept = [f for f in files if not is_hidden(os.path.relpath(os.path.abspath(f), os.path.abspath(root)))
+            and not inside_output(f)]
+    return sorted(kept), root
+
+
+def unique_outputs(inputs: list[InputFile]) -> None:
+    """Every input's output name must be its own: refuse before anything is scored, naming both inputs."""
+    seen: dict[str, str] = {}
+    for item in inputs:
+        other = seen.setdefault(item.output, item.path)
+        if other != item.path:
+            raise ScoringError(f"inputs {other!r} and {item.path!r} would both be written to {item.output!r}; "
+                               "rename one or score them into different --output folders")
 
 
 def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
     """Open every input file's footer: corrupt files, missing text columns and clashes fail here, by name."""
-    files, root = list_input_files(config.input)
+    files, root = list_input_files(config.input, Path(config.output).resolve())
     if not files:
         raise ScoringError(f"no parquet files found at {config.input!r}")
     inputs = []
@@ -77,8 +100,26 @@ def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
         clashes = [c for c in (*OUTPUT_COLUMNS, SOURCE_COLUMN) if c in schema.names]
         if clashes:
             raise ScoringError(f"{path!r} already has column(s) {clashes} that scoring writes; rename them first")
-        inputs.append(InputFile(path, parquet.metadata.num_rows, schema, output_name(path, root)))
+        rows = parquet.metadata.num_rows
+        inputs.append(InputFile(path, rows, schema, output_name(path, root), fingerprint(path, rows)))
+    unique_outputs(inputs)
     return inputs
+
+
+def files_to_score(inputs: list[InputFile], folder: OutputFolder) -> tuple[dict[str, InputFile], list[str]]:
+    """({resolved path: input} to score, paths changed since scored): the inputs without a committed output, and
+    those whose file changed (size, mtime or rows) since its output was committed, which are scored again."""
+    pending, changed = {}, []
+    for item in inputs:
+        current = folder.is_current(item.output, item.fingerprint)
+        if current is False:
+            changed.append(item.path)
+        if not current:
+            pending[str(Path(item.path).resolve())] = item
+    if changed:
+        warnings.warn(f"{len(changed)} input file(s) changed since they were scored; scoring them again: "
+                      f"{changed[:5]}", stacklevel=2)
+    return pending, changed
 
 
 def output_schema(input_schema: pa.Schema, include_probs: bool) -> pa.Schema:
@@ -132,7 +173,7 @@ def score_stream(dataset: Any, pending: dict[str, InputFile], folder: OutputFold
             output.write(rows.cast(output.writer.schema))
             tally.add(rows)
             if output.rows == item.rows:
-                output.commit({**record, "input": item.path})
+                output.commit(item.manifest_record(record))
                 del open_outputs[source]
                 committed += 1
     if open_outputs:  # rows in must equal rows out: never commit a short file
@@ -145,7 +186,9 @@ def build_dataset(files: list[str], config: ScoreConfig, model: ObjectRef):
     import ray.data
 
     with streaming_parquet_reader(preserve_order=True):  # outputs in input order, deterministic
-        dataset = ray.data.read_parquet(files, include_paths=True)
+        # Reading reserves no CPU: on a shared cluster whose CPUs the scoring actors of running jobs hold, read
+        # tasks that wait for a CPU never run and every job hangs. Parquet reading is light next to the model.
+        dataset = ray.data.read_parquet(files, include_paths=True, num_cpus=0)
         return dataset.map_batches(
             Scorer,
             fn_constructor_kwargs={"model": model, "text_column": config.text_column,
@@ -229,7 +272,7 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
     """Score every input file not yet scored for this (model, policy, knob); return the summary."""
     inputs = inspect_inputs(config)
     requested, calibration = config, None
-    with tempfile.TemporaryDirectory() as scratch:
+    with OutputLock(Path(config.output).resolve()), tempfile.TemporaryDirectory() as scratch:
         source = resolve_model(config.model, Path(scratch))
         model_config = EarlyExitConfig.load(source.directory)
         shipped_model = functools.cache(lambda: ship_model(source))
@@ -238,8 +281,8 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
             config = with_calibrated_knob(config, calibration)
         key, policy, knob = run_key(source, model_config, config)
         folder = OutputFolder(Path(config.output).resolve() / key)
-        folder.repair_manifest()
-        pending = {str(Path(f.path).resolve()): f for f in inputs if not folder.committed(f.output)}
+        folder.prepare()
+        pending, changed = files_to_score(inputs, folder)
         record = {"model": source.reference, "model_identity": source.identity, "policy": policy, "knob": knob}
         schema_of = lambda item: output_schema(item.schema, config.include_probs)  # noqa: E731
         tally, started = Tally(), time.time()
@@ -247,19 +290,19 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
         committed = 0
         for path, item in list(pending.items()):
             if item.rows == 0:  # nothing to stream: commit an empty output with the full schema
-                folder.writer(item.output, schema_of(item)).commit({**record, "input": item.path})
+                folder.writer(item.output, schema_of(item)).commit(item.manifest_record(record))
                 del pending[path]
                 committed += 1
         if pending:
             dataset = build_dataset(list(pending), config, shipped_model())
             committed += score_stream(dataset, pending, folder, schema_of, tally, record)
         counts = {"input_files": len(inputs), "files_scored": committed, "files_skipped": skipped,
-                  "rows_in": sum(f.rows for f in pending.values())}
+                  "files_changed": len(changed), "rows_in": sum(f.rows for f in pending.values())}
         summary = summarize(tally, model_config, time.time() - started, counts)
         if summary["rows_scored"] != counts["rows_in"]:
             raise RuntimeError(f"rows in {counts['rows_in']} != rows out {summary['rows_scored']}")
         summary.update({"output": str(folder.root), "model": source.reference, "model_version": source.version,
-                        "policy": policy, "knob": knob})
+                        "policy": policy, "knob": knob, "started_at": round(started, 3)})
         if calibration is not None:
             summary["calibration"] = {**calibration.to_dict(), "pinned": pinned}
     log_scoring_run(summary, requested, source)
@@ -287,5 +330,5 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
                                 ("agreement", "agreement_lower_95", "rows", "flops_speedup", "mean_exit_layer")})
             mlflow.log_params({"calibration_met": calibration["met"], "calibration_pinned": calibration["pinned"]})
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        mlflow.log_metrics({k: float(v) for k, v in numbers.items() if k != "knob"})
+        mlflow.log_metrics({k: float(v) for k, v in numbers.items() if k not in ("knob", "started_at")})
         mlflow.log_dict(summary, "scoring_summary.json")

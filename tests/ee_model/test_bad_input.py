@@ -48,7 +48,7 @@ def test_invalid_null_gives_defined_rows_and_scores_the_rest(tiny_model):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"batch_size": 0}, "batch_size=0 must be >= 1"), ({"invalid": "skip"}, "invalid='skip' is not one of"),
-     ({"policy": "entropy", "threshold": float("nan")}, "finite threshold")],
+     ({"policy": "entropy", "threshold": float("nan")}, r"threshold=nan must be a number in \[0, 1\]")],
 )
 def test_bad_predict_arguments(tiny_model, kwargs, message):
     with pytest.raises(ValueError, match=message):

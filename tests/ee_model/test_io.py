@@ -63,8 +63,8 @@ def test_weights_with_another_label_count_are_refused(tiny_model, tmp_path):
     [
         ({"head_type": "conv"}, "head_type='conv' is not one of"),
         ({"pooling": "max"}, "pooling='max' is not one of"),
-        ({"threshold": 1.5}, "threshold=1.5 must be in"),
-        ({"patience": 0}, "patience=0 must be >= 1"),
+        ({"threshold": 1.5}, r"threshold=1.5 must be a number in \[0, 1\]"),
+        ({"patience": 0}, "patience=0 must be an integer >= 1"),
         ({"labels": ("a", "a", "b")}, r"labels contain duplicates: \['a'\]"),
         ({"labels": ("a",)}, "at least 2 classes"),
         ({"labels": ("a", "")}, "non-empty strings"),

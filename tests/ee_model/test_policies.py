@@ -44,10 +44,9 @@ def test_normalised_entropy_bounds_and_stability():
     assert math.isfinite(value) and value == pytest.approx(math.log(2) / math.log(3), rel=1e-5)
 
 
-def test_threshold_zero_or_below_gives_full_depth():
+def test_threshold_zero_gives_full_depth():  # below 0 is refused (test_bad_policy_arguments_are_refused)
     logits = torch.randn(4, 16, 3) * 10
-    for threshold in (0.0, -0.5):
-        assert exit_layers(logits, make_policy("entropy", threshold=threshold)).eq(4).all()
+    assert exit_layers(logits, make_policy("entropy", threshold=0.0)).eq(4).all()
 
 
 def test_larger_threshold_never_exits_later():
@@ -65,10 +64,13 @@ def test_larger_threshold_never_exits_later():
 @pytest.mark.parametrize(
     "name, kwargs, message",
     [
-        ("entropy", {"threshold": None}, "needs a finite threshold"),
-        ("entropy", {"threshold": float("nan")}, "needs a finite threshold"),
-        ("count", {"patience": 0}, "integer patience >= 1"),
-        ("patience", {"patience": 1.5}, "integer patience >= 1"),
+        ("entropy", {"threshold": None}, r"threshold=None must be a number in \[0, 1\]"),
+        ("entropy", {"threshold": float("nan")}, r"threshold=nan must be a number in \[0, 1\]"),
+        ("entropy", {"threshold": -1.0}, r"threshold=-1.0 must be a number in \[0, 1\]"),
+        ("entropy", {"threshold": 2}, r"threshold=2 must be a number in \[0, 1\]"),
+        ("count", {"patience": 0}, "patience=0 must be an integer >= 1"),
+        ("count", {"patience": -3}, "patience=-3 must be an integer >= 1"),
+        ("patience", {"patience": 1.5}, "patience=1.5 must be an integer >= 1"),
         ("fastest", {}, "is not one of"),
     ],
 )

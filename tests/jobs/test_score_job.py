@@ -20,6 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ee_model import EarlyExitClassifier
+from pipelines.model_source import weights_digest
 from pipelines.tracking import log_pyfunc_model, register
 from tests.conftest import LABELS, random_texts
 
@@ -64,7 +65,8 @@ def test_registered_model_by_alias_in_a_fresh_process(tmp_path, model_dir, monke
                             cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["model_version"] == "1" and summary["output"].endswith("tiny-scorer-v1__entropy-0.95")
+    digest = weights_digest(Path(model_dir))  # the registry's name and version, and these exact weights
+    assert summary["model_version"] == "1" and summary["output"].endswith(f"tiny-scorer-v1-{digest}__entropy-0.95")
     out = outputs_of(tmp_path / "out")["a.parquet"]
     expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts, invalid="null")
     assert out["label"].to_pylist() == expected.label and out["n"].to_pylist() == list(range(51))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -43,9 +45,10 @@ def score(model_dir, input_path, output, tmp_path, **kw):
 
 
 def read_outputs(summary) -> dict[str, pa.Table]:
-    from pathlib import Path
-
-    return {p.name: pq.read_table(p) for p in sorted(Path(summary["output"]).glob("*.parquet"))}
+    """Committed outputs by their path below the run's folder (the input layout, mirrored)."""
+    root = Path(summary["output"])
+    return {p.relative_to(root).as_posix(): pq.read_table(p) for p in sorted(root.rglob("*.parquet"))
+            if not p.relative_to(root).parts[0].startswith("_")}
 
 
 def test_awkward_rows_and_extra_columns_all_come_out(ray_local, model_dir, tmp_path):
@@ -56,7 +59,7 @@ def test_awkward_rows_and_extra_columns_all_come_out(ray_local, model_dir, tmp_p
     write(tmp_path / "in" / "empty.parquet", [], doc_id=pa.array([], pa.int64()), source=pa.array([], pa.string()))
     summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, include_probs=True)
     outputs = read_outputs(summary)
-    assert set(outputs) == {"a.parquet", "sub__b.parquet", "empty.parquet"}
+    assert set(outputs) == {"a.parquet", "sub/b.parquet", "empty.parquet"}
     assert summary["rows_in"] == summary["rows_scored"] == 140 and summary["errors"] == 3
     a = outputs["a.parquet"]
     assert a["doc_id"].to_pylist() == list(range(100)) and a["source"].to_pylist() == ["s"] * 100  # order kept
@@ -232,3 +235,130 @@ def test_actors_load_the_model_from_the_object_store_not_the_drivers_folder(ray_
     assert set(files.files) >= {"model.safetensors", "ee_config.json"}
     written = files.write_to(tmp_path / "again")
     assert ModelFiles.from_directory(written) == files
+
+
+def rows_by_output(summary) -> dict[str, int]:
+    return {name: table.num_rows for name, table in read_outputs(summary).items()}
+
+
+def test_same_file_name_in_two_folders_through_a_glob_keeps_both(ray_local, model_dir, tmp_path):
+    write(tmp_path / "in" / "x" / "part-0.parquet", random_texts(15, seed=1))
+    write(tmp_path / "in" / "y" / "part-0.parquet", random_texts(25, seed=2))
+    summary = score(model_dir, f"{tmp_path}/in/*/part-0.parquet", tmp_path / "out", tmp_path)
+    assert rows_by_output(summary) == {"x/part-0.parquet": 15, "y/part-0.parquet": 25}
+    assert summary["rows_in"] == summary["rows_scored"] == 40
+
+
+def test_nested_names_that_flatten_alike_stay_apart(ray_local, model_dir, tmp_path):
+    write(tmp_path / "in" / "a" / "b__c.parquet", random_texts(12, seed=1))
+    write(tmp_path / "in" / "a__b" / "c.parquet", random_texts(30, seed=2))
+    summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    assert rows_by_output(summary) == {"a/b__c.parquet": 12, "a__b/c.parquet": 30}
+
+
+def test_hidden_and_in_progress_folders_are_not_scored(ray_local, model_dir, tmp_path):
+    write(tmp_path / "in" / "_temporary" / "0" / "_temporary" / "attempt_1" / "part-00000.parquet", ["a"] * 7)
+    write(tmp_path / "in" / ".spark-staging-1" / "part-00001.parquet", ["b"] * 13)
+    write(tmp_path / "in" / "_SUCCESS.parquet", ["c"])
+    write(tmp_path / "in" / "done" / "part-00002.parquet", random_texts(20, seed=3))
+    summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    assert rows_by_output(summary) == {"done/part-00002.parquet": 20} and summary["input_files"] == 1
+    globbed = score(model_dir, f"{tmp_path}/in/**/*.parquet", tmp_path / "out2", tmp_path)
+    assert rows_by_output(globbed) == {"done/part-00002.parquet": 20}
+
+
+def test_output_folder_inside_the_input_is_not_read_back(ray_local, model_dir, tmp_path):
+    write(tmp_path / "in" / "a.parquet", random_texts(10, seed=1))
+    first = score(model_dir, tmp_path / "in", tmp_path / "in" / "scored", tmp_path)
+    again = score(model_dir, tmp_path / "in", tmp_path / "in" / "scored", tmp_path)
+    assert first["input_files"] == again["input_files"] == 1
+    assert (again["files_scored"], again["files_skipped"]) == (0, 1)
+
+
+def test_output_names_that_collide_are_refused_naming_both(model_dir, tmp_path):
+    write(tmp_path / "in" / "a", ["x"])  # no extension: its output would be a.parquet too
+    write(tmp_path / "in" / "a.parquet", ["y"])
+    with pytest.raises(ScoringError, match=r"inputs '.*in/a' and '.*in/a.parquet' would both be written to"):
+        score(model_dir, f"{tmp_path}/in/*", tmp_path / "out", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_replaced_in_place_is_scored_again(ray_local, model_dir, tmp_path):
+    write(tmp_path / "in" / "a.parquet", random_texts(30, seed=1))
+    first = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    new_texts = random_texts(50, seed=9)
+    write(tmp_path / "in" / "a.parquet", new_texts)
+    with pytest.warns(UserWarning, match=r"1 input file\(s\) changed since they were scored"):
+        again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    assert (again["files_changed"], again["files_scored"], again["rows_scored"]) == (1, 1, 50)
+    assert again["output"] == first["output"]
+    assert read_outputs(again)["a.parquet"]["text"].to_pylist() == new_texts
+    record = json.loads((Path(again["output"]) / "_manifest" / "a.parquet.json").read_text())
+    assert record["rows"] == 50 and record["fingerprint"]["rows"] == 50
+    third = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    assert (third["files_changed"], third["files_skipped"]) == (0, 1)
+
+
+def test_a_busy_output_folder_is_refused_and_a_killed_holder_leaves_no_lock(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from pipelines.incremental import OutputLock, OutputLockedError
+
+    write(tmp_path / "in" / "a.parquet", ["x"])
+    with OutputLock((tmp_path / "out").resolve()):
+        with pytest.raises(OutputLockedError, match=r"another scoring run is writing to .*out \(\{\"pid\": \d+"):
+            score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from pipelines.incremental import OutputLock\n"
+        f"lock = OutputLock(Path({str(tmp_path / 'out2')!r})).__enter__(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(OutputLockedError):
+        OutputLock(tmp_path / "out2").__enter__()
+    holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the flock
+    holder.wait()
+    with OutputLock(tmp_path / "out2"):
+        pass
+
+
+def test_two_jobs_at_once_on_a_cluster_their_actors_fill_both_finish(ray_local, model_dir, tmp_path):
+    """2 CPUs, two jobs whose actors take one CPU each: reading must not wait for a CPU (it used to hang)."""
+    for name in ("p", "q"):
+        for i in range(3):
+            write(tmp_path / name / f"{i}.parquet", random_texts(40, seed=i))
+    results: dict[str, dict] = {}
+
+    def job(name: str) -> None:
+        (tmp_path / f"db-{name}").mkdir()  # one store each: two sqlite writers at once are not the point here
+        results[name] = score(model_dir, tmp_path / name, tmp_path / f"out-{name}", tmp_path / f"db-{name}")
+
+    threads = [threading.Thread(target=job, args=(name,), daemon=True) for name in ("p", "q")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not any(thread.is_alive() for thread in threads), "scoring jobs deadlocked on the cluster's CPUs"
+    assert [results[n]["rows_scored"] for n in ("p", "q")] == [120, 120]
+
+
+def test_same_name_and_version_in_two_registries_get_different_output_keys(tmp_path, tiny_encoder_dir):
+    """Versions restart at 1 in another (or a recreated) registry: the weights' digest keeps outputs apart."""
+    from pipelines.model_source import resolve_model
+    from pipelines.tracking import log_pyfunc_model, register
+
+    identities = []
+    for seed in (0, 1):
+        store = tmp_path / f"registry-{seed}"
+        store.mkdir()
+        mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+        torch.manual_seed(seed)
+        model = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=LABELS)
+        directory = model.save_pretrained(store / "model")
+        mlflow.set_experiment("registry")
+        with mlflow.start_run():
+            info = log_pyfunc_model(directory, model.config, ["a text"])
+        register(info.model_uri, "early-exit-classifier", dev_accuracy=0.5, tags={})
+        identities.append(resolve_model("models:/early-exit-classifier/1", store / "download").identity)
+    assert all(i.startswith("early-exit-classifier-v1-") for i in identities)
+    assert identities[0] != identities[1]
