@@ -56,13 +56,13 @@ class EarlyExitClassifier(nn.Module):
             revision: hub revision, recorded in the config.
             **options: other `EarlyExitConfig` fields (head_type, pooling, variant, threshold, ...).
         """
-        encoder_config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        encoder_config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
         encoders.check_supported(encoder_config.model_type)  # before loading any weights
         config = EarlyExitConfig(
             encoder_name_or_path=str(name_or_path), labels=tuple(labels), encoder_revision=revision, **options
         )
-        encoder = AutoModel.from_pretrained(name_or_path, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        encoder = AutoModel.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
         return cls(config, encoder, tokenizer)
 
     @classmethod
@@ -79,7 +79,7 @@ class EarlyExitClassifier(nn.Module):
         """Load a directory written by `save_pretrained` onto CPU (no hub access, no pickle)."""
         config = EarlyExitConfig.load(directory)
         encoder = AutoModel.from_config(config.pretrained_encoder_config())
-        model = cls(config, encoder, AutoTokenizer.from_pretrained(str(directory)))
+        model = cls(config, encoder, AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False))
         io.load_weights(model, directory)
         return model.eval()
 

@@ -27,6 +27,7 @@ from ee_model import EarlyExitClassifier
 from ee_model.texts import invalid_text_reasons
 from pipelines.evaluate import SplitPass, sweep, texts_pass
 from pipelines.model_source import ModelFiles, load_shipped_model
+from pipelines.scorer import column_texts
 from pipelines.thresholds import ThresholdTarget, choose_knob
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int) 
         column = parquet.read_row_groups(groups.tolist(), columns=[text_column])[text_column]
         read_starts = np.cumsum(np.concatenate([[0], np.diff(group_starts)[groups]]))[:-1]  # in `column`
         positions = read_starts[np.searchsorted(groups, group_of)] + (local - group_starts[group_of])
-        texts.extend(column.take(positions).to_pylist())
+        texts.extend(column_texts(column.take(positions)))
     reasons = invalid_text_reasons(texts)
     return [t for t, reason in zip(texts, reasons, strict=True) if reason is None]
 

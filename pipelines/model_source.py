@@ -58,6 +58,18 @@ def weights_digest(directory: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def check_weights(directory: Path, reference: str) -> None:
+    """Refuse unreadable weights here, in the driver, not in every actor after it started: safetensors checks the
+    header and that the file covers every tensor it lists (a truncated or overwritten file fails)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as error:
+        raise ModelSourceError(f"model {reference!r}: cannot read {directory / WEIGHTS_FILE}: {error}") from None
+
+
 def registry_version(reference: str) -> tuple[str | None, str | None]:
     """(name, version) of a models:/name@alias or models:/name/version reference, else (None, None)."""
     if not reference.startswith("models:/"):
@@ -89,6 +101,7 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
             if candidate is None:
                 raise ModelSourceError(f"{reference!r} is not a saved early-exit model directory (no {CONFIG_FILE})")
             path = candidate
+        check_weights(path, reference)
         return ModelSource(reference, path.resolve(), f"dir-{weights_digest(path)}")
     if "://" not in reference and ":/" not in reference:
         raise ModelSourceError(f"model {reference!r}: no such directory, and not an MLflow model URI")
@@ -102,6 +115,7 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
     directory = pyfunc_model_dir(local)
     if directory is None:
         raise ModelSourceError(f"model {reference!r} is not an early-exit pyfunc (no artifacts/*/{CONFIG_FILE})")
+    check_weights(directory, reference)
     # the digest too: another registry (or a recreated one) has its own "<name>" v1
     identity = f"{name}-v{version}-{weights_digest(directory)}" if name else f"dir-{weights_digest(directory)}"
     return ModelSource(reference, directory, identity, name, version)

@@ -4,6 +4,7 @@ output per input file, incremental across runs, rows in == rows out; summary to 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -29,7 +30,7 @@ from pipelines.data import streaming_parquet_reader
 from pipelines.errors import UserError
 from pipelines.incremental import OutputFolder, OutputLock, PendingOutput, fingerprint, is_hidden, output_name
 from pipelines.model_source import ModelFiles, ModelSource, resolve_model
-from pipelines.scorer import OUTPUT_COLUMNS, Scorer
+from pipelines.scorer import OUTPUT_COLUMNS, Scorer, is_text_type
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -97,6 +98,9 @@ def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
         schema = parquet.schema_arrow
         if config.text_column not in schema.names:
             raise ScoringError(f"{path!r} has no text column {config.text_column!r}; its columns are {schema.names}")
+        text_type = schema.field(config.text_column).type
+        if not is_text_type(text_type):
+            raise ScoringError(f"{path!r}: text column {config.text_column!r} holds {text_type}, not strings")
         clashes = [c for c in (*OUTPUT_COLUMNS, SOURCE_COLUMN) if c in schema.names]
         if clashes:
             raise ScoringError(f"{path!r} already has column(s) {clashes} that scoring writes; rename them first")
@@ -272,9 +276,10 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
     """Score every input file not yet scored for this (model, policy, knob); return the summary."""
     inputs = inspect_inputs(config)
     requested, calibration = config, None
-    with OutputLock(Path(config.output).resolve()), tempfile.TemporaryDirectory() as scratch:
-        source = resolve_model(config.model, Path(scratch))
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as held:
+        source = resolve_model(config.model, Path(scratch))  # a model that cannot load leaves no output folder
         model_config = EarlyExitConfig.load(source.directory)
+        held.enter_context(OutputLock(Path(config.output).resolve()))  # before calibration writes there too
         shipped_model = functools.cache(lambda: ship_model(source))
         if config.calibrate_rows:
             calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model)

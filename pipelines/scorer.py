@@ -19,6 +19,28 @@ if TYPE_CHECKING:
 OUTPUT_COLUMNS = ("label", "confidence", "exit_layer", "flops", "tokens", "probs", "error")
 
 
+def is_text_type(column_type: pa.DataType) -> bool:
+    """Strings, or binary that holds them (Spark writes strings without a UTF-8 annotation)."""
+    return any(check(column_type) for check in (pa.types.is_string, pa.types.is_large_string,
+                                                 pa.types.is_binary, pa.types.is_large_binary))
+
+
+def column_texts(column: pa.ChunkedArray | pa.Array) -> list:
+    """The column's values as Python strings; binary values are decoded as UTF-8, and a value that is not valid
+    UTF-8 stays bytes (an invalid row, "not a string: bytes", never a crash)."""
+    values = column.to_pylist()
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        return [decode_utf8(v) for v in values]
+    return values
+
+
+def decode_utf8(value: bytes | None) -> str | bytes | None:
+    try:
+        return value.decode("utf-8") if value is not None else None
+    except UnicodeDecodeError:
+        return value
+
+
 class Scorer:
     """Adds label, confidence, exit_layer, flops, tokens (and probs) and error to every row of a batch.
 
@@ -38,7 +60,7 @@ class Scorer:
         self.batch_size = batch_size  # None: the whole batch in one model call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch[self.text_column].to_pylist()
+        texts = column_texts(batch[self.text_column])
         out = self.model.predict(texts, policy=self.policy.name, threshold=getattr(self.policy, "threshold", None),
                                  patience=getattr(self.policy, "patience", None), batch_size=self.batch_size or max(len(texts), 1),
                                  invalid="null")

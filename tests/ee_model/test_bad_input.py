@@ -61,3 +61,33 @@ def test_bad_label_lists_are_refused(tiny_encoder_dir):
         EarlyExitClassifier.from_encoder(path, labels=["a", "b", "a"])
     with pytest.raises(ValueError, match="at least 2 classes"):
         EarlyExitClassifier.from_encoder(path, labels=[])
+
+
+def test_text_of_only_zero_width_or_control_characters_is_invalid(tiny_model):
+    out = tiny_model().predict(["\u200b\u200b", "\ufeff \x00", "fine \u200b"], invalid="null")
+    assert out.error == ["only control or zero-width characters"] * 2 + [None]
+
+
+def test_code_shipped_with_a_checkpoint_never_runs(tiny_encoder_dir, tmp_path):
+    """A saved encoder whose config points at its own code (auto_map, unknown model_type): even with "y" on
+    stdin, the code is not imported (trust_remote_code=False is passed to every Auto* load), and loading fails."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    encoder = shutil.copytree(tiny_encoder_dir("bert"), tmp_path / "encoder")
+    marker = tmp_path / "remote-code-ran"
+    (encoder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                     "from transformers import BertConfig\n"
+                                     "class EvilConfig(BertConfig):\n    model_type = 'evil-bert'\n")
+    config = json.loads((encoder / "config.json").read_text())
+    config.update(model_type="evil-bert", auto_map={"AutoConfig": "evil.EvilConfig"})
+    (encoder / "config.json").write_text(json.dumps(config))
+    code = ("from ee_model import EarlyExitClassifier\n"
+            f"EarlyExitClassifier.from_encoder({str(encoder)!r}, labels=['a', 'b'])\n")
+    result = subprocess.run([sys.executable, "-c", code], input="y\ny\ny\n", capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert not marker.exists()
+    assert result.returncode != 0 and "trust_remote_code" in result.stderr, result.stderr[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -362,3 +363,36 @@ def test_same_name_and_version_in_two_registries_get_different_output_keys(tmp_p
         identities.append(resolve_model("models:/early-exit-classifier/1", store / "download").identity)
     assert all(i.startswith("early-exit-classifier-v1-") for i in identities)
     assert identities[0] != identities[1]
+
+
+@pytest.mark.parametrize("values, kind", [([1, 2], "int64"), ([["a"], ["b"]], "list<element: string>")])
+def test_text_column_of_another_type_is_refused_up_front(model_dir, tmp_path, values, kind):
+    pq.write_table(pa.table({"text": values}), tmp_path / "x.parquet")
+    with pytest.raises(ScoringError, match=rf"x.parquet': text column 'text' holds {re.escape(kind)}, not strings"):
+        score(model_dir, tmp_path / "x.parquet", tmp_path / "out", tmp_path)
+
+
+def test_binary_text_column_is_decoded_as_utf8(ray_local, model_dir, tmp_path):
+    texts = random_texts(20, seed=4)
+    values = [t.encode() for t in texts] + [b"\xff\xfe not utf-8", None]
+    pq.write_table(pa.table({"text": pa.array(values, pa.binary())}), tmp_path / "spark.parquet")
+    summary = score(model_dir, tmp_path / "spark.parquet", tmp_path / "out", tmp_path)
+    out = read_outputs(summary)["spark.parquet"]
+    expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts)
+    assert out["label"].to_pylist()[:20] == expected.label
+    assert out["error"].to_pylist()[20:] == ["not a string: bytes", "null text"]
+    assert summary["rows_in"] == summary["rows_scored"] == 22
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_unreadable_weights_are_refused_by_the_driver(model_dir, tmp_path, damage):
+    import shutil
+
+    broken = Path(shutil.copytree(model_dir, tmp_path / "broken"))
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not safetensors" * 100)
+    write(tmp_path / "in" / "a.parquet", ["x"])
+    with pytest.raises(ModelSourceError, match=r"cannot read .*broken/model.safetensors"):
+        score(str(broken), tmp_path / "in", tmp_path / "out", tmp_path)
+    assert not (tmp_path / "out").exists()
