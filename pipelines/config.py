@@ -183,6 +183,7 @@ class EvalConfig:
     timed_patiences: tuple[int, ...] = (2, 4)
     wallclock_batch_sizes: tuple[int, ...] = (1, 64)
     wallclock_rows: int = 256  # test rows timed per point; 0 turns timing off
+    wallclock_repeats: int = 3  # full depth and every point timed in turn this many times; medians reported
 
     def __post_init__(self) -> None:
         grid = tuple(sorted({float(s) for s in self.thresholds} | {float(s) for s in self.timed_thresholds}))
@@ -195,6 +196,7 @@ class EvalConfig:
             _positive("wallclock_batch_sizes", size)
         for t in self.timed_patiences:
             _positive("timed_patiences", t)
+        _positive("wallclock_repeats", self.wallclock_repeats)
         if self.wallclock_rows < 0:
             raise ValueError(f"wallclock_rows={self.wallclock_rows!r} must be >= 0")
 

@@ -66,7 +66,8 @@ def evaluate_trained_model(model: EarlyExitClassifier, model_dir: str | Path, de
     wallclock = []
     if config.wallclock_rows > 0:
         texts = test["text"].to_pylist()[: config.wallclock_rows]
-        wallclock = wallclock_speedups(model, texts, timed_points(model, config), config.wallclock_batch_sizes)
+        wallclock = wallclock_speedups(model, texts, timed_points(model, config), config.wallclock_batch_sizes,
+                                       config.wallclock_repeats)
     test_eval["wallclock"] = wallclock
     dev_eval["chosen"] = test_eval["chosen"] = chosen
     return FinalEvaluation(dev_eval, test_eval, chosen, wallclock, passes)
