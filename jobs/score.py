@@ -42,6 +42,8 @@ def main(
     cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor; torch threads follow")] = 1.0,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor")] = 0.0,
     include_probs: Annotated[bool, typer.Option(help="also write every class probability")] = False,
+    output_prefix: Annotated[str, typer.Option(
+        help="prefix of the output columns, e.g. pred_ to score a labeled corpus (pred_label beside label)")] = "",
     calibrate_rows: Annotated[int, typer.Option(
         help="choose S (or t) on this many input rows, no labels needed: the fastest agreeing with full depth on "
              ">= --min-agreement of them; pinned in <output>/_calibration for later runs. 0: the model's")] = 0,
@@ -60,7 +62,7 @@ def main(
         config = ScoreConfig(model=model, input=input, output=output, policy=policy, threshold=threshold,
                              patience=patience, text_column=text_column, batch_size=batch_size,
                              sort_rows=sort_rows, actors=actors, cpus_per_actor=cpus_per_actor,
-                             gpus_per_actor=gpus_per_actor, include_probs=include_probs,
+                             gpus_per_actor=gpus_per_actor, include_probs=include_probs, output_prefix=output_prefix,
                              calibrate_rows=calibrate_rows, min_agreement=min_agreement)
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     with one_line_errors(UserError):

@@ -340,6 +340,7 @@ class ScoreConfig:
     cpus_per_actor: float = 1.0  # torch threads follow it
     gpus_per_actor: float = 0.0
     include_probs: bool = False
+    output_prefix: str = ""  # prepended to every output column (label -> pred_label) to keep an input `label`
     # > 0: choose the knob on this many rows of the input without labels (pipelines.calibration): the fastest
     # agreeing with full depth on >= min_agreement of them; pinned in <output>/_calibration so reruns keep it
     calibrate_rows: int = 0
@@ -363,6 +364,8 @@ class ScoreConfig:
         for knob in ("threshold", "patience"):
             if self.policy is not None and getattr(self, knob) is not None and KNOB_OF_POLICY[self.policy] != knob:
                 raise ValueError(f"policy {self.policy!r} does not use {knob}={getattr(self, knob)!r}: drop it")
+        if self.output_prefix and not self.output_prefix.replace("_", "").isalnum():
+            raise ValueError(f"output_prefix={self.output_prefix!r} must be letters, digits and '_'")
         if self.calibrate_rows < 0:
             raise ValueError(f"calibrate_rows={self.calibrate_rows!r} must be >= 0")
         if not 0 < self.min_agreement <= 1:

@@ -101,9 +101,11 @@ def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
         text_type = schema.field(config.text_column).type
         if not is_text_type(text_type):
             raise ScoringError(f"{path!r}: text column {config.text_column!r} holds {text_type}, not strings")
-        clashes = [c for c in (*OUTPUT_COLUMNS, SOURCE_COLUMN) if c in schema.names]
+        written = [config.output_prefix + c for c in OUTPUT_COLUMNS]
+        clashes = [c for c in (*written, SOURCE_COLUMN) if c in schema.names]
         if clashes:
-            raise ScoringError(f"{path!r} already has column(s) {clashes} that scoring writes; rename them first")
+            raise ScoringError(f"{path!r} already has column(s) {clashes} that scoring writes; give "
+                               "--output-prefix (e.g. pred_) to write pred_label, ... beside them")
         rows = parquet.metadata.num_rows
         inputs.append(InputFile(path, rows, schema, output_name(path, root), fingerprint(path, rows)))
     unique_outputs(inputs)
@@ -126,19 +128,21 @@ def files_to_score(inputs: list[InputFile], folder: OutputFolder) -> tuple[dict[
     return pending, changed
 
 
-def output_schema(input_schema: pa.Schema, include_probs: bool) -> pa.Schema:
+def output_schema(input_schema: pa.Schema, include_probs: bool, prefix: str = "") -> pa.Schema:
     extra = [pa.field("label", pa.string()), pa.field("confidence", pa.float32()), pa.field("exit_layer", pa.int32()),
              pa.field("flops", pa.int64()), pa.field("tokens", pa.int32())]
     if include_probs:
         extra.append(pa.field("probs", pa.list_(pa.float32())))
-    return pa.schema([*input_schema, *extra, pa.field("error", pa.string())])
+    extra.append(pa.field("error", pa.string()))
+    return pa.schema([*input_schema, *(field.with_name(prefix + field.name) for field in extra)])
 
 
 def run_key(source: ModelSource, model_config: EarlyExitConfig, config: ScoreConfig) -> tuple[str, str, Any]:
     policy = config.policy or model_config.policy
     knob = {"entropy": config.threshold if config.threshold is not None else model_config.threshold,
             "none": None}.get(policy, config.patience if config.patience is not None else model_config.patience)
-    return f"{source.identity}__{policy}" + ("" if knob is None else f"-{knob:g}"), policy, knob
+    key = f"{source.identity}__{policy}" + ("" if knob is None else f"-{knob:g}")
+    return key + (f"__prefix-{config.output_prefix}" if config.output_prefix else ""), policy, knob
 
 
 @dataclass
@@ -151,15 +155,17 @@ class Tally:
     tokens: list[np.ndarray] = field(default_factory=list)
     flops: int = 0
     labels: collections.Counter = field(default_factory=collections.Counter)
+    prefix: str = ""  # of the output columns
 
     def add(self, table: pa.Table) -> None:
+        column = lambda name: table[self.prefix + name]  # noqa: E731
         self.rows += table.num_rows
-        self.errors += table.num_rows - table["error"].null_count
-        scored = table.filter(table["error"].is_null())
-        self.exit_layers.append(scored["exit_layer"].to_numpy())
-        self.tokens.append(scored["tokens"].to_numpy())
-        self.flops += int(pa.compute.sum(scored["flops"]).as_py() or 0)
-        self.labels.update(scored["label"].to_pylist())
+        self.errors += table.num_rows - column("error").null_count
+        scored = column("error").is_null()
+        self.exit_layers.append(column("exit_layer").filter(scored).to_numpy())
+        self.tokens.append(column("tokens").filter(scored).to_numpy())
+        self.flops += int(pa.compute.sum(column("flops").filter(scored)).as_py() or 0)
+        self.labels.update(column("label").filter(scored).to_pylist())
 
 
 def score_stream(dataset: Any, pending: dict[str, InputFile], folder: OutputFolder, schema_of, tally: Tally,
@@ -198,6 +204,7 @@ def build_dataset(files: list[str], config: ScoreConfig, model: ObjectRef):
             fn_constructor_kwargs={"model": model, "text_column": config.text_column,
                                    "policy": config.policy, "threshold": config.threshold,
                                    "patience": config.patience, "include_probs": config.include_probs,
+                                   "column_prefix": config.output_prefix,
                                    "cpus": config.cpus_per_actor, "batch_size": config.batch_size},
             compute=ray.data.ActorPoolStrategy(size=config.actors),
             batch_size=config.rows_per_task,
@@ -289,8 +296,8 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
         folder.prepare()
         pending, changed = files_to_score(inputs, folder)
         record = {"model": source.reference, "model_identity": source.identity, "policy": policy, "knob": knob}
-        schema_of = lambda item: output_schema(item.schema, config.include_probs)  # noqa: E731
-        tally, started = Tally(), time.time()
+        schema_of = lambda item: output_schema(item.schema, config.include_probs, config.output_prefix)  # noqa: E731
+        tally, started = Tally(prefix=config.output_prefix), time.time()
         skipped = len(inputs) - len(pending)
         committed = 0
         for path, item in list(pending.items()):

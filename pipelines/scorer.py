@@ -51,12 +51,13 @@ class Scorer:
 
     def __init__(self, model: ModelFiles | ObjectRef | str, text_column: str, policy: str | None,
                  threshold: float | None, patience: int | None, include_probs: bool = False, cpus: float = 1.0,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, column_prefix: str = "") -> None:
         torch.set_num_threads(max(1, math.floor(cpus)))  # match the actor's CPUs, not the machine's
         self.model = load_shipped_model(model)
         self.text_column = text_column
         self.policy = self.model.policy_for(policy, threshold, patience)
         self.include_probs = include_probs
+        self.column_prefix = column_prefix  # e.g. "pred_": a labeled corpus keeps its own `label` column
         self.batch_size = batch_size  # None: the whole batch in one model call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -78,5 +79,5 @@ class Scorer:
             columns["probs"] = pa.array(probs, pa.list_(pa.float32()))
         columns["error"] = pa.array(out.error, pa.string())
         for name, values in columns.items():
-            batch = batch.append_column(name, values)  # input columns never clash: checked up front
+            batch = batch.append_column(self.column_prefix + name, values)  # input columns never clash: checked up front
         return batch

@@ -396,3 +396,17 @@ def test_unreadable_weights_are_refused_by_the_driver(model_dir, tmp_path, damag
     with pytest.raises(ModelSourceError, match=r"cannot read .*broken/model.safetensors"):
         score(str(broken), tmp_path / "in", tmp_path / "out", tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_labeled_corpus_is_scored_with_an_output_prefix(ray_local, model_dir, tmp_path):
+    texts = random_texts(30, seed=6) + [None]
+    write(tmp_path / "eval.parquet", texts, label=pa.array(["gold"] * 31))
+    summary = score(model_dir, tmp_path / "eval.parquet", tmp_path / "out", tmp_path, output_prefix="pred_")
+    out = read_outputs(summary)["eval.parquet"]
+    assert out.column_names == ["text", "label", "pred_label", "pred_confidence", "pred_exit_layer", "pred_flops",
+                                "pred_tokens", "pred_error"]
+    assert out["label"].to_pylist() == ["gold"] * 31
+    assert out["pred_label"].to_pylist()[:30] == EarlyExitClassifier.from_pretrained(model_dir).predict(texts[:30]).label
+    assert summary["errors"] == 1 and summary["rows_scored"] == 31 and summary["output"].endswith("__prefix-pred_")
+    with pytest.raises(ValueError, match="output_prefix='pred-' must be letters, digits and '_'"):
+        score(model_dir, tmp_path / "eval.parquet", tmp_path / "out", tmp_path, output_prefix="pred-")
