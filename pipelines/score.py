@@ -134,7 +134,7 @@ def output_schema(input_schema: pa.Schema, include_probs: bool, prefix: str = ""
     if include_probs:
         extra.append(pa.field("probs", pa.list_(pa.float32())))
     extra.append(pa.field("error", pa.string()))
-    return pa.schema([*input_schema, *(field.with_name(prefix + field.name) for field in extra)])
+    return pa.schema([*input_schema, *(column.with_name(prefix + column.name) for column in extra)])
 
 
 def run_key(source: ModelSource, model_config: EarlyExitConfig, config: ScoreConfig) -> tuple[str, str, Any]:
