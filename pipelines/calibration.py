@@ -19,12 +19,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from scipy.stats import binomtest
 
 from ee_model import EarlyExitClassifier
 from ee_model.texts import invalid_text_reasons
+from pipelines.errors import UserError
 from pipelines.evaluate import SplitPass, sweep, texts_pass
 from pipelines.model_source import ModelFiles, load_shipped_model
 from pipelines.scorer import column_texts
@@ -72,7 +74,10 @@ def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int) 
         group_starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
         group_of = np.searchsorted(group_starts, local, side="right") - 1  # the row group of each sampled row
         groups = np.unique(group_of)
-        column = parquet.read_row_groups(groups.tolist(), columns=[text_column])[text_column]
+        try:
+            column = parquet.read_row_groups(groups.tolist(), columns=[text_column])[text_column]
+        except (OSError, pa.ArrowException) as error:
+            raise UserError(f"cannot read the calibration sample from {path!r}: {error}") from None
         read_starts = np.cumsum(np.concatenate([[0], np.diff(group_starts)[groups]]))[:-1]  # in `column`
         positions = read_starts[np.searchsorted(groups, group_of)] + (local - group_starts[group_of])
         texts.extend(column_texts(column.take(positions)))

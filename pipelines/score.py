@@ -128,6 +128,21 @@ def files_to_score(inputs: list[InputFile], folder: OutputFolder) -> tuple[dict[
     return pending, changed
 
 
+def unreadable_files(pending: dict[str, InputFile], text_column: str) -> dict[str, str]:
+    """{path: reason} of the pending files whose text column cannot be read through (a corrupt data page behind
+    an intact footer), taken out of `pending`: they are named at the end, the others are scored and committed.
+    Reads each file's text column once, in row-group-sized batches (memory stays flat)."""
+    bad = {}
+    for key, item in list(pending.items()):
+        try:
+            for _ in pq.ParquetFile(item.path).iter_batches(columns=[text_column]):
+                pass
+        except (OSError, pa.ArrowException) as error:
+            bad[item.path] = str(error)
+            del pending[key]
+    return bad
+
+
 def output_schema(input_schema: pa.Schema, include_probs: bool, prefix: str = "") -> pa.Schema:
     extra = [pa.field("label", pa.string()), pa.field("confidence", pa.float32()), pa.field("exit_layer", pa.int32()),
              pa.field("flops", pa.int64()), pa.field("tokens", pa.int32())]
@@ -295,6 +310,7 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
         folder = OutputFolder(Path(config.output).resolve() / key)
         folder.prepare()
         pending, changed = files_to_score(inputs, folder)
+        unreadable = unreadable_files(pending, config.text_column)
         record = {"model": source.reference, "model_identity": source.identity, "policy": policy, "knob": knob}
         schema_of = lambda item: output_schema(item.schema, config.include_probs, config.output_prefix)  # noqa: E731
         tally, started = Tally(prefix=config.output_prefix), time.time()
@@ -309,7 +325,8 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
             dataset = build_dataset(list(pending), config, shipped_model())
             committed += score_stream(dataset, pending, folder, schema_of, tally, record)
         counts = {"input_files": len(inputs), "files_scored": committed, "files_skipped": skipped,
-                  "files_changed": len(changed), "rows_in": sum(f.rows for f in pending.values())}
+                  "files_changed": len(changed), "files_unreadable": len(unreadable),
+                  "rows_in": sum(f.rows for f in pending.values())}
         summary = summarize(tally, model_config, time.time() - started, counts)
         if summary["rows_scored"] != counts["rows_in"]:
             raise RuntimeError(f"rows in {counts['rows_in']} != rows out {summary['rows_scored']}")
@@ -317,7 +334,12 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
                         "policy": policy, "knob": knob, "started_at": round(started, 3)})
         if calibration is not None:
             summary["calibration"] = {**calibration.to_dict(), "pinned": pinned}
+        if unreadable:
+            summary["unreadable"] = unreadable
     log_scoring_run(summary, requested, source)
+    if unreadable:  # after the readable files were committed and the run logged; a rerun retries these
+        raise ScoringError(f"{len(unreadable)} input file(s) could not be read and were not scored (the other "
+                           f"{summary['files_scored']} were): " + "; ".join(f"{p}: {r}" for p, r in unreadable.items()))
     return summary
 
 

@@ -410,3 +410,18 @@ def test_a_labeled_corpus_is_scored_with_an_output_prefix(ray_local, model_dir, 
     assert summary["errors"] == 1 and summary["rows_scored"] == 31 and summary["output"].endswith("__prefix-pred_")
     with pytest.raises(ValueError, match="output_prefix='pred-' must be letters, digits and '_'"):
         score(model_dir, tmp_path / "eval.parquet", tmp_path / "out", tmp_path, output_prefix="pred-")
+
+
+def test_a_corrupt_data_page_names_its_file_and_the_good_files_still_commit(ray_local, model_dir, tmp_path):
+    write(tmp_path / "in" / "good.parquet", random_texts(25, seed=1))
+    pq.write_table(pa.table({"text": [f"text number {i} " * 5 for i in range(2000)]}), tmp_path / "in" / "bad.parquet",
+                   compression="snappy")
+    data = bytearray((tmp_path / "in" / "bad.parquet").read_bytes())
+    data[1000:1064] = b"\xff" * 64  # inside a data page; the footer stays intact
+    (tmp_path / "in" / "bad.parquet").write_bytes(bytes(data))
+    with pytest.raises(ScoringError, match=r"1 input file\(s\) could not be read and were not scored \(the other 1 "
+                                           r"were\): .*bad.parquet: .*[Cc]orrupt"):
+        score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    (key,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    assert (key / "good.parquet").is_file() and not (key / "bad.parquet").exists()
+    assert pq.read_table(key / "good.parquet").num_rows == 25
