@@ -66,8 +66,19 @@ def test_stage2_in_local_mode_keeps_the_teacher_and_trains_students(
 
     splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
     torch.manual_seed(0)
-    start = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=splits.labels)
-    start.save_pretrained(tmp_path / "init" / MODEL_SUBDIR)
+    start = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=splits.labels).train()
+    # a teacher that has learned the task (plain stage-1 steps): the students start near chance and must move
+    # towards it (an untrained teacher can predict one class everywhere; students copying it never change accuracy)
+    texts = splits.train["text"].to_pylist()
+    labels = [splits.labels.index(label) for label in splits.train["label"].to_pylist()]
+    optimizer = torch.optim.AdamW(start.parameters(), lr=5e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for _ in range(3):
+        for i in range(0, len(texts), 16):
+            batch = {"text": texts[i:i + 16], "label_id": labels[i:i + 16]}
+            train_step(start, batch, "stage1", loss_for("stage1", StageConfig()), optimizer, scheduler,
+                       torch.device("cpu"))
+    start.eval().save_pretrained(tmp_path / "init" / MODEL_SUBDIR)
     tracking = mlflow_run(tmp_path)
     fit_stage("stage2", splits, "unused", tmp_path, init=Checkpoint.from_directory(str(tmp_path / "init")),
               tracking=tracking)
