@@ -338,8 +338,9 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
             summary["unreadable"] = unreadable
     log_scoring_run(summary, requested, source)
     if unreadable:  # after the readable files were committed and the run logged; a rerun retries these
+        named = "; ".join(f"{path}: {reason}" for path, reason in unreadable.items())
         raise ScoringError(f"{len(unreadable)} input file(s) could not be read and were not scored (the other "
-                           f"{summary['files_scored']} were): " + "; ".join(f"{p}: {r}" for p, r in unreadable.items()))
+                           f"{summary['files_scored']} were): {named}")
     return summary
 
 

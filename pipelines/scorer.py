@@ -79,5 +79,6 @@ class Scorer:
             columns["probs"] = pa.array(probs, pa.list_(pa.float32()))
         columns["error"] = pa.array(out.error, pa.string())
         for name, values in columns.items():
-            batch = batch.append_column(self.column_prefix + name, values)  # input columns never clash: checked up front
+            # input columns never clash: checked up front
+            batch = batch.append_column(self.column_prefix + name, values)
         return batch

@@ -312,7 +312,8 @@ def test_a_busy_output_folder_is_refused_and_a_killed_holder_leaves_no_lock(mode
             score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from pipelines.incremental import OutputLock\n"
-        f"lock = OutputLock(Path({str(tmp_path / 'out2')!r})).__enter__(); print('held', flush=True); time.sleep(60)")],
+        f"lock = OutputLock(Path({str(tmp_path / 'out2')!r})).__enter__()\n"
+        "print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(OutputLockedError):
@@ -406,7 +407,8 @@ def test_a_labeled_corpus_is_scored_with_an_output_prefix(ray_local, model_dir, 
     assert out.column_names == ["text", "label", "pred_label", "pred_confidence", "pred_exit_layer", "pred_flops",
                                 "pred_tokens", "pred_error"]
     assert out["label"].to_pylist() == ["gold"] * 31
-    assert out["pred_label"].to_pylist()[:30] == EarlyExitClassifier.from_pretrained(model_dir).predict(texts[:30]).label
+    expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts[:30])
+    assert out["pred_label"].to_pylist()[:30] == expected.label
     assert summary["errors"] == 1 and summary["rows_scored"] == 31 and summary["output"].endswith("__prefix-pred_")
     with pytest.raises(ValueError, match="output_prefix='pred-' must be letters, digits and '_'"):
         score(model_dir, tmp_path / "eval.parquet", tmp_path / "out", tmp_path, output_prefix="pred-")
