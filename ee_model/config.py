@@ -44,6 +44,13 @@ def check_labels(labels: Any) -> tuple[str, ...]:
     return tuple(labels)
 
 
+def check_head_dropout(head_dropout: Any) -> float:
+    """A dropout probability: a number in [0, 1)."""
+    if isinstance(head_dropout, bool) or not isinstance(head_dropout, (int, float)) or not 0 <= head_dropout < 1:
+        raise ValueError(f"head_dropout={head_dropout!r} must be in [0, 1)")
+    return float(head_dropout)
+
+
 @dataclass(frozen=True)
 class EarlyExitConfig:
     """Everything needed to rebuild an early-exit classifier, apart from its weights.
@@ -88,8 +95,7 @@ class EarlyExitConfig:
         check_patience(self.patience)
         if int(self.max_length) < 2:
             raise ValueError(f"max_length={self.max_length!r} must be >= 2")
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
+        check_head_dropout(self.head_dropout)
 
     @property
     def num_labels(self) -> int:

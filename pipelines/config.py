@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ee_model.config import HEAD_TYPES, POLICY_NAMES, POOLINGS, VARIANTS
+from ee_model.config import HEAD_TYPES, POLICY_NAMES, POOLINGS, VARIANTS, check_head_dropout
 from ee_model.policies import KNOB_OF_POLICY, check_patience, check_threshold
 from pipelines.thresholds import ThresholdTarget
 
@@ -78,9 +78,7 @@ class ModelConfig:
             raise ValueError(f"max_length={self.max_length!r} must be >= 8")
         check_threshold(self.threshold)
         check_patience(self.patience)
-        if isinstance(self.head_dropout, bool) or not isinstance(self.head_dropout, (int, float)) \
-                or not 0 <= self.head_dropout < 1:
-            raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
+        check_head_dropout(self.head_dropout)
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,13 @@ import time
 from collections.abc import Sequence
 
 from ee_model import EarlyExitClassifier
+from ee_model.policies import KNOB_OF_POLICY
 
 
 def seconds_of(model: EarlyExitClassifier, texts: list[str], batch_size: int, policy: str,
                knob: float | int | None) -> float:
-    kwargs = {"threshold": knob} if policy == "entropy" else {"patience": knob} if policy != "none" else {}
+    knob_name = KNOB_OF_POLICY[policy]
+    kwargs = {knob_name: knob} if knob_name else {}
     started = time.perf_counter()
     model.predict(texts, policy=policy, batch_size=batch_size, **kwargs)
     return time.perf_counter() - started
