@@ -30,7 +30,7 @@ from pipelines.config import S_GRID  # noqa: E402
 
 def timed_calibration(model, texts, device: str, target: float) -> tuple[dict, float]:
     start = time.perf_counter()
-    result = calibrate(model.to(device), texts, "entropy", target, S_GRID)
+    result = calibrate(model.to(device), texts, "entropy", target, 0.05, S_GRID)
     return result.to_dict(), time.perf_counter() - start
 
 

@@ -155,7 +155,7 @@ def calibrated_threshold(path: Path, model_dir: str, rows: int, min_agreement: f
     start = time.perf_counter()
     texts = sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows)
     task = ray.remote(calibrate_on_worker).options(num_cpus=cpus)
-    calibration = ray.get(task.remote(model_dir, texts, "entropy", min_agreement, S_GRID, batch_size, cpus))
+    calibration = ray.get(task.remote(model_dir, texts, "entropy", min_agreement, 0.05, S_GRID, batch_size, cpus))
     return calibration.to_dict(), time.perf_counter() - start
 
 

@@ -12,7 +12,9 @@ policy and threshold are skipped, new files are scored. Prints a JSON summary.
 
 The threshold stored with the model was chosen on its labeled dev split. For a corpus of another kind,
 --calibrate-rows N chooses it on N rows of this input instead (one full-depth pass, no labels) so that early-exit
-labels agree with the full model's on >= --min-agreement of them; the choice is pinned in the output folder.
+labels agree with the full model's on >= --min-agreement of the corpus with probability >= 1 - --delta (a
+one-sided Clopper-Pearson bound on the sample; with N too small for that, full depth); the choice is pinned in the
+output folder.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main(
         help="choose S (or t) on this many input rows, no labels needed: the fastest agreeing with full depth on "
              ">= --min-agreement of them; pinned in <output>/_calibration for later runs. 0: the model's")] = 0,
     min_agreement: Annotated[float, typer.Option(help="agreement with full depth that --calibrate-rows keeps")] = 0.99,
+    delta: Annotated[float, typer.Option(
+        help="--calibrate-rows keeps --min-agreement on the corpus with probability >= 1 - delta")] = 0.05,
     address: Annotated[str | None, typer.Option(help="Ray address; default $RAY_ADDRESS, else a new local Ray")] = None,
     summary_file: Annotated[Path | None, typer.Option(help="also write the JSON summary here")] = None,
 ) -> None:
@@ -63,7 +67,7 @@ def main(
                              patience=patience, text_column=text_column, batch_size=batch_size,
                              sort_rows=sort_rows, actors=actors, cpus_per_actor=cpus_per_actor,
                              gpus_per_actor=gpus_per_actor, include_probs=include_probs, output_prefix=output_prefix,
-                             calibrate_rows=calibrate_rows, min_agreement=min_agreement)
+                             calibrate_rows=calibrate_rows, min_agreement=min_agreement, delta=delta)
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     with one_line_errors(UserError):
         summary = run_scoring(config)

@@ -4,8 +4,11 @@ A model's stored S (or t) was chosen on its labeled dev split. A corpus of anoth
 source) can need a safer knob to keep the early-exit labels equal to the full model's. Calibration needs no labels:
 one full-depth pass over a sample of the corpus records every exit's logits, the full model's own predictions
 stand in for gold labels, so each sweep point's `retention` is its agreement with full depth, and the knob is
-chosen with the training job's rule (`pipelines.thresholds.choose_knob`): the fastest setting whose every safer
-setting agrees on >= `min_agreement` of the sample.
+chosen with the training job's rule (`pipelines.thresholds.choose_knob`): settings are tested from the safest to
+the most eager, each passing when the one-sided Clopper-Pearson bound of its agreement at confidence 1 - delta is
+>= `min_agreement`; the last to pass is used. So the promise "agrees with full depth on >= min_agreement of the
+corpus" holds with probability >= 1 - delta (the sample standing for the corpus); with too small a sample no
+setting can pass and full depth is used.
 
 The sample is spread evenly over the inputs (file order, then row order) and reads only the row groups that hold
 its rows, so calibrating costs one full-depth pass over `rows` texts whatever the corpus size.
@@ -22,7 +25,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from scipy.stats import binomtest
 
 from ee_model import EarlyExitClassifier
 from ee_model.texts import invalid_text_reasons
@@ -41,12 +43,14 @@ class Calibration:
     policy: str
     knob: float | int
     min_agreement: float
-    met: bool  # False: not even the safest setting agreed on min_agreement of the sample (the safest is used)
+    delta: float  # the promise (agreement >= min_agreement on the corpus) fails with probability <= delta
+    met: bool  # False: no setting passed, not even the safest (full depth is used); `reason` says why
     agreement: float  # on the sample, at knob
-    agreement_lower_95: float  # Wilson 95 % lower bound of that agreement (the sample is finite)
+    agreement_bound: float  # one-sided Clopper-Pearson lower bound of that agreement at confidence 1 - delta
     rows: int  # valid texts in the sample
     flops_speedup: float  # on the sample, at knob
     mean_exit_layer: float
+    reason: str
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,25 +96,25 @@ def agreement_pass(model: EarlyExitClassifier, texts: list[str], batch_size: int
     return replace(recorded, labels=recorded.logits[-1].argmax(-1))
 
 
-def calibrate(model: EarlyExitClassifier, texts: list[str], policy: str, min_agreement: float,
+def calibrate(model: EarlyExitClassifier, texts: list[str], policy: str, min_agreement: float, delta: float,
               thresholds: tuple[float, ...], batch_size: int = 64) -> Calibration:
-    """The fastest knob of `policy` agreeing with full depth on >= min_agreement of `texts` (see module doc)."""
+    """The fastest knob of `policy` whose agreement with full depth on the corpus is >= min_agreement with
+    confidence 1 - delta, judged on `texts` (see module doc)."""
     if policy not in ("entropy", "count", "patience"):
         raise ValueError(f"calibration needs an early-exit policy (entropy, count or patience), not {policy!r}")
     if not texts:
         raise ValueError("calibration sample holds no valid text")
     split = agreement_pass(model, texts, batch_size)
-    points = [p for p in sweep(model, split, thresholds) if p["policy"] == policy]
-    chosen = choose_knob(points, policy, ThresholdTarget("retention", min_agreement))
-    agreeing = round(chosen["accuracy"] * len(texts))
-    lower = binomtest(agreeing, len(texts)).proportion_ci(0.95, method="wilson").low
+    points = [p for p in sweep(model, split, tuple(sorted({0.0, *thresholds}))) if p["policy"] == policy]
+    chosen = choose_knob(points, policy, ThresholdTarget("retention", min_agreement, delta=delta))
     knob = float(chosen["knob"]) if policy == "entropy" else int(chosen["knob"])
-    return Calibration(policy, knob, min_agreement, bool(chosen["met"]), float(chosen["accuracy"]),
-                       float(lower), len(texts), float(chosen["flops_speedup"]), float(chosen["mean_exit_layer"]))
+    return Calibration(policy, knob, min_agreement, delta, bool(chosen["met"]), float(chosen["accuracy"]),
+                       float(chosen["bound"]), len(texts), float(chosen["flops_speedup"]),
+                       float(chosen["mean_exit_layer"]), chosen["reason"])
 
 
 def calibrate_on_worker(model: ModelFiles | ObjectRef | str, texts: list[str], policy: str, min_agreement: float,
-                        thresholds: tuple[float, ...], batch_size: int, cpus: float) -> Calibration:
+                        delta: float, thresholds: tuple[float, ...], batch_size: int, cpus: float) -> Calibration:
     """`calibrate` where a scoring actor would run (its CPUs, its GPU when it has one): a Ray task body."""
     torch.set_num_threads(max(1, math.floor(cpus)))
-    return calibrate(load_shipped_model(model), texts, policy, min_agreement, thresholds, batch_size)
+    return calibrate(load_shipped_model(model), texts, policy, min_agreement, delta, thresholds, batch_size)

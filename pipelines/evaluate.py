@@ -56,11 +56,15 @@ def full_pass(model: EarlyExitClassifier, table: pa.Table, batch_size: int = 64)
 
 def point_from_layers(model: EarlyExitClassifier, split: SplitPass, layers: torch.Tensor, policy: str,
                       knob: float | int | None) -> dict:
-    """Quality and cost of exiting each row at `layers` (n,), 1-based."""
+    """Quality and cost of exiting each row at `layers` (n,), 1-based. `full_correct` counts the rows the full
+    model gets right and `kept` those of them the early exit gets right too (the statistic of
+    `pipelines.thresholds.choose_knob`)."""
     chosen = split.logits[layers - 1, torch.arange(split.logits.shape[1])].argmax(-1)
     labels = split.labels.numpy()
     predicted = chosen.numpy()
-    accuracy = float((predicted == labels).mean())
+    right = predicted == labels
+    full_right = split.logits[-1].argmax(-1).numpy() == labels
+    accuracy = float(right.mean())
     full = split.full_accuracy
     exit_np = layers.numpy()
     return {
@@ -71,6 +75,9 @@ def point_from_layers(model: EarlyExitClassifier, split: SplitPass, layers: torc
         "macro_f1": float(f1_score(labels, predicted, labels=list(range(split.logits.shape[-1])),
                                    average="macro", zero_division=0)),
         "retention": accuracy / full if full > 0 else float("nan"),
+        "rows": int(len(labels)),
+        "full_correct": int(full_right.sum()),
+        "kept": int((right & full_right).sum()),
         "mean_exit_layer": float(exit_np.mean()),
         "layer_speedup": layer_speedup(model.n_layers, exit_np),
         "flops_speedup": flops_speedup(model.flops_model, split.tokens, exit_np),

@@ -7,6 +7,7 @@ are then reported at that knob.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from pipelines.evaluate import SplitPass, evaluate_split, full_pass, policy_poin
 from pipelines.thresholds import choose_knob
 from pipelines.tradeoff_report import exit_histogram_figure, log_trade_off, trade_off_figure, trade_off_table
 from pipelines.wallclock import wallclock_speedups
+
+
+PROMISE_PARAMS = ("policy", "knob", "target", "min_retention", "delta", "reason")  # of the chosen point
 
 
 @dataclass
@@ -60,6 +64,9 @@ def evaluate_trained_model(model: EarlyExitClassifier, model_dir: str | Path, de
     chosen = None
     if config.auto_threshold:
         chosen = choose_knob(dev_eval["sweep"], model.config.policy, config.target_spec())
+        if not chosen["met"]:
+            warnings.warn(f"automatic {model.config.policy} knob on dev: {chosen.get('reason', chosen['target'])}",
+                          stacklevel=2)
         set_default_knob(model, chosen["knob"], model_dir)
         dev_eval["default_policy"] = policy_point(model, passes["dev"], model.config.policy, chosen["knob"])
     test_eval = evaluate_split(model, test, config.thresholds, split=passes["test"])
@@ -76,10 +83,11 @@ def evaluate_trained_model(model: EarlyExitClassifier, model_dir: str | Path, de
 def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) -> None:
     """Per split: per-layer accuracy, the default point, sweep metrics, the table and the plots."""
     if result.chosen is not None:
-        mlflow.log_params({"auto_threshold.policy": result.chosen["policy"],
-                           "auto_threshold.knob": result.chosen["knob"],
-                           "auto_threshold.met_on_dev": result.chosen["met"],
-                           "auto_threshold.target": result.chosen["target"]})
+        chosen = result.chosen
+        mlflow.log_params({f"auto_threshold.{key}": chosen[key] for key in PROMISE_PARAMS if key in chosen}
+                          | {"auto_threshold.met_on_dev": chosen["met"]})
+        if "bound" in chosen:
+            mlflow.log_metrics({"auto_threshold.bound": chosen["bound"], "auto_threshold.rows": chosen["rows"]})
     knob = default_knob(model)
     for name, evaluation in (("dev", result.dev), ("test", result.test)):
         for i, accuracy in enumerate(evaluation["layer_accuracy"]):

@@ -257,7 +257,8 @@ def ship_model(source: ModelSource) -> ObjectRef:
 
 
 def calibration_path(config: ScoreConfig, source: ModelSource, policy: str) -> Path:
-    name = f"{source.identity}__{policy}__agree-{config.min_agreement:g}__rows-{config.calibrate_rows}.json"
+    name = (f"{source.identity}__{policy}__agree-{config.min_agreement:g}__delta-{config.delta:g}"
+            f"__rows-{config.calibrate_rows}.json")
     return Path(config.output).resolve() / "_calibration" / name
 
 
@@ -276,16 +277,14 @@ def pinned_calibration(config: ScoreConfig, source: ModelSource, model_config: E
     if not texts:
         raise ScoringError(f"no valid text to calibrate on in column {config.text_column!r} of {config.input!r}")
     task = ray.remote(calibrate_on_worker).options(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)
-    calibration = ray.get(task.remote(shipped_model(), texts, policy, config.min_agreement, S_GRID,
+    calibration = ray.get(task.remote(shipped_model(), texts, policy, config.min_agreement, config.delta, S_GRID,
                                       config.batch_size, config.cpus_per_actor))
     path.parent.mkdir(parents=True, exist_ok=True)
     aside = path.with_name(path.name + ".tmp")
     aside.write_text(json.dumps(calibration.to_dict(), indent=2))
     aside.replace(path)  # atomic: a killed run pins nothing or everything
     if not calibration.met:
-        warnings.warn(f"no {policy} setting agrees with full depth on {config.min_agreement:.1%} of the calibration "
-                      f"sample; using the safest ({calibration.knob}, agreement {calibration.agreement:.4f})",
-                      stacklevel=2)
+        warnings.warn(f"calibration of {policy}: {calibration.reason}", stacklevel=2)
     return calibration, False
 
 
@@ -358,12 +357,14 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
         mlflow.log_params({"policy": summary["policy"], "knob": summary["knob"], "batch_size": config.batch_size,
                            "sort_rows": config.rows_per_task, "actors": config.actors, "cpus_per_actor": config.cpus_per_actor,
                            "gpus_per_actor": config.gpus_per_actor, "calibrate_rows": config.calibrate_rows,
-                           "min_agreement": config.min_agreement if config.calibrate_rows else None})
+                           "min_agreement": config.min_agreement if config.calibrate_rows else None,
+                           "delta": config.delta if config.calibrate_rows else None})
         if "calibration" in summary:
             calibration = summary["calibration"]
             mlflow.log_metrics({f"calibration_{k}": float(calibration[k]) for k in
-                                ("agreement", "agreement_lower_95", "rows", "flops_speedup", "mean_exit_layer")})
-            mlflow.log_params({"calibration_met": calibration["met"], "calibration_pinned": calibration["pinned"]})
+                                ("agreement", "agreement_bound", "rows", "flops_speedup", "mean_exit_layer")})
+            mlflow.log_params({"calibration_met": calibration["met"], "calibration_pinned": calibration["pinned"],
+                               "calibration_reason": calibration["reason"]})
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics({k: float(v) for k, v in numbers.items() if k not in ("knob", "started_at")})
         mlflow.log_dict(summary, "scoring_summary.json")

@@ -1,15 +1,27 @@
-"""Automatic choice of the exit knob (S for entropy, t for count / patience) from a sweep on dev.
+"""Automatic choice of the exit knob (S for entropy, t for count / patience) from a sweep.
 
 Two targets:
-- "retention": the fastest setting that keeps >= `min_retention` of the full model's accuracy, taken as the
-  end of the longest run of settings, from the safest one up, that all keep it: one lucky grid point beyond a
-  failing one is not chosen (dev sets are small, and the curve should be trusted up to the chosen knob);
-- "flops": the most accurate setting whose FLOPs are <= `flops_budget` x the full model's (ties: the faster).
+- "retention": a promise with a stated confidence. The statistic is, among the rows the full model gets right,
+  the share the early exit also gets right (`kept / full_correct` of a sweep point). It is a binomial
+  proportion, and when it is >= r on unseen data, early-exit accuracy is >= r x full-depth accuracy there
+  (rows the early exit fixes only add). With labels replaced by the full model's own predictions (label-free
+  calibration), `full_correct` is every row and the statistic is agreement with full depth.
+  Settings are tested from the safest to the most eager and the walk stops at the first that fails
+  (fixed-sequence testing, as in Learn-then-Test / CALM): a setting passes when the one-sided Clopper-Pearson
+  lower bound of its statistic at confidence 1 - delta is >= the target. The chosen setting is the last that
+  passed, and the promise fails with probability at most delta over the draw of the dev (or calibration)
+  sample. When none passes (too few rows to promise anything), the safest setting, full depth, is used and
+  `reason` says why.
+- "flops": the most accurate setting whose FLOPs are <= `flops_budget` x the full model's (ties: the faster);
+  no confidence statement.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from scipy.stats import binomtest
 
 
 @dataclass(frozen=True)
@@ -17,6 +29,7 @@ class ThresholdTarget:
     kind: str = "retention"  # "retention" or "flops"
     min_retention: float = 0.99
     flops_budget: float = 0.5  # fraction of full-depth FLOPs, for kind="flops"
+    delta: float = 0.05  # for "retention": the promise may fail with at most this probability
 
     def __post_init__(self) -> None:
         if self.kind not in ("retention", "flops"):
@@ -25,11 +38,26 @@ class ThresholdTarget:
             raise ValueError(f"min_retention={self.min_retention!r} must be in (0, 1]")
         if not 0 < self.flops_budget <= 1:
             raise ValueError(f"flops_budget={self.flops_budget!r} must be in (0, 1]")
+        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
+            raise ValueError(f"delta={self.delta!r} must be a number in (0, 1)")
 
     def describe(self) -> str:
         if self.kind == "retention":
-            return f"fastest knob keeping >= {self.min_retention:.1%} of full-model dev accuracy"
+            return (f"fastest knob keeping >= {self.min_retention:.1%} of full-depth accuracy "
+                    f"with confidence {1 - self.delta:.0%}")
         return f"most accurate knob within {self.flops_budget:.0%} of full-model FLOPs on dev"
+
+
+def lower_bound(kept: int, total: int, delta: float) -> float:
+    """One-sided Clopper-Pearson lower bound of a binomial proportion at confidence 1 - delta (0 when total = 0)."""
+    if total == 0:
+        return 0.0
+    return float(binomtest(kept, total, alternative="greater").proportion_ci(1 - delta, method="exact").low)
+
+
+def rows_needed(target: float, delta: float) -> int:
+    """The fewest rows on which a setting without a single loss clears `target` at confidence 1 - delta."""
+    return math.inf if target >= 1 else math.ceil(math.log(delta) / math.log(target))
 
 
 def safest_first(points: list[dict], rule: str) -> list[dict]:
@@ -44,17 +72,31 @@ def safest_first(points: list[dict], rule: str) -> list[dict]:
 
 
 def choose_knob(points: list[dict], rule: str, target: ThresholdTarget) -> dict:
-    """The sweep point of `rule` that meets `target`; the safest point if none does (flagged `met: False`)."""
+    """The sweep point of `rule` that meets `target` (see the module doc), with `met`, `target` and, for
+    "retention", `delta`, `rows` (full_correct), `bound` and `reason`. Points need `kept` and `full_correct`."""
     ordered = safest_first(points, rule)
-    if target.kind == "retention":
-        chosen = None
-        for point in ordered:
-            if point["retention"] < target.min_retention:
-                break
-            chosen = point
-        return {**(chosen or ordered[0]), "met": chosen is not None, "target": target.describe()}
-    affordable = [p for p in ordered if 1.0 / p["flops_speedup"] <= target.flops_budget + 1e-12]
-    if not affordable:
-        return {**ordered[-1], "met": False, "target": target.describe()}
-    best = max(affordable, key=lambda p: (p["accuracy"], p["flops_speedup"]))
-    return {**best, "met": True, "target": target.describe()}
+    if target.kind == "flops":
+        affordable = [p for p in ordered if 1.0 / p["flops_speedup"] <= target.flops_budget + 1e-12]
+        if not affordable:
+            return {**ordered[-1], "met": False, "target": target.describe()}
+        best = max(affordable, key=lambda p: (p["accuracy"], p["flops_speedup"]))
+        return {**best, "met": True, "target": target.describe()}
+    chosen, bound = None, None
+    for point in ordered:
+        point_bound = lower_bound(point["kept"], point["full_correct"], target.delta)
+        if point_bound < target.min_retention:
+            break
+        chosen, bound = point, point_bound
+    promise = {"target": target.describe(), "min_retention": target.min_retention, "delta": target.delta}
+    if chosen is not None:
+        reason = f"{bound:.4f} >= {target.min_retention:g} at confidence {1 - target.delta:g}"
+        return {**chosen, **promise, "met": True, "bound": bound, "rows": chosen["full_correct"], "reason": reason}
+    safest = ordered[0]
+    n = safest["full_correct"]
+    safest_bound = lower_bound(safest["kept"], n, target.delta)
+    reason = (f"no setting passed, so full depth: even the safest bounds the kept share at {safest_bound:.4f} "
+              f"< {target.min_retention:g} on {n} rows the full model gets right")
+    needed = rows_needed(target.min_retention, target.delta)
+    if n < needed:
+        reason += f" (a promise at confidence {1 - target.delta:g} needs at least {needed} such rows)"
+    return {**safest, **promise, "met": False, "bound": safest_bound, "rows": n, "reason": reason}

@@ -207,6 +207,7 @@ def make_summary(config, final, model_uri, registered, run_id, started) -> dict[
         "knob": point["knob"],
         "knob_source": (f"auto: {final.chosen['target']}" + ("" if final.chosen["met"] else " (NOT met on dev)")
                         if final.chosen else "config"),
+        "promise": promise_summary(final.chosen),
         "mean_exit_layer": round(point["mean_exit_layer"], 3),
         "layer_speedup": round(point["layer_speedup"], 3),
         "flops_speedup": round(point["flops_speedup"], 3),
@@ -218,6 +219,14 @@ def make_summary(config, final, model_uri, registered, run_id, started) -> dict[
         "registered": registered,
         "seconds": round(time.time() - started, 1),
     }
+
+
+def promise_summary(chosen: dict | None) -> dict | None:
+    """What the automatic knob promises and on what evidence (None when the knob came from the config)."""
+    if chosen is None or "bound" not in chosen:
+        return None
+    return {"min_retention": chosen["min_retention"], "delta": chosen["delta"], "met": chosen["met"],
+            "bound": round(chosen["bound"], 4), "rows": chosen["rows"], "reason": chosen["reason"]}
 
 
 def summary_json(summary: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ def assert_refused(result: subprocess.CompletedProcess, message: str, tmp_path: 
     (["--patience", "-3"], "patience=-3 must be an integer >= 1"),
     (["--policy", "entropy", "--patience", "3"], "policy 'entropy' does not use patience=3"),
     (["--policy", "fastest"], "policy='fastest' is not one of ['entropy', 'count', 'patience', 'none']"),
+    (["--calibrate-rows", "500", "--delta", "0"], "delta=0.0 must be a number in (0, 1)"),
 ])
 def test_score_job_refuses_bad_knobs_before_anything_starts(tmp_path, flags, message):
     result = run(tmp_path, "score.py", "--model", "m", "--input", "in", "--output", "out", *flags)
@@ -46,6 +47,7 @@ def test_score_job_refuses_bad_knobs_before_anything_starts(tmp_path, flags, mes
     (["model.patience=0"], "patience=0 must be an integer >= 1"),
     (["model.head_dropout=2.0"], "head_dropout=2.0 must be in [0, 1)"),
     (["model.pooling=max"], "pooling='max' is not one of"),
+    (["eval.delta=1.5"], "delta=1.5 must be a number in (0, 1)"),
 ])
 def test_train_job_refuses_bad_config_values_before_anything_starts(tmp_path, sets, message):
     result = run(tmp_path, "train.py", *[arg for s in sets for arg in ("--set", s)])

@@ -39,6 +39,7 @@ def test_yaml_and_overrides_layer_on_the_profile(tmp_path):
         ({"eval": {"thresholds": [0.1, 1.5]}}, r"must be values in \[0, 1\]"),
         ({"eval": {"target": "speed"}}, "target 'speed' is not one of"),
         ({"eval": {"min_retention": 1.2}}, "min_retention=1.2 must be in"),
+        ({"eval": {"delta": 0}}, r"delta=0 must be a number in \(0, 1\)"),
         ({"eval": {"wallclock_batch_sizes": [0]}}, "wallclock_batch_sizes=0 must be > 0"),
     ],
 )
@@ -78,7 +79,7 @@ def test_score_config_calibration_excludes_a_given_knob():
 
     assert ScoreConfig(model="m", input="i", output="o", calibrate_rows=100, policy="count").min_agreement == 0.99
     for bad, message in (({"calibrate_rows": -1}, "calibrate_rows"), ({"min_agreement": 0}, "min_agreement"),
-                         ({"min_agreement": 1.5}, "min_agreement"), ({"calibrate_rows": 10, "policy": "none"}, "none"),
+                         ({"min_agreement": 1.5}, "min_agreement"), ({"delta": 1.0}, "delta=1.0"), ({"calibrate_rows": 10, "policy": "none"}, "none"),
                          ({"calibrate_rows": 10, "threshold": 0.3}, "not both"),
                          ({"calibrate_rows": 10, "patience": 2}, "not both")):
         with pytest.raises(ValueError, match=message):

@@ -11,7 +11,7 @@ from ee_model.flops import FlopsModel
 from pipelines.config import EvalConfig
 from pipelines.evaluate import SplitPass, evaluate_split, full_pass, oracle_layers, point_from_layers, sweep
 from pipelines.final_evaluation import evaluate_trained_model, log_final_evaluation
-from pipelines.thresholds import ThresholdTarget, choose_knob
+from pipelines.thresholds import ThresholdTarget, choose_knob, lower_bound, rows_needed
 from pipelines.tradeoff_report import trade_off_table
 from pipelines.wallclock import wallclock_speedups
 from tests.conftest import LABELS, labeled_table
@@ -74,37 +74,85 @@ def test_oracle_matches_a_hand_computed_case():
     assert point["macro_f1"] == pytest.approx((2 / 3 + 4 / 5) / 2)
 
 
-def points(rule, knobs, retention):
-    return [{"policy": rule, "knob": k, "retention": r, "accuracy": r, "flops_speedup": 1.0 + i}
-            for i, (k, r) in enumerate(zip(knobs, retention, strict=True))]
+def points(rule, knobs, kept, full_correct=1000):
+    """Sweep points with `kept` of `full_correct` rows the full model gets right (flops 1x, 2x, ...)."""
+    return [{"policy": rule, "knob": k, "kept": c, "full_correct": full_correct, "retention": c / full_correct,
+             "accuracy": c / full_correct, "flops_speedup": 1.0 + i}
+            for i, (k, c) in enumerate(zip(knobs, kept, strict=True))]
 
 
-def test_choose_knob_stops_at_the_first_failing_setting():
-    sweep_points = points("entropy", [0.0, 0.1, 0.2, 0.3], [1.0, 0.995, 0.98, 0.995])
-    chosen = choose_knob(sweep_points, "entropy", ThresholdTarget())
-    assert chosen["knob"] == 0.1 and chosen["met"]  # 0.3 meets it too, but only past a failing 0.2
+def test_lower_bound_is_the_one_sided_clopper_pearson_bound():
+    from scipy.stats import beta
+
+    assert lower_bound(1000, 1000, 0.05) == pytest.approx(0.05 ** (1 / 1000))  # no loss: delta^(1/n)
+    assert lower_bound(990, 1000, 0.05) == pytest.approx(beta.ppf(0.05, 990, 11))
+    assert lower_bound(990, 1000, 0.05) < lower_bound(990, 1000, 0.2) < 0.99  # less confidence, higher bound
+    assert lower_bound(0, 0, 0.05) == 0.0
+    assert rows_needed(0.99, 0.05) == 299 and lower_bound(299, 299, 0.05) >= 0.99 > lower_bound(298, 298, 0.05)
+
+
+def test_choose_knob_stops_at_the_first_setting_whose_bound_fails():
+    # bounds at delta 0.05 on 1000 rows: 1000 -> 0.9970, 998 -> 0.9937, 985 -> 0.9772, 999 -> 0.9953
+    chosen = choose_knob(points("entropy", [0.0, 0.1, 0.2, 0.3], [1000, 998, 985, 999]), "entropy", ThresholdTarget())
+    assert chosen["knob"] == 0.1 and chosen["met"]  # 0.3 passes too, but only past a failing 0.2
+    assert chosen["bound"] == pytest.approx(lower_bound(998, 1000, 0.05)) and chosen["rows"] == 1000
+    assert (chosen["delta"], chosen["min_retention"]) == (0.05, 0.99) and "confidence 95%" in chosen["target"]
     # count: larger t is safer, so the walk goes t = 3, 2, 1
-    count = points("count", [1, 2, 3], [0.97, 0.995, 1.0])
+    count = points("count", [1, 2, 3], [970, 998, 1000])
     assert choose_knob(count, "count", ThresholdTarget())["knob"] == 2
-    none_meet = points("entropy", [0.0, 0.5], [0.9, 0.8])
-    assert choose_knob(none_meet, "entropy", ThresholdTarget())["met"] is False
+
+
+def test_a_point_estimate_that_meets_the_target_is_not_enough():
+    # 995 of 1000 kept: 99.5 % measured, but the 95 % bound (0.9894) is under 0.99; at 0.98 it passes
+    sweep_points = points("entropy", [0.0, 0.1], [1000, 995])
+    assert choose_knob(sweep_points, "entropy", ThresholdTarget())["knob"] == 0.0
+    assert choose_knob(sweep_points, "entropy", ThresholdTarget(min_retention=0.98))["knob"] == 0.1
+    assert choose_knob(sweep_points, "entropy", ThresholdTarget(delta=0.5))["knob"] == 0.1  # a coin-flip promise
+
+
+def test_too_few_rows_fall_back_to_full_depth_and_say_why():
+    chosen = choose_knob(points("entropy", [0.0, 0.5], [215, 215], full_correct=215), "entropy", ThresholdTarget())
+    assert not chosen["met"] and chosen["knob"] == 0.0  # the safest setting: S = 0 never exits early
+    assert chosen["bound"] == pytest.approx(0.05 ** (1 / 215))  # 0.9862: no loss at all, and still < 0.99
+    assert "on 215 rows" in chosen["reason"] and "needs at least 299" in chosen["reason"]
+
+
+def test_the_promise_holds_on_unseen_data_with_probability_one_minus_delta():
+    """Simulated dev sets drawn from a known population: the chosen setting's true kept share is below the target
+    in at most ~delta of the draws; the point estimate (today's rule before the bound) fails far more often."""
+    knobs = [round(0.05 * i, 2) for i in range(11)]
+    true_kept = np.array([1.0, 0.999, 0.998, 0.996, 0.994, 0.992, 0.9905, 0.989, 0.985, 0.98, 0.97])  # per knob
+    rng = np.random.default_rng(0)
+    draws, n = 400, 2000
+    failed = {"bound": 0, "point": 0}
+    for _ in range(draws):
+        losses = rng.random(n)  # nested: a row lost at a safer knob is lost at every more eager one
+        kept = [int((losses < p).sum()) for p in true_kept]
+        sweep_points = points("entropy", knobs, kept, full_correct=n)
+        chosen = choose_knob(sweep_points, "entropy", ThresholdTarget())
+        failed["bound"] += true_kept[knobs.index(chosen["knob"])] < 0.99
+        point = max(k for k, c in zip(knobs, kept, strict=True) if all(c2 / n >= 0.99 for c2 in kept[: knobs.index(k) + 1]))
+        failed["point"] += true_kept[knobs.index(point)] < 0.99
+    assert failed["bound"] / draws <= 0.05 + 0.03  # delta, plus the simulation's own noise
+    assert failed["point"] / draws > 0.3
 
 
 def test_choose_knob_with_a_flops_budget():
-    sweep_points = points("entropy", [0.0, 0.1, 0.2, 0.3], [1.0, 0.99, 0.97, 0.9])  # FLOPs 1x .. 4x
+    sweep_points = points("entropy", [0.0, 0.1, 0.2, 0.3], [1000, 990, 970, 900])  # FLOPs 1x .. 4x
     chosen = choose_knob(sweep_points, "entropy", ThresholdTarget(kind="flops", flops_budget=0.5))
     assert chosen["knob"] == 0.1 and 1 / chosen["flops_speedup"] <= 0.5
 
 
 def test_auto_knob_meets_its_target_on_the_data_it_was_chosen_on(model_and_pass, tmp_path):
     model, table, _ = model_and_pass
-    config = EvalConfig(thresholds=GRID, min_retention=0.97, wallclock_rows=0)
+    config = EvalConfig(thresholds=GRID, min_retention=0.8, delta=0.2, wallclock_rows=0)  # 30 rows right
     result = evaluate_trained_model(model, tmp_path, table, table, config)
-    assert result.chosen["met"]
-    assert model.config.threshold == result.chosen["knob"]  # now the model's default
-    assert result.dev["default_policy"]["retention"] >= 0.97
-    eager = [p for p in result.dev["sweep"] if p["policy"] == "entropy" and p["knob"] > result.chosen["knob"]]
-    assert not eager or eager[0]["retention"] < 0.97  # the next, faster setting would miss the target
+    chosen = result.chosen
+    assert chosen["met"] and chosen["knob"] > 0 and chosen["rows"] == chosen["full_correct"] == 30
+    assert model.config.threshold == chosen["knob"]  # now the model's default
+    assert chosen["kept"] / 30 >= chosen["bound"] >= 0.8 and result.dev["default_policy"]["kept"] == chosen["kept"]
+    eager = [p for p in result.dev["sweep"] if p["policy"] == "entropy" and p["knob"] > chosen["knob"]]
+    assert not eager or lower_bound(eager[0]["kept"], 30, 0.2) < 0.8  # the next, faster setting fails the test
     from ee_model import EarlyExitConfig
 
     assert EarlyExitConfig.load(tmp_path).threshold == result.chosen["knob"]  # saved with the model
@@ -147,4 +195,9 @@ def test_mlflow_run_holds_the_table_and_plots(model_and_pass, tmp_path):
     assert csv.splitlines()[0].startswith("policy,knob,accuracy,macro_f1,retention") and "wallclock_speedup_b4" in csv
     png = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/plots/test_trade_off.png", dst_path=str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert client.get_run(run.info.run_id).data.params["auto_threshold.knob"] == str(result.chosen["knob"])
+    logged = client.get_run(run.info.run_id).data
+    assert logged.params["auto_threshold.knob"] == str(result.chosen["knob"])
+    # the promise: target, delta, bound and rows, and why it fell back to full depth (30 rows right is too few)
+    assert (logged.params["auto_threshold.min_retention"], logged.params["auto_threshold.delta"]) == ("0.99", "0.05")
+    assert logged.metrics["auto_threshold.bound"] == pytest.approx(0.05 ** (1 / 30))  # 0.905 < 0.99
+    assert logged.metrics["auto_threshold.rows"] == 30 and "needs at least 299" in logged.params["auto_threshold.reason"]

@@ -19,6 +19,7 @@ from ee_model.policies import normalised_entropy
 from pipelines.config import ScoreConfig
 from pipelines.model_source import ModelSourceError
 from pipelines.score import ScoringError, run_scoring
+from pipelines.thresholds import lower_bound
 from tests.conftest import LABELS, random_texts
 
 pytestmark = pytest.mark.ray
@@ -200,8 +201,11 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
         return float(np.mean(np.array(model.predict(sample, policy="entropy", threshold=s).label) == np.array(full)))
 
     assert calibration["rows"] == len(sample) and agreement(knob) == pytest.approx(calibration["agreement"])
-    assert agreement(knob) >= 0.9 > agreement(round(knob + 0.02, 2))  # the fastest S that keeps the target
-    assert calibration["agreement_lower_95"] < calibration["agreement"]
+    # the fastest S whose agreement clears 0.9 with 95 % confidence (one-sided Clopper-Pearson), tested in order
+    n = len(sample)
+    assert calibration["agreement_bound"] == pytest.approx(lower_bound(round(agreement(knob) * n), n, 0.05))
+    assert calibration["agreement"] > calibration["agreement_bound"] >= 0.9 and calibration["delta"] == 0.05
+    assert lower_bound(round(agreement(round(knob + 0.02, 2)) * n), n, 0.05) < 0.9  # the next S fails
     write(tmp_path / "in" / "b.parquet", random_texts(40, seed=8))
     again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, calibrate_rows=200, min_agreement=0.9)
     assert again["calibration"]["pinned"] and again["knob"] == knob and again["output"] == first["output"]
