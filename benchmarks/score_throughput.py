@@ -163,7 +163,7 @@ def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: 
                calibrate_rows: int, min_agreement: float) -> dict:
     import ray
 
-    from ee_model import EarlyExitClassifier
+    from ee_model import EarlyExitClassifier, ExitSetting
     from pipelines.model_source import resolve_model
     from pipelines.scorer import Scorer
 
@@ -172,8 +172,7 @@ def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: 
         source = resolve_model(model_ref, Path(scratch))
         model = EarlyExitClassifier.from_pretrained(source.directory)
         path = bbc_parquet(Path(scratch), rows)
-        common = {"model": str(source.directory), "text_column": "text", "threshold": None, "patience": None,
-                  "cpus": cpus, "batch_size": batch_size}
+        common = {"model": str(source.directory), "text_column": "text", "cpus": cpus, "batch_size": batch_size}
         plain = {"model_dir": str(source.directory), "max_length": model.config.max_length, "cpus": cpus}
         window = max(sort_rows, batch_size)  # as jobs/score.py: sort this many rows, model calls of batch_size
         results = {}
@@ -185,8 +184,8 @@ def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: 
                   f"{steady:.2f} rows/s steady", flush=True)
 
         for name, scorer, kwargs, rows_per_call in (
-            ("a_early_exit", Scorer, {**common, "policy": None}, window),
-            ("b_full_depth", Scorer, {**common, "policy": "none"}, window),
+            ("a_early_exit", Scorer, {**common, "setting": None}, window),
+            ("b_full_depth", Scorer, {**common, "setting": ExitSetting("none")}, window),
             ("c_plain_hf", PlainScorer, plain, batch_size),
             ("c_plain_hf_sorted", PlainScorer, {**plain, "batch_size": batch_size}, window),
         ):
@@ -195,7 +194,7 @@ def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: 
                                                          batch_size, cpus)
         print(f"S calibrated on {calibrated['rows']} of the rows for >= {min_agreement:.0%} agreement (no labels): "
               f"{calibrated['knob']} in {calibration_s:.1f} s", flush=True)
-        run("a_calibrated", Scorer, {**common, "policy": "entropy", "threshold": calibrated["knob"]}, window)
+        run("a_calibrated", Scorer, {**common, "setting": ExitSetting("entropy", calibrated["knob"])}, window)
     (a_s, a_ss, a), (b_s, b_ss, b), (c_s, c_ss, _), (cs_s, cs_ss, _), (k_s, k_ss, k) = (
         results[n] for n in ("a_early_exit", "b_full_depth", "c_plain_hf", "c_plain_hf_sorted", "a_calibrated"))
 

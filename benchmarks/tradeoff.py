@@ -37,6 +37,7 @@ TIMED_BATCH_SIZES = (1, 64)
 
 def model_rows(name: str, model, dev, test, settings, auto_rule: str | None, eval_config, wallclock_rows: int):
     """Table rows of one trained model: each (rule, knob) setting, the auto knob, the oracle."""
+    from ee_model import ExitSetting
     from pipelines.evaluate import evaluate_split, full_pass, oracle_point, policy_point
     from pipelines.thresholds import choose_knob
     from pipelines.wallclock import wallclock_speedups
@@ -47,9 +48,10 @@ def model_rows(name: str, model, dev, test, settings, auto_rule: str | None, eva
         chosen = choose_knob(evaluate_split(model, dev, eval_config.thresholds, split=dev_pass)["sweep"],
                              auto_rule, eval_config.target_spec())
         settings = [*settings, (auto_rule, chosen["knob"], "auto")]
-    points = [(policy_point(model, test_pass, rule, knob), tag) for rule, knob, tag in settings]
+    points = [(policy_point(model, test_pass, ExitSetting(rule, knob)), tag) for rule, knob, tag in settings]
     texts = test["text"].to_pylist()[:wallclock_rows]
-    timed = wallclock_speedups(model, texts, [(p["policy"], p["knob"]) for p, _ in points], TIMED_BATCH_SIZES)
+    timed = wallclock_speedups(model, texts, [ExitSetting(p["policy"], p["knob"]) for p, _ in points],
+                               TIMED_BATCH_SIZES)
     rows = []
     for point, tag in points:
         row = {"model": name, "setting": tag, **point}

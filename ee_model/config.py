@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ee_model.policies import check_patience, check_threshold
+from ee_model.policies import (  # noqa: F401  (POLICY_NAMES: re-exported)
+    KNOB_OF_POLICY,
+    POLICY_NAMES,
+    ExitSetting,
+    check_patience,
+    check_policy,
+    check_threshold,
+)
 
 HeadType = Literal["linear", "mlp"]
 Pooling = Literal["cls", "mean"]
@@ -18,7 +25,6 @@ PolicyName = Literal["entropy", "count", "patience", "none"]
 HEAD_TYPES: tuple[str, ...] = ("linear", "mlp")
 POOLINGS: tuple[str, ...] = ("cls", "mean")
 VARIANTS: tuple[str, ...] = ("kl", "count")
-POLICY_NAMES: tuple[str, ...] = ("entropy", "count", "patience", "none")
 
 CONFIG_FILE = "ee_config.json"
 
@@ -90,7 +96,7 @@ class EarlyExitConfig:
         _check_choice("variant", self.variant, VARIANTS)
         if self.policy is None:
             object.__setattr__(self, "policy", "entropy" if self.variant == "kl" else "count")
-        _check_choice("policy", self.policy, POLICY_NAMES)
+        check_policy(self.policy)
         check_threshold(self.threshold)
         check_patience(self.patience)
         if int(self.max_length) < 2:
@@ -107,6 +113,21 @@ class EarlyExitConfig:
 
         data = dict(self.encoder_config)
         return AutoConfig.for_model(data.pop("model_type"), **data)
+
+    def setting(self, policy: str | None = None, threshold: float | None = None,
+                patience: int | None = None) -> ExitSetting:
+        """The exit setting `predict` runs: `policy` (default the stored one) with the given knob, else the knob
+        stored for it; the knob the policy does not take is ignored (the pyfunc passes every param)."""
+        name = check_policy(policy or self.policy)
+        knob_name = KNOB_OF_POLICY[name]
+        if knob_name is None:
+            return ExitSetting(name)
+        given = {"threshold": threshold, "patience": patience}[knob_name]
+        return ExitSetting(name, getattr(self, knob_name) if given is None else given)
+
+    def with_setting(self, setting: ExitSetting) -> EarlyExitConfig:
+        """This config with `setting` as the default policy and knob."""
+        return self.replace(policy=setting.policy, **setting.kwargs)
 
     def replace(self, **changes: Any) -> EarlyExitConfig:
         return dataclasses.replace(self, **changes)

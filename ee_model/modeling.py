@@ -17,7 +17,7 @@ from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
 from ee_model.heads import build_head, pool
 from ee_model.outputs import EarlyExitBatch, ExitLogits, Prediction
-from ee_model.policies import ExitPolicy, make_policy
+from ee_model.policies import ExitPolicy, ExitSetting
 from ee_model.texts import describe_invalid, invalid_text_reasons
 
 
@@ -160,7 +160,7 @@ class EarlyExitClassifier(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        policy: ExitPolicy,
+        policy: ExitPolicy | ExitSetting,
         token_type_ids: torch.Tensor | None = None,
     ) -> EarlyExitBatch:
         """Run layer by layer; after each student layer the rows the policy lets out leave the batch.
@@ -168,6 +168,8 @@ class EarlyExitClassifier(nn.Module):
         Remaining rows carry their policy state with them; padding columns no remaining row needs are trimmed
         (right padding). Rows are returned in input order.
         """
+        if isinstance(policy, ExitSetting):
+            policy = policy.exit_policy()
         batch = input_ids.shape[0]
         tokens = attention_mask.sum(dim=1)  # (batch,)
         right_padded = bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
@@ -209,13 +211,8 @@ class EarlyExitClassifier(nn.Module):
     def policy_for(
         self, policy: str | None = None, threshold: float | None = None, patience: int | None = None
     ) -> ExitPolicy:
-        """The named policy, its knob defaulting to the one stored with the model."""
-        name = policy or self.config.policy
-        return make_policy(
-            name,
-            threshold=self.config.threshold if threshold is None else threshold,
-            patience=self.config.patience if patience is None else patience,
-        )
+        """The named policy, its knob defaulting to the one stored with the model (`EarlyExitConfig.setting`)."""
+        return self.config.setting(policy, threshold, patience).exit_policy()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, list[list[int]]]:
         """Unpadded token ids of each text, truncated to `config.max_length`."""
@@ -231,6 +228,7 @@ class EarlyExitClassifier(nn.Module):
         patience: int | None = None,
         batch_size: int = 32,
         invalid: str = "raise",
+        setting: ExitSetting | None = None,
     ) -> Prediction:
         """Tokenise and classify texts with per-row early exit; results in input order.
 
@@ -242,6 +240,7 @@ class EarlyExitClassifier(nn.Module):
             batch_size: rows per forward; rows are sorted by length inside to cut padding.
             invalid: "raise" -> ValueError naming null/empty/non-string rows; "null" -> those rows get a
                 defined empty result with the reason in `error`.
+            setting: an `ExitSetting` instead of policy / threshold / patience.
         Returns:
             Prediction with label, probs, confidence, exit_layer, flops, tokens and error per row.
         """
@@ -252,7 +251,9 @@ class EarlyExitClassifier(nn.Module):
         reasons = invalid_text_reasons(texts)
         if invalid == "raise" and any(reasons):
             raise ValueError(describe_invalid(reasons))
-        exit_policy = self.policy_for(policy, threshold, patience)
+        if setting is not None and (policy, threshold, patience) != (None, None, None):
+            raise ValueError("give an ExitSetting or policy / threshold / patience, not both")
+        exit_policy = (setting or self.config.setting(policy, threshold, patience)).exit_policy()
         valid = [i for i, reason in enumerate(reasons) if reason is None]
         result = self._empty_prediction(len(reasons), reasons)
         if valid:

@@ -98,8 +98,17 @@ class FullDepthPolicy(ExitPolicy):
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
 
 
+POLICY_NAMES: tuple[str, ...] = ("entropy", "count", "patience", "none")
+EXIT_RULES: tuple[str, ...] = ("entropy", "count", "patience")  # the policies that exit early (they take a knob)
 KNOB_OF_POLICY: dict[str, str | None] = {"entropy": "threshold", "count": "patience", "patience": "patience",
                                          "none": None}  # the argument each policy takes
+
+
+def check_policy(name: Any) -> str:
+    """One of POLICY_NAMES."""
+    if name not in POLICY_NAMES:
+        raise ValueError(f"policy={name!r} is not one of {list(POLICY_NAMES)}")
+    return name
 
 
 def check_threshold(threshold: Any) -> float:
@@ -118,15 +127,11 @@ def check_patience(patience: Any) -> int:
 
 
 def make_policy(name: str, threshold: float | None = None, patience: int | None = None) -> ExitPolicy:
-    """Build a policy by name; entropy needs `threshold` in [0, 1], count and patience need `patience` >= 1."""
-    if name == "entropy":
-        return EntropyPolicy(check_threshold(threshold))
-    if name in ("count", "patience"):
-        patience = check_patience(patience)
-        return CountPolicy(patience) if name == "count" else PatiencePolicy(patience)
-    if name == "none":
-        return FullDepthPolicy()
-    raise ValueError(f"policy={name!r} is not one of ['entropy', 'count', 'patience', 'none']")
+    """Build a policy by name; entropy needs `threshold` in [0, 1], count and patience need `patience` >= 1 (the
+    knob the policy does not take is ignored). `ExitSetting(name, knob).exit_policy()` is the same."""
+    check_policy(name)
+    knobs = {"threshold": threshold, "patience": patience}
+    return ExitSetting(name, knobs.get(KNOB_OF_POLICY[name])).exit_policy()
 
 
 def exit_layers(all_logits: torch.Tensor, policy: ExitPolicy) -> torch.Tensor:
@@ -145,3 +150,56 @@ def exit_layers(all_logits: torch.Tensor, policy: ExitPolicy) -> torch.Tensor:
         exit_layer[newly] = layer + 1
         done |= leave
     return exit_layer
+
+
+@dataclass(frozen=True)
+class ExitSetting:
+    """An exit policy with its knob: S for "entropy", t for "count" / "patience", none for "none".
+
+    The one place that knows which knob a policy takes, how it is checked, which way it trades accuracy for
+    speed, and which value means full depth. Everything that passes a setting around (predict, the scorer,
+    evaluation, calibration, the knob search, wall-clock timing) passes one of these.
+    """
+
+    policy: str
+    knob: float | int | None = None
+
+    def __post_init__(self) -> None:
+        check_policy(self.policy)
+        name = self.knob_name
+        if name is None:
+            if self.knob is not None:
+                raise ValueError(f"policy {self.policy!r} takes no knob, got {self.knob!r}")
+        else:
+            object.__setattr__(self, "knob", check_threshold(self.knob) if name == "threshold" else
+                               check_patience(self.knob))
+
+    @property
+    def knob_name(self) -> str | None:
+        return KNOB_OF_POLICY[self.policy]
+
+    @property
+    def kwargs(self) -> dict[str, float | int]:
+        """{knob name: knob}, as `predict` and `make_policy` take it; {} for "none"."""
+        return {} if self.knob_name is None else {self.knob_name: self.knob}
+
+    @property
+    def eagerness(self) -> float:
+        """Orders settings of one policy from the safest (latest exits) to the most eager: a larger S exits
+        earlier, a smaller t exits earlier."""
+        if self.knob is None:
+            return -math.inf
+        return float(self.knob) if self.knob_name == "threshold" else -float(self.knob)
+
+    def exit_policy(self) -> ExitPolicy:
+        if self.policy == "entropy":
+            return EntropyPolicy(self.knob)
+        if self.policy == "count":
+            return CountPolicy(self.knob)
+        if self.policy == "patience":
+            return PatiencePolicy(self.knob)
+        return FullDepthPolicy()
+
+    def __str__(self) -> str:
+        """"entropy-0.24", "count-2", "none": as in output keys."""
+        return self.policy if self.knob is None else f"{self.policy}-{self.knob:g}"

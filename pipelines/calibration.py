@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ee_model import EarlyExitClassifier
+from ee_model import EarlyExitClassifier, ExitSetting
+from ee_model.policies import EXIT_RULES
 from ee_model.texts import invalid_text_reasons
 from pipelines.errors import UserError
 from pipelines.evaluate import SplitPass, sweep, texts_pass
@@ -51,6 +52,10 @@ class Calibration:
     flops_speedup: float  # on the sample, at knob
     mean_exit_layer: float
     reason: str
+
+    @property
+    def setting(self) -> ExitSetting:
+        return ExitSetting(self.policy, self.knob)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,15 +105,14 @@ def calibrate(model: EarlyExitClassifier, texts: list[str], policy: str, min_agr
               thresholds: tuple[float, ...], batch_size: int = 64) -> Calibration:
     """The fastest knob of `policy` whose agreement with full depth on the corpus is >= min_agreement with
     confidence 1 - delta, judged on `texts` (see module doc)."""
-    if policy not in ("entropy", "count", "patience"):
-        raise ValueError(f"calibration needs an early-exit policy (entropy, count or patience), not {policy!r}")
+    if policy not in EXIT_RULES:
+        raise ValueError(f"calibration needs an early-exit policy (one of {list(EXIT_RULES)}), not {policy!r}")
     if not texts:
         raise ValueError("calibration sample holds no valid text")
     split = agreement_pass(model, texts, batch_size)
     points = [p for p in sweep(model, split, tuple(sorted({0.0, *thresholds}))) if p["policy"] == policy]
     chosen = choose_knob(points, policy, ThresholdTarget("retention", min_agreement, delta=delta))
-    knob = float(chosen["knob"]) if policy == "entropy" else int(chosen["knob"])
-    return Calibration(policy, knob, min_agreement, delta, bool(chosen["met"]), float(chosen["accuracy"]),
+    return Calibration(policy, ExitSetting(policy, chosen["knob"]).knob, min_agreement, delta, bool(chosen["met"]), float(chosen["accuracy"]),
                        float(chosen["bound"]), len(texts), float(chosen["flops_speedup"]),
                        float(chosen["mean_exit_layer"]), chosen["reason"])
 

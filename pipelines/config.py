@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
-from ee_model.config import HEAD_TYPES, POLICY_NAMES, POOLINGS, VARIANTS, check_head_dropout
-from ee_model.policies import KNOB_OF_POLICY, check_patience, check_threshold
+from ee_model.config import HEAD_TYPES, POOLINGS, VARIANTS, check_head_dropout
+from ee_model.policies import KNOB_OF_POLICY, check_patience, check_policy, check_threshold
 from pipelines.thresholds import ThresholdTarget
 
 Stage = Literal["stage1", "stage2", "joint"]
@@ -358,8 +358,8 @@ class ScoreConfig:
         _positive("cpus_per_actor", self.cpus_per_actor)
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
-        if self.policy is not None and self.policy not in POLICY_NAMES:
-            raise ValueError(f"policy={self.policy!r} is not one of {list(POLICY_NAMES)}")
+        if self.policy is not None:
+            check_policy(self.policy)
         if self.threshold is not None:
             check_threshold(self.threshold)
         if self.patience is not None:

@@ -15,11 +15,9 @@ import pyarrow as pa
 import torch
 from sklearn.metrics import f1_score
 
-from ee_model import EarlyExitClassifier, exit_layers, flops_speedup, layer_speedup, make_policy
+from ee_model import EarlyExitClassifier, ExitSetting, exit_layers, flops_speedup, layer_speedup
 from pipelines.data import with_label_ids
 from pipelines.steps import exit_logits, per_layer_accuracy
-
-RULES = ("entropy", "count", "patience")
 
 
 @dataclass(frozen=True)
@@ -84,11 +82,10 @@ def point_from_layers(model: EarlyExitClassifier, split: SplitPass, layers: torc
     }
 
 
-def policy_point(model: EarlyExitClassifier, split: SplitPass, policy: str, knob: float | int | None) -> dict:
-    """One policy setting, from a recorded pass."""
-    rule = make_policy(policy, threshold=knob if policy == "entropy" else None,
-                       patience=int(knob) if policy in ("count", "patience") else None)
-    return point_from_layers(model, split, exit_layers(split.logits, rule), policy, knob)
+def policy_point(model: EarlyExitClassifier, split: SplitPass, setting: ExitSetting) -> dict:
+    """One exit setting, from a recorded pass."""
+    layers = exit_layers(split.logits, setting.exit_policy())
+    return point_from_layers(model, split, layers, setting.policy, setting.knob)
 
 
 def oracle_layers(split: SplitPass) -> torch.Tensor:
@@ -107,22 +104,20 @@ def oracle_point(model: EarlyExitClassifier, split: SplitPass) -> dict:
 
 def sweep(model: EarlyExitClassifier, split: SplitPass, thresholds: tuple[float, ...]) -> list[dict]:
     """Entropy over `thresholds`, count and patience over t = 1..L-1, whatever the variant (one pass)."""
-    points = [policy_point(model, split, "entropy", float(s)) for s in thresholds]
-    return points + [policy_point(model, split, rule, t) for rule in ("count", "patience")
-                     for t in range(1, model.n_layers)]
+    settings = [ExitSetting("entropy", s) for s in thresholds]
+    settings += [ExitSetting(rule, t) for rule in ("count", "patience") for t in range(1, model.n_layers)]
+    return [policy_point(model, split, setting) for setting in settings]
 
 
 def evaluate_split(model: EarlyExitClassifier, table: pa.Table, thresholds: tuple[float, ...],
                    batch_size: int = 64, split: SplitPass | None = None) -> dict:
     """Per-layer accuracy, the model's default policy point, the full model, the oracle and every sweep."""
     split = split if split is not None else full_pass(model, table, batch_size)
-    config = model.config
-    knob = config.threshold if config.policy == "entropy" else config.patience
     return {
         "rows": int(split.labels.numel()),
         "layer_accuracy": per_layer_accuracy(split.logits, split.labels),
-        "default_policy": policy_point(model, split, config.policy, knob),
-        "full_model": policy_point(model, split, "none", None),
+        "default_policy": policy_point(model, split, model.config.setting()),
+        "full_model": policy_point(model, split, ExitSetting("none")),
         "oracle": oracle_point(model, split),
         "sweep": sweep(model, split, thresholds),
     }

@@ -14,13 +14,12 @@ from pathlib import Path
 import mlflow
 import pyarrow as pa
 
-from ee_model import EarlyExitClassifier, exit_layers
+from ee_model import EarlyExitClassifier, ExitSetting, exit_layers
 from pipelines.config import EvalConfig
 from pipelines.evaluate import SplitPass, evaluate_split, full_pass, policy_point
 from pipelines.thresholds import choose_knob
 from pipelines.tradeoff_report import exit_histogram_figure, log_trade_off, trade_off_figure, trade_off_table
 from pipelines.wallclock import wallclock_speedups
-
 
 PROMISE_PARAMS = ("policy", "knob", "target", "min_retention", "delta", "reason")  # of the chosen point
 
@@ -34,27 +33,22 @@ class FinalEvaluation:
     passes: dict[str, SplitPass]
 
 
-def default_knob(model: EarlyExitClassifier) -> float | int:
-    return model.config.threshold if model.config.policy == "entropy" else model.config.patience
-
-
-def set_default_knob(model: EarlyExitClassifier, knob: float | int, model_dir: str | Path) -> None:
-    """Store `knob` as the model's default for its policy, in memory and in the saved config."""
-    field = "threshold" if model.config.policy == "entropy" else "patience"
-    model.config = model.config.replace(**{field: knob})
+def set_default_setting(model: EarlyExitClassifier, setting: ExitSetting, model_dir: str | Path) -> None:
+    """Store `setting` as the model's default, in memory and in the saved config."""
+    model.config = model.config.with_setting(setting)
     model.config.save(model_dir)
 
 
-def timed_points(model: EarlyExitClassifier, config: EvalConfig) -> list[tuple[str, float | int]]:
+def timed_settings(model: EarlyExitClassifier, config: EvalConfig) -> list[ExitSetting]:
     """The model's default setting first, then the configured extra knobs of the same rule."""
-    policy = model.config.policy
-    extra = config.timed_thresholds if policy == "entropy" else [t for t in config.timed_patiences
-                                                                   if t < model.n_layers]
-    points = [(policy, default_knob(model))]
+    default = model.config.setting()
+    extra = config.timed_thresholds if default.policy == "entropy" else [t for t in config.timed_patiences
+                                                                           if t < model.n_layers]
+    settings = [default]
     for knob in extra:
-        if (policy, knob) not in points:
-            points.append((policy, knob))
-    return points
+        if ExitSetting(default.policy, knob) not in settings:
+            settings.append(ExitSetting(default.policy, knob))
+    return settings
 
 
 def evaluate_trained_model(model: EarlyExitClassifier, model_dir: str | Path, dev: pa.Table, test: pa.Table,
@@ -67,13 +61,13 @@ def evaluate_trained_model(model: EarlyExitClassifier, model_dir: str | Path, de
         if not chosen["met"]:
             warnings.warn(f"automatic {model.config.policy} knob on dev: {chosen.get('reason', chosen['target'])}",
                           stacklevel=2)
-        set_default_knob(model, chosen["knob"], model_dir)
-        dev_eval["default_policy"] = policy_point(model, passes["dev"], model.config.policy, chosen["knob"])
+        set_default_setting(model, ExitSetting(chosen["policy"], chosen["knob"]), model_dir)
+        dev_eval["default_policy"] = policy_point(model, passes["dev"], model.config.setting())
     test_eval = evaluate_split(model, test, config.thresholds, split=passes["test"])
     wallclock = []
     if config.wallclock_rows > 0:
         texts = test["text"].to_pylist()[: config.wallclock_rows]
-        wallclock = wallclock_speedups(model, texts, timed_points(model, config), config.wallclock_batch_sizes,
+        wallclock = wallclock_speedups(model, texts, timed_settings(model, config), config.wallclock_batch_sizes,
                                        config.wallclock_repeats)
     test_eval["wallclock"] = wallclock
     dev_eval["chosen"] = test_eval["chosen"] = chosen
@@ -88,7 +82,7 @@ def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) ->
                           | {"auto_threshold.met_on_dev": chosen["met"]})
         if "bound" in chosen:
             mlflow.log_metrics({"auto_threshold.bound": chosen["bound"], "auto_threshold.rows": chosen["rows"]})
-    knob = default_knob(model)
+    setting = model.config.setting()
     for name, evaluation in (("dev", result.dev), ("test", result.test)):
         for i, accuracy in enumerate(evaluation["layer_accuracy"]):
             mlflow.log_metric(f"{name}_accuracy_layer", accuracy, step=i + 1)
@@ -97,11 +91,11 @@ def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) ->
         mlflow.log_metric(f"{name}_full_depth_accuracy", evaluation["layer_accuracy"][-1])
         mlflow.log_dict(evaluation, f"evaluation/{name}.json")
         table = trade_off_table(evaluation, result.wallclock if name == "test" else ())
-        layers = exit_layers(result.passes[name].logits, model.policy_for()).numpy()
+        layers = exit_layers(result.passes[name].logits, setting.exit_policy()).numpy()
         figures = {
             f"{name}_trade_off.png": trade_off_figure(evaluation, f"{name}: accuracy vs speed-up", point),
             f"{name}_exit_histogram.png": exit_histogram_figure(
-                layers, model.n_layers, f"{name}: exit layers at {model.config.policy}={knob}"),
+                layers, model.n_layers, f"{name}: exit layers at {setting.policy}={setting.knob}"),
         }
         log_trade_off(name, evaluation, table, figures)
     for row in result.wallclock:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ee_model import ExitSetting
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
 from pipelines.calibration import Calibration, calibrate_on_worker, sample_texts
@@ -152,12 +153,9 @@ def output_schema(input_schema: pa.Schema, include_probs: bool, prefix: str = ""
     return pa.schema([*input_schema, *(column.with_name(prefix + column.name) for column in extra)])
 
 
-def run_key(source: ModelSource, model_config: EarlyExitConfig, config: ScoreConfig) -> tuple[str, str, Any]:
-    policy = config.policy or model_config.policy
-    knob = {"entropy": config.threshold if config.threshold is not None else model_config.threshold,
-            "none": None}.get(policy, config.patience if config.patience is not None else model_config.patience)
-    key = f"{source.identity}__{policy}" + ("" if knob is None else f"-{knob:g}")
-    return key + (f"__prefix-{config.output_prefix}" if config.output_prefix else ""), policy, knob
+def run_key(source: ModelSource, setting: ExitSetting, config: ScoreConfig) -> str:
+    """The output folder of one (model, setting, column prefix): `<identity>__<policy>[-<knob>][__prefix-<p>]`."""
+    return f"{source.identity}__{setting}" + (f"__prefix-{config.output_prefix}" if config.output_prefix else "")
 
 
 @dataclass
@@ -207,7 +205,7 @@ def score_stream(dataset: Any, pending: dict[str, InputFile], folder: OutputFold
     return committed
 
 
-def build_dataset(files: list[str], config: ScoreConfig, model: ObjectRef):
+def build_dataset(files: list[str], config: ScoreConfig, model: ObjectRef, setting: ExitSetting | None = None):
     import ray.data
 
     with streaming_parquet_reader(preserve_order=True):  # outputs in input order, deterministic
@@ -216,9 +214,8 @@ def build_dataset(files: list[str], config: ScoreConfig, model: ObjectRef):
         dataset = ray.data.read_parquet(files, include_paths=True, num_cpus=0)
         return dataset.map_batches(
             Scorer,
-            fn_constructor_kwargs={"model": model, "text_column": config.text_column,
-                                   "policy": config.policy, "threshold": config.threshold,
-                                   "patience": config.patience, "include_probs": config.include_probs,
+            fn_constructor_kwargs={"model": model, "text_column": config.text_column, "setting": setting,
+                                   "include_probs": config.include_probs,
                                    "column_prefix": config.output_prefix,
                                    "cpus": config.cpus_per_actor, "batch_size": config.batch_size},
             compute=ray.data.ActorPoolStrategy(size=config.actors),
@@ -289,8 +286,7 @@ def pinned_calibration(config: ScoreConfig, source: ModelSource, model_config: E
 
 
 def with_calibrated_knob(config: ScoreConfig, calibration: Calibration) -> ScoreConfig:
-    knob = {"threshold" if calibration.policy == "entropy" else "patience": calibration.knob}
-    return dataclasses.replace(config, calibrate_rows=0, policy=calibration.policy, **knob)
+    return dataclasses.replace(config, calibrate_rows=0, policy=calibration.policy, **calibration.setting.kwargs)
 
 
 def run_scoring(config: ScoreConfig) -> dict[str, Any]:
@@ -305,12 +301,13 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
         if config.calibrate_rows:
             calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model)
             config = with_calibrated_knob(config, calibration)
-        key, policy, knob = run_key(source, model_config, config)
-        folder = OutputFolder(Path(config.output).resolve() / key)
+        setting = model_config.setting(config.policy, config.threshold, config.patience)
+        folder = OutputFolder(Path(config.output).resolve() / run_key(source, setting, config))
         folder.prepare()
         pending, changed = files_to_score(inputs, folder)
         unreadable = unreadable_files(pending, config.text_column)
-        record = {"model": source.reference, "model_identity": source.identity, "policy": policy, "knob": knob}
+        record = {"model": source.reference, "model_identity": source.identity, "policy": setting.policy,
+                  "knob": setting.knob}
         schema_of = lambda item: output_schema(item.schema, config.include_probs, config.output_prefix)  # noqa: E731
         tally, started = Tally(prefix=config.output_prefix), time.time()
         skipped = len(inputs) - len(pending)
@@ -321,7 +318,7 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
                 del pending[path]
                 committed += 1
         if pending:
-            dataset = build_dataset(list(pending), config, shipped_model())
+            dataset = build_dataset(list(pending), config, shipped_model(), setting)
             committed += score_stream(dataset, pending, folder, schema_of, tally, record)
         counts = {"input_files": len(inputs), "files_scored": committed, "files_skipped": skipped,
                   "files_changed": len(changed), "files_unreadable": len(unreadable),
@@ -330,7 +327,7 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
         if summary["rows_scored"] != counts["rows_in"]:
             raise RuntimeError(f"rows in {counts['rows_in']} != rows out {summary['rows_scored']}")
         summary.update({"output": str(folder.root), "model": source.reference, "model_version": source.version,
-                        "policy": policy, "knob": knob, "started_at": round(started, 3)})
+                        "policy": setting.policy, "knob": setting.knob, "started_at": round(started, 3)})
         if calibration is not None:
             summary["calibration"] = {**calibration.to_dict(), "pinned": pinned}
         if unreadable:

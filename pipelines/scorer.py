@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ee_model import ExitSetting
 from pipelines.model_source import load_shipped_model
 
 if TYPE_CHECKING:
@@ -49,21 +50,20 @@ class Scorer:
     rows of similar length (less padding), exits per row and restores input order.
     """
 
-    def __init__(self, model: ModelFiles | ObjectRef | str, text_column: str, policy: str | None,
-                 threshold: float | None, patience: int | None, include_probs: bool = False, cpus: float = 1.0,
-                 batch_size: int | None = None, column_prefix: str = "") -> None:
+    def __init__(self, model: ModelFiles | ObjectRef | str, text_column: str, setting: ExitSetting | None = None,
+                 include_probs: bool = False, cpus: float = 1.0, batch_size: int | None = None,
+                 column_prefix: str = "") -> None:
         torch.set_num_threads(max(1, math.floor(cpus)))  # match the actor's CPUs, not the machine's
         self.model = load_shipped_model(model)
         self.text_column = text_column
-        self.policy = self.model.policy_for(policy, threshold, patience)
+        self.setting = setting or self.model.config.setting()  # None: the model's stored policy and knob
         self.include_probs = include_probs
         self.column_prefix = column_prefix  # e.g. "pred_": a labeled corpus keeps its own `label` column
         self.batch_size = batch_size  # None: the whole batch in one model call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = column_texts(batch[self.text_column])
-        out = self.model.predict(texts, policy=self.policy.name, threshold=getattr(self.policy, "threshold", None),
-                                 patience=getattr(self.policy, "patience", None), batch_size=self.batch_size or max(len(texts), 1),
+        out = self.model.predict(texts, setting=self.setting, batch_size=self.batch_size or max(len(texts), 1),
                                  invalid="null")
         scored = np.array([e is None for e in out.error], dtype=bool)
         missing = ~scored

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from scipy.stats import binomtest
 
+from ee_model import ExitSetting
+
 
 @dataclass(frozen=True)
 class ThresholdTarget:
@@ -68,7 +70,7 @@ def safest_first(points: list[dict], rule: str) -> list[dict]:
     chosen = [p for p in points if p["policy"] == rule]
     if not chosen:
         raise ValueError(f"the sweep has no point for rule {rule!r}")
-    return sorted(chosen, key=lambda p: p["knob"], reverse=rule != "entropy")
+    return sorted(chosen, key=lambda p: ExitSetting(p["policy"], p["knob"]).eagerness)
 
 
 def choose_knob(points: list[dict], rule: str, target: ThresholdTarget) -> dict:

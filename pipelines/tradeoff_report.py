@@ -15,6 +15,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ee_model.policies import EXIT_RULES, KNOB_OF_POLICY
+
+KNOB_SYMBOL = {"threshold": "S", "patience": "t"}
+
 COLUMNS = ["policy", "knob", "accuracy", "macro_f1", "retention", "mean_exit_layer", "layer_speedup",
            "flops_speedup"]
 SWEEP_METRICS = ("knob", "accuracy", "macro_f1", "retention", "mean_exit_layer", "layer_speedup",
@@ -46,11 +50,11 @@ def trade_off_figure(evaluation: dict, title: str, chosen: dict | None = None) -
     """Accuracy vs layer speed-up: one line per rule, the oracle, the full model, the chosen setting."""
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
-    for rule, marker in (("entropy", "o"), ("count", "s"), ("patience", "^")):
+    for rule, marker in zip(EXIT_RULES, ("o", "s", "^"), strict=True):
         points = sorted((p for p in evaluation["sweep"] if p["policy"] == rule), key=lambda p: p["layer_speedup"])
         if points:
             axes.plot([p["layer_speedup"] for p in points], [p["accuracy"] for p in points], marker=marker,
-                      markersize=3, label=rule if rule == "entropy" else f"{rule} (t)")
+                      markersize=3, label=f"{rule} ({KNOB_SYMBOL[KNOB_OF_POLICY[rule]]})")
     oracle, full = evaluation["oracle"], evaluation["full_model"]
     axes.scatter([oracle["layer_speedup"]], [oracle["accuracy"]], marker="*", s=160, color="black",
                  label="oracle", zorder=3)
@@ -85,7 +89,7 @@ def exit_histogram_figure(exit_layers: np.ndarray, n_layers: int, title: str) ->
 def log_sweep_metrics(name: str, evaluation: dict) -> None:
     """One metric series per rule and quantity; step i is the rule's i-th grid point (`..._knob` at step i
     says which)."""
-    for rule in ("entropy", "count", "patience"):
+    for rule in EXIT_RULES:
         points = [p for p in evaluation["sweep"] if p["policy"] == rule]
         for step, point in enumerate(points):
             mlflow.log_metrics({f"{name}_sweep_{rule}_{key}": float(point[key]) for key in SWEEP_METRICS},

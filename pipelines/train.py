@@ -32,7 +32,7 @@ from pipelines.data import (
     unlabeled_path,
     with_label_ids,
 )
-from pipelines.final_evaluation import default_knob, evaluate_trained_model, log_final_evaluation
+from pipelines.final_evaluation import evaluate_trained_model, log_final_evaluation
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
 from pipelines.train_loop import MODEL_SUBDIR, WorkerConfig
 from pipelines.trainer import build_trainer
@@ -184,7 +184,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                 registered = register(info.model_uri, config.tracking.registered_model_name,
                                       final.dev["default_policy"]["accuracy"],
                                       {"variant": config.variant, "run_id": parent.info.run_id,
-                                       "policy": model.config.policy, "knob": default_knob(model),
+                                       "policy": model.config.policy, "knob": model.config.setting().knob,
                                        "knob_source": "auto" if final.chosen else "config"})
         summary = make_summary(config, final, info.model_uri, registered, parent.info.run_id, started)
         mlflow.log_dict(summary, "summary.json")

@@ -93,3 +93,15 @@ def test_stored_policy_and_threshold_are_the_defaults(tiny_model):
     default = model.predict(texts)
     explicit = model.predict(texts, policy="count", patience=1)
     assert default.exit_layer.tolist() == explicit.exit_layer.tolist()
+
+
+def test_predict_takes_an_exit_setting(tiny_model):
+    from ee_model import ExitSetting
+
+    model = tiny_model("bert", num_layers=3, seed=1)
+    texts = ["a short text", "another one that is a little longer", "x"]
+    by_setting = model.predict(texts, setting=ExitSetting("entropy", 0.6))
+    by_keywords = model.predict(texts, policy="entropy", threshold=0.6)
+    assert by_setting.label == by_keywords.label and (by_setting.exit_layer == by_keywords.exit_layer).all()
+    with pytest.raises(ValueError, match="not both"):
+        model.predict(texts, policy="none", setting=ExitSetting("none"))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from ee_model import ExitSetting
 from ee_model.flops import FlopsModel
 from pipelines.config import EvalConfig
 from pipelines.evaluate import SplitPass, evaluate_split, full_pass, oracle_layers, point_from_layers, sweep
@@ -161,7 +162,8 @@ def test_auto_knob_meets_its_target_on_the_data_it_was_chosen_on(model_and_pass,
 def test_wallclock_rows_and_the_table(model_and_pass):
     model, table, split = model_and_pass
     texts = table["text"].to_pylist()[:24]
-    rows = wallclock_speedups(model, texts, [("entropy", 0.52), ("entropy", 0.0)], batch_sizes=(1, 8))
+    rows = wallclock_speedups(model, texts, [ExitSetting("entropy", 0.52), ExitSetting("entropy", 0.0)],
+                              batch_sizes=(1, 8))
     assert [(r["batch_size"], r["knob"]) for r in rows] == [(1, 0.52), (1, 0.0), (8, 0.52), (8, 0.0)]
     assert all(r["wallclock_speedup"] > 0 and r["rows"] == 24 and r["repeats"] == 3 for r in rows)  # medians
     evaluation = evaluate_split(model, table, GRID, split=split)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ee_model import EarlyExitClassifier
+from ee_model import EarlyExitClassifier, ExitSetting
 from ee_model.policies import normalised_entropy
 from pipelines.config import ScoreConfig
 from pipelines.model_source import ModelSourceError
@@ -150,8 +150,9 @@ def test_model_calls_of_sorted_rows_score_like_one_call(model_dir):
     with torch.no_grad():
         first = model(encoded["input_ids"], encoded["attention_mask"]).logits[0]
     threshold = float(normalised_entropy(first).median())  # about half the rows leave at layer 1
-    whole = Scorer(model_dir, "text", "entropy", threshold, None, include_probs=True)(batch)
-    sorted_calls = Scorer(model_dir, "text", "entropy", threshold, None, include_probs=True, batch_size=4)(batch)
+    setting = ExitSetting("entropy", threshold)
+    whole = Scorer(model_dir, "text", setting, include_probs=True)(batch)
+    sorted_calls = Scorer(model_dir, "text", setting, include_probs=True, batch_size=4)(batch)
     assert sorted_calls["id"].to_pylist() == whole["id"].to_pylist()  # input order kept
     for column in ("label", "exit_layer", "tokens", "flops", "error"):
         assert sorted_calls[column].to_pylist() == whole[column].to_pylist(), column
