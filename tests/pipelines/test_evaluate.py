@@ -203,3 +203,15 @@ def test_mlflow_run_holds_the_table_and_plots(model_and_pass, tmp_path):
     assert (logged.params["auto_threshold.min_retention"], logged.params["auto_threshold.delta"]) == ("0.99", "0.05")
     assert logged.metrics["auto_threshold.bound"] == pytest.approx(0.05 ** (1 / 30))  # 0.905 < 0.99
     assert logged.metrics["auto_threshold.rows"] == 30 and "needs at least 299" in logged.params["auto_threshold.reason"]
+
+
+def test_calibration_on_too_small_a_sample_keeps_full_depth_and_says_why(model_and_pass):
+    from pipelines.calibration import calibrate
+
+    model, table, _ = model_and_pass
+    texts = table["text"].to_pylist()[:60]
+    result = calibrate(model, texts, "entropy", 0.99, 0.05, GRID)
+    assert not result.met and result.knob == 0.0 and result.agreement == 1.0  # S = 0: full depth
+    assert result.agreement_bound == pytest.approx(0.05 ** (1 / 60)) and "needs at least 299" in result.reason
+    loose = calibrate(model, texts, "entropy", 0.9, 0.2, GRID)  # a weaker promise on the same sample passes
+    assert loose.met and loose.knob > 0 and loose.agreement_bound >= 0.9 and loose.delta == 0.2

@@ -218,6 +218,8 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
     assert runs["params.calibrate_rows"].tolist() == ["200", "200", "0"]
     assert runs["params.calibration_pinned"].tolist()[:2] == ["False", "True"]
     assert runs["metrics.calibration_agreement"].iloc[0] == pytest.approx(calibration["agreement"])
+    assert runs["metrics.calibration_agreement_bound"].iloc[0] == pytest.approx(calibration["agreement_bound"])
+    assert runs["params.delta"].tolist()[:2] == ["0.05", "0.05"] and "0.95" in runs["params.calibration_reason"].iloc[0]
 
 
 def test_actors_load_the_model_from_the_object_store_not_the_drivers_folder(ray_local, model_dir, tmp_path):
