@@ -20,8 +20,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-PACKAGES = ("numpy", "scipy", "pandas", "torch", "sklearn", "matplotlib", "sympy", "networkx", "sqlalchemy",
-            "pyarrow")
+PACKAGES = (
+    "numpy",
+    "scipy",
+    "pandas",
+    "torch",
+    "sklearn",
+    "matplotlib",
+    "sympy",
+    "networkx",
+    "sqlalchemy",
+    "pyarrow",
+)
 ALIASES = ("np", "sp", "pd", "plt", "mpl", "nx", "sa", "pa", "pq", "scikit-learn", "scikit_learn", "arrow")
 MASK = re.compile(r"\b(" + "|".join(map(re.escape, PACKAGES + ALIASES)) + r")\b", re.IGNORECASE)
 MIN_CHARS, MAX_CHARS = 40, 600
@@ -80,7 +90,9 @@ def docstring_corpus(max_per_class: int = 800, seed: int = 0) -> pa.Table:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-per-class", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)

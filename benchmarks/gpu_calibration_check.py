@@ -35,7 +35,9 @@ def timed_calibration(model, texts, device: str, target: float) -> tuple[dict, f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--texts", required=True)
     parser.add_argument("--rows", type=int, default=600)
@@ -44,8 +46,12 @@ def main() -> None:
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     texts = [t for t in pq.read_table(args.texts)["text"].to_pylist() if t and t.strip()][: args.rows]
     torch.manual_seed(0)
-    model = EarlyExitClassifier.from_encoder_config(AutoConfig.from_pretrained(args.model), list("abcde"),
-                                                    AutoTokenizer.from_pretrained(args.model), max_length=128).eval()
+    model = EarlyExitClassifier.from_encoder_config(
+        AutoConfig.from_pretrained(args.model),
+        list("abcde"),
+        AutoTokenizer.from_pretrained(args.model),
+        max_length=128,
+    ).eval()
     with torch.no_grad():
         for parameter in model.heads.parameters():
             parameter.mul_(3)
@@ -55,8 +61,13 @@ def main() -> None:
         cuda, cuda_s = timed_calibration(model, texts, "cuda", target)
         full = np.array(model.predict(texts, policy="none", batch_size=256).label)
         early = np.array(model.predict(texts, policy="entropy", threshold=cuda["knob"], batch_size=256).label)
-        record[str(target)] = {"cpu": cpu, "cuda": cuda, "cpu_s": cpu_s, "cuda_s": cuda_s,
-                               "scorer_agreement_cuda": float(np.mean(early == full))}
+        record[str(target)] = {
+            "cpu": cpu,
+            "cuda": cuda,
+            "cpu_s": cpu_s,
+            "cuda_s": cuda_s,
+            "scorer_agreement_cuda": float(np.mean(early == full)),
+        }
         print(target, json.dumps(record[str(target)]), flush=True)
         assert (cpu["knob"], cpu["agreement"]) == (cuda["knob"], cuda["agreement"])
         assert record[str(target)]["scorer_agreement_cuda"] == cuda["agreement"]

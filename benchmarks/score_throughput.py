@@ -60,7 +60,9 @@ class PlainScorer:
         config.num_labels = ee.config.num_labels
         self.model = AutoModelForSequenceClassification.from_config(config).eval()
         base = getattr(self.model, self.model.base_model_prefix)
-        base.load_state_dict(ee.encoder.state_dict(), strict=False)  # same encoder weights; pooler/head its own
+        base.load_state_dict(
+            ee.encoder.state_dict(), strict=False
+        )  # same encoder weights; pooler/head its own
         self.tokenizer, self.max_length, self.batch_size = ee.tokenizer, max_length, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -75,8 +77,10 @@ class PlainScorer:
         size = self.batch_size or max(len(texts), 1)
         labels = np.empty(len(texts), dtype=np.int64)
         for start in range(0, len(texts), size):
-            chunk = order[start:start + size]
-            padded = self.tokenizer.pad([{k: v[i] for k, v in encoded.items()} for i in chunk], return_tensors="pt")
+            chunk = order[start : start + size]
+            padded = self.tokenizer.pad(
+                [{k: v[i] for k, v in encoded.items()} for i in chunk], return_tensors="pt"
+            )
             with torch.inference_mode():
                 labels[chunk] = self.model(**padded).logits.argmax(-1).numpy()
         return batch.append_column("label_id", pa.array(labels, pa.int64()))
@@ -93,14 +97,20 @@ def bbc_parquet(directory: Path, rows: int) -> Path:
     data = DataConfig()
     splits = load_labeled_splits(data)
     held_out = pa.concat_tables([splits.dev, splits.test])
-    held_out = split_paragraphs(pa.table({"doc_id": pa.array(range(held_out.num_rows)), "text": held_out["text"]}))
+    held_out = split_paragraphs(
+        pa.table({"doc_id": pa.array(range(held_out.num_rows)), "text": held_out["text"]})
+    )
     training = pq.read_table(default_unlabeled_corpus(splits.train, data))
     from_training = max(0, min(rows - held_out.num_rows, training.num_rows))
-    table = pa.concat_tables([held_out.select(["text"]),
-                              training.slice(training.num_rows - from_training, from_training)])
+    table = pa.concat_tables(
+        [held_out.select(["text"]), training.slice(training.num_rows - from_training, from_training)]
+    )
     table = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
-    print(f"paragraphs: {min(held_out.num_rows, rows)} of dev/test articles + {from_training} of training articles "
-          f"(the last {from_training} of {training.num_rows} in the stage-2 corpus)", flush=True)
+    print(
+        f"paragraphs: {min(held_out.num_rows, rows)} of dev/test articles + {from_training} of training articles "
+        f"(the last {from_training} of {training.num_rows} in the stage-2 corpus)",
+        flush=True,
+    )
     while table.num_rows < rows:
         table = pa.concat_tables([table, table.slice(0, rows - table.num_rows)])
     table = table.slice(0, rows)
@@ -123,7 +133,9 @@ def timed(scorer_class: type) -> type:
     return Timed
 
 
-def timed_pass(path: Path, scorer, kwargs: dict, actors: int, rows_per_call: int) -> tuple[float, float, pa.Table]:
+def timed_pass(
+    path: Path, scorer, kwargs: dict, actors: int, rows_per_call: int
+) -> tuple[float, float, pa.Table]:
     """(seconds end to end, steady rows/s, the scored table).
 
     End to end includes starting the actor pool and loading the model (seconds, whatever the corpus size).
@@ -135,16 +147,22 @@ def timed_pass(path: Path, scorer, kwargs: dict, actors: int, rows_per_call: int
 
     with streaming_parquet_reader(preserve_order=True):  # the reader jobs/score.py uses
         dataset = ray.data.read_parquet(str(path)).map_batches(
-            timed(scorer), fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
-            batch_size=rows_per_call, batch_format="pyarrow", num_cpus=kwargs["cpus"])
+            timed(scorer),
+            fn_constructor_kwargs=kwargs,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=rows_per_call,
+            batch_format="pyarrow",
+            num_cpus=kwargs["cpus"],
+        )
     start = time.perf_counter()
     table = pa.concat_tables(list(dataset.iter_batches(batch_size=None, batch_format="pyarrow")))
     seconds = time.perf_counter() - start
     return seconds, table.num_rows / max(sum(table["call_seconds"].to_pylist()), 1e-9), table
 
 
-def calibrated_threshold(path: Path, model_dir: str, rows: int, min_agreement: float, batch_size: int,
-                         cpus: float) -> tuple[dict, float]:
+def calibrated_threshold(
+    path: Path, model_dir: str, rows: int, min_agreement: float, batch_size: int, cpus: float
+) -> tuple[dict, float]:
     """What `jobs/score.py --calibrate-rows rows` does before scoring: the same sample of the input, the same Ray
     task with an actor's CPUs. Returns (calibration, seconds)."""
     import ray
@@ -155,12 +173,22 @@ def calibrated_threshold(path: Path, model_dir: str, rows: int, min_agreement: f
     start = time.perf_counter()
     texts = sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows)
     task = ray.remote(calibrate_on_worker).options(num_cpus=cpus)
-    calibration = ray.get(task.remote(model_dir, texts, "entropy", min_agreement, 0.05, S_GRID, batch_size, cpus))
+    calibration = ray.get(
+        task.remote(model_dir, texts, "entropy", min_agreement, 0.05, S_GRID, batch_size, cpus)
+    )
     return calibration.to_dict(), time.perf_counter() - start
 
 
-def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: int, sort_rows: int,
-               calibrate_rows: int, min_agreement: float) -> dict:
+def throughput(
+    model_ref: str,
+    rows: int,
+    actors: int,
+    cpus: float,
+    batch_size: int,
+    sort_rows: int,
+    calibrate_rows: int,
+    min_agreement: float,
+) -> dict:
     import ray
 
     from ee_model import EarlyExitClassifier, ExitSetting
@@ -172,16 +200,26 @@ def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: 
         source = resolve_model(model_ref, Path(scratch))
         model = EarlyExitClassifier.from_pretrained(source.directory)
         path = bbc_parquet(Path(scratch), rows)
-        common = {"model": str(source.directory), "text_column": "text", "cpus": cpus, "batch_size": batch_size}
+        common = {
+            "model": str(source.directory),
+            "text_column": "text",
+            "cpus": cpus,
+            "batch_size": batch_size,
+        }
         plain = {"model_dir": str(source.directory), "max_length": model.config.max_length, "cpus": cpus}
-        window = max(sort_rows, batch_size)  # as jobs/score.py: sort this many rows, model calls of batch_size
+        window = max(
+            sort_rows, batch_size
+        )  # as jobs/score.py: sort this many rows, model calls of batch_size
         results = {}
 
         def run(name, scorer, kwargs, rows_per_call):
             seconds, steady, table = timed_pass(path, scorer, kwargs, actors, rows_per_call)
             results[name] = (seconds, steady, table)
-            print(f"{name}: {table.num_rows / seconds:.2f} rows/s end to end ({seconds:.1f} s), "
-                  f"{steady:.2f} rows/s steady", flush=True)
+            print(
+                f"{name}: {table.num_rows / seconds:.2f} rows/s end to end ({seconds:.1f} s), "
+                f"{steady:.2f} rows/s steady",
+                flush=True,
+            )
 
         for name, scorer, kwargs, rows_per_call in (
             ("a_early_exit", Scorer, {**common, "setting": None}, window),
@@ -190,13 +228,19 @@ def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: 
             ("c_plain_hf_sorted", PlainScorer, {**plain, "batch_size": batch_size}, window),
         ):
             run(name, scorer, kwargs, rows_per_call)
-        calibrated, calibration_s = calibrated_threshold(path, str(source.directory), calibrate_rows, min_agreement,
-                                                         batch_size, cpus)
-        print(f"S calibrated on {calibrated['rows']} of the rows for >= {min_agreement:.0%} agreement (no labels): "
-              f"{calibrated['knob']} in {calibration_s:.1f} s", flush=True)
+        calibrated, calibration_s = calibrated_threshold(
+            path, str(source.directory), calibrate_rows, min_agreement, batch_size, cpus
+        )
+        print(
+            f"S calibrated on {calibrated['rows']} of the rows for >= {min_agreement:.0%} agreement (no labels): "
+            f"{calibrated['knob']} in {calibration_s:.1f} s",
+            flush=True,
+        )
         run("a_calibrated", Scorer, {**common, "setting": ExitSetting("entropy", calibrated["knob"])}, window)
     (a_s, a_ss, a), (b_s, b_ss, b), (c_s, c_ss, _), (cs_s, cs_ss, _), (k_s, k_ss, k) = (
-        results[n] for n in ("a_early_exit", "b_full_depth", "c_plain_hf", "c_plain_hf_sorted", "a_calibrated"))
+        results[n]
+        for n in ("a_early_exit", "b_full_depth", "c_plain_hf", "c_plain_hf_sorted", "a_calibrated")
+    )
 
     def flops_speedup(table: pa.Table) -> float:
         tokens = table["tokens"].to_numpy().astype(np.int64)
@@ -206,22 +250,47 @@ def throughput(model_ref: str, rows: int, actors: int, cpus: float, batch_size: 
         return float(np.mean(np.array(table["label"].to_pylist()) == np.array(b["label"].to_pylist())))
 
     return {
-        "rows": rows, "actors": actors, "cpus_per_actor": cpus, "batch_size": batch_size, "sort_rows": window,
-        "policy": model.config.policy, "threshold": model.config.threshold, "max_length": model.config.max_length,
-        "rows_per_s": {"a_early_exit": rows / a_s, "b_full_depth": rows / b_s, "c_plain_hf": rows / c_s,
-                       "c_plain_hf_sorted": rows / cs_s, "a_calibrated": rows / k_s},
-        "steady_rows_per_s": {"a_early_exit": a_ss, "b_full_depth": b_ss, "c_plain_hf": c_ss,
-                              "c_plain_hf_sorted": cs_ss, "a_calibrated": k_ss},
-        "a_over_b": b_s / a_s, "flops_speedup": flops_speedup(a),
+        "rows": rows,
+        "actors": actors,
+        "cpus_per_actor": cpus,
+        "batch_size": batch_size,
+        "sort_rows": window,
+        "policy": model.config.policy,
+        "threshold": model.config.threshold,
+        "max_length": model.config.max_length,
+        "rows_per_s": {
+            "a_early_exit": rows / a_s,
+            "b_full_depth": rows / b_s,
+            "c_plain_hf": rows / c_s,
+            "c_plain_hf_sorted": rows / cs_s,
+            "a_calibrated": rows / k_s,
+        },
+        "steady_rows_per_s": {
+            "a_early_exit": a_ss,
+            "b_full_depth": b_ss,
+            "c_plain_hf": c_ss,
+            "c_plain_hf_sorted": cs_ss,
+            "a_calibrated": k_ss,
+        },
+        "a_over_b": b_s / a_s,
+        "flops_speedup": flops_speedup(a),
         "a_over_b_per_flops_speedup": (b_s / a_s) / flops_speedup(a),
         "steady_a_over_b_per_flops_speedup": (a_ss / b_ss) / flops_speedup(a),
-        "a_over_c": c_s / a_s, "a_over_c_sorted": cs_s / a_s, "steady_a_over_c": a_ss / c_ss,
+        "a_over_c": c_s / a_s,
+        "a_over_c_sorted": cs_s / a_s,
+        "steady_a_over_c": a_ss / c_ss,
         "agreement_a_b": agreement(a),
-        "calibrated": {"threshold": calibrated["knob"], "calibration": calibrated,
-                       "calibration_seconds": calibration_s, "agreement_a_b": agreement(k),
-                       "flops_speedup": flops_speedup(k), "a_over_c": c_s / k_s,
-                       "a_over_c_with_calibration": c_s / (k_s + calibration_s), "steady_a_over_c": k_ss / c_ss,
-                       "steady_a_over_b_per_flops_speedup": (k_ss / b_ss) / flops_speedup(k)},
+        "calibrated": {
+            "threshold": calibrated["knob"],
+            "calibration": calibrated,
+            "calibration_seconds": calibration_s,
+            "agreement_a_b": agreement(k),
+            "flops_speedup": flops_speedup(k),
+            "a_over_c": c_s / k_s,
+            "a_over_c_with_calibration": c_s / (k_s + calibration_s),
+            "steady_a_over_c": k_ss / c_ss,
+            "steady_a_over_b_per_flops_speedup": (k_ss / b_ss) / flops_speedup(k),
+        },
         "mean_exit_layer": float(a["exit_layer"].to_numpy().mean()),
         "mean_exit_layer_calibrated": float(k["exit_layer"].to_numpy().mean()),
     }
@@ -250,8 +319,9 @@ def memory_run(rows: int, scratch: Path) -> dict:
 
     model_dir = scratch / "model"
     if not model_dir.exists():
-        EarlyExitClassifier.from_encoder(str(write_tiny_encoder(scratch / "enc", "bert", 2, 32)),
-                                         labels=["a", "b", "c"], threshold=0.9).save_pretrained(model_dir)
+        EarlyExitClassifier.from_encoder(
+            str(write_tiny_encoder(scratch / "enc", "bert", 2, 32)), labels=["a", "b", "c"], threshold=0.9
+        ).save_pretrained(model_dir)
     inputs = scratch / f"in-{rows}"
     inputs.mkdir(exist_ok=True)
     per_file = 50_000
@@ -261,30 +331,53 @@ def memory_run(rows: int, scratch: Path) -> dict:
         n = min(per_file, rows - f * per_file)
         texts = [" ".join(words[rng.integers(0, 10, 12)]) for _ in range(n)]
         pq.write_table(pa.table({"text": texts, "id": np.arange(n)}), inputs / f"part-{f:04d}.parquet")
-    command = [sys.executable, str(ROOT / "jobs" / "score.py"), "--model", str(model_dir), "--input", str(inputs),
-               "--output", str(scratch / f"out-{rows}"), "--batch-size", "512",
-               "--summary-file", str(scratch / f"summary-{rows}.json")]
+    command = [
+        sys.executable,
+        str(ROOT / "jobs" / "score.py"),
+        "--model",
+        str(model_dir),
+        "--input",
+        str(inputs),
+        "--output",
+        str(scratch / f"out-{rows}"),
+        "--batch-size",
+        "512",
+        "--summary-file",
+        str(scratch / f"summary-{rows}.json"),
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch}/mlflow.db", "RAY_AUTH_MODE": "disabled"}
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     peak = 0
     while process.poll() is None:
         peak = max(peak, process_tree_rss(process.pid))
         time.sleep(0.5)
     summary = json.loads((scratch / f"summary-{rows}.json").read_text())
-    return {"rows": rows, "peak_rss_mib": round(peak / 2**20, 1), "seconds": round(time.perf_counter() - start, 1),
-            "rows_scored": summary["rows_scored"], "rows_per_s": summary["rows_per_s"]}
+    return {
+        "rows": rows,
+        "peak_rss_mib": round(peak / 2**20, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "rows_scored": summary["rows_scored"],
+        "rows_per_s": summary["rows_per_s"],
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="trained early-exit model (dir or MLflow URI) for the throughput part")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", help="trained early-exit model (dir or MLflow URI) for the throughput part"
+    )
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per model call")
-    parser.add_argument("--sort-rows", type=int, default=512, help="rows sorted by length together (jobs/score.py)")
+    parser.add_argument(
+        "--sort-rows", type=int, default=512, help="rows sorted by length together (jobs/score.py)"
+    )
     parser.add_argument("--calibrate-rows", type=int, default=1000, help="as jobs/score.py --calibrate-rows")
     parser.add_argument("--min-agreement", type=float, default=0.99)
     parser.add_argument("--memory-rows", type=int, nargs="*", default=[])
@@ -292,24 +385,36 @@ def main() -> None:
     args = parser.parse_args()
     record: dict = {"device": "cpu", "cpus": os.cpu_count()}
     if args.model:
-        record["throughput"] = throughput(args.model, args.rows, args.actors, args.cpus_per_actor, args.batch_size,
-                                          args.sort_rows, args.calibrate_rows, args.min_agreement)
+        record["throughput"] = throughput(
+            args.model,
+            args.rows,
+            args.actors,
+            args.cpus_per_actor,
+            args.batch_size,
+            args.sort_rows,
+            args.calibrate_rows,
+            args.min_agreement,
+        )
         t = record["throughput"]
         print("\n| scorer | rows/s end to end | rows/s steady |\n|---|---|---|")
         for name, value in t["rows_per_s"].items():
             print(f"| {name} | {value:.2f} | {t['steady_rows_per_s'][name]:.2f} |")
         k = t["calibrated"]
-        print(f"\nDefault S: (a)/(b) = {t['a_over_b']:.3f}x vs FLOPs speed-up {t['flops_speedup']:.3f}x -> ratio "
-              f"{t['a_over_b_per_flops_speedup']:.3f} end to end, {t['steady_a_over_b_per_flops_speedup']:.3f} steady "
-              f"(target >= 0.85); (a)/(c) = {t['a_over_c']:.3f}x end to end, {t['steady_a_over_c']:.3f}x steady "
-              f"(target >= 3; over (c) sorted by length as (a) is: {t['a_over_c_sorted']:.3f}x); agreement (a) vs "
-              f"(b) = {t['agreement_a_b']:.4f} (target >= 0.99)")
-        print(f"S = {k['threshold']} calibrated as jobs/score.py --calibrate-rows {args.calibrate_rows} does "
-              f"({k['calibration']['rows']} rows, {k['calibration_seconds']:.1f} s, sample agreement "
-              f"{k['calibration']['agreement']:.4f}): agreement on all rows {k['agreement_a_b']:.4f}, FLOPs "
-              f"{k['flops_speedup']:.3f}x, (a)/(c) {k['a_over_c']:.3f}x end to end "
-              f"({k['a_over_c_with_calibration']:.3f}x counting the calibration), {k['steady_a_over_c']:.3f}x steady; "
-              f"steady wall/FLOPs {k['steady_a_over_b_per_flops_speedup']:.3f}")
+        print(
+            f"\nDefault S: (a)/(b) = {t['a_over_b']:.3f}x vs FLOPs speed-up {t['flops_speedup']:.3f}x -> ratio "
+            f"{t['a_over_b_per_flops_speedup']:.3f} end to end, {t['steady_a_over_b_per_flops_speedup']:.3f} steady "
+            f"(target >= 0.85); (a)/(c) = {t['a_over_c']:.3f}x end to end, {t['steady_a_over_c']:.3f}x steady "
+            f"(target >= 3; over (c) sorted by length as (a) is: {t['a_over_c_sorted']:.3f}x); agreement (a) vs "
+            f"(b) = {t['agreement_a_b']:.4f} (target >= 0.99)"
+        )
+        print(
+            f"S = {k['threshold']} calibrated as jobs/score.py --calibrate-rows {args.calibrate_rows} does "
+            f"({k['calibration']['rows']} rows, {k['calibration_seconds']:.1f} s, sample agreement "
+            f"{k['calibration']['agreement']:.4f}): agreement on all rows {k['agreement_a_b']:.4f}, FLOPs "
+            f"{k['flops_speedup']:.3f}x, (a)/(c) {k['a_over_c']:.3f}x end to end "
+            f"({k['a_over_c_with_calibration']:.3f}x counting the calibration), {k['steady_a_over_c']:.3f}x steady; "
+            f"steady wall/FLOPs {k['steady_a_over_b_per_flops_speedup']:.3f}"
+        )
     if args.memory_rows:
         with tempfile.TemporaryDirectory() as scratch:
             record["memory"] = [memory_run(rows, Path(scratch)) for rows in args.memory_rows]

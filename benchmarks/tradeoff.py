@@ -35,7 +35,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 TIMED_BATCH_SIZES = (1, 64)
 
 
-def model_rows(name: str, model, dev, test, settings, auto_rule: str | None, eval_config, wallclock_rows: int):
+def model_rows(
+    name: str, model, dev, test, settings, auto_rule: str | None, eval_config, wallclock_rows: int
+):
     """Table rows of one trained model: each (rule, knob) setting, the auto knob, the oracle."""
     from ee_model import ExitSetting
     from pipelines.evaluate import evaluate_split, full_pass, oracle_point, policy_point
@@ -45,13 +47,17 @@ def model_rows(name: str, model, dev, test, settings, auto_rule: str | None, eva
     dev_pass, test_pass = full_pass(model, dev), full_pass(model, test)
     chosen = None
     if auto_rule is not None:
-        chosen = choose_knob(evaluate_split(model, dev, eval_config.thresholds, split=dev_pass)["sweep"],
-                             auto_rule, eval_config.target_spec())
+        chosen = choose_knob(
+            evaluate_split(model, dev, eval_config.thresholds, split=dev_pass)["sweep"],
+            auto_rule,
+            eval_config.target_spec(),
+        )
         settings = [*settings, (auto_rule, chosen["knob"], "auto")]
     points = [(policy_point(model, test_pass, ExitSetting(rule, knob)), tag) for rule, knob, tag in settings]
     texts = test["text"].to_pylist()[:wallclock_rows]
-    timed = wallclock_speedups(model, texts, [ExitSetting(p["policy"], p["knob"]) for p, _ in points],
-                               TIMED_BATCH_SIZES)
+    timed = wallclock_speedups(
+        model, texts, [ExitSetting(p["policy"], p["knob"]) for p, _ in points], TIMED_BATCH_SIZES
+    )
     rows = []
     for point, tag in points:
         row = {"model": name, "setting": tag, **point}
@@ -65,13 +71,20 @@ def model_rows(name: str, model, dev, test, settings, auto_rule: str | None, eva
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--wallclock-rows", type=int, default=256, help="test rows timed per setting")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS / "tradeoff"))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, as in jobs/train.py (e.g. model.encoder=/path)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, as in jobs/train.py (e.g. model.encoder=/path)",
+    )
     args = parser.parse_args()
 
     import mlflow
@@ -94,11 +107,18 @@ def main() -> None:
     config_of = {
         "kl": kl,
         # DeeBERT: students trained on gold labels only (no distillation, no unlabeled text)
-        "deebert": load_train_config(profile=args.profile, overrides=merge(overrides, {
-            "stage2": {"kl_weight": 0.0, "gold_weight": 1.0}, "data": {"max_unlabeled_rows": 0}})),
+        "deebert": load_train_config(
+            profile=args.profile,
+            overrides=merge(
+                overrides,
+                {"stage2": {"kl_weight": 0.0, "gold_weight": 1.0}, "data": {"max_unlabeled_rows": 0}},
+            ),
+        ),
         "count": load_train_config(profile=args.profile, overrides=merge(overrides, {"variant": "count"})),
-        "pabee": load_train_config(profile=args.profile, overrides=merge(overrides, {
-            "variant": "count", "joint": {"joint_weighting": "layer_index"}})),
+        "pabee": load_train_config(
+            profile=args.profile,
+            overrides=merge(overrides, {"variant": "count", "joint": {"joint_weighting": "layer_index"}}),
+        ),
     }
     splits = load_labeled_splits(kl.data)
     encoder = kl.model.encoder or default_encoder()
@@ -107,13 +127,18 @@ def main() -> None:
     ray.init(ignore_reinit_error=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with mlflow.start_run(run_name=f"tradeoff-{args.profile}") as parent, tempfile.TemporaryDirectory() as scratch:
+    with (
+        mlflow.start_run(run_name=f"tradeoff-{args.profile}") as parent,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
         run = parent.info.run_id
         timings = {}
 
         def stage(name, stage_name, config, init=None):
             t0 = time.time()
-            checkpoint = run_stage(stage_name, config, splits, encoder, init, run, tracking_uri, run_name=name)
+            checkpoint = run_stage(
+                stage_name, config, splits, encoder, init, run, tracking_uri, run_name=name
+            )
             timings[name] = round(time.time() - t0, 1)
             return checkpoint
 
@@ -124,23 +149,42 @@ def main() -> None:
             "count": stage("joint-count", "joint", config_of["count"]),
             "pabee": stage("joint-pabee", "joint", config_of["pabee"]),
         }
-        models = {name: EarlyExitClassifier.from_pretrained(local_model_dir(ckpt, Path(scratch) / name))
-                  for name, ckpt in checkpoints.items()}
+        models = {
+            name: EarlyExitClassifier.from_pretrained(local_model_dir(ckpt, Path(scratch) / name))
+            for name, ckpt in checkpoints.items()
+        }
         t = range(2, min(6, models["count"].n_layers))
         plan = {
-            "kl": ([("none", None, "full model"), *[("entropy", s, f"S={s}") for s in (0.1, 0.5, 0.8)]], "entropy"),
+            "kl": (
+                [("none", None, "full model"), *[("entropy", s, f"S={s}") for s in (0.1, 0.5, 0.8)]],
+                "entropy",
+            ),
             "deebert": ([], "entropy"),
             "count": ([("none", None, "full model"), *[("count", k, f"t={k}") for k in t]], "count"),
             "pabee": ([*[("patience", k, f"t={k}") for k in t]], "patience"),
         }
         rows, chosen = [], {}
         for name, (settings, rule) in plan.items():
-            model_rows_, chosen[name] = model_rows(name, models[name], splits.dev, splits.test, settings, rule,
-                                                   kl.eval, args.wallclock_rows)
-            rows += [r for r in model_rows_ if not (r["setting"] == "oracle" and name in ("deebert", "pabee"))]
+            model_rows_, chosen[name] = model_rows(
+                name, models[name], splits.dev, splits.test, settings, rule, kl.eval, args.wallclock_rows
+            )
+            rows += [
+                r for r in model_rows_ if not (r["setting"] == "oracle" and name in ("deebert", "pabee"))
+            ]
         table = pd.DataFrame(rows)
-        columns = ["model", "setting", "policy", "knob", "accuracy", "macro_f1", "retention", "mean_exit_layer",
-                   "layer_speedup", "flops_speedup", *[f"wallclock_speedup_b{b}" for b in TIMED_BATCH_SIZES]]
+        columns = [
+            "model",
+            "setting",
+            "policy",
+            "knob",
+            "accuracy",
+            "macro_f1",
+            "retention",
+            "mean_exit_layer",
+            "layer_speedup",
+            "flops_speedup",
+            *[f"wallclock_speedup_b{b}" for b in TIMED_BATCH_SIZES],
+        ]
         table = table[columns]
         kl_auto = table[(table.model == "kl") & (table.setting == "auto")].iloc[0]
         kl_oracle = table[(table.model == "kl") & (table.setting == "oracle")].iloc[0]
@@ -152,11 +196,18 @@ def main() -> None:
             "share_of_oracle": float(kl_auto.layer_speedup / kl_oracle.layer_speedup),
         }
         target["met"] = target["share_of_oracle"] >= 0.8 and target["auto_retention_test"] >= 0.99
-        result = {"command": " ".join(["python", "benchmarks/tradeoff.py", *sys.argv[1:]]),
-                  "profile": args.profile, "train_rows": splits.train.num_rows, "test_rows": splits.test.num_rows,
-                  "stage_seconds": timings, "seconds": round(time.time() - started, 1),
-                  "chosen_on_dev": {k: v for k, v in chosen.items() if v}, "target": target, "mlflow_run_id": run,
-                  "rows": table.to_dict(orient="records")}
+        result = {
+            "command": " ".join(["python", "benchmarks/tradeoff.py", *sys.argv[1:]]),
+            "profile": args.profile,
+            "train_rows": splits.train.num_rows,
+            "test_rows": splits.test.num_rows,
+            "stage_seconds": timings,
+            "seconds": round(time.time() - started, 1),
+            "chosen_on_dev": {k: v for k, v in chosen.items() if v},
+            "target": target,
+            "mlflow_run_id": run,
+            "rows": table.to_dict(orient="records"),
+        }
         markdown = table.to_markdown(index=False, floatfmt=".3f")
         figure = plot(table)
         out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
@@ -166,8 +217,13 @@ def main() -> None:
         mlflow.log_text(markdown, "tradeoff.md")
         mlflow.log_figure(figure, "tradeoff.png")
     print(markdown)
-    print(json.dumps({k: result[k] for k in ("target", "stage_seconds", "seconds", "chosen_on_dev")}, indent=2,
-                     default=str))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("target", "stage_seconds", "seconds", "chosen_on_dev")},
+            indent=2,
+            default=str,
+        )
+    )
 
 
 def plot(table):
@@ -182,7 +238,9 @@ def plot(table):
             axes.plot(part.layer_speedup, part.accuracy, marker=marker, label=name)
     for name in ("kl", "count"):
         oracle = table[(table.model == name) & (table.setting == "oracle")]
-        axes.scatter(oracle.layer_speedup, oracle.accuracy, marker="*", s=150, label=f"{name} oracle", zorder=3)
+        axes.scatter(
+            oracle.layer_speedup, oracle.accuracy, marker="*", s=150, label=f"{name} oracle", zorder=3
+        )
     full = table[(table.model == "kl") & (table.setting == "full model")]
     axes.scatter(full.layer_speedup, full.accuracy, marker="D", color="grey", label="full model", zorder=3)
     axes.set_xlabel("layer speed-up")

@@ -52,7 +52,11 @@ def check_labels(labels: Any) -> tuple[str, ...]:
 
 def check_head_dropout(head_dropout: Any) -> float:
     """A dropout probability: a number in [0, 1)."""
-    if isinstance(head_dropout, bool) or not isinstance(head_dropout, (int, float)) or not 0 <= head_dropout < 1:
+    if (
+        isinstance(head_dropout, bool)
+        or not isinstance(head_dropout, (int, float))
+        or not 0 <= head_dropout < 1
+    ):
         raise ValueError(f"head_dropout={head_dropout!r} must be in [0, 1)")
     return float(head_dropout)
 
@@ -114,8 +118,9 @@ class EarlyExitConfig:
         data = dict(self.encoder_config)
         return AutoConfig.for_model(data.pop("model_type"), **data)
 
-    def setting(self, policy: str | None = None, threshold: float | None = None,
-                patience: int | None = None) -> ExitSetting:
+    def setting(
+        self, policy: str | None = None, threshold: float | None = None, patience: int | None = None
+    ) -> ExitSetting:
         """The exit setting `predict` runs: `policy` (default the stored one) with the given knob, else the knob
         stored for it; the knob the policy does not take is ignored (the pyfunc passes every param)."""
         name = check_policy(policy or self.policy)
@@ -155,5 +160,7 @@ class EarlyExitConfig:
     def load(cls, directory: str | Path) -> EarlyExitConfig:
         path = Path(directory) / CONFIG_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a saved early-exit model directory")
+            raise FileNotFoundError(
+                f"no {CONFIG_FILE} in {directory}: not a saved early-exit model directory"
+            )
         return cls.from_dict(json.loads(path.read_text()))

@@ -46,7 +46,9 @@ def drop_unused_pooler(encoder: PreTrainedModel) -> None:
         encoder.pooler = None
 
 
-def embed(encoder: PreTrainedModel, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+def embed(
+    encoder: PreTrainedModel, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
+) -> torch.Tensor:
     """Token ids -> first hidden states (batch, seq, hidden), as the encoder's own forward computes them."""
     if encoder.config.model_type == "distilbert":
         return encoder.embeddings(input_ids)
@@ -59,7 +61,9 @@ def embed(encoder: PreTrainedModel, input_ids: torch.Tensor, token_type_ids: tor
 
 def attention_mask_for(encoder: PreTrainedModel, hidden: torch.Tensor, attention_mask: torch.Tensor):
     """The mask object the encoder's layers expect (4-d additive/boolean mask, or None when nothing is masked)."""
-    return create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    return create_bidirectional_mask(
+        config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
+    )
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:

@@ -47,7 +47,11 @@ class FlopsModel:
     @classmethod
     def from_encoder_config(cls, encoder_config: Any, head_type: str, num_labels: int) -> FlopsModel:
         if encoder_config.model_type == "distilbert":
-            hidden, intermediate, layers = encoder_config.dim, encoder_config.hidden_dim, encoder_config.n_layers
+            hidden, intermediate, layers = (
+                encoder_config.dim,
+                encoder_config.hidden_dim,
+                encoder_config.n_layers,
+            )
         else:
             hidden = encoder_config.hidden_size
             intermediate = encoder_config.intermediate_size
@@ -62,7 +66,9 @@ class FlopsModel:
 
     def row_flops(self, tokens: int | np.ndarray, exit_layer: int | np.ndarray) -> Any:
         """FLOPs of rows with `tokens` real tokens that exit after layer `exit_layer` (1-based)."""
-        per_layer = transformer_layer_flops(self.hidden_size, self.intermediate_size, tokens) + self.head_flops
+        per_layer = (
+            transformer_layer_flops(self.hidden_size, self.intermediate_size, tokens) + self.head_flops
+        )
         return self.embedding_flops(tokens) + exit_layer * per_layer
 
     def full_depth_flops(self, tokens: int | np.ndarray) -> Any:

@@ -54,7 +54,9 @@ def stage2_loss(
     total = students.new_zeros(())
     if kl_weight:
         student_log_p = torch.log_softmax(students, dim=-1)
-        kl = F.kl_div(student_log_p, teacher_log_p.expand_as(student_log_p), reduction="none", log_target=True)
+        kl = F.kl_div(
+            student_log_p, teacher_log_p.expand_as(student_log_p), reduction="none", log_target=True
+        )
         total = total + kl_weight * kl.sum(dim=-1).mean(dim=-1).sum()  # batchmean per student, summed
     if gold_weight:
         if labels is None:
@@ -65,7 +67,9 @@ def stage2_loss(
     return total
 
 
-def joint_loss(logits: torch.Tensor, labels: torch.Tensor, weighting: JointWeighting = "uniform") -> torch.Tensor:
+def joint_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weighting: JointWeighting = "uniform"
+) -> torch.Tensor:
     """Count variant: cross-entropy of every exit, averaged with uniform or layer-index (PABEE) weights."""
     check_label_ids(labels, logits.shape[-1])
     n_layers = logits.shape[0]

@@ -143,7 +143,10 @@ class EarlyExitClassifier(nn.Module):
         return ExitLogits(logits=logits)
 
     def pooled_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What each exit head sees: every layer's pooled hidden state, (n_layers, batch, hidden)."""
         hidden = encoders.embed(self.encoder, input_ids, token_type_ids)  # (batch, seq, hidden)
@@ -181,7 +184,9 @@ class EarlyExitClassifier(nn.Module):
         state = policy.init_state(batch, input_ids.device)
         last = self.n_layers - 1
         for index, (layer, head) in enumerate(zip(self.layers, self.heads, strict=True)):
-            hidden = encoders.run_layer(layer, hidden, encoders.attention_mask_for(self.encoder, hidden, mask))
+            hidden = encoders.run_layer(
+                layer, hidden, encoders.attention_mask_for(self.encoder, hidden, mask)
+            )
             logits = head(pool(hidden, mask, self.config.pooling)).float()  # (remaining, N)
             if index == last:
                 out_logits[rows] = logits

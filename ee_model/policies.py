@@ -99,9 +99,17 @@ class FullDepthPolicy(ExitPolicy):
 
 
 POLICY_NAMES: tuple[str, ...] = ("entropy", "count", "patience", "none")
-EXIT_RULES: tuple[str, ...] = ("entropy", "count", "patience")  # the policies that exit early (they take a knob)
-KNOB_OF_POLICY: dict[str, str | None] = {"entropy": "threshold", "count": "patience", "patience": "patience",
-                                         "none": None}  # the argument each policy takes
+EXIT_RULES: tuple[str, ...] = (
+    "entropy",
+    "count",
+    "patience",
+)  # the policies that exit early (they take a knob)
+KNOB_OF_POLICY: dict[str, str | None] = {
+    "entropy": "threshold",
+    "count": "patience",
+    "patience": "patience",
+    "none": None,
+}  # the argument each policy takes
 
 
 def check_policy(name: Any) -> str:
@@ -120,8 +128,13 @@ def check_threshold(threshold: Any) -> float:
 
 def check_patience(patience: Any) -> int:
     """t counts layers: an integer >= 1."""
-    if isinstance(patience, bool) or not isinstance(patience, (int, float)) or not math.isfinite(patience) \
-            or int(patience) != patience or patience < 1:
+    if (
+        isinstance(patience, bool)
+        or not isinstance(patience, (int, float))
+        or not math.isfinite(patience)
+        or int(patience) != patience
+        or patience < 1
+    ):
         raise ValueError(f"patience={patience!r} must be an integer >= 1 (layers t)")
     return int(patience)
 
@@ -171,8 +184,9 @@ class ExitSetting:
             if self.knob is not None:
                 raise ValueError(f"policy {self.policy!r} takes no knob, got {self.knob!r}")
         else:
-            object.__setattr__(self, "knob", check_threshold(self.knob) if name == "threshold" else
-                               check_patience(self.knob))
+            object.__setattr__(
+                self, "knob", check_threshold(self.knob) if name == "threshold" else check_patience(self.knob)
+            )
 
     @property
     def knob_name(self) -> str | None:
@@ -201,5 +215,5 @@ class ExitSetting:
         return FullDepthPolicy()
 
     def __str__(self) -> str:
-        """"entropy-0.24", "count-2", "none": as in output keys."""
+        """ "entropy-0.24", "count-2", "none": as in output keys."""
         return self.policy if self.knob is None else f"{self.policy}-{self.knob:g}"

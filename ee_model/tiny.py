@@ -25,12 +25,19 @@ def tiny_tokenizer() -> BertTokenizer:
     return BertTokenizer(vocab={token: index for index, token in enumerate(vocab)})
 
 
-def tiny_encoder_config(model_type: str = "bert", num_layers: int = 3, hidden_size: int = 32, vocab_size: int = 128):
+def tiny_encoder_config(
+    model_type: str = "bert", num_layers: int = 3, hidden_size: int = 32, vocab_size: int = 128
+):
     """A `PretrainedConfig` of a tiny encoder; pad token id 0 matches `tiny_tokenizer`."""
     common: dict[str, Any] = {"vocab_size": vocab_size, "pad_token_id": 0, "max_position_embeddings": 514}
     if model_type == "distilbert":
         return AutoConfig.for_model(
-            "distilbert", dim=hidden_size, n_layers=num_layers, n_heads=2, hidden_dim=2 * hidden_size, **common
+            "distilbert",
+            dim=hidden_size,
+            n_layers=num_layers,
+            n_heads=2,
+            hidden_dim=2 * hidden_size,
+            **common,
         )
     sizes = dict(
         hidden_size=hidden_size,

@@ -31,28 +31,50 @@ app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
 @app.command()
 def main(
-    model: Annotated[str, typer.Option(help="models:/name@alias, models:/name/version, MLflow URI, or model dir")],
+    model: Annotated[
+        str, typer.Option(help="models:/name@alias, models:/name/version, MLflow URI, or model dir")
+    ],
     input: Annotated[str, typer.Option(help="parquet file, folder or glob")],  # noqa: A002
     output: Annotated[str, typer.Option(help="output folder")],
-    policy: Annotated[str | None, typer.Option(help="entropy, count, patience or none; default the model's")] = None,
+    policy: Annotated[
+        str | None, typer.Option(help="entropy, count, patience or none; default the model's")
+    ] = None,
     threshold: Annotated[float | None, typer.Option(help="S for entropy; default the model's")] = None,
     patience: Annotated[int | None, typer.Option(help="t for count/patience; default the model's")] = None,
     text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
     batch_size: Annotated[int, typer.Option(help="rows per model call")] = 64,
-    sort_rows: Annotated[int, typer.Option(help="rows sorted by length together, then cut into model calls")] = 512,
+    sort_rows: Annotated[
+        int, typer.Option(help="rows sorted by length together, then cut into model calls")
+    ] = 512,
     actors: Annotated[int, typer.Option(help="scoring actors (one model copy each)")] = 1,
     cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor; torch threads follow")] = 1.0,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor")] = 0.0,
     include_probs: Annotated[bool, typer.Option(help="also write every class probability")] = False,
-    output_prefix: Annotated[str, typer.Option(
-        help="prefix of the output columns, e.g. pred_ to score a labeled corpus (pred_label beside label)")] = "",
-    calibrate_rows: Annotated[int, typer.Option(
-        help="choose S (or t) on this many input rows, no labels needed: the fastest agreeing with full depth on "
-             ">= --min-agreement of them; pinned in <output>/_calibration for later runs. 0: the model's")] = 0,
-    min_agreement: Annotated[float, typer.Option(help="agreement with full depth that --calibrate-rows keeps")] = 0.99,
-    delta: Annotated[float, typer.Option(
-        help="--calibrate-rows keeps --min-agreement on the corpus with probability >= 1 - delta")] = 0.05,
-    address: Annotated[str | None, typer.Option(help="Ray address; default $RAY_ADDRESS, else a new local Ray")] = None,
+    output_prefix: Annotated[
+        str,
+        typer.Option(
+            help="prefix of the output columns, e.g. pred_ to score a labeled corpus (pred_label beside label)"
+        ),
+    ] = "",
+    calibrate_rows: Annotated[
+        int,
+        typer.Option(
+            help="choose S (or t) on this many input rows, no labels needed: the fastest agreeing with full depth on "
+            ">= --min-agreement of them; pinned in <output>/_calibration for later runs. 0: the model's"
+        ),
+    ] = 0,
+    min_agreement: Annotated[
+        float, typer.Option(help="agreement with full depth that --calibrate-rows keeps")
+    ] = 0.99,
+    delta: Annotated[
+        float,
+        typer.Option(
+            help="--calibrate-rows keeps --min-agreement on the corpus with probability >= 1 - delta"
+        ),
+    ] = 0.05,
+    address: Annotated[
+        str | None, typer.Option(help="Ray address; default $RAY_ADDRESS, else a new local Ray")
+    ] = None,
     summary_file: Annotated[Path | None, typer.Option(help="also write the JSON summary here")] = None,
 ) -> None:
     import ray
@@ -63,11 +85,25 @@ def main(
     from pipelines.score import run_scoring
 
     with one_line_errors(ValueError):  # every bad flag value is refused here, before Ray starts
-        config = ScoreConfig(model=model, input=input, output=output, policy=policy, threshold=threshold,
-                             patience=patience, text_column=text_column, batch_size=batch_size,
-                             sort_rows=sort_rows, actors=actors, cpus_per_actor=cpus_per_actor,
-                             gpus_per_actor=gpus_per_actor, include_probs=include_probs, output_prefix=output_prefix,
-                             calibrate_rows=calibrate_rows, min_agreement=min_agreement, delta=delta)
+        config = ScoreConfig(
+            model=model,
+            input=input,
+            output=output,
+            policy=policy,
+            threshold=threshold,
+            patience=patience,
+            text_column=text_column,
+            batch_size=batch_size,
+            sort_rows=sort_rows,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
+            include_probs=include_probs,
+            output_prefix=output_prefix,
+            calibrate_rows=calibrate_rows,
+            min_agreement=min_agreement,
+            delta=delta,
+        )
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     with one_line_errors(UserError):
         summary = run_scoring(config)

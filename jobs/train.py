@@ -48,19 +48,35 @@ def parse_value(raw: str) -> Any:
 
 @app.command()
 def main(
-    variant: Annotated[str | None, typer.Option(help="kl (two-stage, entropy exit) or count (joint, count exit)")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config file (keys of pipelines.config.TrainConfig)")] = None,
-    profile: Annotated[str | None, typer.Option(help="quick (default, 2-CPU friendly) or full (the paper's)")] = None,
-    encoder: Annotated[str | None, typer.Option(help="HF model id or path; default the packaged MiniLM-L6")] = None,
+    variant: Annotated[
+        str | None, typer.Option(help="kl (two-stage, entropy exit) or count (joint, count exit)")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config file (keys of pipelines.config.TrainConfig)")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="quick (default, 2-CPU friendly) or full (the paper's)")
+    ] = None,
+    encoder: Annotated[
+        str | None, typer.Option(help="HF model id or path; default the packaged MiniLM-L6")
+    ] = None,
     train_path: Annotated[str | None, typer.Option(help="labeled parquet (file, folder, glob, URI)")] = None,
     dev_path: Annotated[str | None, typer.Option(help="dev parquet; default split from train")] = None,
     test_path: Annotated[str | None, typer.Option(help="test parquet; default split from train")] = None,
-    unlabeled_path: Annotated[str | None, typer.Option(help="unlabeled parquet for stage 2 ('' = none)")] = None,
+    unlabeled_path: Annotated[
+        str | None, typer.Option(help="unlabeled parquet for stage 2 ('' = none)")
+    ] = None,
     num_workers: Annotated[int | None, typer.Option(help="Ray Train workers")] = None,
     use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-gpu", help="one GPU per worker")] = None,
-    tune: Annotated[bool | None, typer.Option("--tune/--no-tune", help="Bayesian lr search of stage 1 / joint")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="any config field, e.g. stage1.epochs=3")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray address; default $RAY_ADDRESS, else a new local Ray")] = None,
+    tune: Annotated[
+        bool | None, typer.Option("--tune/--no-tune", help="Bayesian lr search of stage 1 / joint")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="any config field, e.g. stage1.epochs=3")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray address; default $RAY_ADDRESS, else a new local Ray")
+    ] = None,
     output: Annotated[Path | None, typer.Option(help="also write the JSON summary here")] = None,
 ) -> None:
     import os
@@ -73,9 +89,17 @@ def main(
     from pipelines.train import run_training, summary_json
 
     overrides: dict[str, Any] = {}
-    flat = {"variant": variant, "data.train_path": train_path, "data.dev_path": dev_path,
-            "data.test_path": test_path, "data.unlabeled_path": unlabeled_path, "model.encoder": encoder,
-            "resources.num_workers": num_workers, "resources.use_gpu": use_gpu, "tune.enabled": tune}
+    flat = {
+        "variant": variant,
+        "data.train_path": train_path,
+        "data.dev_path": dev_path,
+        "data.test_path": test_path,
+        "data.unlabeled_path": unlabeled_path,
+        "model.encoder": encoder,
+        "resources.num_workers": num_workers,
+        "resources.use_gpu": use_gpu,
+        "tune.enabled": tune,
+    }
     for key, value in flat.items():
         if value is not None:
             overrides = merge(overrides, _nested(key, value))

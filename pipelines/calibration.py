@@ -80,7 +80,9 @@ def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int) 
         if not len(local):
             continue
         parquet = pq.ParquetFile(path)
-        group_starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+        group_starts = np.cumsum(
+            [0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        )
         group_of = np.searchsorted(group_starts, local, side="right") - 1  # the row group of each sampled row
         groups = np.unique(group_of)
         try:
@@ -101,24 +103,51 @@ def agreement_pass(model: EarlyExitClassifier, texts: list[str], batch_size: int
     return replace(recorded, labels=recorded.logits[-1].argmax(-1))
 
 
-def calibrate(model: EarlyExitClassifier, texts: list[str], policy: str, min_agreement: float, delta: float,
-              thresholds: tuple[float, ...], batch_size: int = 64) -> Calibration:
+def calibrate(
+    model: EarlyExitClassifier,
+    texts: list[str],
+    policy: str,
+    min_agreement: float,
+    delta: float,
+    thresholds: tuple[float, ...],
+    batch_size: int = 64,
+) -> Calibration:
     """The fastest knob of `policy` whose agreement with full depth on the corpus is >= min_agreement with
     confidence 1 - delta, judged on `texts` (see module doc)."""
     if policy not in EXIT_RULES:
-        raise ValueError(f"calibration needs an early-exit policy (one of {list(EXIT_RULES)}), not {policy!r}")
+        raise ValueError(
+            f"calibration needs an early-exit policy (one of {list(EXIT_RULES)}), not {policy!r}"
+        )
     if not texts:
         raise ValueError("calibration sample holds no valid text")
     split = agreement_pass(model, texts, batch_size)
     points = [p for p in sweep(model, split, tuple(sorted({0.0, *thresholds}))) if p["policy"] == policy]
     chosen = choose_knob(points, policy, ThresholdTarget("retention", min_agreement, delta=delta))
-    return Calibration(policy, ExitSetting(policy, chosen["knob"]).knob, min_agreement, delta, bool(chosen["met"]), float(chosen["accuracy"]),
-                       float(chosen["bound"]), len(texts), float(chosen["flops_speedup"]),
-                       float(chosen["mean_exit_layer"]), chosen["reason"])
+    return Calibration(
+        policy,
+        ExitSetting(policy, chosen["knob"]).knob,
+        min_agreement,
+        delta,
+        bool(chosen["met"]),
+        float(chosen["accuracy"]),
+        float(chosen["bound"]),
+        len(texts),
+        float(chosen["flops_speedup"]),
+        float(chosen["mean_exit_layer"]),
+        chosen["reason"],
+    )
 
 
-def calibrate_on_worker(model: ModelFiles | ObjectRef | str, texts: list[str], policy: str, min_agreement: float,
-                        delta: float, thresholds: tuple[float, ...], batch_size: int, cpus: float) -> Calibration:
+def calibrate_on_worker(
+    model: ModelFiles | ObjectRef | str,
+    texts: list[str],
+    policy: str,
+    min_agreement: float,
+    delta: float,
+    thresholds: tuple[float, ...],
+    batch_size: int,
+    cpus: float,
+) -> Calibration:
     """`calibrate` where a scoring actor would run (its CPUs, its GPU when it has one): a Ray task body."""
     torch.set_num_threads(max(1, math.floor(cpus)))
     return calibrate(load_shipped_model(model), texts, policy, min_agreement, delta, thresholds, batch_size)

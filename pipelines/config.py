@@ -51,11 +51,15 @@ class DataConfig:
         fractions = tuple(float(f) for f in self.split_fractions)
         object.__setattr__(self, "split_fractions", fractions)
         if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise ValueError(f"split_fractions={self.split_fractions!r} must be 3 non-negative numbers summing to 1")
+            raise ValueError(
+                f"split_fractions={self.split_fractions!r} must be 3 non-negative numbers summing to 1"
+            )
         if fractions[0] == 0:
             raise ValueError("split_fractions gives the training split nothing")
         if (self.dev_path is None) != (self.test_path is None):
-            raise ValueError("give both dev_path and test_path, or neither (then both are split from train_path)")
+            raise ValueError(
+                "give both dev_path and test_path, or neither (then both are split from train_path)"
+            )
         if self.max_unlabeled_rows is not None and self.max_unlabeled_rows < 0:
             raise ValueError(f"max_unlabeled_rows={self.max_unlabeled_rows!r} must be >= 0")
 
@@ -109,7 +113,9 @@ class StageConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if self.joint_weighting not in ("uniform", "layer_index"):
-            raise ValueError(f"joint_weighting={self.joint_weighting!r} is not one of ['uniform', 'layer_index']")
+            raise ValueError(
+                f"joint_weighting={self.joint_weighting!r} is not one of ['uniform', 'layer_index']"
+            )
 
 
 @dataclass(frozen=True)
@@ -126,8 +132,10 @@ class ResourcesConfig:
 
     def __post_init__(self) -> None:
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(f"placement_strategy={self.placement_strategy!r} is not one of "
-                             "['PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD']")
+            raise ValueError(
+                f"placement_strategy={self.placement_strategy!r} is not one of "
+                "['PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD']"
+            )
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers!r} must be >= 0 (0 = Ray Train local mode)")
         _positive("cpus_per_worker", self.cpus_per_worker)
@@ -188,7 +196,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         # timed points are always on the grid, and so is S = 0 (full depth), the fallback of the automatic knob
-        grid = tuple(sorted({0.0} | {float(s) for s in self.thresholds} | {float(s) for s in self.timed_thresholds}))
+        grid = tuple(
+            sorted({0.0} | {float(s) for s in self.thresholds} | {float(s) for s in self.timed_thresholds})
+        )
         if not grid or grid[0] < 0 or grid[-1] > 1:
             raise ValueError(f"thresholds={self.thresholds!r} must be values in [0, 1] (normalised entropy)")
         object.__setattr__(self, "thresholds", grid)
@@ -281,8 +291,14 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 NESTED: dict[str, type] = {
-    "data": DataConfig, "model": ModelConfig, "stage1": StageConfig, "stage2": StageConfig,
-    "joint": StageConfig, "resources": ResourcesConfig, "tracking": TrackingConfig, "eval": EvalConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "stage1": StageConfig,
+    "stage2": StageConfig,
+    "joint": StageConfig,
+    "resources": ResourcesConfig,
+    "tracking": TrackingConfig,
+    "eval": EvalConfig,
     "tune": TuneSearchConfig,
 }
 
@@ -290,7 +306,9 @@ NESTED: dict[str, type] = {
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -319,7 +337,7 @@ def resolve_tracking_uri(config: TrackingConfig) -> str:
     if not uri:
         return f"sqlite:///{Path('mlflow.db').resolve()}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # workers run in other directories
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"  # workers run in other directories
     return uri
 
 
@@ -365,8 +383,14 @@ class ScoreConfig:
         if self.patience is not None:
             check_patience(self.patience)
         for knob in ("threshold", "patience"):
-            if self.policy is not None and getattr(self, knob) is not None and KNOB_OF_POLICY[self.policy] != knob:
-                raise ValueError(f"policy {self.policy!r} does not use {knob}={getattr(self, knob)!r}: drop it")
+            if (
+                self.policy is not None
+                and getattr(self, knob) is not None
+                and KNOB_OF_POLICY[self.policy] != knob
+            ):
+                raise ValueError(
+                    f"policy {self.policy!r} does not use {knob}={getattr(self, knob)!r}: drop it"
+                )
         if self.output_prefix and not self.output_prefix.replace("_", "").isalnum():
             raise ValueError(f"output_prefix={self.output_prefix!r} must be letters, digits and '_'")
         if self.calibrate_rows < 0:
@@ -377,7 +401,9 @@ class ScoreConfig:
         if self.calibrate_rows and self.policy == "none":
             raise ValueError("calibrate_rows chooses an exit knob; policy 'none' has none")
         if self.calibrate_rows and (self.threshold is not None or self.patience is not None):
-            raise ValueError("calibrate_rows chooses the knob: give a threshold / patience or calibrate_rows, not both")
+            raise ValueError(
+                "calibrate_rows chooses the knob: give a threshold / patience or calibrate_rows, not both"
+            )
 
     @property
     def rows_per_task(self) -> int:

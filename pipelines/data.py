@@ -18,7 +18,9 @@ from ee_model.texts import invalid_text_reason
 from pipelines.config import DataConfig
 from pipelines.errors import UserError
 
-UNLABELED = -100  # label id of stage-2 rows without a gold label (ignored by every loss term that uses labels)
+UNLABELED = (
+    -100
+)  # label id of stage-2 rows without a gold label (ignored by every loss term that uses labels)
 
 
 class DataError(UserError):
@@ -70,7 +72,9 @@ def read_labeled(path: str, text_column: str, label_column: str) -> pa.Table:
     labels = table[label_column]
     if labels.null_count:
         rows = np.flatnonzero(pc.is_null(labels).to_numpy(zero_copy_only=False))[:5].tolist()
-        raise DataError(f"{path!r}: {labels.null_count} row(s) have a null {label_column!r} (first rows {rows})")
+        raise DataError(
+            f"{path!r}: {labels.null_count} row(s) have a null {label_column!r} (first rows {rows})"
+        )
     texts = table[text_column]
     if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
         raise DataError(f"{path!r}: column {text_column!r} must hold strings, it holds {texts.type}")
@@ -93,8 +97,8 @@ def stratified_split(table: pa.Table, fractions: tuple[float, float, float], see
         n_dev, n_test = int(round(len(index) * fractions[1])), int(round(len(index) * fractions[2]))
         n_train = len(index) - n_dev - n_test
         parts[0] += index[:n_train].tolist()
-        parts[1] += index[n_train:n_train + n_dev].tolist()
-        parts[2] += index[n_train + n_dev:].tolist()
+        parts[1] += index[n_train : n_train + n_dev].tolist()
+        parts[2] += index[n_train + n_dev :].tolist()
     return tuple(table.take(pa.array(sorted(p), type=pa.int64())) for p in parts)
 
 
@@ -155,7 +159,11 @@ def default_unlabeled_corpus(train: pa.Table, config: DataConfig) -> str:
     from pipelines.bbc import split_paragraphs
 
     fractions = "-".join(f"{f:g}" for f in config.split_fractions)
-    path = Path(config.cache_dir).resolve() / "bbc" / f"paragraphs-train-{fractions}-seed{config.split_seed}.parquet"
+    path = (
+        Path(config.cache_dir).resolve()
+        / "bbc"
+        / f"paragraphs-train-{fractions}-seed{config.split_seed}.parquet"
+    )
     if not path.is_file():
         articles = pa.table({"doc_id": pa.array(range(train.num_rows)), "text": train["text"]})
         paragraphs = split_paragraphs(articles).select(["text"])

@@ -37,11 +37,18 @@ class SplitPass:
         return float((self.logits[-1].argmax(-1) == self.labels).double().mean())
 
 
-def texts_pass(model: EarlyExitClassifier, texts: list[str], label_ids: np.ndarray, batch_size: int = 64,
-               mixed_precision: bool = True) -> SplitPass:
+def texts_pass(
+    model: EarlyExitClassifier,
+    texts: list[str],
+    label_ids: np.ndarray,
+    batch_size: int = 64,
+    mixed_precision: bool = True,
+) -> SplitPass:
     """One full-depth pass over `texts` in batches of `batch_size` (see `steps.exit_logits` for the precision)."""
-    batches = [{"text": texts[i:i + batch_size], "label_id": label_ids[i:i + batch_size]}
-               for i in range(0, len(texts), batch_size)]
+    batches = [
+        {"text": texts[i : i + batch_size], "label_id": label_ids[i : i + batch_size]}
+        for i in range(0, len(texts), batch_size)
+    ]
     logits, labels = exit_logits(model, batches, model.device, mixed_precision)
     tokens = np.array([len(ids) for ids in model.tokenize(texts)["input_ids"]], dtype=np.int64)
     return SplitPass(logits, labels, tokens)
@@ -52,8 +59,9 @@ def full_pass(model: EarlyExitClassifier, table: pa.Table, batch_size: int = 64)
     return texts_pass(model, data["text"].to_pylist(), data["label_id"].to_numpy(), batch_size)
 
 
-def point_from_layers(model: EarlyExitClassifier, split: SplitPass, layers: torch.Tensor, policy: str,
-                      knob: float | int | None) -> dict:
+def point_from_layers(
+    model: EarlyExitClassifier, split: SplitPass, layers: torch.Tensor, policy: str, knob: float | int | None
+) -> dict:
     """Quality and cost of exiting each row at `layers` (n,), 1-based. `full_correct` counts the rows the full
     model gets right and `kept` those of them the early exit gets right too (the statistic of
     `pipelines.thresholds.choose_knob`)."""
@@ -70,8 +78,15 @@ def point_from_layers(model: EarlyExitClassifier, split: SplitPass, layers: torc
         "knob": knob,
         "accuracy": accuracy,
         # macro over every class of the model, present in this split or not (0 for a class never right)
-        "macro_f1": float(f1_score(labels, predicted, labels=list(range(split.logits.shape[-1])),
-                                   average="macro", zero_division=0)),
+        "macro_f1": float(
+            f1_score(
+                labels,
+                predicted,
+                labels=list(range(split.logits.shape[-1])),
+                average="macro",
+                zero_division=0,
+            )
+        ),
         "retention": accuracy / full if full > 0 else float("nan"),
         "rows": int(len(labels)),
         "full_correct": int(full_right.sum()),
@@ -109,8 +124,13 @@ def sweep(model: EarlyExitClassifier, split: SplitPass, thresholds: tuple[float,
     return [policy_point(model, split, setting) for setting in settings]
 
 
-def evaluate_split(model: EarlyExitClassifier, table: pa.Table, thresholds: tuple[float, ...],
-                   batch_size: int = 64, split: SplitPass | None = None) -> dict:
+def evaluate_split(
+    model: EarlyExitClassifier,
+    table: pa.Table,
+    thresholds: tuple[float, ...],
+    batch_size: int = 64,
+    split: SplitPass | None = None,
+) -> dict:
     """Per-layer accuracy, the model's default policy point, the full model, the oracle and every sweep."""
     split = split if split is not None else full_pass(model, table, batch_size)
     return {

@@ -42,8 +42,11 @@ def set_default_setting(model: EarlyExitClassifier, setting: ExitSetting, model_
 def timed_settings(model: EarlyExitClassifier, config: EvalConfig) -> list[ExitSetting]:
     """The model's default setting first, then the configured extra knobs of the same rule."""
     default = model.config.setting()
-    extra = config.timed_thresholds if default.policy == "entropy" else [t for t in config.timed_patiences
-                                                                           if t < model.n_layers]
+    extra = (
+        config.timed_thresholds
+        if default.policy == "entropy"
+        else [t for t in config.timed_patiences if t < model.n_layers]
+    )
     settings = [default]
     for knob in extra:
         if ExitSetting(default.policy, knob) not in settings:
@@ -51,24 +54,35 @@ def timed_settings(model: EarlyExitClassifier, config: EvalConfig) -> list[ExitS
     return settings
 
 
-def evaluate_trained_model(model: EarlyExitClassifier, model_dir: str | Path, dev: pa.Table, test: pa.Table,
-                           config: EvalConfig) -> FinalEvaluation:
-    passes = {"dev": full_pass(model, dev, config.batch_size), "test": full_pass(model, test, config.batch_size)}
+def evaluate_trained_model(
+    model: EarlyExitClassifier, model_dir: str | Path, dev: pa.Table, test: pa.Table, config: EvalConfig
+) -> FinalEvaluation:
+    passes = {
+        "dev": full_pass(model, dev, config.batch_size),
+        "test": full_pass(model, test, config.batch_size),
+    }
     dev_eval = evaluate_split(model, dev, config.thresholds, split=passes["dev"])
     chosen = None
     if config.auto_threshold:
         chosen = choose_knob(dev_eval["sweep"], model.config.policy, config.target_spec())
         if not chosen["met"]:
-            warnings.warn(f"automatic {model.config.policy} knob on dev: {chosen.get('reason', chosen['target'])}",
-                          stacklevel=2)
+            warnings.warn(
+                f"automatic {model.config.policy} knob on dev: {chosen.get('reason', chosen['target'])}",
+                stacklevel=2,
+            )
         set_default_setting(model, ExitSetting(chosen["policy"], chosen["knob"]), model_dir)
         dev_eval["default_policy"] = policy_point(model, passes["dev"], model.config.setting())
     test_eval = evaluate_split(model, test, config.thresholds, split=passes["test"])
     wallclock = []
     if config.wallclock_rows > 0:
         texts = test["text"].to_pylist()[: config.wallclock_rows]
-        wallclock = wallclock_speedups(model, texts, timed_settings(model, config), config.wallclock_batch_sizes,
-                                       config.wallclock_repeats)
+        wallclock = wallclock_speedups(
+            model,
+            texts,
+            timed_settings(model, config),
+            config.wallclock_batch_sizes,
+            config.wallclock_repeats,
+        )
     test_eval["wallclock"] = wallclock
     dev_eval["chosen"] = test_eval["chosen"] = chosen
     return FinalEvaluation(dev_eval, test_eval, chosen, wallclock, passes)
@@ -78,10 +92,14 @@ def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) ->
     """Per split: per-layer accuracy, the default point, sweep metrics, the table and the plots."""
     if result.chosen is not None:
         chosen = result.chosen
-        mlflow.log_params({f"auto_threshold.{key}": chosen[key] for key in PROMISE_PARAMS if key in chosen}
-                          | {"auto_threshold.met_on_dev": chosen["met"]})
+        mlflow.log_params(
+            {f"auto_threshold.{key}": chosen[key] for key in PROMISE_PARAMS if key in chosen}
+            | {"auto_threshold.met_on_dev": chosen["met"]}
+        )
         if "bound" in chosen:
-            mlflow.log_metrics({"auto_threshold.bound": chosen["bound"], "auto_threshold.rows": chosen["rows"]})
+            mlflow.log_metrics(
+                {"auto_threshold.bound": chosen["bound"], "auto_threshold.rows": chosen["rows"]}
+            )
     setting = model.config.setting()
     for name, evaluation in (("dev", result.dev), ("test", result.test)):
         for i, accuracy in enumerate(evaluation["layer_accuracy"]):
@@ -95,9 +113,12 @@ def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) ->
         figures = {
             f"{name}_trade_off.png": trade_off_figure(evaluation, f"{name}: accuracy vs speed-up", point),
             f"{name}_exit_histogram.png": exit_histogram_figure(
-                layers, model.n_layers, f"{name}: exit layers at {setting.policy}={setting.knob}"),
+                layers, model.n_layers, f"{name}: exit layers at {setting.policy}={setting.knob}"
+            ),
         }
         log_trade_off(name, evaluation, table, figures)
     for row in result.wallclock:
-        mlflow.log_metric(f"test_wallclock_speedup_b{row['batch_size']}_{row['policy']}_{row['knob']}",
-                          row["wallclock_speedup"])
+        mlflow.log_metric(
+            f"test_wallclock_speedup_b{row['batch_size']}_{row['policy']}_{row['knob']}",
+            row["wallclock_speedup"],
+        )

@@ -27,7 +27,10 @@ import pyarrow.parquet as pq
 
 from pipelines.errors import UserError
 
-HIDDEN_PREFIXES = ("_", ".")  # Spark's _temporary/ and _SUCCESS, .staging folders, our own _manifest/ and _tmp/
+HIDDEN_PREFIXES = (
+    "_",
+    ".",
+)  # Spark's _temporary/ and _SUCCESS, .staging folders, our own _manifest/ and _tmp/
 
 
 def is_hidden(relative: str | Path) -> bool:
@@ -69,11 +72,20 @@ class OutputLock:
             file.seek(0)
             holder = file.read().strip() or "unknown"
             file.close()
-            raise OutputLockedError(f"another scoring run is writing to {self.path.parent} ({holder}); wait for it "
-                                    "to finish or give another --output") from None
+            raise OutputLockedError(
+                f"another scoring run is writing to {self.path.parent} ({holder}); wait for it "
+                "to finish or give another --output"
+            ) from None
         file.truncate(0)
-        file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        file.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            )
+        )
         file.flush()
         self.file = file
         return self
@@ -148,8 +160,16 @@ class PendingOutput:
         """Close, then make the output visible in one atomic rename; the manifest record follows."""
         self.writer.close()
         manifest_tmp = self.path.with_name(self.path.name + ".json")
-        manifest_tmp.write_text(json.dumps({**record, "output": self.name, "rows": self.rows,
-                                            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        manifest_tmp.write_text(
+            json.dumps(
+                {
+                    **record,
+                    "output": self.name,
+                    "rows": self.rows,
+                    "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            )
+        )
         final = self.folder.root / self.name
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.path, final)  # the commit point

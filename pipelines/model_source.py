@@ -67,7 +67,9 @@ def check_weights(directory: Path, reference: str) -> None:
         with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
             weights.keys()
     except (SafetensorError, OSError) as error:
-        raise ModelSourceError(f"model {reference!r}: cannot read {directory / WEIGHTS_FILE}: {error}") from None
+        raise ModelSourceError(
+            f"model {reference!r}: cannot read {directory / WEIGHTS_FILE}: {error}"
+        ) from None
 
 
 def registry_version(reference: str) -> tuple[str | None, str | None]:
@@ -76,7 +78,7 @@ def registry_version(reference: str) -> tuple[str | None, str | None]:
         return None, None
     from mlflow.tracking import MlflowClient
 
-    body = reference[len("models:/"):]
+    body = reference[len("models:/") :]
     client = MlflowClient()
     if "@" in body:
         name, alias = body.split("@", 1)
@@ -99,7 +101,9 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
         if not (path / CONFIG_FILE).is_file():
             candidate = pyfunc_model_dir(path)  # a downloaded pyfunc directory works too
             if candidate is None:
-                raise ModelSourceError(f"{reference!r} is not a saved early-exit model directory (no {CONFIG_FILE})")
+                raise ModelSourceError(
+                    f"{reference!r} is not a saved early-exit model directory (no {CONFIG_FILE})"
+                )
             path = candidate
         check_weights(path, reference)
         return ModelSource(reference, path.resolve(), f"dir-{weights_digest(path)}")
@@ -114,10 +118,14 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
         raise ModelSourceError(f"cannot load model {reference!r}: {error.message}") from error
     directory = pyfunc_model_dir(local)
     if directory is None:
-        raise ModelSourceError(f"model {reference!r} is not an early-exit pyfunc (no artifacts/*/{CONFIG_FILE})")
+        raise ModelSourceError(
+            f"model {reference!r} is not an early-exit pyfunc (no artifacts/*/{CONFIG_FILE})"
+        )
     check_weights(directory, reference)
     # the digest too: another registry (or a recreated one) has its own "<name>" v1
-    identity = f"{name}-v{version}-{weights_digest(directory)}" if name else f"dir-{weights_digest(directory)}"
+    identity = (
+        f"{name}-v{version}-{weights_digest(directory)}" if name else f"dir-{weights_digest(directory)}"
+    )
     return ModelSource(reference, directory, identity, name, version)
 
 

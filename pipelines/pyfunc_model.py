@@ -17,7 +17,9 @@ class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = EarlyExitClassifier.from_pretrained(context.artifacts["model_dir"])
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would infer a schema from them
+    def predict(
+        self, context, model_input, params=None
+    ):  # no type hints: MLflow would infer a schema from them
         params = params or {}
         if isinstance(model_input, pd.DataFrame):
             if "text" not in model_input.columns:
@@ -33,8 +35,15 @@ class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
             batch_size=int(params.get("batch_size") or 32),
             invalid="null",
         )
-        return pd.DataFrame({"label": out.label, "confidence": out.confidence, "exit_layer": out.exit_layer,
-                             "flops": out.flops, "error": out.error})
+        return pd.DataFrame(
+            {
+                "label": out.label,
+                "confidence": out.confidence,
+                "exit_layer": out.exit_layer,
+                "flops": out.flops,
+                "error": out.error,
+            }
+        )
 
 
 mlflow.models.set_model(EarlyExitPyfunc())

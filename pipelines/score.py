@@ -70,8 +70,11 @@ def list_input_files(input_path: str, output_root: Path) -> tuple[list[str], str
     else:
         raise ScoringError(f"input {input_path!r} does not exist")
     inside_output = lambda f: Path(f).resolve().is_relative_to(output_root)  # noqa: E731
-    kept = [f for f in files if not is_hidden(os.path.relpath(os.path.abspath(f), os.path.abspath(root)))
-            and not inside_output(f)]
+    kept = [
+        f
+        for f in files
+        if not is_hidden(os.path.relpath(os.path.abspath(f), os.path.abspath(root))) and not inside_output(f)
+    ]
     return sorted(kept), root
 
 
@@ -81,8 +84,10 @@ def unique_outputs(inputs: list[InputFile]) -> None:
     for item in inputs:
         other = seen.setdefault(item.output, item.path)
         if other != item.path:
-            raise ScoringError(f"inputs {other!r} and {item.path!r} would both be written to {item.output!r}; "
-                               "rename one or score them into different --output folders")
+            raise ScoringError(
+                f"inputs {other!r} and {item.path!r} would both be written to {item.output!r}; "
+                "rename one or score them into different --output folders"
+            )
 
 
 def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
@@ -98,15 +103,19 @@ def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
             raise ScoringError(f"cannot read parquet file {path!r}: {error}") from error
         schema = parquet.schema_arrow
         if config.text_column not in schema.names:
-            raise ScoringError(f"{path!r} has no text column {config.text_column!r}; its columns are {schema.names}")
+            raise ScoringError(
+                f"{path!r} has no text column {config.text_column!r}; its columns are {schema.names}"
+            )
         text_type = schema.field(config.text_column).type
         if not is_text_type(text_type):
             raise ScoringError(f"{path!r}: text column {config.text_column!r} holds {text_type}, not strings")
         written = [config.output_prefix + c for c in OUTPUT_COLUMNS]
         clashes = [c for c in (*written, SOURCE_COLUMN) if c in schema.names]
         if clashes:
-            raise ScoringError(f"{path!r} already has column(s) {clashes} that scoring writes; give "
-                               "--output-prefix (e.g. pred_) to write pred_label, ... beside them")
+            raise ScoringError(
+                f"{path!r} already has column(s) {clashes} that scoring writes; give "
+                "--output-prefix (e.g. pred_) to write pred_label, ... beside them"
+            )
         rows = parquet.metadata.num_rows
         inputs.append(InputFile(path, rows, schema, output_name(path, root), fingerprint(path, rows)))
     unique_outputs(inputs)
@@ -124,8 +133,10 @@ def files_to_score(inputs: list[InputFile], folder: OutputFolder) -> tuple[dict[
         if not current:
             pending[str(Path(item.path).resolve())] = item
     if changed:
-        warnings.warn(f"{len(changed)} input file(s) changed since they were scored; scoring them again: "
-                      f"{changed[:5]}", stacklevel=2)
+        warnings.warn(
+            f"{len(changed)} input file(s) changed since they were scored; scoring them again: {changed[:5]}",
+            stacklevel=2,
+        )
     return pending, changed
 
 
@@ -145,8 +156,13 @@ def unreadable_files(pending: dict[str, InputFile], text_column: str) -> dict[st
 
 
 def output_schema(input_schema: pa.Schema, include_probs: bool, prefix: str = "") -> pa.Schema:
-    extra = [pa.field("label", pa.string()), pa.field("confidence", pa.float32()), pa.field("exit_layer", pa.int32()),
-             pa.field("flops", pa.int64()), pa.field("tokens", pa.int32())]
+    extra = [
+        pa.field("label", pa.string()),
+        pa.field("confidence", pa.float32()),
+        pa.field("exit_layer", pa.int32()),
+        pa.field("flops", pa.int64()),
+        pa.field("tokens", pa.int32()),
+    ]
     if include_probs:
         extra.append(pa.field("probs", pa.list_(pa.float32())))
     extra.append(pa.field("error", pa.string()))
@@ -155,7 +171,9 @@ def output_schema(input_schema: pa.Schema, include_probs: bool, prefix: str = ""
 
 def run_key(source: ModelSource, setting: ExitSetting, config: ScoreConfig) -> str:
     """The output folder of one (model, setting, column prefix): `<identity>__<policy>[-<knob>][__prefix-<p>]`."""
-    return f"{source.identity}__{setting}" + (f"__prefix-{config.output_prefix}" if config.output_prefix else "")
+    return f"{source.identity}__{setting}" + (
+        f"__prefix-{config.output_prefix}" if config.output_prefix else ""
+    )
 
 
 @dataclass
@@ -181,8 +199,9 @@ class Tally:
         self.labels.update(column("label").filter(scored).to_pylist())
 
 
-def score_stream(dataset: Any, pending: dict[str, InputFile], folder: OutputFolder, schema_of, tally: Tally,
-                 record: dict) -> int:
+def score_stream(
+    dataset: Any, pending: dict[str, InputFile], folder: OutputFolder, schema_of, tally: Tally, record: dict
+) -> int:
     """Drive the Ray Data stream; write each input file's rows to its own output and commit it when complete."""
     open_outputs: dict[str, PendingOutput] = {}
     committed = 0
@@ -192,7 +211,8 @@ def score_stream(dataset: Any, pending: dict[str, InputFile], folder: OutputFold
             rows = batch.filter(pa.compute.equal(batch[SOURCE_COLUMN], source)).drop_columns([SOURCE_COLUMN])
             item = pending[source]
             output = open_outputs.get(source) or open_outputs.setdefault(
-                source, folder.writer(item.output, schema_of(item)))
+                source, folder.writer(item.output, schema_of(item))
+            )
             output.write(rows.cast(output.writer.schema))
             tally.add(rows)
             if output.rows == item.rows:
@@ -205,7 +225,9 @@ def score_stream(dataset: Any, pending: dict[str, InputFile], folder: OutputFold
     return committed
 
 
-def build_dataset(files: list[str], config: ScoreConfig, model: ObjectRef, setting: ExitSetting | None = None):
+def build_dataset(
+    files: list[str], config: ScoreConfig, model: ObjectRef, setting: ExitSetting | None = None
+):
     import ray.data
 
     with streaming_parquet_reader(preserve_order=True):  # outputs in input order, deterministic
@@ -214,10 +236,15 @@ def build_dataset(files: list[str], config: ScoreConfig, model: ObjectRef, setti
         dataset = ray.data.read_parquet(files, include_paths=True, num_cpus=0)
         return dataset.map_batches(
             Scorer,
-            fn_constructor_kwargs={"model": model, "text_column": config.text_column, "setting": setting,
-                                   "include_probs": config.include_probs,
-                                   "column_prefix": config.output_prefix,
-                                   "cpus": config.cpus_per_actor, "batch_size": config.batch_size},
+            fn_constructor_kwargs={
+                "model": model,
+                "text_column": config.text_column,
+                "setting": setting,
+                "include_probs": config.include_probs,
+                "column_prefix": config.output_prefix,
+                "cpus": config.cpus_per_actor,
+                "batch_size": config.batch_size,
+            },
             compute=ray.data.ActorPoolStrategy(size=config.actors),
             batch_size=config.rows_per_task,
             batch_format="pyarrow",
@@ -229,8 +256,9 @@ def build_dataset(files: list[str], config: ScoreConfig, model: ObjectRef, setti
 def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, counts: dict) -> dict[str, Any]:
     layers = np.concatenate(tally.exit_layers) if tally.exit_layers else np.array([])
     tokens = np.concatenate(tally.tokens).astype(np.int64) if tally.tokens else np.array([], dtype=np.int64)
-    flops_model = FlopsModel.from_encoder_config(model_config.pretrained_encoder_config(),
-                                                 model_config.head_type, model_config.num_labels)
+    flops_model = FlopsModel.from_encoder_config(
+        model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
+    )
     full = int(flops_model.full_depth_flops(tokens).sum()) if len(tokens) else 0
     return {
         **counts,
@@ -254,13 +282,20 @@ def ship_model(source: ModelSource) -> ObjectRef:
 
 
 def calibration_path(config: ScoreConfig, source: ModelSource, policy: str) -> Path:
-    name = (f"{source.identity}__{policy}__agree-{config.min_agreement:g}__delta-{config.delta:g}"
-            f"__rows-{config.calibrate_rows}.json")
+    name = (
+        f"{source.identity}__{policy}__agree-{config.min_agreement:g}__delta-{config.delta:g}"
+        f"__rows-{config.calibrate_rows}.json"
+    )
     return Path(config.output).resolve() / "_calibration" / name
 
 
-def pinned_calibration(config: ScoreConfig, source: ModelSource, model_config: EarlyExitConfig,
-                       inputs: list[InputFile], shipped_model: Callable[[], ObjectRef]) -> tuple[Calibration, bool]:
+def pinned_calibration(
+    config: ScoreConfig,
+    source: ModelSource,
+    model_config: EarlyExitConfig,
+    inputs: list[InputFile],
+    shipped_model: Callable[[], ObjectRef],
+) -> tuple[Calibration, bool]:
     """(calibration, whether it was pinned by an earlier run). The first run on an output folder calibrates on
     the inputs it sees, in a Ray task with an actor's resources, and pins the result; later runs reuse it, so new
     files are scored with the same knob into the same output key."""
@@ -272,10 +307,24 @@ def pinned_calibration(config: ScoreConfig, source: ModelSource, model_config: E
         return Calibration(**json.loads(path.read_text())), True
     texts = sample_texts([(f.path, f.rows) for f in inputs], config.text_column, config.calibrate_rows)
     if not texts:
-        raise ScoringError(f"no valid text to calibrate on in column {config.text_column!r} of {config.input!r}")
-    task = ray.remote(calibrate_on_worker).options(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)
-    calibration = ray.get(task.remote(shipped_model(), texts, policy, config.min_agreement, config.delta, S_GRID,
-                                      config.batch_size, config.cpus_per_actor))
+        raise ScoringError(
+            f"no valid text to calibrate on in column {config.text_column!r} of {config.input!r}"
+        )
+    task = ray.remote(calibrate_on_worker).options(
+        num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor
+    )
+    calibration = ray.get(
+        task.remote(
+            shipped_model(),
+            texts,
+            policy,
+            config.min_agreement,
+            config.delta,
+            S_GRID,
+            config.batch_size,
+            config.cpus_per_actor,
+        )
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     aside = path.with_name(path.name + ".tmp")
     aside.write_text(json.dumps(calibration.to_dict(), indent=2))
@@ -286,7 +335,9 @@ def pinned_calibration(config: ScoreConfig, source: ModelSource, model_config: E
 
 
 def with_calibrated_knob(config: ScoreConfig, calibration: Calibration) -> ScoreConfig:
-    return dataclasses.replace(config, calibrate_rows=0, policy=calibration.policy, **calibration.setting.kwargs)
+    return dataclasses.replace(
+        config, calibrate_rows=0, policy=calibration.policy, **calibration.setting.kwargs
+    )
 
 
 def run_scoring(config: ScoreConfig) -> dict[str, Any]:
@@ -294,7 +345,9 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
     inputs = inspect_inputs(config)
     requested, calibration = config, None
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as held:
-        source = resolve_model(config.model, Path(scratch))  # a model that cannot load leaves no output folder
+        source = resolve_model(
+            config.model, Path(scratch)
+        )  # a model that cannot load leaves no output folder
         model_config = EarlyExitConfig.load(source.directory)
         held.enter_context(OutputLock(Path(config.output).resolve()))  # before calibration writes there too
         shipped_model = functools.cache(lambda: ship_model(source))
@@ -306,8 +359,12 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
         folder.prepare()
         pending, changed = files_to_score(inputs, folder)
         unreadable = unreadable_files(pending, config.text_column)
-        record = {"model": source.reference, "model_identity": source.identity, "policy": setting.policy,
-                  "knob": setting.knob}
+        record = {
+            "model": source.reference,
+            "model_identity": source.identity,
+            "policy": setting.policy,
+            "knob": setting.knob,
+        }
         schema_of = lambda item: output_schema(item.schema, config.include_probs, config.output_prefix)  # noqa: E731
         tally, started = Tally(prefix=config.output_prefix), time.time()
         skipped = len(inputs) - len(pending)
@@ -320,14 +377,27 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
         if pending:
             dataset = build_dataset(list(pending), config, shipped_model(), setting)
             committed += score_stream(dataset, pending, folder, schema_of, tally, record)
-        counts = {"input_files": len(inputs), "files_scored": committed, "files_skipped": skipped,
-                  "files_changed": len(changed), "files_unreadable": len(unreadable),
-                  "rows_in": sum(f.rows for f in pending.values())}
+        counts = {
+            "input_files": len(inputs),
+            "files_scored": committed,
+            "files_skipped": skipped,
+            "files_changed": len(changed),
+            "files_unreadable": len(unreadable),
+            "rows_in": sum(f.rows for f in pending.values()),
+        }
         summary = summarize(tally, model_config, time.time() - started, counts)
         if summary["rows_scored"] != counts["rows_in"]:
             raise RuntimeError(f"rows in {counts['rows_in']} != rows out {summary['rows_scored']}")
-        summary.update({"output": str(folder.root), "model": source.reference, "model_version": source.version,
-                        "policy": setting.policy, "knob": setting.knob, "started_at": round(started, 3)})
+        summary.update(
+            {
+                "output": str(folder.root),
+                "model": source.reference,
+                "model_version": source.version,
+                "policy": setting.policy,
+                "knob": setting.knob,
+                "started_at": round(started, 3),
+            }
+        )
         if calibration is not None:
             summary["calibration"] = {**calibration.to_dict(), "pinned": pinned}
         if unreadable:
@@ -335,8 +405,10 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
     log_scoring_run(summary, requested, source)
     if unreadable:  # after the readable files were committed and the run logged; a rerun retries these
         named = "; ".join(f"{path}: {reason}" for path, reason in unreadable.items())
-        raise ScoringError(f"{len(unreadable)} input file(s) could not be read and were not scored (the other "
-                           f"{summary['files_scored']} were): {named}")
+        raise ScoringError(
+            f"{len(unreadable)} input file(s) could not be read and were not scored (the other "
+            f"{summary['files_scored']} were): {named}"
+        )
     return summary
 
 
@@ -347,21 +419,49 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
     from pipelines.config import TrackingConfig, resolve_tracking_uri
     from pipelines.tracking import setup_tracking
 
-    setup_tracking(resolve_tracking_uri(TrackingConfig(tracking_uri=config.tracking_uri)), config.experiment_name)
-    tags = {"model": source.reference, "model_identity": source.identity, "model_version": str(source.version),
-            "registered_model": str(source.registered_name), "input": config.input, "output": summary["output"]}
+    setup_tracking(
+        resolve_tracking_uri(TrackingConfig(tracking_uri=config.tracking_uri)), config.experiment_name
+    )
+    tags = {
+        "model": source.reference,
+        "model_identity": source.identity,
+        "model_version": str(source.version),
+        "registered_model": str(source.registered_name),
+        "input": config.input,
+        "output": summary["output"],
+    }
     with mlflow.start_run(run_name="scoring", tags=tags):
-        mlflow.log_params({"policy": summary["policy"], "knob": summary["knob"], "batch_size": config.batch_size,
-                           "sort_rows": config.rows_per_task, "actors": config.actors, "cpus_per_actor": config.cpus_per_actor,
-                           "gpus_per_actor": config.gpus_per_actor, "calibrate_rows": config.calibrate_rows,
-                           "min_agreement": config.min_agreement if config.calibrate_rows else None,
-                           "delta": config.delta if config.calibrate_rows else None})
+        mlflow.log_params(
+            {
+                "policy": summary["policy"],
+                "knob": summary["knob"],
+                "batch_size": config.batch_size,
+                "sort_rows": config.rows_per_task,
+                "actors": config.actors,
+                "cpus_per_actor": config.cpus_per_actor,
+                "gpus_per_actor": config.gpus_per_actor,
+                "calibrate_rows": config.calibrate_rows,
+                "min_agreement": config.min_agreement if config.calibrate_rows else None,
+                "delta": config.delta if config.calibrate_rows else None,
+            }
+        )
         if "calibration" in summary:
             calibration = summary["calibration"]
-            mlflow.log_metrics({f"calibration_{k}": float(calibration[k]) for k in
-                                ("agreement", "agreement_bound", "rows", "flops_speedup", "mean_exit_layer")})
-            mlflow.log_params({"calibration_met": calibration["met"], "calibration_pinned": calibration["pinned"],
-                               "calibration_reason": calibration["reason"]})
-        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            mlflow.log_metrics(
+                {
+                    f"calibration_{k}": float(calibration[k])
+                    for k in ("agreement", "agreement_bound", "rows", "flops_speedup", "mean_exit_layer")
+                }
+            )
+            mlflow.log_params(
+                {
+                    "calibration_met": calibration["met"],
+                    "calibration_pinned": calibration["pinned"],
+                    "calibration_reason": calibration["reason"],
+                }
+            )
+        numbers = {
+            k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         mlflow.log_metrics({k: float(v) for k, v in numbers.items() if k not in ("knob", "started_at")})
         mlflow.log_dict(summary, "scoring_summary.json")

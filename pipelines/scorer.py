@@ -22,8 +22,15 @@ OUTPUT_COLUMNS = ("label", "confidence", "exit_layer", "flops", "tokens", "probs
 
 def is_text_type(column_type: pa.DataType) -> bool:
     """Strings, or binary that holds them (Spark writes strings without a UTF-8 annotation)."""
-    return any(check(column_type) for check in (pa.types.is_string, pa.types.is_large_string,
-                                                 pa.types.is_binary, pa.types.is_large_binary))
+    return any(
+        check(column_type)
+        for check in (
+            pa.types.is_string,
+            pa.types.is_large_string,
+            pa.types.is_binary,
+            pa.types.is_large_binary,
+        )
+    )
 
 
 def column_texts(column: pa.ChunkedArray | pa.Array) -> list:
@@ -50,9 +57,16 @@ class Scorer:
     rows of similar length (less padding), exits per row and restores input order.
     """
 
-    def __init__(self, model: ModelFiles | ObjectRef | str, text_column: str, setting: ExitSetting | None = None,
-                 include_probs: bool = False, cpus: float = 1.0, batch_size: int | None = None,
-                 column_prefix: str = "") -> None:
+    def __init__(
+        self,
+        model: ModelFiles | ObjectRef | str,
+        text_column: str,
+        setting: ExitSetting | None = None,
+        include_probs: bool = False,
+        cpus: float = 1.0,
+        batch_size: int | None = None,
+        column_prefix: str = "",
+    ) -> None:
         torch.set_num_threads(max(1, math.floor(cpus)))  # match the actor's CPUs, not the machine's
         self.model = load_shipped_model(model)
         self.text_column = text_column
@@ -63,8 +77,9 @@ class Scorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = column_texts(batch[self.text_column])
-        out = self.model.predict(texts, setting=self.setting, batch_size=self.batch_size or max(len(texts), 1),
-                                 invalid="null")
+        out = self.model.predict(
+            texts, setting=self.setting, batch_size=self.batch_size or max(len(texts), 1), invalid="null"
+        )
         scored = np.array([e is None for e in out.error], dtype=bool)
         missing = ~scored
         columns = {

@@ -32,12 +32,17 @@ def loss_for(stage: str, stage_config: Any) -> LossFn:
     raise ValueError(f"stage={stage!r} is not one of ['stage1', 'stage2', 'joint']")
 
 
-def encode(model: EarlyExitClassifier, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+def encode(
+    model: EarlyExitClassifier, batch: dict[str, Any], device: torch.device
+) -> dict[str, torch.Tensor]:
     """Tokenise a batch's texts with the model's tokenizer; tensors on `device`."""
     inner = unwrap(model)
     encoded = inner.tokenizer(
-        [str(t) for t in batch["text"]], truncation=True, max_length=inner.config.max_length,
-        padding="longest", return_tensors="pt",
+        [str(t) for t in batch["text"]],
+        truncation=True,
+        max_length=inner.config.max_length,
+        padding="longest",
+        return_tensors="pt",
     )
     return {key: value.to(device) for key, value in encoded.items()}
 
@@ -53,8 +58,13 @@ def autocast_for(device: torch.device):
 
 
 def train_step(
-    model: torch.nn.Module, batch: dict[str, Any], stage: str, loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    stage: str,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    device: torch.device,
 ) -> float | None:
     """One optimizer step; None when the batch has nothing this stage can learn from."""
     labels = torch.tensor(np.array(batch["label_id"]), dtype=torch.long, device=device)
@@ -63,8 +73,12 @@ def train_step(
         raise ValueError("stage 1 and joint training need a gold label on every row")
     inputs = encode(model, batch, device)
     with autocast_for(device):
-        out = model(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"),
-                    train_encoder=stage != "stage2")
+        out = model(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs.get("token_type_ids"),
+            train_encoder=stage != "stage2",
+        )
         loss = loss_fn(out.logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -75,8 +89,12 @@ def train_step(
 
 
 @torch.no_grad()
-def exit_logits(model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device,
-                mixed_precision: bool = True):
+def exit_logits(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, Any]],
+    device: torch.device,
+    mixed_precision: bool = True,
+):
     """Every exit's logits (L, n, N) and label ids (n,) over all batches, from one full-depth pass.
 
     mixed_precision: bf16 autocast on CUDA, as training runs; False runs the model's own dtype, as scoring does."""

@@ -45,8 +45,10 @@ class ThresholdTarget:
 
     def describe(self) -> str:
         if self.kind == "retention":
-            return (f"fastest knob keeping >= {self.min_retention:.1%} of full-depth accuracy "
-                    f"with confidence {1 - self.delta:.0%}")
+            return (
+                f"fastest knob keeping >= {self.min_retention:.1%} of full-depth accuracy "
+                f"with confidence {1 - self.delta:.0%}"
+            )
         return f"most accurate knob within {self.flops_budget:.0%} of full-model FLOPs on dev"
 
 
@@ -92,12 +94,21 @@ def choose_knob(points: list[dict], rule: str, target: ThresholdTarget) -> dict:
     promise = {"target": target.describe(), "min_retention": target.min_retention, "delta": target.delta}
     if chosen is not None:
         reason = f"{bound:.4f} >= {target.min_retention:g} at confidence {1 - target.delta:g}"
-        return {**chosen, **promise, "met": True, "bound": bound, "rows": chosen["full_correct"], "reason": reason}
+        return {
+            **chosen,
+            **promise,
+            "met": True,
+            "bound": bound,
+            "rows": chosen["full_correct"],
+            "reason": reason,
+        }
     safest = ordered[0]
     n = safest["full_correct"]
     safest_bound = lower_bound(safest["kept"], n, target.delta)
-    reason = (f"no setting passed, so full depth: even the safest bounds the kept share at {safest_bound:.4f} "
-              f"< {target.min_retention:g} on {n} rows the full model gets right")
+    reason = (
+        f"no setting passed, so full depth: even the safest bounds the kept share at {safest_bound:.4f} "
+        f"< {target.min_retention:g} on {n} rows the full model gets right"
+    )
     needed = rows_needed(target.min_retention, target.delta)
     if n < needed:
         reason += f" (a promise at confidence {1 - target.delta:g} needs at least {needed} such rows)"

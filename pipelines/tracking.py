@@ -78,17 +78,23 @@ class StepLogger:
 def pip_requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "safetensors", "numpy", "pandas")] + [
-        f"mlflow=={mlflow.__version__}"
-    ]
+    return [
+        f"{name}=={version(name)}" for name in ("torch", "transformers", "safetensors", "numpy", "pandas")
+    ] + [f"mlflow=={mlflow.__version__}"]
 
 
 def log_pyfunc_model(model_dir: str | Path, config: Any, example_texts: list[str]) -> Any:
     """Log the saved model directory as a pyfunc whose predict takes policy/threshold/patience params."""
     example = pd.DataFrame({"text": example_texts})
-    output = pd.DataFrame({"label": ["x"], "confidence": [0.5], "exit_layer": [1], "flops": [1], "error": [""]})
-    params = {"policy": config.policy, "threshold": float(config.threshold), "patience": int(config.patience),
-              "batch_size": 32}
+    output = pd.DataFrame(
+        {"label": ["x"], "confidence": [0.5], "exit_layer": [1], "flops": [1], "error": [""]}
+    )
+    params = {
+        "policy": config.policy,
+        "threshold": float(config.threshold),
+        "patience": int(config.patience),
+        "batch_size": 32,
+    }
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_CODE),
@@ -112,9 +118,14 @@ def register(model_uri: str, name: str, dev_accuracy: float, tags: dict[str, str
     promoted = champion_accuracy is None or dev_accuracy >= champion_accuracy
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    return {"name": name, "version": int(version), "uri": f"models:/{name}/{version}",
-            "candidate_uri": f"models:/{name}@{CANDIDATE}", "champion": promoted,
-            "previous_champion_dev_accuracy": champion_accuracy}
+    return {
+        "name": name,
+        "version": int(version),
+        "uri": f"models:/{name}/{version}",
+        "candidate_uri": f"models:/{name}@{CANDIDATE}",
+        "champion": promoted,
+        "previous_champion_dev_accuracy": champion_accuracy,
+    }
 
 
 def current_champion_accuracy(client: MlflowClient, name: str) -> float | None:

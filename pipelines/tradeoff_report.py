@@ -19,10 +19,25 @@ from ee_model.policies import EXIT_RULES, KNOB_OF_POLICY
 
 KNOB_SYMBOL = {"threshold": "S", "patience": "t"}
 
-COLUMNS = ["policy", "knob", "accuracy", "macro_f1", "retention", "mean_exit_layer", "layer_speedup",
-           "flops_speedup"]
-SWEEP_METRICS = ("knob", "accuracy", "macro_f1", "retention", "mean_exit_layer", "layer_speedup",
-                 "flops_speedup")
+COLUMNS = [
+    "policy",
+    "knob",
+    "accuracy",
+    "macro_f1",
+    "retention",
+    "mean_exit_layer",
+    "layer_speedup",
+    "flops_speedup",
+]
+SWEEP_METRICS = (
+    "knob",
+    "accuracy",
+    "macro_f1",
+    "retention",
+    "mean_exit_layer",
+    "layer_speedup",
+    "flops_speedup",
+)
 
 
 def trade_off_table(evaluation: dict, wallclock: Sequence[dict] = ()) -> pd.DataFrame:
@@ -51,19 +66,48 @@ def trade_off_figure(evaluation: dict, title: str, chosen: dict | None = None) -
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
     for rule, marker in zip(EXIT_RULES, ("o", "s", "^"), strict=True):
-        points = sorted((p for p in evaluation["sweep"] if p["policy"] == rule), key=lambda p: p["layer_speedup"])
+        points = sorted(
+            (p for p in evaluation["sweep"] if p["policy"] == rule), key=lambda p: p["layer_speedup"]
+        )
         if points:
-            axes.plot([p["layer_speedup"] for p in points], [p["accuracy"] for p in points], marker=marker,
-                      markersize=3, label=f"{rule} ({KNOB_SYMBOL[KNOB_OF_POLICY[rule]]})")
+            axes.plot(
+                [p["layer_speedup"] for p in points],
+                [p["accuracy"] for p in points],
+                marker=marker,
+                markersize=3,
+                label=f"{rule} ({KNOB_SYMBOL[KNOB_OF_POLICY[rule]]})",
+            )
     oracle, full = evaluation["oracle"], evaluation["full_model"]
-    axes.scatter([oracle["layer_speedup"]], [oracle["accuracy"]], marker="*", s=160, color="black",
-                 label="oracle", zorder=3)
-    axes.scatter([full["layer_speedup"]], [full["accuracy"]], marker="D", s=50, color="grey",
-                 label="full model", zorder=3)
+    axes.scatter(
+        [oracle["layer_speedup"]],
+        [oracle["accuracy"]],
+        marker="*",
+        s=160,
+        color="black",
+        label="oracle",
+        zorder=3,
+    )
+    axes.scatter(
+        [full["layer_speedup"]],
+        [full["accuracy"]],
+        marker="D",
+        s=50,
+        color="grey",
+        label="full model",
+        zorder=3,
+    )
     if chosen is not None:
-        axes.scatter([chosen["layer_speedup"]], [chosen["accuracy"]], marker="o", s=140, facecolors="none",
-                     edgecolors="red", linewidths=2, label=f"chosen {chosen['policy']}={chosen['knob']}",
-                     zorder=4)
+        axes.scatter(
+            [chosen["layer_speedup"]],
+            [chosen["accuracy"]],
+            marker="o",
+            s=140,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=2,
+            label=f"chosen {chosen['policy']}={chosen['knob']}",
+            zorder=4,
+        )
     axes.set_xlabel("layer speed-up (L / mean exit layer)")
     axes.set_ylabel("accuracy")
     axes.set_title(title)
@@ -92,12 +136,14 @@ def log_sweep_metrics(name: str, evaluation: dict) -> None:
     for rule in EXIT_RULES:
         points = [p for p in evaluation["sweep"] if p["policy"] == rule]
         for step, point in enumerate(points):
-            mlflow.log_metrics({f"{name}_sweep_{rule}_{key}": float(point[key]) for key in SWEEP_METRICS},
-                               step=step)
+            mlflow.log_metrics(
+                {f"{name}_sweep_{rule}_{key}": float(point[key]) for key in SWEEP_METRICS}, step=step
+            )
     for which in ("oracle", "full_model"):
         point = evaluation[which]
-        mlflow.log_metrics({f"{name}_{which}_{key}": float(point[key]) for key in SWEEP_METRICS
-                            if key != "knob"})
+        mlflow.log_metrics(
+            {f"{name}_{which}_{key}": float(point[key]) for key in SWEEP_METRICS if key != "knob"}
+        )
 
 
 def log_trade_off(name: str, evaluation: dict, table: pd.DataFrame, figures: dict[str, Figure]) -> None:

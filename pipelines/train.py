@@ -53,7 +53,9 @@ def unlabeled_rows(batch: pa.Table, column: str) -> pa.Table:
     """Stage-2 rows of an unlabeled corpus: valid texts only, label id UNLABELED."""
     texts = batch[column].to_pylist()
     kept = [t for t in texts if invalid_text_reason(t) is None]
-    return pa.table({"text": pa.array(kept, pa.string()), "label_id": pa.array([UNLABELED] * len(kept), pa.int64())})
+    return pa.table(
+        {"text": pa.array(kept, pa.string()), "label_id": pa.array([UNLABELED] * len(kept), pa.int64())}
+    )
 
 
 def stage2_dataset(splits: LabeledSplits, config: TrainConfig) -> tuple[ray.data.Dataset, int]:
@@ -91,36 +93,73 @@ def total_steps(rows: int, stage_config: Any, num_workers: int) -> int:
 
 def model_options(config: TrainConfig) -> dict[str, Any]:
     m = config.model
-    return {"head_type": m.head_type, "pooling": m.pooling, "variant": config.variant,
-            "max_length": m.max_length, "head_dropout": m.head_dropout, "threshold": m.threshold,
-            "patience": m.patience}
+    return {
+        "head_type": m.head_type,
+        "pooling": m.pooling,
+        "variant": config.variant,
+        "max_length": m.max_length,
+        "head_dropout": m.head_dropout,
+        "threshold": m.threshold,
+        "patience": m.patience,
+    }
 
 
-def worker_config_for(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: str, rows: int,
-                      init: Checkpoint | None, tracking_uri: str, run_id: str | None) -> WorkerConfig:
+def worker_config_for(
+    stage: str,
+    config: TrainConfig,
+    splits: LabeledSplits,
+    encoder: str,
+    rows: int,
+    init: Checkpoint | None,
+    tracking_uri: str,
+    run_id: str | None,
+) -> WorkerConfig:
     stage_config = getattr(config, stage)
     return WorkerConfig(
-        stage=stage, stage_config=vars(stage_config).copy(), labels=splits.labels, encoder=encoder,
-        encoder_revision=config.model.encoder_revision, model_options=model_options(config),
-        total_steps=total_steps(rows, stage_config, config.resources.num_workers), seed=config.seed,
-        init_checkpoint=init, tracking_uri=tracking_uri, mlflow_run_id=run_id,
+        stage=stage,
+        stage_config=vars(stage_config).copy(),
+        labels=splits.labels,
+        encoder=encoder,
+        encoder_revision=config.model.encoder_revision,
+        model_options=model_options(config),
+        total_steps=total_steps(rows, stage_config, config.resources.num_workers),
+        seed=config.seed,
+        init_checkpoint=init,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
         torch_threads=config.resources.torch_threads,
     )
 
 
-def run_stage(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: str, init: Checkpoint | None,
-              parent_run_id: str, tracking_uri: str, run_name: str | None = None) -> Checkpoint:
+def run_stage(
+    stage: str,
+    config: TrainConfig,
+    splits: LabeledSplits,
+    encoder: str,
+    init: Checkpoint | None,
+    parent_run_id: str,
+    tracking_uri: str,
+    run_name: str | None = None,
+) -> Checkpoint:
     """Fit one stage on Ray Train, log it to its child run (named `run_name`, default the stage), return its
     best checkpoint."""
     datasets, rows = stage_datasets(stage, splits, config)
     child_run_id = start_child_run(parent_run_id, run_name or stage)
     worker_config = worker_config_for(stage, config, splits, encoder, rows, init, tracking_uri, child_run_id)
-    trainer = build_trainer(worker_config, datasets, config.resources,
-                            name=f"ee-{parent_run_id[:12]}-{run_name or stage}")
+    trainer = build_trainer(
+        worker_config, datasets, config.resources, name=f"ee-{parent_run_id[:12]}-{run_name or stage}"
+    )
     # the with-block ends the child run FINISHED, or FAILED when fit raises
     with mlflow.start_run(run_id=child_run_id, nested=True):
-        mlflow.log_params(flatten({stage: vars(getattr(config, stage)), "train_rows": rows,
-                                   "total_steps": worker_config.total_steps}))
+        mlflow.log_params(
+            flatten(
+                {
+                    stage: vars(getattr(config, stage)),
+                    "train_rows": rows,
+                    "total_steps": worker_config.total_steps,
+                }
+            )
+        )
         mlflow.set_tag("init_checkpoint", init.path if init is not None else "")
         result = trainer.fit()
         best = result.get_best_checkpoint(metric="dev_score", mode="max")
@@ -131,8 +170,9 @@ def run_stage(stage: str, config: TrainConfig, splits: LabeledSplits, encoder: s
     return best
 
 
-def run_tuned_first_stage(config: TrainConfig, splits: LabeledSplits, encoder: str, parent_run_id: str,
-                          tracking_uri: str) -> Checkpoint:
+def run_tuned_first_stage(
+    config: TrainConfig, splits: LabeledSplits, encoder: str, parent_run_id: str, tracking_uri: str
+) -> Checkpoint:
     """The first stage as a learning-rate search; its best trial's best checkpoint is the stage result."""
     from pipelines.tune import tune_first_stage
 
@@ -161,10 +201,18 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     encoder = config.model.encoder or default_encoder()
     tracking_uri = resolve_tracking_uri(config.tracking)
     setup_tracking(tracking_uri, config.tracking.experiment_name)
-    with mlflow.start_run(run_name=config.run_name or f"{config.variant}-{time.strftime('%Y%m%d-%H%M%S')}") as parent:
-        mlflow.log_params(flatten({"config": config.to_dict(), "encoder_path": encoder}) | {
-            "rows.train": splits.train.num_rows, "rows.dev": splits.dev.num_rows, "rows.test": splits.test.num_rows,
-            "rows.dropped_invalid_text": splits.dropped_invalid_text})
+    with mlflow.start_run(
+        run_name=config.run_name or f"{config.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ) as parent:
+        mlflow.log_params(
+            flatten({"config": config.to_dict(), "encoder_path": encoder})
+            | {
+                "rows.train": splits.train.num_rows,
+                "rows.dev": splits.dev.num_rows,
+                "rows.test": splits.test.num_rows,
+                "rows.dropped_invalid_text": splits.dropped_invalid_text,
+            }
+        )
         mlflow.log_dict({"labels": list(splits.labels)}, "label_map.json")
         mlflow.log_dict(config.to_dict(), "config.json")
         checkpoint, stages = None, config.stages()
@@ -172,7 +220,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             checkpoint = run_tuned_first_stage(config, splits, encoder, parent.info.run_id, tracking_uri)
             stages = stages[1:]
         for stage in stages:
-            checkpoint = run_stage(stage, config, splits, encoder, checkpoint, parent.info.run_id, tracking_uri)
+            checkpoint = run_stage(
+                stage, config, splits, encoder, checkpoint, parent.info.run_id, tracking_uri
+            )
         with tempfile.TemporaryDirectory() as scratch:
             model_dir = local_model_dir(checkpoint, Path(scratch) / "model")
             model = EarlyExitClassifier.from_pretrained(model_dir)
@@ -181,11 +231,18 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             info = log_pyfunc_model(model_dir, model.config, splits.dev["text"].to_pylist()[:2])
             registered = None
             if config.tracking.register:
-                registered = register(info.model_uri, config.tracking.registered_model_name,
-                                      final.dev["default_policy"]["accuracy"],
-                                      {"variant": config.variant, "run_id": parent.info.run_id,
-                                       "policy": model.config.policy, "knob": model.config.setting().knob,
-                                       "knob_source": "auto" if final.chosen else "config"})
+                registered = register(
+                    info.model_uri,
+                    config.tracking.registered_model_name,
+                    final.dev["default_policy"]["accuracy"],
+                    {
+                        "variant": config.variant,
+                        "run_id": parent.info.run_id,
+                        "policy": model.config.policy,
+                        "knob": model.config.setting().knob,
+                        "knob_source": "auto" if final.chosen else "config",
+                    },
+                )
         summary = make_summary(config, final, info.model_uri, registered, parent.info.run_id, started)
         mlflow.log_dict(summary, "summary.json")
     return summary
@@ -194,8 +251,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 def make_summary(config, final, model_uri, registered, run_id, started) -> dict[str, Any]:
     test = final.test
     point, oracle = test["default_policy"], test["oracle"]
-    timed = {f"b{w['batch_size']}": round(w["wallclock_speedup"], 3) for w in test["wallclock"]
-             if (w["policy"], w["knob"]) == (point["policy"], point["knob"])}
+    timed = {
+        f"b{w['batch_size']}": round(w["wallclock_speedup"], 3)
+        for w in test["wallclock"]
+        if (w["policy"], w["knob"]) == (point["policy"], point["knob"])
+    }
     return {
         "variant": config.variant,
         "run_id": run_id,
@@ -205,8 +265,11 @@ def make_summary(config, final, model_uri, registered, run_id, started) -> dict[
         "retention": round(point["retention"], 4),
         "policy": point["policy"],
         "knob": point["knob"],
-        "knob_source": (f"auto: {final.chosen['target']}" + ("" if final.chosen["met"] else " (NOT met on dev)")
-                        if final.chosen else "config"),
+        "knob_source": (
+            f"auto: {final.chosen['target']}" + ("" if final.chosen["met"] else " (NOT met on dev)")
+            if final.chosen
+            else "config"
+        ),
         "promise": promise_summary(final.chosen),
         "mean_exit_layer": round(point["mean_exit_layer"], 3),
         "layer_speedup": round(point["layer_speedup"], 3),
@@ -225,8 +288,14 @@ def promise_summary(chosen: dict | None) -> dict | None:
     """What the automatic knob promises and on what evidence (None when the knob came from the config)."""
     if chosen is None or "bound" not in chosen:
         return None
-    return {"min_retention": chosen["min_retention"], "delta": chosen["delta"], "met": chosen["met"],
-            "bound": round(chosen["bound"], 4), "rows": chosen["rows"], "reason": chosen["reason"]}
+    return {
+        "min_retention": chosen["min_retention"],
+        "delta": chosen["delta"],
+        "met": chosen["met"],
+        "bound": round(chosen["bound"], 4),
+        "rows": chosen["rows"],
+        "reason": chosen["reason"],
+    }
 
 
 def summary_json(summary: dict[str, Any]) -> str:

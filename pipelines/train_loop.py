@@ -76,15 +76,25 @@ def dev_metrics(model: torch.nn.Module, stage: str, device: torch.device) -> dic
         batches = ray.train.get_dataset_shard("dev").iter_batches(batch_size=64, batch_format="numpy")
         accuracy = per_layer_accuracy(*exit_logits(model, batches, device))
         score = accuracy[-1] if stage == "stage1" else sum(accuracy) / len(accuracy)
-        payload[0] = {"dev_score": score, "dev_accuracy": accuracy[-1],
-                      **{f"dev_accuracy_layer_{i + 1}": a for i, a in enumerate(accuracy)}}
+        payload[0] = {
+            "dev_score": score,
+            "dev_accuracy": accuracy[-1],
+            **{f"dev_accuracy_layer_{i + 1}": a for i, a in enumerate(accuracy)},
+        }
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(payload, src=0)
     return payload[0]
 
 
-def report(model, optimizer, scheduler, state: TrainState, stage: str, device: torch.device,
-           logger: StepLogger | None) -> None:
+def report(
+    model,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    stage: str,
+    device: torch.device,
+    logger: StepLogger | None,
+) -> None:
     metrics = {**dev_metrics(model, stage, device), "epoch": state.epoch, "step": state.step}
     if logger is not None:
         for key, value in metrics.items():
@@ -96,8 +106,10 @@ def report(model, optimizer, scheduler, state: TrainState, stage: str, device: t
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
             unwrap(model).save_pretrained(Path(directory) / MODEL_SUBDIR)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                       Path(directory) / OPTIMIZER_FILE)
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                Path(directory) / OPTIMIZER_FILE,
+            )
             (Path(directory) / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -119,9 +131,12 @@ def restore(model, optimizer, scheduler) -> TrainState:
 def placement_tags(device: torch.device) -> dict[str, str]:
     """Where this worker group really ran, for the stage's MLflow run (rank 0 writes them)."""
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
-    return {"worker.device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-            "worker.dist_backend": backend, "worker.world_size": str(ray.train.get_context().get_world_size()),
-            "worker.autocast": str(autocast_dtype(device) or "off").removeprefix("torch.")}
+    return {
+        "worker.device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "worker.dist_backend": backend,
+        "worker.world_size": str(ray.train.get_context().get_world_size()),
+        "worker.autocast": str(autocast_dtype(device) or "off").removeprefix("torch."),
+    }
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -137,7 +152,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=stage_config.learning_rate, weight_decay=stage_config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=stage_config.learning_rate, weight_decay=stage_config.weight_decay
+    )
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(stage_config.warmup_ratio * spec.total_steps), max(spec.total_steps, 1)
     )
@@ -152,8 +169,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     while state.epoch < stage_config.epochs and state.step < spec.total_steps:
         last_report_step = -1
-        for batch in shard.iter_batches(batch_size=stage_config.batch_size, batch_format="numpy",
-                                        local_shuffle_buffer_size=1024, local_shuffle_seed=spec.seed + state.epoch):
+        for batch in shard.iter_batches(
+            batch_size=stage_config.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=1024,
+            local_shuffle_seed=spec.seed + state.epoch,
+        ):
             loss = train_step(model, batch, spec.stage, loss_fn, optimizer, scheduler, device)
             if loss is None:
                 continue

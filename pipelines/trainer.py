@@ -46,7 +46,8 @@ def build_trainer(
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dataclasses.asdict(worker_config) | {"init_checkpoint": worker_config.init_checkpoint},
+        train_loop_config=dataclasses.asdict(worker_config)
+        | {"init_checkpoint": worker_config.init_checkpoint},
         scaling_config=scaling,
         run_config=run,
         datasets=datasets,

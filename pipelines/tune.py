@@ -47,7 +47,11 @@ def make_sampler(config: TrainConfig):
 
 
 def tune_first_stage(
-    config: TrainConfig, worker_base: dict[str, Any], datasets: dict, parent_run_id: str, tracking_uri: str,
+    config: TrainConfig,
+    worker_base: dict[str, Any],
+    datasets: dict,
+    parent_run_id: str,
+    tracking_uri: str,
 ) -> tuple[Checkpoint, float, list[dict]]:
     """Search the learning rate; returns (best trial's best checkpoint, its learning rate, every trial's result)."""
     stage = config.stages()[0]
@@ -62,25 +66,39 @@ def tune_first_stage(
         worker = WorkerConfig(**{**worker_base, "stage_config": vars(stage_config), "mlflow_run_id": child})
         with mlflow.start_run(run_id=child):
             mlflow.log_params({"learning_rate": search["learning_rate"], "trial": trial, "stage": stage})
-            build_trainer(worker, datasets, resources, name=f"ee-{parent_run_id[:12]}-{trial}",
-                          callbacks=[TuneReportCallback()]).fit()
+            build_trainer(
+                worker,
+                datasets,
+                resources,
+                name=f"ee-{parent_run_id[:12]}-{trial}",
+                callbacks=[TuneReportCallback()],
+            ).fit()
 
     searcher = OptunaSearch(metric="dev_score", mode="max", sampler=make_sampler(config))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": 0.01}),  # the trial driver; its Train workers reserve the rest
         param_space={"learning_rate": tune.loguniform(config.tune.lr_min, config.tune.lr_max)},
-        tune_config=tune.TuneConfig(metric="dev_score", mode="max", search_alg=searcher,
-                                    num_samples=config.tune.num_samples,
-                                    max_concurrent_trials=concurrent_trials(config)),
-        run_config=tune.RunConfig(name=f"ee-{parent_run_id[:12]}-tune", storage_path=storage_uri(config.resources)),
+        tune_config=tune.TuneConfig(
+            metric="dev_score",
+            mode="max",
+            search_alg=searcher,
+            num_samples=config.tune.num_samples,
+            max_concurrent_trials=concurrent_trials(config),
+        ),
+        run_config=tune.RunConfig(
+            name=f"ee-{parent_run_id[:12]}-tune", storage_path=storage_uri(config.resources)
+        ),
     )
     grid = tuner.fit()
     errors = [str(r.error) for r in grid if r.error is not None]
     if len(errors) == len(grid):
         raise RuntimeError(f"every tuning trial failed; first error: {errors[0]}")
     best = grid.get_best_result(metric="dev_score", mode="max", scope="all")
-    trials = [{"learning_rate": float(r.config["learning_rate"]), "best_dev_score": best_dev_score(r)}
-              for r in grid if r.error is None]
+    trials = [
+        {"learning_rate": float(r.config["learning_rate"]), "best_dev_score": best_dev_score(r)}
+        for r in grid
+        if r.error is None
+    ]
     best_lr = float(best.config["learning_rate"])
     mlflow.log_params({"tune.best_learning_rate": best_lr, "tune.trials": len(grid)})
     mlflow.log_dict({"trials": trials, "best_learning_rate": best_lr}, "tune/trials.json")

@@ -102,7 +102,9 @@ def labeled_table(n: int = 240, seed: int = 0) -> pa.Table:
 
 def unlabeled_table(n: int = 300, seed: int = 1) -> pa.Table:
     rng = random.Random(seed)
-    return pa.table({"body": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) for _ in range(n)]})
+    return pa.table(
+        {"body": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) for _ in range(n)]}
+    )
 
 
 @pytest.fixture
@@ -131,7 +133,12 @@ def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=OBJECT_STORE_BYTES)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=OBJECT_STORE_BYTES,
+        )
     yield ray
     ray.shutdown()

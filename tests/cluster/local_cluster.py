@@ -47,29 +47,50 @@ class LocalCluster:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
     def start(self, cpus_per_node: int = 2) -> LocalCluster:
-        self._ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
-                  f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
-                  f"--num-cpus={cpus_per_node}", f"--temp-dir={self.temp_dir}",
-                  f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-                  '--resources={"drill_head": 1}', "--object-store-memory=200000000", "--disable-usage-stats")
+        self._ray(
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--num-cpus={cpus_per_node}",
+            f"--temp-dir={self.temp_dir}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            '--resources={"drill_head": 1}',
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+        )
         self.start_worker_node(cpus_per_node)
         return self
 
     def start_worker_node(self, cpus: int) -> None:
-        self._ray("start", f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1",
-                  f"--num-cpus={cpus}", f"--node-manager-port={self.worker_node_manager_port}",
-                  f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-                  f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-                  f"--runtime-env-agent-port={free_port()}", '--resources={"drill_worker": 1}',
-                  f"--temp-dir={self.worker_temp_dir}",
-                  "--object-store-memory=200000000", "--disable-usage-stats")
+        self._ray(
+            "start",
+            f"--address=127.0.0.1:{self.gcs_port}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={cpus}",
+            f"--node-manager-port={self.worker_node_manager_port}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            '--resources={"drill_worker": 1}',
+            f"--temp-dir={self.worker_temp_dir}",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+        )
         self.wait_for_nodes(2)
 
     def alive_nodes(self) -> list[dict]:
         from ray.util.state import list_nodes
 
-        return [n.__dict__ if hasattr(n, "__dict__") else n for n in
-                list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], detail=True)]
+        return [
+            n.__dict__ if hasattr(n, "__dict__") else n
+            for n in list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], detail=True)
+        ]
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -139,8 +160,11 @@ class LocalCluster:
     def kill_worker_node(self) -> None:
         """SIGKILL the worker node's raylet and every process it started (its workers and agents)."""
         marker = f"node_manager_port={self.worker_node_manager_port}"
-        raylets = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])
-                   and "raylet" in " ".join(p.info["cmdline"] or [])]
+        raylets = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if marker in " ".join(p.info["cmdline"] or []) and "raylet" in " ".join(p.info["cmdline"] or [])
+        ]
         assert raylets, "worker node raylet not found"
         victims = []
         for raylet in raylets:

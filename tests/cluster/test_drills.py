@@ -38,9 +38,14 @@ def work(tmp_path_factory):
 def env(work):
     import os
 
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
-            "PYTHONPATH": str(ROOT)}
+    return {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,9 @@ def cluster(env):
 
 @pytest.fixture(scope="module")
 def job_env(env):
-    return {k: env[k] for k in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")}
+    return {
+        k: env[k] for k in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +77,24 @@ def corpus(work):
 @pytest.fixture(scope="module")
 def scoring_model(work, tiny_encoder_dir):
     torch.manual_seed(0)
-    model = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=LABELS, threshold=0.9)
+    model = EarlyExitClassifier.from_encoder(
+        tiny_encoder_dir("bert", num_layers=3), labels=LABELS, threshold=0.9
+    )
     return str(model.save_pretrained(work / "scoring-model"))
 
 
 @pytest.fixture(scope="module")
 def single_node_scores(ray_local, work, env, corpus, scoring_model) -> pa.Table:
     """The reference: the same scoring on the single-node local Ray of the test session, in-process."""
-    summary = run_scoring(ScoreConfig(model=scoring_model, input=str(corpus), output=str(work / "scored-single"),
-                                      batch_size=64, tracking_uri=env["MLFLOW_TRACKING_URI"]))
+    summary = run_scoring(
+        ScoreConfig(
+            model=scoring_model,
+            input=str(corpus),
+            output=str(work / "scored-single"),
+            batch_size=64,
+            tracking_uri=env["MLFLOW_TRACKING_URI"],
+        )
+    )
     assert summary["rows_scored"] == FILES * ROWS_PER_FILE
     return all_rows_once(work / "scored-single")
 
@@ -87,16 +103,51 @@ def train_args(work: Path, encoder: str, name: str, *extra: str) -> list[str]:
     train = work / "train.parquet"
     if not train.exists():
         pq.write_table(labeled_table(), train)
-    return ["jobs/train.py", "--encoder", encoder, "--train-path", str(train), "--num-workers", "2",
-            "--output", str(work / f"{name}.json"), "--set", f"tracking.registered_model_name={MODEL_NAME}",
-            "--set", f"resources.storage_path={work / name}", "--set", "model.max_length=32",
-            "--set", "stage1.learning_rate=5e-3", "--set", "stage2.learning_rate=1e-2",
-            "--set", "eval.wallclock_rows=0", *extra]
+    return [
+        "jobs/train.py",
+        "--encoder",
+        encoder,
+        "--train-path",
+        str(train),
+        "--num-workers",
+        "2",
+        "--output",
+        str(work / f"{name}.json"),
+        "--set",
+        f"tracking.registered_model_name={MODEL_NAME}",
+        "--set",
+        f"resources.storage_path={work / name}",
+        "--set",
+        "model.max_length=32",
+        "--set",
+        "stage1.learning_rate=5e-3",
+        "--set",
+        "stage2.learning_rate=1e-2",
+        "--set",
+        "eval.wallclock_rows=0",
+        *extra,
+    ]
 
 
 def score_args(model: str, corpus: Path, output: Path, *extra: str) -> list[str]:
-    return ["jobs/score.py", "--model", model, "--input", str(corpus), "--output", str(output), "--actors", "2",
-            "--cpus-per-actor", "0.5", "--batch-size", "64", "--summary-file", f"{output}.json", *extra]
+    return [
+        "jobs/score.py",
+        "--model",
+        model,
+        "--input",
+        str(corpus),
+        "--output",
+        str(output),
+        "--actors",
+        "2",
+        "--cpus-per-actor",
+        "0.5",
+        "--batch-size",
+        "64",
+        "--summary-file",
+        f"{output}.json",
+        *extra,
+    ]
 
 
 def all_rows_once(output: Path) -> pa.Table:
@@ -121,15 +172,33 @@ def nodes_of(cluster: LocalCluster, actor_name: str) -> set[str]:
     return {roles.get(a["node_id"], "gone") for a in cluster.actors(actor_name, state=None)}
 
 
-def test_two_node_training_and_scoring_match_a_single_node_run(cluster, work, env, job_env, corpus, tiny_encoder_dir,
-                                                                scoring_model, single_node_scores):
+def test_two_node_training_and_scoring_match_a_single_node_run(
+    cluster, work, env, job_env, corpus, tiny_encoder_dir, scoring_model, single_node_scores
+):
     started = time.time()
     # training through the CLI exactly as documented: one Train worker per node (STRICT_SPREAD)
-    command = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
-               "--runtime-env-json", __import__("json").dumps({"env_vars": job_env}), "--",
-               sys.executable, *train_args(work, tiny_encoder_dir("bert", num_layers=3), "two-node",
-                                           "--set", "resources.placement_strategy=STRICT_SPREAD",
-                                           "--set", "stage1.epochs=3")]
+    command = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        __import__("json").dumps({"env_vars": job_env}),
+        "--",
+        sys.executable,
+        *train_args(
+            work,
+            tiny_encoder_dir("bert", num_layers=3),
+            "two-node",
+            "--set",
+            "resources.placement_strategy=STRICT_SPREAD",
+            "--set",
+            "stage1.epochs=3",
+        ),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     summary = read_summary(work / "two-node.json")
@@ -146,23 +215,38 @@ def test_two_node_training_and_scoring_match_a_single_node_run(cluster, work, en
 
 def test_training_resumes_after_a_train_worker_is_killed(cluster, work, job_env, tiny_encoder_dir):
     started = time.time()
-    job = cluster.submit(*train_args(work, tiny_encoder_dir("bert", num_layers=3), "killed-worker",
-                                     "--set", "stage1.epochs=15", "--set", "stage1.checkpoint_every_steps=10"),
-                         env_vars=job_env)
+    job = cluster.submit(
+        *train_args(
+            work,
+            tiny_encoder_dir("bert", num_layers=3),
+            "killed-worker",
+            "--set",
+            "stage1.epochs=15",
+            "--set",
+            "stage1.checkpoint_every_steps=10",
+        ),
+        env_vars=job_env,
+    )
     # a checkpoint folder appears before Ray Train has registered the report; the manager's snapshot after
-    wait_until(lambda: list((work / "killed-worker").glob("*stage1*/checkpoint_manager_snapshot.json")),
-               timeout=600, every=0.5)
+    wait_until(
+        lambda: list((work / "killed-worker").glob("*stage1*/checkpoint_manager_snapshot.json")),
+        timeout=600,
+        every=0.5,
+    )
     victim = cluster.wait_for_actors("RayTrainWorker", count=1)[0]
     cluster.kill_pid(victim["pid"])
     assert cluster.wait(job) == "SUCCEEDED", cluster.logs(job)[-4000:]
     summary = read_summary(work / "killed-worker.json")
     assert summary["registered"]["version"] >= 1
     client = MlflowClient(job_env["MLFLOW_TRACKING_URI"])
-    stage1 = client.search_runs([client.get_run(summary["run_id"]).info.experiment_id],
-                                filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}' "
-                                              "and tags.mlflow.runName = 'stage1'")[0]
+    stage1 = client.search_runs(
+        [client.get_run(summary["run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}' and tags.mlflow.runName = 'stage1'",
+    )[0]
     resumed = client.get_metric_history(stage1.info.run_id, "resumed_from_step")
-    assert resumed and resumed[0].value >= 1  # restarted from its last checkpoint (step or epoch end), not step 0
+    assert (
+        resumed and resumed[0].value >= 1
+    )  # restarted from its last checkpoint (step or epoch end), not step 0
     assert client.get_metric_history(stage1.info.run_id, "stage1_dev_score")
     print(f"\ndrill kill Train worker: {time.time() - started:.1f} s")
 
@@ -180,7 +264,9 @@ def test_scoring_survives_a_killed_actor(cluster, work, job_env, corpus, scoring
     print(f"\ndrill kill scoring actor: {time.time() - started:.1f} s")
 
 
-def test_killed_incremental_job_rerun_equals_a_clean_run(cluster, work, job_env, corpus, scoring_model, single_node_scores):
+def test_killed_incremental_job_rerun_equals_a_clean_run(
+    cluster, work, job_env, corpus, scoring_model, single_node_scores
+):
     started = time.time()
     output = work / "scored-stopped"
     job = cluster.submit(*score_args(scoring_model, corpus, output), env_vars=job_env)
@@ -197,7 +283,9 @@ def test_killed_incremental_job_rerun_equals_a_clean_run(cluster, work, job_env,
     print(f"\ndrill kill + rerun incremental scoring: {time.time() - started:.1f} s")
 
 
-def test_scoring_finishes_on_the_head_when_the_worker_node_dies(cluster, work, job_env, corpus, scoring_model, single_node_scores):
+def test_scoring_finishes_on_the_head_when_the_worker_node_dies(
+    cluster, work, job_env, corpus, scoring_model, single_node_scores
+):
     started = time.time()
     output = work / "scored-node-lost"
     job = cluster.submit(*score_args(scoring_model, corpus, output), env_vars=job_env)

@@ -47,8 +47,11 @@ def test_invalid_null_gives_defined_rows_and_scores_the_rest(tiny_model):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"batch_size": 0}, "batch_size=0 must be >= 1"), ({"invalid": "skip"}, "invalid='skip' is not one of"),
-     ({"policy": "entropy", "threshold": float("nan")}, r"threshold=nan must be a number in \[0, 1\]")],
+    [
+        ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+        ({"invalid": "skip"}, "invalid='skip' is not one of"),
+        ({"policy": "entropy", "threshold": float("nan")}, r"threshold=nan must be a number in \[0, 1\]"),
+    ],
 )
 def test_bad_predict_arguments(tiny_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -79,15 +82,25 @@ def test_code_shipped_with_a_checkpoint_never_runs(tiny_encoder_dir, tmp_path):
 
     encoder = shutil.copytree(tiny_encoder_dir("bert"), tmp_path / "encoder")
     marker = tmp_path / "remote-code-ran"
-    (encoder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                                     "from transformers import BertConfig\n"
-                                     "class EvilConfig(BertConfig):\n    model_type = 'evil-bert'\n")
+    (encoder / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import BertConfig\n"
+        "class EvilConfig(BertConfig):\n    model_type = 'evil-bert'\n"
+    )
     config = json.loads((encoder / "config.json").read_text())
     config.update(model_type="evil-bert", auto_map={"AutoConfig": "evil.EvilConfig"})
     (encoder / "config.json").write_text(json.dumps(config))
-    code = ("from ee_model import EarlyExitClassifier\n"
-            f"EarlyExitClassifier.from_encoder({str(encoder)!r}, labels=['a', 'b'])\n")
-    result = subprocess.run([sys.executable, "-c", code], input="y\ny\ny\n", capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "from ee_model import EarlyExitClassifier\n"
+        f"EarlyExitClassifier.from_encoder({str(encoder)!r}, labels=['a', 'b'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        input="y\ny\ny\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert not marker.exists()
     assert result.returncode != 0 and "trust_remote_code" in result.stderr, result.stderr[-2000:]

@@ -37,8 +37,10 @@ def test_batched_equals_batch_size_one_for_every_policy(tiny_model, model_type):
     assert len(exits_seen) >= 3, f"policies never exercised several exit layers: {exits_seen}"
 
 
-@pytest.mark.parametrize("policy, knobs", [("entropy", {"threshold": 0.9}), ("count", {"patience": 1}),
-                                           ("patience", {"patience": 2})])
+@pytest.mark.parametrize(
+    "policy, knobs",
+    [("entropy", {"threshold": 0.9}), ("count", {"patience": 1}), ("patience", {"patience": 2})],
+)
 def test_early_exit_matches_full_pass_reference(tiny_model, policy, knobs):
     """The exiting loop makes the same decision as the rule applied to a full-depth pass, row by row."""
     model = tiny_model("bert", num_layers=4, seed=5)

@@ -45,9 +45,9 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 
 def test_unsupported_architecture_is_refused_before_loading_weights(tmp_path):
-    AutoConfig.for_model("deberta-v2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2).save_pretrained(
-        tmp_path
-    )  # config only: loading weights would fail differently
+    AutoConfig.for_model(
+        "deberta-v2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2
+    ).save_pretrained(tmp_path)  # config only: loading weights would fail differently
     with pytest.raises(ValueError, match="'deberta-v2' is not supported"):
         EarlyExitClassifier.from_encoder(str(tmp_path), labels=LABELS)
 

@@ -15,8 +15,13 @@ def test_bert_base_layer_matches_the_published_convention():
 
 def test_hand_count_of_a_tiny_row():
     # hidden 32, intermediate 64, 10 tokens: per token 4*32*32 + 2*32*64 = 8192 MACs -> 2*10*8192 FLOPs
-    model = FlopsModel(hidden_size=32, intermediate_size=64, embedding_size=32, n_layers=3,
-                       head_flops=head_flops("linear", 32, 3))
+    model = FlopsModel(
+        hidden_size=32,
+        intermediate_size=64,
+        embedding_size=32,
+        n_layers=3,
+        head_flops=head_flops("linear", 32, 3),
+    )
     assert model.row_flops(10, 2) == 2 * (2 * 10 * 8192 + 2 * 32 * 3)
     assert model.full_depth_flops(10) == 3 * 2 * 10 * 8192 + 2 * 32 * 3
     assert head_flops("mlp", 32, 3) == 2 * (32 * 128 + 128 * 128 + 128 * 3)
@@ -33,13 +38,17 @@ def linear_flops_counted(model, texts, policy):
     """FLOPs of matmuls that come from nn.Linear (mm/addmm), measured by torch's own counter."""
     counter = FlopCounterMode(display=False)
     with counter:
-        out = model.predict(texts, policy=policy.name, threshold=getattr(policy, "threshold", None), batch_size=1)
+        out = model.predict(
+            texts, policy=policy.name, threshold=getattr(policy, "threshold", None), batch_size=1
+        )
     counts = counter.get_flop_counts()["Global"]
     linear = sum(v for op, v in counts.items() if str(op).split(".")[1] in ("mm", "addmm"))
     return linear, out
 
 
-@pytest.mark.parametrize("model_type, head_type", [("bert", "linear"), ("electra", "mlp"), ("distilbert", "linear")])
+@pytest.mark.parametrize(
+    "model_type, head_type", [("bert", "linear"), ("electra", "mlp"), ("distilbert", "linear")]
+)
 def test_flops_match_torch_flop_counter(tiny_model, model_type, head_type):
     model = tiny_model(model_type, num_layers=3, head_type=head_type)
     texts = ["the film was good", "money and sport and the bad film of the year"]

@@ -27,7 +27,9 @@ def test_stage2_loss_leaves_backbone_and_teacher_without_gradients(tiny_model):
     assert loss.item() > 0
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is None for p in model.teacher.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for h in model.heads[:-1] for p in h.parameters())
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for h in model.heads[:-1] for p in h.parameters()
+    )
 
 
 def test_stage2_kl_is_zero_when_students_copy_the_teacher():
@@ -52,7 +54,9 @@ def test_stage2_gold_term_is_deeberts_recipe():
 def test_stage1_is_teacher_cross_entropy_and_focal_generalises_it():
     logits = torch.randn(3, 6, 4, requires_grad=True)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
-    assert stage1_loss(logits, labels).item() == pytest.approx(F.cross_entropy(logits[-1], labels).item(), rel=1e-6)
+    assert stage1_loss(logits, labels).item() == pytest.approx(
+        F.cross_entropy(logits[-1], labels).item(), rel=1e-6
+    )
     assert stage1_loss(logits, labels, focal_gamma=2.0).item() < stage1_loss(logits, labels).item()
     stage1_loss(logits, labels).backward()
     assert logits.grad[:-1].abs().sum() == 0  # students untouched in stage 1

@@ -85,20 +85,30 @@ def test_exit_setting_is_the_one_map_from_policy_to_knob():
     assert ExitSetting("entropy", 1).knob == 1.0 and ExitSetting("count", 2.0).knob == 2  # normalised types
     assert ExitSetting("entropy", 0.3).kwargs == {"threshold": 0.3} and ExitSetting("none").kwargs == {}
     assert str(ExitSetting("entropy", 0.24)) == "entropy-0.24" and str(ExitSetting("none")) == "none"
-    for bad, message in ((("entropy", None), "threshold=None must be a number"), (("count", 0), "patience=0"),
-                         (("none", 0.5), "takes no knob"), (("fastest", 1), "policy='fastest' is not one of")):
+    for bad, message in (
+        (("entropy", None), "threshold=None must be a number"),
+        (("count", 0), "patience=0"),
+        (("none", 0.5), "takes no knob"),
+        (("fastest", 1), "policy='fastest' is not one of"),
+    ):
         with pytest.raises(ValueError, match=message):
             ExitSetting(*bad)
     # safest first: ascending S, descending t
-    ordered = sorted([ExitSetting("entropy", 0.5), ExitSetting("entropy", 0.0), ExitSetting("entropy", 0.2)],
-                     key=lambda s: s.eagerness)
+    ordered = sorted(
+        [ExitSetting("entropy", 0.5), ExitSetting("entropy", 0.0), ExitSetting("entropy", 0.2)],
+        key=lambda s: s.eagerness,
+    )
     assert [s.knob for s in ordered] == [0.0, 0.2, 0.5]
-    assert [s.knob for s in sorted([ExitSetting("count", t) for t in (1, 3, 2)], key=lambda s: s.eagerness)] == [3, 2, 1]
+    assert [
+        s.knob for s in sorted([ExitSetting("count", t) for t in (1, 3, 2)], key=lambda s: s.eagerness)
+    ] == [3, 2, 1]
     assert isinstance(ExitSetting("patience", 2).exit_policy(), PatiencePolicy)
 
     config = EarlyExitConfig("enc", labels=("a", "b"), threshold=0.4, patience=2)
     assert config.setting() == ExitSetting("entropy", 0.4)  # the stored policy and knob
-    assert config.setting("count") == ExitSetting("count", 2) and config.setting("none") == ExitSetting("none")
+    assert config.setting("count") == ExitSetting("count", 2) and config.setting("none") == ExitSetting(
+        "none"
+    )
     assert config.setting("entropy", threshold=0.1, patience=5) == ExitSetting("entropy", 0.1)  # t ignored
     stored = config.with_setting(ExitSetting("patience", 4))
     assert (stored.policy, stored.patience, stored.threshold) == ("patience", 4, 0.4)

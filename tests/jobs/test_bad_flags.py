@@ -14,10 +14,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(tmp_path: Path, job: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "RAY_AUTH_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / job), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / job), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_refused(result: subprocess.CompletedProcess, message: str, tmp_path: Path) -> None:
@@ -27,28 +38,34 @@ def assert_refused(result: subprocess.CompletedProcess, message: str, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no mlflow.db, ray_results, outputs
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--threshold", "-1"], "threshold=-1.0 must be a number in [0, 1]"),
-    (["--threshold", "2"], "threshold=2.0 must be a number in [0, 1]"),
-    (["--threshold", "nan"], "threshold=nan must be a number in [0, 1]"),
-    (["--patience", "0"], "patience=0 must be an integer >= 1"),
-    (["--patience", "-3"], "patience=-3 must be an integer >= 1"),
-    (["--policy", "entropy", "--patience", "3"], "policy 'entropy' does not use patience=3"),
-    (["--policy", "fastest"], "policy='fastest' is not one of ['entropy', 'count', 'patience', 'none']"),
-    (["--calibrate-rows", "500", "--delta", "0"], "delta=0.0 must be a number in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--threshold", "-1"], "threshold=-1.0 must be a number in [0, 1]"),
+        (["--threshold", "2"], "threshold=2.0 must be a number in [0, 1]"),
+        (["--threshold", "nan"], "threshold=nan must be a number in [0, 1]"),
+        (["--patience", "0"], "patience=0 must be an integer >= 1"),
+        (["--patience", "-3"], "patience=-3 must be an integer >= 1"),
+        (["--policy", "entropy", "--patience", "3"], "policy 'entropy' does not use patience=3"),
+        (["--policy", "fastest"], "policy='fastest' is not one of ['entropy', 'count', 'patience', 'none']"),
+        (["--calibrate-rows", "500", "--delta", "0"], "delta=0.0 must be a number in (0, 1)"),
+    ],
+)
 def test_score_job_refuses_bad_knobs_before_anything_starts(tmp_path, flags, message):
     result = run(tmp_path, "score.py", "--model", "m", "--input", "in", "--output", "out", *flags)
     assert_refused(result, message, tmp_path)
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["model.threshold=1.5"], "threshold=1.5 must be a number in [0, 1]"),
-    (["model.patience=0"], "patience=0 must be an integer >= 1"),
-    (["model.head_dropout=2.0"], "head_dropout=2.0 must be in [0, 1)"),
-    (["model.pooling=max"], "pooling='max' is not one of"),
-    (["eval.delta=1.5"], "delta=1.5 must be a number in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["model.threshold=1.5"], "threshold=1.5 must be a number in [0, 1]"),
+        (["model.patience=0"], "patience=0 must be an integer >= 1"),
+        (["model.head_dropout=2.0"], "head_dropout=2.0 must be in [0, 1)"),
+        (["model.pooling=max"], "pooling='max' is not one of"),
+        (["eval.delta=1.5"], "delta=1.5 must be a number in (0, 1)"),
+    ],
+)
 def test_train_job_refuses_bad_config_values_before_anything_starts(tmp_path, sets, message):
     result = run(tmp_path, "train.py", *[arg for s in sets for arg in ("--set", s)])
     assert_refused(result, message, tmp_path)

@@ -29,19 +29,37 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def env_for(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "RAY_AUTH_MODE": "disabled",
-            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 def score_command(model: str, input_dir: Path, output: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "score.py"), "--model", model, "--input", str(input_dir),
-            "--output", str(output), "--batch-size", "32", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "jobs" / "score.py"),
+        "--model",
+        model,
+        "--input",
+        str(input_dir),
+        "--output",
+        str(output),
+        "--batch-size",
+        "32",
+        *extra,
+    ]
 
 
 @pytest.fixture
 def model_dir(tmp_path, tiny_encoder_dir):
     torch.manual_seed(0)
-    model = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=LABELS, threshold=0.95)
+    model = EarlyExitClassifier.from_encoder(
+        tiny_encoder_dir("bert", num_layers=3), labels=LABELS, threshold=0.95
+    )
     return model.save_pretrained(tmp_path / "model")
 
 
@@ -59,14 +77,29 @@ def test_registered_model_by_alias_in_a_fresh_process(tmp_path, model_dir, monke
     register(info.model_uri, "tiny-scorer", dev_accuracy=0.5, tags={})
     (tmp_path / "in").mkdir()
     texts = random_texts(50, seed=3) + [None]
-    pq.write_table(pa.table({"text": pa.array(texts, pa.string()), "n": list(range(51))}), tmp_path / "in" / "a.parquet")
-    result = subprocess.run(score_command("models:/tiny-scorer@champion", tmp_path / "in", tmp_path / "out",
-                                          "--summary-file", str(tmp_path / "s.json")),
-                            cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    pq.write_table(
+        pa.table({"text": pa.array(texts, pa.string()), "n": list(range(51))}), tmp_path / "in" / "a.parquet"
+    )
+    result = subprocess.run(
+        score_command(
+            "models:/tiny-scorer@champion",
+            tmp_path / "in",
+            tmp_path / "out",
+            "--summary-file",
+            str(tmp_path / "s.json"),
+        ),
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "s.json").read_text())
     digest = weights_digest(Path(model_dir))  # the registry's name and version, and these exact weights
-    assert summary["model_version"] == "1" and summary["output"].endswith(f"tiny-scorer-v1-{digest}__entropy-0.95")
+    assert summary["model_version"] == "1" and summary["output"].endswith(
+        f"tiny-scorer-v1-{digest}__entropy-0.95"
+    )
     out = outputs_of(tmp_path / "out")["a.parquet"]
     expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts, invalid="null")
     assert out["label"].to_pylist() == expected.label and out["n"].to_pylist() == list(range(51))
@@ -80,15 +113,29 @@ def test_killed_run_then_rerun_equals_a_clean_run(tmp_path, model_dir):
     inputs.mkdir()
     for f in range(8):
         texts = random_texts(1500, seed=f, max_words=60)
-        pq.write_table(pa.table({"text": texts, "row": list(range(1500)), "file": [f] * 1500}),
-                       inputs / f"part-{f}.parquet")
-    clean = subprocess.run(score_command(str(model_dir), inputs, tmp_path / "clean"), cwd=tmp_path,
-                           env=env_for(tmp_path), capture_output=True, text=True, timeout=900)
+        pq.write_table(
+            pa.table({"text": texts, "row": list(range(1500)), "file": [f] * 1500}),
+            inputs / f"part-{f}.parquet",
+        )
+    clean = subprocess.run(
+        score_command(str(model_dir), inputs, tmp_path / "clean"),
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert clean.returncode == 0, clean.stderr[-4000:]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(score_command(str(model_dir), inputs, killed), cwd=tmp_path, env=env_for(tmp_path),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        score_command(str(model_dir), inputs, killed),
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not list(killed.glob("*/part-*.parquet")):
         time.sleep(0.2)
@@ -99,8 +146,14 @@ def test_killed_run_then_rerun_equals_a_clean_run(tmp_path, model_dir):
     for table in outputs_of(killed).values():  # what is visible is complete
         assert table.num_rows == 1500
 
-    rerun = subprocess.run(score_command(str(model_dir), inputs, killed, "--summary-file", str(tmp_path / "s.json")),
-                           cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(
+        score_command(str(model_dir), inputs, killed, "--summary-file", str(tmp_path / "s.json")),
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["files_skipped"] == len(done) and summary["files_scored"] == 8 - len(done)
@@ -109,4 +162,6 @@ def test_killed_run_then_rerun_equals_a_clean_run(tmp_path, model_dir):
     for name, table in clean_out.items():  # float outputs may differ in the last bits with batch composition
         exact = [c for c in table.column_names if c != "confidence"]
         assert resumed[name].select(exact).equals(table.select(exact)), name
-        np.testing.assert_allclose(resumed[name]["confidence"].to_numpy(), table["confidence"].to_numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            resumed[name]["confidence"].to_numpy(), table["confidence"].to_numpy(), atol=1e-5
+        )

@@ -29,16 +29,32 @@ MODEL_NAME = "tiny-ee"
 
 
 def job_env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "RAY_AUTH_MODE": "disabled",
-            "HF_HUB_OFFLINE": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", "PYTHONPATH": str(ROOT)}
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 def run_job(tmp_path: Path, *args: str, timeout: int = 900) -> dict:
     summary = tmp_path / "summary.json"
-    command = [sys.executable, str(ROOT / "jobs" / "train.py"), *args, "--output", str(summary),
-               "--set", f"tracking.registered_model_name={MODEL_NAME}", "--set", "model.max_length=32"]
-    result = subprocess.run(command, cwd=tmp_path, env=job_env(tmp_path), capture_output=True, text=True,
-                            timeout=timeout)
+    command = [
+        sys.executable,
+        str(ROOT / "jobs" / "train.py"),
+        *args,
+        "--output",
+        str(summary),
+        "--set",
+        f"tracking.registered_model_name={MODEL_NAME}",
+        "--set",
+        "model.max_length=32",
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=job_env(tmp_path), capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads(summary.read_text())
 
@@ -47,18 +63,32 @@ def run_job(tmp_path: Path, *args: str, timeout: int = 900) -> dict:
 @pytest.mark.ray
 def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled_parquet, tiny_encoder_dir):
     summary = run_job(
-        tmp_path, "--encoder", tiny_encoder_dir("bert", num_layers=3), "--train-path", labeled_parquet,
-        "--unlabeled-path", unlabeled_parquet, "--num-workers", "2",
-        "--set", "data.unlabeled_text_column=body", "--set", "stage1.epochs=3",
-        "--set", "stage1.learning_rate=5e-3", "--set", "stage2.learning_rate=1e-2",
+        tmp_path,
+        "--encoder",
+        tiny_encoder_dir("bert", num_layers=3),
+        "--train-path",
+        labeled_parquet,
+        "--unlabeled-path",
+        unlabeled_parquet,
+        "--num-workers",
+        "2",
+        "--set",
+        "data.unlabeled_text_column=body",
+        "--set",
+        "stage1.epochs=3",
+        "--set",
+        "stage1.learning_rate=5e-3",
+        "--set",
+        "stage2.learning_rate=1e-2",
     )
     assert summary["registered"]["version"] == 1 and summary["registered"]["champion"] is True
     assert summary["test_accuracy_full_depth"] > 0.6
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent = client.get_run(summary["run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     by_name = {run.info.run_name: run for run in children}
     assert set(by_name) == {"stage1", "stage2"}
     for stage, run in by_name.items():
@@ -66,15 +96,22 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
         assert len(client.get_metric_history(run.info.run_id, f"{stage}_loss")) > 3
         assert client.get_metric_history(run.info.run_id, f"{stage}_dev_score")
         placement = {k: v for k, v in run.data.tags.items() if k.startswith("worker.")}
-        assert placement == {"worker.device": "cpu", "worker.dist_backend": "gloo", "worker.world_size": "2",
-                             "worker.autocast": "off"}  # on a GPU: the GPU's name, nccl, bfloat16
+        assert placement == {
+            "worker.device": "cpu",
+            "worker.dist_backend": "gloo",
+            "worker.world_size": "2",
+            "worker.autocast": "off",
+        }  # on a GPU: the GPU's name, nccl, bfloat16
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"label_map.json", "config.json", "summary.json", "evaluation", "trade_off", "plots"} <= artifacts
     assert len(client.get_metric_history(parent.info.run_id, "dev_accuracy_layer")) == 3
     assert parent.data.params["rows.train"] == "192"
 
     version = client.get_model_version_by_alias(MODEL_NAME, "candidate")
-    assert int(version.version) == 1 and int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 1
+    assert (
+        int(version.version) == 1
+        and int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 1
+    )
 
     # the knob chosen on dev is the registered model's default
     assert summary["knob_source"].startswith("auto") and version.tags["knob"] == str(summary["knob"])
@@ -101,13 +138,22 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
         "out = model.predict(pd.DataFrame({'text': texts}), params={'threshold': 0.5})\n"
         "print(out.to_json(orient='records'))\n"
     )
-    fresh = subprocess.run([sys.executable, "-c", code], input=json.dumps(texts), capture_output=True, text=True,
-                           env=job_env(tmp_path), cwd=tmp_path, timeout=300)
+    fresh = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(texts),
+        capture_output=True,
+        text=True,
+        env=job_env(tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     remote = pd.DataFrame(json.loads(fresh.stdout.strip().splitlines()[-1]))
     assert [None if pd.isna(x) else x for x in remote["label"]] == local.label
     assert remote["exit_layer"].tolist() == local.exit_layer.tolist()
-    np.testing.assert_allclose(remote["confidence"].to_numpy(float), local.confidence, atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(
+        remote["confidence"].to_numpy(float), local.confidence, atol=1e-5, equal_nan=True
+    )
     assert remote["error"].tolist()[-2:] == ["empty or whitespace-only text", "null text"]
 
 
@@ -115,8 +161,19 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
 @pytest.mark.ray
 def test_count_job_with_default_resources(tmp_path, labeled_parquet, tiny_encoder_dir):
     """The default resource settings (1 worker at 0.5 CPU, Ray Data beside it) finish on 2 cores."""
-    summary = run_job(tmp_path, "--variant", "count", "--encoder", tiny_encoder_dir("bert", num_layers=3),
-                      "--train-path", labeled_parquet, "--set", "joint.epochs=3", "--set", "joint.learning_rate=5e-3")
+    summary = run_job(
+        tmp_path,
+        "--variant",
+        "count",
+        "--encoder",
+        tiny_encoder_dir("bert", num_layers=3),
+        "--train-path",
+        labeled_parquet,
+        "--set",
+        "joint.epochs=3",
+        "--set",
+        "joint.learning_rate=5e-3",
+    )
     assert summary["policy"] == "count" and summary["registered"]["version"] == 1
     assert summary["test_accuracy_full_depth"] > 0.6
 
@@ -125,8 +182,10 @@ def test_count_job_with_default_resources(tmp_path, labeled_parquet, tiny_encode
     "mutate, message",
     [
         (lambda t: t.drop_columns(["label"]), r"has no column\(s\) \['label'\]"),
-        (lambda t: t.set_column(1, "label", __import__("pyarrow").array([None] * t.num_rows, "string")),
-         "have a null 'label'"),
+        (
+            lambda t: t.set_column(1, "label", __import__("pyarrow").array([None] * t.num_rows, "string")),
+            "have a null 'label'",
+        ),
         (lambda t: t.slice(0, 0), "training set is empty"),
     ],
 )
@@ -138,8 +197,12 @@ def test_bad_data_fails_before_training_and_registers_nothing(tmp_path, mutate, 
     path = tmp_path / "bad.parquet"
     pq.write_table(mutate(labeled_table()), path)
     monkeypatch.chdir(tmp_path)
-    config = load_train_config(overrides={"data": {"train_path": str(path)},
-                                          "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+    config = load_train_config(
+        overrides={
+            "data": {"train_path": str(path)},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"},
+        }
+    )
     with pytest.raises(DataError, match=message):
         run_training(config)
     assert not (tmp_path / "m.db").exists()  # no run, no registry entry, not even a store
@@ -154,8 +217,9 @@ def test_unknown_dev_labels_fail_before_training(tmp_path, labeled_parquet, monk
     dev = tmp_path / "dev.parquet"
     pq.write_table(labeled_table(30).set_column(1, "label", pa.array(["unseen"] * 30)), dev)
     monkeypatch.chdir(tmp_path)
-    config = load_train_config(overrides={"data": {"train_path": labeled_parquet, "dev_path": str(dev),
-                                                   "test_path": str(dev)}})
+    config = load_train_config(
+        overrides={"data": {"train_path": labeled_parquet, "dev_path": str(dev), "test_path": str(dev)}}
+    )
     with pytest.raises(DataError, match=r"dev labels \['unseen'\] never occur in train"):
         run_training(config)
     assert not (tmp_path / "mlflow.db").exists()

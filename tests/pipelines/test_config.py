@@ -69,7 +69,13 @@ def test_score_config_sorts_at_least_one_model_call():
 
     assert ScoreConfig(model="m", input="i", output="o").rows_per_task == 512
     assert ScoreConfig(model="m", input="i", output="o", batch_size=1024, sort_rows=512).rows_per_task == 1024
-    for bad in ({"sort_rows": 0}, {"batch_size": 0}, {"actors": 0}, {"policy": "fastest"}, {"gpus_per_actor": -1}):
+    for bad in (
+        {"sort_rows": 0},
+        {"batch_size": 0},
+        {"actors": 0},
+        {"policy": "fastest"},
+        {"gpus_per_actor": -1},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ScoreConfig(model="m", input="i", output="o", **bad)
 
@@ -77,10 +83,18 @@ def test_score_config_sorts_at_least_one_model_call():
 def test_score_config_calibration_excludes_a_given_knob():
     from pipelines.config import ScoreConfig
 
-    assert ScoreConfig(model="m", input="i", output="o", calibrate_rows=100, policy="count").min_agreement == 0.99
-    for bad, message in (({"calibrate_rows": -1}, "calibrate_rows"), ({"min_agreement": 0}, "min_agreement"),
-                         ({"min_agreement": 1.5}, "min_agreement"), ({"delta": 1.0}, "delta=1.0"), ({"calibrate_rows": 10, "policy": "none"}, "none"),
-                         ({"calibrate_rows": 10, "threshold": 0.3}, "not both"),
-                         ({"calibrate_rows": 10, "patience": 2}, "not both")):
+    assert (
+        ScoreConfig(model="m", input="i", output="o", calibrate_rows=100, policy="count").min_agreement
+        == 0.99
+    )
+    for bad, message in (
+        ({"calibrate_rows": -1}, "calibrate_rows"),
+        ({"min_agreement": 0}, "min_agreement"),
+        ({"min_agreement": 1.5}, "min_agreement"),
+        ({"delta": 1.0}, "delta=1.0"),
+        ({"calibrate_rows": 10, "policy": "none"}, "none"),
+        ({"calibrate_rows": 10, "threshold": 0.3}, "not both"),
+        ({"calibrate_rows": 10, "patience": 2}, "not both"),
+    ):
         with pytest.raises(ValueError, match=message):
             ScoreConfig(model="m", input="i", output="o", **bad)

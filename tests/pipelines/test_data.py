@@ -23,8 +23,9 @@ def test_split_is_stratified_deterministic_and_complete(labeled_parquet):
     for split in (splits.dev, splits.test):
         counts = pa.compute.value_counts(split["label"]).to_pylist()
         assert sorted(c["counts"] for c in counts) == [8, 8, 8]
-    all_texts = sorted(splits.train["text"].to_pylist() + splits.dev["text"].to_pylist()
-                       + splits.test["text"].to_pylist())
+    all_texts = sorted(
+        splits.train["text"].to_pylist() + splits.dev["text"].to_pylist() + splits.test["text"].to_pylist()
+    )
     assert all_texts == sorted(labeled_table()["text"].to_pylist())
     assert splits.labels == ("mid", "neg", "pos")
 
@@ -103,7 +104,9 @@ def test_stratified_split_keeps_every_row_once():
 
 def test_default_unlabeled_corpus_holds_only_training_paragraphs_shuffled(tmp_path):
     def article(name: str, n: int) -> str:
-        return "\n\n".join(["Headline"] + [f"{name} paragraph {i} " + "with enough words to keep" for i in range(n)])
+        return "\n\n".join(
+            ["Headline"] + [f"{name} paragraph {i} " + "with enough words to keep" for i in range(n)]
+        )
 
     train = pa.table({"text": [article("train-a", 4), article("train-b", 5)], "label": ["x", "y"]})
     held_out = pa.table({"text": [article("held-out", 3)], "label": ["x"]})

@@ -20,8 +20,10 @@ from ee_model.policies import normalised_entropy
 from pipelines.steps import exit_logits, loss_for, train_step
 from tests.conftest import free_port, labeled_table, random_texts
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                       reason="needs a CUDA GPU")])
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+)
 
 
 @pytest.fixture
@@ -52,8 +54,9 @@ def test_predict_on_device_matches_cpu_at_any_batch_size(tiny_model, device):
 
 
 def full_pass_logits(model, texts):
-    encoded = model.tokenizer(texts, truncation=True, max_length=model.config.max_length, padding=True,
-                              return_tensors="pt")
+    encoded = model.tokenizer(
+        texts, truncation=True, max_length=model.config.max_length, padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         return model(encoded["input_ids"], encoded["attention_mask"], encoded.get("token_type_ids")).logits
 
@@ -66,19 +69,29 @@ def test_training_steps_under_ddp(tiny_model, process_group, stage):
     frozen_before = None
     if stage == "stage2":
         model.freeze_for_stage2()
-        frozen_before = {k: v.detach().clone() for k, v in model.state_dict().items()
-                         if k.startswith(("encoder.", "heads.2."))}
+        frozen_before = {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if k.startswith(("encoder.", "heads.2."))
+        }
     model.train()
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    wrapped = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None
+    )
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     config = SimpleNamespace(focal_gamma=0.0, kl_weight=1.0, gold_weight=0.0, joint_weighting="uniform")
     table = labeled_table(96)
     ids = np.arange(96) % 3  # labeled_table cycles through its 3 classes
-    batches = [{"text": table["text"].to_pylist()[i:i + 16], "label_id": ids[i:i + 16]} for i in range(0, 96, 16)]
-    losses = [train_step(wrapped, batch, stage, loss_for(stage, config), optimizer, scheduler, device)
-              for _ in range(4) for batch in batches]
+    batches = [
+        {"text": table["text"].to_pylist()[i : i + 16], "label_id": ids[i : i + 16]} for i in range(0, 96, 16)
+    ]
+    losses = [
+        train_step(wrapped, batch, stage, loss_for(stage, config), optimizer, scheduler, device)
+        for _ in range(4)
+        for batch in batches
+    ]
     assert all(np.isfinite(losses)) and np.mean(losses[-6:]) < np.mean(losses[:6])
     logits, labels = exit_logits(wrapped, batches, device)
     assert logits.shape == (3, 96, 3) and logits.dtype == torch.float32 and labels.shape == (96,)

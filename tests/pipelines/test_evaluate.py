@@ -23,8 +23,9 @@ GRID = tuple(np.round(np.linspace(0, 1, 26), 2))
 @pytest.fixture(scope="module")
 def model_and_pass(tiny_model):
     model = tiny_model("bert", num_layers=4, seed=3)
-    table = labeled_table(90).set_column(1, "label", __import__("pyarrow").array(
-        [LABELS[i % 3] for i in range(90)]))
+    table = labeled_table(90).set_column(
+        1, "label", __import__("pyarrow").array([LABELS[i % 3] for i in range(90)])
+    )
     return model, table, full_pass(model, table, batch_size=16)
 
 
@@ -47,19 +48,27 @@ def test_every_point_reports_all_quantities(model_and_pass):
     assert full["mean_exit_layer"] == 4 and full["retention"] == pytest.approx(1.0)
     assert full["flops_speedup"] < 1  # full depth at early-exit cost (student heads) vs the plain model
     for point in evaluation["sweep"]:
-        assert set(point) >= {"accuracy", "macro_f1", "retention", "mean_exit_layer", "layer_speedup",
-                              "flops_speedup"}
+        assert set(point) >= {
+            "accuracy",
+            "macro_f1",
+            "retention",
+            "mean_exit_layer",
+            "layer_speedup",
+            "flops_speedup",
+        }
         assert point["retention"] == pytest.approx(point["accuracy"] / full["accuracy"])
         assert 0 <= point["macro_f1"] <= 1
 
 
 def test_oracle_matches_a_hand_computed_case():
     # 3 layers, 4 rows, 2 classes; labels 0, 1, 1, 0
-    logits = torch.tensor([
-        [[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]],  # layer 1 right on rows 0, 2
-        [[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [0.0, 2.0]],  # layer 2 right on rows 0, 1, 2
-        [[0.0, 2.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]],  # layer 3 right on row 1 only
-    ])
+    logits = torch.tensor(
+        [
+            [[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]],  # layer 1 right on rows 0, 2
+            [[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [0.0, 2.0]],  # layer 2 right on rows 0, 1, 2
+            [[0.0, 2.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]],  # layer 3 right on row 1 only
+        ]
+    )
     split = SplitPass(logits, torch.tensor([0, 1, 1, 0]), np.array([5, 5, 5, 5]))
     assert oracle_layers(split).tolist() == [1, 2, 1, 3]  # row 3: no layer right -> the last
 
@@ -77,9 +86,18 @@ def test_oracle_matches_a_hand_computed_case():
 
 def points(rule, knobs, kept, full_correct=1000):
     """Sweep points with `kept` of `full_correct` rows the full model gets right (flops 1x, 2x, ...)."""
-    return [{"policy": rule, "knob": k, "kept": c, "full_correct": full_correct, "retention": c / full_correct,
-             "accuracy": c / full_correct, "flops_speedup": 1.0 + i}
-            for i, (k, c) in enumerate(zip(knobs, kept, strict=True))]
+    return [
+        {
+            "policy": rule,
+            "knob": k,
+            "kept": c,
+            "full_correct": full_correct,
+            "retention": c / full_correct,
+            "accuracy": c / full_correct,
+            "flops_speedup": 1.0 + i,
+        }
+        for i, (k, c) in enumerate(zip(knobs, kept, strict=True))
+    ]
 
 
 def test_lower_bound_is_the_one_sided_clopper_pearson_bound():
@@ -89,12 +107,16 @@ def test_lower_bound_is_the_one_sided_clopper_pearson_bound():
     assert lower_bound(990, 1000, 0.05) == pytest.approx(beta.ppf(0.05, 990, 11))
     assert lower_bound(990, 1000, 0.05) < lower_bound(990, 1000, 0.2) < 0.99  # less confidence, higher bound
     assert lower_bound(0, 0, 0.05) == 0.0
-    assert rows_needed(0.99, 0.05) == 299 and lower_bound(299, 299, 0.05) >= 0.99 > lower_bound(298, 298, 0.05)
+    assert rows_needed(0.99, 0.05) == 299 and lower_bound(299, 299, 0.05) >= 0.99 > lower_bound(
+        298, 298, 0.05
+    )
 
 
 def test_choose_knob_stops_at_the_first_setting_whose_bound_fails():
     # bounds at delta 0.05 on 1000 rows: 1000 -> 0.9970, 998 -> 0.9937, 985 -> 0.9772, 999 -> 0.9953
-    chosen = choose_knob(points("entropy", [0.0, 0.1, 0.2, 0.3], [1000, 998, 985, 999]), "entropy", ThresholdTarget())
+    chosen = choose_knob(
+        points("entropy", [0.0, 0.1, 0.2, 0.3], [1000, 998, 985, 999]), "entropy", ThresholdTarget()
+    )
     assert chosen["knob"] == 0.1 and chosen["met"]  # 0.3 passes too, but only past a failing 0.2
     assert chosen["bound"] == pytest.approx(lower_bound(998, 1000, 0.05)) and chosen["rows"] == 1000
     assert (chosen["delta"], chosen["min_retention"]) == (0.05, 0.99) and "confidence 95%" in chosen["target"]
@@ -108,11 +130,15 @@ def test_a_point_estimate_that_meets_the_target_is_not_enough():
     sweep_points = points("entropy", [0.0, 0.1], [1000, 995])
     assert choose_knob(sweep_points, "entropy", ThresholdTarget())["knob"] == 0.0
     assert choose_knob(sweep_points, "entropy", ThresholdTarget(min_retention=0.98))["knob"] == 0.1
-    assert choose_knob(sweep_points, "entropy", ThresholdTarget(delta=0.5))["knob"] == 0.1  # a coin-flip promise
+    assert (
+        choose_knob(sweep_points, "entropy", ThresholdTarget(delta=0.5))["knob"] == 0.1
+    )  # a coin-flip promise
 
 
 def test_too_few_rows_fall_back_to_full_depth_and_say_why():
-    chosen = choose_knob(points("entropy", [0.0, 0.5], [215, 215], full_correct=215), "entropy", ThresholdTarget())
+    chosen = choose_knob(
+        points("entropy", [0.0, 0.5], [215, 215], full_correct=215), "entropy", ThresholdTarget()
+    )
     assert not chosen["met"] and chosen["knob"] == 0.0  # the safest setting: S = 0 never exits early
     assert chosen["bound"] == pytest.approx(0.05 ** (1 / 215))  # 0.9862: no loss at all, and still < 0.99
     assert "on 215 rows" in chosen["reason"] and "needs at least 299" in chosen["reason"]
@@ -122,7 +148,9 @@ def test_the_promise_holds_on_unseen_data_with_probability_one_minus_delta():
     """Simulated dev sets drawn from a known population: the chosen setting's true kept share is below the target
     in at most ~delta of the draws; the point estimate (today's rule before the bound) fails far more often."""
     knobs = [round(0.05 * i, 2) for i in range(11)]
-    true_kept = np.array([1.0, 0.999, 0.998, 0.996, 0.994, 0.992, 0.9905, 0.989, 0.985, 0.98, 0.97])  # per knob
+    true_kept = np.array(
+        [1.0, 0.999, 0.998, 0.996, 0.994, 0.992, 0.9905, 0.989, 0.985, 0.98, 0.97]
+    )  # per knob
     rng = np.random.default_rng(0)
     draws, n = 400, 2000
     failed = {"bound": 0, "point": 0}
@@ -132,7 +160,11 @@ def test_the_promise_holds_on_unseen_data_with_probability_one_minus_delta():
         sweep_points = points("entropy", knobs, kept, full_correct=n)
         chosen = choose_knob(sweep_points, "entropy", ThresholdTarget())
         failed["bound"] += true_kept[knobs.index(chosen["knob"])] < 0.99
-        point = max(k for k, c in zip(knobs, kept, strict=True) if all(c2 / n >= 0.99 for c2 in kept[: knobs.index(k) + 1]))
+        point = max(
+            k
+            for k, c in zip(knobs, kept, strict=True)
+            if all(c2 / n >= 0.99 for c2 in kept[: knobs.index(k) + 1])
+        )
         failed["point"] += true_kept[knobs.index(point)] < 0.99
     assert failed["bound"] / draws <= 0.05 + 0.03  # delta, plus the simulation's own noise
     assert failed["point"] / draws > 0.3
@@ -151,9 +183,14 @@ def test_auto_knob_meets_its_target_on_the_data_it_was_chosen_on(model_and_pass,
     chosen = result.chosen
     assert chosen["met"] and chosen["knob"] > 0 and chosen["rows"] == chosen["full_correct"] == 30
     assert model.config.threshold == chosen["knob"]  # now the model's default
-    assert chosen["kept"] / 30 >= chosen["bound"] >= 0.8 and result.dev["default_policy"]["kept"] == chosen["kept"]
+    assert (
+        chosen["kept"] / 30 >= chosen["bound"] >= 0.8
+        and result.dev["default_policy"]["kept"] == chosen["kept"]
+    )
     eager = [p for p in result.dev["sweep"] if p["policy"] == "entropy" and p["knob"] > chosen["knob"]]
-    assert not eager or lower_bound(eager[0]["kept"], 30, 0.2) < 0.8  # the next, faster setting fails the test
+    assert (
+        not eager or lower_bound(eager[0]["kept"], 30, 0.2) < 0.8
+    )  # the next, faster setting fails the test
     from ee_model import EarlyExitConfig
 
     assert EarlyExitConfig.load(tmp_path).threshold == result.chosen["knob"]  # saved with the model
@@ -162,8 +199,9 @@ def test_auto_knob_meets_its_target_on_the_data_it_was_chosen_on(model_and_pass,
 def test_wallclock_rows_and_the_table(model_and_pass):
     model, table, split = model_and_pass
     texts = table["text"].to_pylist()[:24]
-    rows = wallclock_speedups(model, texts, [ExitSetting("entropy", 0.52), ExitSetting("entropy", 0.0)],
-                              batch_sizes=(1, 8))
+    rows = wallclock_speedups(
+        model, texts, [ExitSetting("entropy", 0.52), ExitSetting("entropy", 0.0)], batch_sizes=(1, 8)
+    )
     assert [(r["batch_size"], r["knob"]) for r in rows] == [(1, 0.52), (1, 0.0), (8, 0.52), (8, 0.0)]
     assert all(r["wallclock_speedup"] > 0 and r["rows"] == 24 and r["repeats"] == 3 for r in rows)  # medians
     evaluation = evaluate_split(model, table, GRID, split=split)
@@ -186,23 +224,43 @@ def test_mlflow_run_holds_the_table_and_plots(model_and_pass, tmp_path):
         result = evaluate_trained_model(model, model_dir, table, table, config)
         log_final_evaluation(model, result)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    files = {f.path for folder in ("trade_off", "plots", "evaluation")
-             for f in client.list_artifacts(run.info.run_id, folder)}
-    assert {"trade_off/test_sweep.csv", "trade_off/test_sweep.md", "trade_off/dev_sweep.csv",
-            "plots/test_trade_off.png", "plots/test_exit_histogram.png", "plots/dev_trade_off.png",
-            "evaluation/test.json"} <= files
+    files = {
+        f.path
+        for folder in ("trade_off", "plots", "evaluation")
+        for f in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert {
+        "trade_off/test_sweep.csv",
+        "trade_off/test_sweep.md",
+        "trade_off/dev_sweep.csv",
+        "plots/test_trade_off.png",
+        "plots/test_exit_histogram.png",
+        "plots/dev_trade_off.png",
+        "evaluation/test.json",
+    } <= files
     history = client.get_metric_history(run.info.run_id, "test_sweep_entropy_mean_exit_layer")
     assert sorted(m.step for m in history) == list(range(len(config.thresholds)))  # grid + timed knobs
     csv = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/trade_off/test_sweep.csv")
-    assert csv.splitlines()[0].startswith("policy,knob,accuracy,macro_f1,retention") and "wallclock_speedup_b4" in csv
-    png = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/plots/test_trade_off.png", dst_path=str(tmp_path))
+    assert (
+        csv.splitlines()[0].startswith("policy,knob,accuracy,macro_f1,retention")
+        and "wallclock_speedup_b4" in csv
+    )
+    png = mlflow.artifacts.download_artifacts(
+        f"runs:/{run.info.run_id}/plots/test_trade_off.png", dst_path=str(tmp_path)
+    )
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     logged = client.get_run(run.info.run_id).data
     assert logged.params["auto_threshold.knob"] == str(result.chosen["knob"])
     # the promise: target, delta, bound and rows, and why it fell back to full depth (30 rows right is too few)
-    assert (logged.params["auto_threshold.min_retention"], logged.params["auto_threshold.delta"]) == ("0.99", "0.05")
+    assert (logged.params["auto_threshold.min_retention"], logged.params["auto_threshold.delta"]) == (
+        "0.99",
+        "0.05",
+    )
     assert logged.metrics["auto_threshold.bound"] == pytest.approx(0.05 ** (1 / 30))  # 0.905 < 0.99
-    assert logged.metrics["auto_threshold.rows"] == 30 and "needs at least 299" in logged.params["auto_threshold.reason"]
+    assert (
+        logged.metrics["auto_threshold.rows"] == 30
+        and "needs at least 299" in logged.params["auto_threshold.reason"]
+    )
 
 
 def test_calibration_on_too_small_a_sample_keeps_full_depth_and_says_why(model_and_pass):

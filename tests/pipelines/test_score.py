@@ -30,7 +30,9 @@ AWKWARD = ["hello world", None, "", "   \n", "money " * 20_000, "😀 emoji only
 @pytest.fixture
 def model_dir(tmp_path, tiny_encoder_dir):
     torch.manual_seed(0)
-    model = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=LABELS, threshold=0.95)
+    model = EarlyExitClassifier.from_encoder(
+        tiny_encoder_dir("bert", num_layers=3), labels=LABELS, threshold=0.95
+    )
     return str(model.save_pretrained(tmp_path / "model"))
 
 
@@ -41,34 +43,60 @@ def write(path, texts, **extra):
 
 
 def score(model_dir, input_path, output, tmp_path, **kw):
-    config = ScoreConfig(model=model_dir, input=str(input_path), output=str(output), batch_size=16,
-                         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", **kw)
+    config = ScoreConfig(
+        model=model_dir,
+        input=str(input_path),
+        output=str(output),
+        batch_size=16,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        **kw,
+    )
     return run_scoring(config)
 
 
 def read_outputs(summary) -> dict[str, pa.Table]:
     """Committed outputs by their path below the run's folder (the input layout, mirrored)."""
     root = Path(summary["output"])
-    return {p.relative_to(root).as_posix(): pq.read_table(p) for p in sorted(root.rglob("*.parquet"))
-            if not p.relative_to(root).parts[0].startswith("_")}
+    return {
+        p.relative_to(root).as_posix(): pq.read_table(p)
+        for p in sorted(root.rglob("*.parquet"))
+        if not p.relative_to(root).parts[0].startswith("_")
+    }
 
 
 def test_awkward_rows_and_extra_columns_all_come_out(ray_local, model_dir, tmp_path):
     texts = AWKWARD + random_texts(93, seed=2)
     write(tmp_path / "in" / "a.parquet", texts, doc_id=pa.array(range(100)), source=pa.array(["s"] * 100))
-    write(tmp_path / "in" / "sub" / "b.parquet", random_texts(40, seed=3), doc_id=pa.array(range(40)),
-          source=pa.array(["t"] * 40))
-    write(tmp_path / "in" / "empty.parquet", [], doc_id=pa.array([], pa.int64()), source=pa.array([], pa.string()))
+    write(
+        tmp_path / "in" / "sub" / "b.parquet",
+        random_texts(40, seed=3),
+        doc_id=pa.array(range(40)),
+        source=pa.array(["t"] * 40),
+    )
+    write(
+        tmp_path / "in" / "empty.parquet",
+        [],
+        doc_id=pa.array([], pa.int64()),
+        source=pa.array([], pa.string()),
+    )
     summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, include_probs=True)
     outputs = read_outputs(summary)
     assert set(outputs) == {"a.parquet", "sub/b.parquet", "empty.parquet"}
     assert summary["rows_in"] == summary["rows_scored"] == 140 and summary["errors"] == 3
     a = outputs["a.parquet"]
-    assert a["doc_id"].to_pylist() == list(range(100)) and a["source"].to_pylist() == ["s"] * 100  # order kept
+    assert (
+        a["doc_id"].to_pylist() == list(range(100)) and a["source"].to_pylist() == ["s"] * 100
+    )  # order kept
     assert a["text"].to_pylist() == texts
-    assert a["error"].to_pylist()[:4] == [None, "null text", "empty or whitespace-only text",
-                                         "empty or whitespace-only text"]
-    assert a["label"].to_pylist()[1:4] == [None, None, None] and a["exit_layer"].to_pylist()[1:4] == [None] * 3
+    assert a["error"].to_pylist()[:4] == [
+        None,
+        "null text",
+        "empty or whitespace-only text",
+        "empty or whitespace-only text",
+    ]
+    assert (
+        a["label"].to_pylist()[1:4] == [None, None, None] and a["exit_layer"].to_pylist()[1:4] == [None] * 3
+    )
     expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts, invalid="null")
     assert a["label"].to_pylist() == expected.label
     assert [x or 0 for x in a["exit_layer"].to_pylist()] == expected.exit_layer.tolist()
@@ -76,8 +104,9 @@ def test_awkward_rows_and_extra_columns_all_come_out(ray_local, model_dir, tmp_p
     probs = a["probs"].to_pylist()
     assert probs[1] is None and np.allclose(probs[0], expected.probs[0], atol=1e-6)
     assert outputs["empty.parquet"].num_rows == 0 and "label" in outputs["empty.parquet"].column_names
-    manifest = json.loads((tmp_path / "out" / summary["output"].split("/")[-1] / "_manifest" /
-                           "a.parquet.json").read_text())
+    manifest = json.loads(
+        (tmp_path / "out" / summary["output"].split("/")[-1] / "_manifest" / "a.parquet.json").read_text()
+    )
     assert manifest["rows"] == 100 and manifest["input"].endswith("a.parquet")
 
 
@@ -113,7 +142,9 @@ def test_corrupt_file_is_named(model_dir, tmp_path):
 
 def test_missing_text_column_is_named(model_dir, tmp_path):
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "x.parquet")
-    with pytest.raises(ScoringError, match=r"x.parquet' has no text column 'text'; its columns are \['body'\]"):
+    with pytest.raises(
+        ScoringError, match=r"x.parquet' has no text column 'text'; its columns are \['body'\]"
+    ):
         score(model_dir, tmp_path / "x.parquet", tmp_path / "out", tmp_path)
 
 
@@ -123,10 +154,13 @@ def test_output_column_clash_is_refused(model_dir, tmp_path):
         score(model_dir, tmp_path / "x.parquet", tmp_path / "out", tmp_path)
 
 
-@pytest.mark.parametrize("reference, message", [
-    ("/no/such/model", "no such directory, and not an MLflow model URI"),
-    ("models:/never-registered@champion", "cannot load model 'models:/never-registered@champion'"),
-])
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        ("/no/such/model", "no such directory, and not an MLflow model URI"),
+        ("models:/never-registered@champion", "cannot load model 'models:/never-registered@champion'"),
+    ],
+)
 def test_model_that_cannot_be_loaded_is_named(tmp_path, reference, message, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     write(tmp_path / "x.parquet", ["a"])
@@ -157,8 +191,11 @@ def test_model_calls_of_sorted_rows_score_like_one_call(model_dir):
     for column in ("label", "exit_layer", "tokens", "flops", "error"):
         assert sorted_calls[column].to_pylist() == whole[column].to_pylist(), column
     scored = [p is not None for p in whole["probs"].to_pylist()]
-    np.testing.assert_allclose(np.array([p for p in sorted_calls["probs"].to_pylist() if p is not None]),
-                               np.array([p for p in whole["probs"].to_pylist() if p is not None]), atol=1e-5)
+    np.testing.assert_allclose(
+        np.array([p for p in sorted_calls["probs"].to_pylist() if p is not None]),
+        np.array([p for p in whole["probs"].to_pylist() if p is not None]),
+        atol=1e-5,
+    )
     assert sum(scored) == len(texts) - 3  # None, "" and whitespace are not scored
     assert len(set(whole["exit_layer"].drop_null().to_pylist())) > 1  # rows really exit at different layers
 
@@ -169,25 +206,37 @@ def test_calibration_sample_is_spread_over_files_and_reads_row_groups(tmp_path):
     pq.write_table(pa.table({"text": [f"a{i}" for i in range(10)]}), tmp_path / "a.parquet", row_group_size=3)
     b_texts = [f"b{i}" for i in range(25)]
     b_texts[5], b_texts[15] = None, "  "  # never scored, so never calibrated on
-    pq.write_table(pa.table({"text": b_texts, "x": list(range(25))}), tmp_path / "b.parquet", row_group_size=4)
+    pq.write_table(
+        pa.table({"text": b_texts, "x": list(range(25))}), tmp_path / "b.parquet", row_group_size=4
+    )
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "e.parquet")
-    files = [(str(tmp_path / "a.parquet"), 10), (str(tmp_path / "e.parquet"), 0), (str(tmp_path / "b.parquet"), 25)]
+    files = [
+        (str(tmp_path / "a.parquet"), 10),
+        (str(tmp_path / "e.parquet"), 0),
+        (str(tmp_path / "b.parquet"), 25),
+    ]
     # rows 0, 5, 10, ..., 30 of the 35: a0, a5, then b0, b5 (null), b10, b15 (blank), b20
     assert sample_texts(files, "text", 7) == ["a0", "a5", "b0", "b10", "b20"]
-    assert sample_texts(files, "text", 1000) == [f"a{i}" for i in range(10)] + [t for t in b_texts if t and t.strip()]
+    assert sample_texts(files, "text", 1000) == [f"a{i}" for i in range(10)] + [
+        t for t in b_texts if t and t.strip()
+    ]
 
 
 def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_encoder_dir, tmp_path):
     encoder = tiny_encoder_dir("bert", num_layers=3)
     torch.manual_seed(3)
     model = EarlyExitClassifier.from_encoder(encoder, labels=LABELS, threshold=0.95)
-    with torch.no_grad():  # sharper heads: entropies spread over [0, 1], so S really trades agreement for speed
+    with (
+        torch.no_grad()
+    ):  # sharper heads: entropies spread over [0, 1], so S really trades agreement for speed
         for parameter in model.heads.parameters():
             parameter.mul_(3)
     model_dir = str(model.save_pretrained(tmp_path / "model"))
     texts = random_texts(300, seed=7) + [None, ""]
     write(tmp_path / "in" / "a.parquet", texts)
-    first = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, calibrate_rows=200, min_agreement=0.9)
+    first = score(
+        model_dir, tmp_path / "in", tmp_path / "out", tmp_path, calibrate_rows=200, min_agreement=0.9
+    )
     calibration, knob = first["calibration"], first["knob"]
     assert calibration["met"] and not calibration["pinned"] and 0 < knob < 1 and calibration["knob"] == knob
     assert 0.9 <= calibration["agreement"] < 1 and 1 < calibration["mean_exit_layer"] < 3  # rows exit early
@@ -199,7 +248,9 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
     full = model.predict(sample, policy="none").label
 
     def agreement(s):
-        return float(np.mean(np.array(model.predict(sample, policy="entropy", threshold=s).label) == np.array(full)))
+        return float(
+            np.mean(np.array(model.predict(sample, policy="entropy", threshold=s).label) == np.array(full))
+        )
 
     assert calibration["rows"] == len(sample) and agreement(knob) == pytest.approx(calibration["agreement"])
     # the fastest S whose agreement clears 0.9 with 95 % confidence (one-sided Clopper-Pearson), tested in order
@@ -208,7 +259,9 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
     assert calibration["agreement"] > calibration["agreement_bound"] >= 0.9 and calibration["delta"] == 0.05
     assert lower_bound(round(agreement(round(knob + 0.02, 2)) * n), n, 0.05) < 0.9  # the next S fails
     write(tmp_path / "in" / "b.parquet", random_texts(40, seed=8))
-    again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, calibrate_rows=200, min_agreement=0.9)
+    again = score(
+        model_dir, tmp_path / "in", tmp_path / "out", tmp_path, calibrate_rows=200, min_agreement=0.9
+    )
     assert again["calibration"]["pinned"] and again["knob"] == knob and again["output"] == first["output"]
     assert (again["files_scored"], again["files_skipped"]) == (1, 1)
     explicit = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, threshold=knob)
@@ -218,8 +271,13 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
     assert runs["params.calibrate_rows"].tolist() == ["200", "200", "0"]
     assert runs["params.calibration_pinned"].tolist()[:2] == ["False", "True"]
     assert runs["metrics.calibration_agreement"].iloc[0] == pytest.approx(calibration["agreement"])
-    assert runs["metrics.calibration_agreement_bound"].iloc[0] == pytest.approx(calibration["agreement_bound"])
-    assert runs["params.delta"].tolist()[:2] == ["0.05", "0.05"] and "0.95" in runs["params.calibration_reason"].iloc[0]
+    assert runs["metrics.calibration_agreement_bound"].iloc[0] == pytest.approx(
+        calibration["agreement_bound"]
+    )
+    assert (
+        runs["params.delta"].tolist()[:2] == ["0.05", "0.05"]
+        and "0.95" in runs["params.calibration_reason"].iloc[0]
+    )
 
 
 def test_actors_load_the_model_from_the_object_store_not_the_drivers_folder(ray_local, model_dir, tmp_path):
@@ -234,7 +292,9 @@ def test_actors_load_the_model_from_the_object_store_not_the_drivers_folder(ray_
     write(tmp_path / "in" / "a.parquet", texts)
     shipped = ship_model(resolve_model(str(copy), tmp_path / "dl"))
     shutil.rmtree(copy)  # before any actor starts (Ray Data starts them when the stream is read)
-    config = ScoreConfig(model=str(copy), input=str(tmp_path / "in"), output=str(tmp_path / "out"), batch_size=16)
+    config = ScoreConfig(
+        model=str(copy), input=str(tmp_path / "in"), output=str(tmp_path / "out"), batch_size=16
+    )
     dataset = build_dataset([str(tmp_path / "in" / "a.parquet")], config, shipped)
     out = pa.concat_tables(list(dataset.iter_batches(batch_size=None, batch_format="pyarrow")))
     expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts, invalid="null")
@@ -315,13 +375,24 @@ def test_a_busy_output_folder_is_refused_and_a_killed_holder_leaves_no_lock(mode
 
     write(tmp_path / "in" / "a.parquet", ["x"])
     with OutputLock((tmp_path / "out").resolve()):
-        with pytest.raises(OutputLockedError, match=r"another scoring run is writing to .*out \(\{\"pid\": \d+"):
+        with pytest.raises(
+            OutputLockedError, match=r"another scoring run is writing to .*out \(\{\"pid\": \d+"
+        ):
             score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from pipelines.incremental import OutputLock\n"
-        f"lock = OutputLock(Path({str(tmp_path / 'out2')!r})).__enter__()\n"
-        "print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from pipelines.incremental import OutputLock\n"
+                f"lock = OutputLock(Path({str(tmp_path / 'out2')!r})).__enter__()\n"
+                "print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(OutputLockedError):
         OutputLock(tmp_path / "out2").__enter__()
@@ -376,7 +447,9 @@ def test_same_name_and_version_in_two_registries_get_different_output_keys(tmp_p
 @pytest.mark.parametrize("values, kind", [([1, 2], "int64"), ([["a"], ["b"]], "list<element: string>")])
 def test_text_column_of_another_type_is_refused_up_front(model_dir, tmp_path, values, kind):
     pq.write_table(pa.table({"text": values}), tmp_path / "x.parquet")
-    with pytest.raises(ScoringError, match=rf"x.parquet': text column 'text' holds {re.escape(kind)}, not strings"):
+    with pytest.raises(
+        ScoringError, match=rf"x.parquet': text column 'text' holds {re.escape(kind)}, not strings"
+    ):
         score(model_dir, tmp_path / "x.parquet", tmp_path / "out", tmp_path)
 
 
@@ -411,25 +484,43 @@ def test_a_labeled_corpus_is_scored_with_an_output_prefix(ray_local, model_dir, 
     write(tmp_path / "eval.parquet", texts, label=pa.array(["gold"] * 31))
     summary = score(model_dir, tmp_path / "eval.parquet", tmp_path / "out", tmp_path, output_prefix="pred_")
     out = read_outputs(summary)["eval.parquet"]
-    assert out.column_names == ["text", "label", "pred_label", "pred_confidence", "pred_exit_layer", "pred_flops",
-                                "pred_tokens", "pred_error"]
+    assert out.column_names == [
+        "text",
+        "label",
+        "pred_label",
+        "pred_confidence",
+        "pred_exit_layer",
+        "pred_flops",
+        "pred_tokens",
+        "pred_error",
+    ]
     assert out["label"].to_pylist() == ["gold"] * 31
     expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts[:30])
     assert out["pred_label"].to_pylist()[:30] == expected.label
-    assert summary["errors"] == 1 and summary["rows_scored"] == 31 and summary["output"].endswith("__prefix-pred_")
+    assert (
+        summary["errors"] == 1
+        and summary["rows_scored"] == 31
+        and summary["output"].endswith("__prefix-pred_")
+    )
     with pytest.raises(ValueError, match="output_prefix='pred-' must be letters, digits and '_'"):
         score(model_dir, tmp_path / "eval.parquet", tmp_path / "out", tmp_path, output_prefix="pred-")
 
 
 def test_a_corrupt_data_page_names_its_file_and_the_good_files_still_commit(ray_local, model_dir, tmp_path):
     write(tmp_path / "in" / "good.parquet", random_texts(25, seed=1))
-    pq.write_table(pa.table({"text": [f"text number {i} " * 5 for i in range(2000)]}), tmp_path / "in" / "bad.parquet",
-                   compression="snappy")
+    pq.write_table(
+        pa.table({"text": [f"text number {i} " * 5 for i in range(2000)]}),
+        tmp_path / "in" / "bad.parquet",
+        compression="snappy",
+    )
     data = bytearray((tmp_path / "in" / "bad.parquet").read_bytes())
     data[1000:1064] = b"\xff" * 64  # inside a data page; the footer stays intact
     (tmp_path / "in" / "bad.parquet").write_bytes(bytes(data))
-    with pytest.raises(ScoringError, match=r"1 input file\(s\) could not be read and were not scored \(the other 1 "
-                                           r"were\): .*bad.parquet: .*[Cc]orrupt"):
+    with pytest.raises(
+        ScoringError,
+        match=r"1 input file\(s\) could not be read and were not scored \(the other 1 "
+        r"were\): .*bad.parquet: .*[Cc]orrupt",
+    ):
         score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
     (key,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
     assert (key / "good.parquet").is_file() and not (key / "bad.parquet").exists()

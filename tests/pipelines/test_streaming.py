@@ -20,7 +20,7 @@ FILES, ROWS_PER_FILE, CHARS_PER_ROW = 256, 1000, 1000  # 256 MB of text, 2x the 
 
 
 def write_corpus(directory) -> int:
-    base = ("money sport film good bad awful great the a and of to in is " * 20)[:CHARS_PER_ROW - 12]
+    base = ("money sport film good bad awful great the a and of to in is " * 20)[: CHARS_PER_ROW - 12]
     for f in range(FILES):
         texts = [f"{f:03d}-{i:06d} {base}" for i in range(ROWS_PER_FILE)]
         pq.write_table(pa.table({"body": texts}), directory / f"part-{f:03d}.parquet")
@@ -49,9 +49,16 @@ def test_stage2_corpus_larger_than_the_object_store_is_streamed(ray_local, tmp_p
             peak[0], spilled[0] = max(peak[0], used), spilled[0] or spill
             stop.wait(0.05)
 
-    config = load_train_config(overrides={"data": {
-        "train_path": labeled_parquet, "unlabeled_path": str(tmp_path / "corpus"),
-        "unlabeled_text_column": "body", "max_unlabeled_rows": None}})
+    config = load_train_config(
+        overrides={
+            "data": {
+                "train_path": labeled_parquet,
+                "unlabeled_path": str(tmp_path / "corpus"),
+                "unlabeled_text_column": "body",
+                "max_unlabeled_rows": None,
+            }
+        }
+    )
     dataset, rows = stage2_dataset(load_labeled_splits(config.data), config)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -69,4 +76,5 @@ def test_stage2_corpus_larger_than_the_object_store_is_streamed(ray_local, tmp_p
     # Materialising a corpus twice the store's size would fill the store past Ray's spill threshold (80 %) and
     # spill; streaming keeps it under Ray Data's own budget (half the store) plus the labeled splits.
     assert 0 < peak[0] < 0.75 * OBJECT_STORE_BYTES, (
-        f"peak {peak[0] >> 20} MiB in a {OBJECT_STORE_BYTES >> 20} MiB store for a {corpus_bytes >> 20} MiB corpus")
+        f"peak {peak[0] >> 20} MiB in a {OBJECT_STORE_BYTES >> 20} MiB store for a {corpus_bytes >> 20} MiB corpus"
+    )

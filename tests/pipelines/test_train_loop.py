@@ -31,18 +31,30 @@ def metric_history(uri, run_id, key):
     return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
 
 
-def fit_stage(stage, splits, encoder_dir, tmp_path, init=None, tracking=(None, None), epochs=2, **stage_overrides):
+def fit_stage(
+    stage, splits, encoder_dir, tmp_path, init=None, tracking=(None, None), epochs=2, **stage_overrides
+):
     from pipelines.config import load_train_config
 
     config = load_train_config(overrides={"data": {"train_path": "unused", "unlabeled_path": ""}})
-    stage_config = StageConfig(learning_rate=5e-3 if stage != "stage2" else 1e-2, epochs=epochs, batch_size=16,
-                               checkpoint_every_steps=5, **stage_overrides)
+    stage_config = StageConfig(
+        learning_rate=5e-3 if stage != "stage2" else 1e-2,
+        epochs=epochs,
+        batch_size=16,
+        checkpoint_every_steps=5,
+        **stage_overrides,
+    )
     datasets, rows = stage_datasets(stage, splits, config)
     worker = WorkerConfig(
-        stage=stage, stage_config=vars(stage_config), labels=splits.labels, encoder=encoder_dir,
+        stage=stage,
+        stage_config=vars(stage_config),
+        labels=splits.labels,
+        encoder=encoder_dir,
         model_options={"variant": "count" if stage == "joint" else "kl", "max_length": 32},
-        total_steps=total_steps(rows, stage_config, 1), init_checkpoint=init,
-        tracking_uri=tracking[0], mlflow_run_id=tracking[1],
+        total_steps=total_steps(rows, stage_config, 1),
+        init_checkpoint=init,
+        tracking_uri=tracking[0],
+        mlflow_run_id=tracking[1],
     )
     resources = ResourcesConfig(num_workers=0, storage_path=str(tmp_path / "ray"), max_failures=0)
     return build_trainer(worker, datasets, resources, name=f"local-{stage}").fit()
@@ -66,7 +78,9 @@ def test_stage2_in_local_mode_keeps_the_teacher_and_trains_students(
 
     splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
     torch.manual_seed(0)
-    start = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=splits.labels).train()
+    start = EarlyExitClassifier.from_encoder(
+        tiny_encoder_dir("bert", num_layers=3), labels=splits.labels
+    ).train()
     # a teacher that has learned the task (plain stage-1 steps): the students start near chance and must move
     # towards it (an untrained teacher can predict one class everywhere; students copying it never change accuracy)
     texts = splits.train["text"].to_pylist()
@@ -75,13 +89,26 @@ def test_stage2_in_local_mode_keeps_the_teacher_and_trains_students(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     for _ in range(3):
         for i in range(0, len(texts), 16):
-            batch = {"text": texts[i:i + 16], "label_id": labels[i:i + 16]}
-            train_step(start, batch, "stage1", loss_for("stage1", StageConfig()), optimizer, scheduler,
-                       torch.device("cpu"))
+            batch = {"text": texts[i : i + 16], "label_id": labels[i : i + 16]}
+            train_step(
+                start,
+                batch,
+                "stage1",
+                loss_for("stage1", StageConfig()),
+                optimizer,
+                scheduler,
+                torch.device("cpu"),
+            )
     start.eval().save_pretrained(tmp_path / "init" / MODEL_SUBDIR)
     tracking = mlflow_run(tmp_path)
-    fit_stage("stage2", splits, "unused", tmp_path, init=Checkpoint.from_directory(str(tmp_path / "init")),
-              tracking=tracking)
+    fit_stage(
+        "stage2",
+        splits,
+        "unused",
+        tmp_path,
+        init=Checkpoint.from_directory(str(tmp_path / "init")),
+        tracking=tracking,
+    )
     teacher = {v for _, v in metric_history(*tracking, "stage2_dev_accuracy")}
     student = [v for _, v in metric_history(*tracking, "stage2_dev_accuracy_layer_1")]
     assert len(teacher) == 1, "the teacher changed during stage 2"
@@ -93,8 +120,15 @@ def test_stage2_in_local_mode_keeps_the_teacher_and_trains_students(
 def test_joint_training_trains_every_exit(ray_local, labeled_parquet, tiny_encoder_dir, tmp_path):
     splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
     tracking = mlflow_run(tmp_path)
-    fit_stage("joint", splits, tiny_encoder_dir("bert", num_layers=3), tmp_path, tracking=tracking,
-              epochs=5, joint_weighting="layer_index")
+    fit_stage(
+        "joint",
+        splits,
+        tiny_encoder_dir("bert", num_layers=3),
+        tmp_path,
+        tracking=tracking,
+        epochs=5,
+        joint_weighting="layer_index",
+    )
     for layer in (1, 3):
         assert max(v for _, v in metric_history(*tracking, f"joint_dev_accuracy_layer_{layer}")) > 0.6
 
@@ -103,14 +137,18 @@ def test_train_step_on_plain_batches_lowers_the_loss(tiny_model):
     model = tiny_model("bert", num_layers=2).train()
     texts = [f"{t} good great" if i % 2 else f"{t} bad awful" for i, t in enumerate(random_texts(64, seed=1))]
     labels = [i % 2 for i in range(64)]
-    batches = [{"text": texts[i:i + 16], "label_id": labels[i:i + 16]} for i in range(0, 64, 16)]
+    batches = [{"text": texts[i : i + 16], "label_id": labels[i : i + 16]} for i in range(0, 64, 16)]
     config = StageConfig(learning_rate=1e-2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss_fn = loss_for("joint", config)
-    first = [train_step(model, b, "joint", loss_fn, optimizer, scheduler, torch.device("cpu")) for b in batches]
+    first = [
+        train_step(model, b, "joint", loss_fn, optimizer, scheduler, torch.device("cpu")) for b in batches
+    ]
     for _ in range(5):
-        last = [train_step(model, b, "joint", loss_fn, optimizer, scheduler, torch.device("cpu")) for b in batches]
+        last = [
+            train_step(model, b, "joint", loss_fn, optimizer, scheduler, torch.device("cpu")) for b in batches
+        ]
     assert sum(last) < 0.5 * sum(first)
     logits, gold = exit_logits(model, batches, torch.device("cpu"))
     assert logits.shape == (2, 64, 3) and min(per_layer_accuracy(logits, gold)) > 0.9
@@ -121,4 +159,6 @@ def test_stage1_refuses_unlabeled_rows(tiny_model):
     batch = {"text": ["a", "b"], "label_id": [0, -100]}
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="need a gold label on every row"):
-        train_step(model, batch, "stage1", loss_for("stage1", StageConfig()), optimizer, None, torch.device("cpu"))
+        train_step(
+            model, batch, "stage1", loss_for("stage1", StageConfig()), optimizer, None, torch.device("cpu")
+        )
