@@ -1,9 +1,9 @@
 """A labeled corpus built offline from installed packages: which library does this docstring come from?
 
 Each row is the first paragraph of a function's or class's docstring in the source of one of `PACKAGES`, read
-with `ast` (nothing is imported), labeled with the package. Library and alias names (numpy, np, ...) are masked
-so the text must be read, not matched. Short technical texts, 10 imbalanced classes: unlike BBC's news articles
-in length, vocabulary and class count. Rows are deduplicated and capped per class, in a fixed order.
+with `ast` (nothing is imported), labeled with the package. Library and alias names (numpy, np, ...) are
+masked so the text must be read, not matched. Short technical texts, 10 imbalanced classes: unlike BBC's news
+articles in length, vocabulary and class count. Rows are deduplicated and capped per class, in a fixed order.
 
     python benchmarks/docstring_corpus.py --out data/docstrings.parquet
 """

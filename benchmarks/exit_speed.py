@@ -5,7 +5,8 @@ carried through compaction exactly like the real policies' state), so the FLOPs 
 and the question is only whether wall-clock time follows it. Both runs happen in the same process, alternated.
 
     python benchmarks/exit_speed.py                        # packaged MiniLM-L6 on BBC paragraphs
-    python benchmarks/exit_speed.py --model path/or/id --batch-sizes 1 16 64 --out benchmarks/results/exit_speed.json
+    python benchmarks/exit_speed.py --model path/or/id --batch-sizes 1 16 64 \
+        --out benchmarks/results/exit_speed.json
 
 Target: at batch 64, wall-clock speed-up >= 0.85 x FLOPs speed-up.
 """

@@ -1,9 +1,10 @@
 """Does the automatic knob keep its promise on data it was not chosen on? Fixed-sequence testing with a
-Clopper-Pearson bound (what training and `--calibrate-rows` now do) against the point estimate (what they did).
+Clopper-Pearson bound (what training and `--calibrate-rows` now do) against the point estimate (what they
+did).
 
-For a trained model, the rows it never trained on (its dev + test splits, rebuilt from the same data config) are
-pooled, then split again at random `--resamples` times into a dev set of the configured dev size and a held-out
-rest. Each rule chooses S on the dev set; the held-out rest says whether the promise held there:
+For a trained model, the rows it never trained on (its dev + test splits, rebuilt from the same data config)
+are pooled, then split again at random `--resamples` times into a dev set of the configured dev size and a
+held-out rest. Each rule chooses S on the dev set; the held-out rest says whether the promise held there:
 - labeled (training): early-exit accuracy >= `target` x full-depth accuracy (and the kept share: of the rows
   full depth gets right, the share the early exit gets right too, the statistic the bound is about);
 - label-free (`jobs/score.py --calibrate-rows`): agreement with full depth >= `target`, calibrating on
@@ -51,7 +52,8 @@ def subset(split: SplitPass, rows: np.ndarray) -> SplitPass:
 
 
 def point_estimate_knob(points: list[dict], rule: str, target: float) -> float:
-    """The rule before the bound: the end of the run of settings, safest first, whose measured retention >= target."""
+    """The rule before the bound: the end of the run of settings, safest first, whose measured retention >=
+    target."""
     chosen = None
     for point in safest_first(points, rule):
         if point["retention"] < target:
@@ -110,8 +112,9 @@ def resampled(
 
 
 def summarise(rows: list[dict], target: float, resamples: int) -> list[dict]:
-    """Per rule over the first `resamples`: how often the held-out measurement met the target, how often it was
-    clearly below it (its one-sided 95 % upper bound under the target: the held-out rows are finite too)."""
+    """Per rule over the first `resamples`: how often the held-out measurement met the target, how often it
+    was clearly below it (its one-sided 95 % upper bound under the target: the held-out rows are finite
+    too)."""
     table = []
     for rule in ("point estimate", "bound"):
         mine = [r for r in rows if r["rule"] == rule and r["resample"] < resamples]
@@ -134,12 +137,14 @@ def summarise(rows: list[dict], target: float, resamples: int) -> list[dict]:
 def print_table(title: str, table: list[dict]) -> None:
     print(f"\n{title}")
     print(
-        "| rule | resamples | held (retention) | held (kept share) | clearly failed | min retention | mean S | "
+        "| rule | resamples | held (retention) | held (kept share) | clearly failed | min retention | "
+        "mean S | "
         "layer speed-up | share of oracle |\n|---|---|---|---|---|---|---|---|---|"
     )
     for t in table:
         print(
-            f"| {t['rule']} | {t['resamples']} | {t['held']} | {t['kept_share_held']} | {t['clearly_failed']} | "
+            f"| {t['rule']} | {t['resamples']} | {t['held']} | {t['kept_share_held']} | "
+            f"{t['clearly_failed']} | "
             f"{t['min_retention']:.4f} | {t['mean_knob']:.3f} | {t['mean_layer_speedup']:.2f}x | "
             f"{t['mean_share_of_oracle']:.3f} |"
         )

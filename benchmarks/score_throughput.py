@@ -5,14 +5,15 @@ Part 1 (--model, a trained early-exit model dir or MLflow URI): BBC paragraphs s
   (b) the same model at full depth (policy none),
   (c) a plain AutoModelForSequenceClassification of the same encoder (same weights, its own head), one model
       call per Ray Data batch of --batch-size rows as they come,
-  (c') the same plain model given what (a) and (b) get from jobs/score.py: --sort-rows rows per Ray Data batch,
-      sorted by length, model calls of --batch-size (isolates the padding that sorting saves),
+  (c') the same plain model given what (a) and (b) get from jobs/score.py: --sort-rows rows per Ray Data
+      batch, sorted by length, model calls of --batch-size (isolates the padding that sorting saves),
 each through read_parquet -> map_batches(actor pool) -> consumed rows, same actors, model-call size and
 truncation. Reports rows/s end to end (actor start and model load included) and steady (rows over the seconds
 spent inside the scorer's calls: what a large corpus pays per row once the actors are up), the ratio (a)/(b)
-next to the FLOPs speed-up, (a)/(c), (a)/(c') and agreement of (a) with (b). Then chooses S as `jobs/score.py --calibrate-rows N` does (N evenly spaced rows of the
-input, one full-depth pass, no labels: the fastest S agreeing with full depth on >= --min-agreement of them),
-times that Ray task, and times (a) again at that S; its agreement is then measured on every row.
+next to the FLOPs speed-up, (a)/(c), (a)/(c') and agreement of (a) with (b). Then chooses S as
+`jobs/score.py --calibrate-rows N` does (N evenly spaced rows of the input, one full-depth pass, no labels:
+the fastest S whose agreement with full depth clears --min-agreement with 95 % confidence), times that Ray
+task, and times (a) again at that S; its agreement is then measured on every row.
 
 Part 2 (--memory-rows): jobs/score.py on a tiny model over N rows in a subprocess; peak RSS of the job's whole
 process tree (driver + Ray) sampled every 0.5 s. Flat memory = the peak does not grow with N.
@@ -43,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 class PlainScorer:
     """Baseline (c): the encoder as AutoModelForSequenceClassification, at full depth.
 
-    batch_size None: the batch as it comes in one model call (plain). Otherwise (c'): the batch's rows sorted by
-    length and cut into model calls of batch_size, as the early-exit scorer does, to separate the padding saved
-    by sorting from the compute saved by exiting early.
+    batch_size None: the batch as it comes in one model call (plain). Otherwise (c'): the batch's rows sorted
+    by length and cut into model calls of batch_size, as the early-exit scorer does, to separate the padding
+    saved by sorting from the compute saved by exiting early.
     """
 
     def __init__(self, model_dir: str, max_length: int, cpus: float, batch_size: int | None = None) -> None:
@@ -87,9 +88,9 @@ class PlainScorer:
 
 
 def bbc_parquet(directory: Path, rows: int) -> Path:
-    """BBC paragraphs stage 2 did not distil on, shuffled: the dev and test articles' paragraphs (about 2,050 with
-    the default split), then the training articles' paragraphs from the end of the default stage-2 corpus (a
-    capped stage 2, e.g. the quick profile's 1,000 rows, reads it from the start)."""
+    """BBC paragraphs stage 2 did not distil on, shuffled: the dev and test articles' paragraphs (about 2,050
+    with the default split), then the training articles' paragraphs from the end of the default stage-2 corpus
+    (a capped stage 2, e.g. the quick profile's 1,000 rows, reads it from the start)."""
     from pipelines.bbc import split_paragraphs
     from pipelines.config import DataConfig
     from pipelines.data import default_unlabeled_corpus, load_labeled_splits
@@ -107,7 +108,8 @@ def bbc_parquet(directory: Path, rows: int) -> Path:
     )
     table = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
     print(
-        f"paragraphs: {min(held_out.num_rows, rows)} of dev/test articles + {from_training} of training articles "
+        f"paragraphs: {min(held_out.num_rows, rows)} of dev/test articles + {from_training} "
+        f"of training articles "
         f"(the last {from_training} of {training.num_rows} in the stage-2 corpus)",
         flush=True,
     )
@@ -163,8 +165,8 @@ def timed_pass(
 def calibrated_threshold(
     path: Path, model_dir: str, rows: int, min_agreement: float, batch_size: int, cpus: float
 ) -> tuple[dict, float]:
-    """What `jobs/score.py --calibrate-rows rows` does before scoring: the same sample of the input, the same Ray
-    task with an actor's CPUs. Returns (calibration, seconds)."""
+    """What `jobs/score.py --calibrate-rows rows` does before scoring: the same sample of the input, the same
+    Ray task with an actor's CPUs. Returns (calibration, seconds)."""
     import ray
 
     from pipelines.calibration import calibrate_on_worker, sample_texts
@@ -232,7 +234,8 @@ def throughput(
             path, str(source.directory), calibrate_rows, min_agreement, batch_size, cpus
         )
         print(
-            f"S calibrated on {calibrated['rows']} of the rows for >= {min_agreement:.0%} agreement (no labels): "
+            f"S calibrated on {calibrated['rows']} of the rows for >= {min_agreement:.0%} agreement "
+            "(no labels): "
             f"{calibrated['knob']} in {calibration_s:.1f} s",
             flush=True,
         )
@@ -401,10 +404,12 @@ def main() -> None:
             print(f"| {name} | {value:.2f} | {t['steady_rows_per_s'][name]:.2f} |")
         k = t["calibrated"]
         print(
-            f"\nDefault S: (a)/(b) = {t['a_over_b']:.3f}x vs FLOPs speed-up {t['flops_speedup']:.3f}x -> ratio "
-            f"{t['a_over_b_per_flops_speedup']:.3f} end to end, {t['steady_a_over_b_per_flops_speedup']:.3f} steady "
-            f"(target >= 0.85); (a)/(c) = {t['a_over_c']:.3f}x end to end, {t['steady_a_over_c']:.3f}x steady "
-            f"(target >= 3; over (c) sorted by length as (a) is: {t['a_over_c_sorted']:.3f}x); agreement (a) vs "
+            f"\nDefault S: (a)/(b) = {t['a_over_b']:.3f}x vs FLOPs speed-up {t['flops_speedup']:.3f}x "
+            f"-> ratio {t['a_over_b_per_flops_speedup']:.3f} end to end, "
+            f"{t['steady_a_over_b_per_flops_speedup']:.3f} steady (target >= 0.85); "
+            f"(a)/(c) = {t['a_over_c']:.3f}x end to end, {t['steady_a_over_c']:.3f}x steady "
+            f"(target >= 3; over (c) sorted by length as (a) is: {t['a_over_c_sorted']:.3f}x); "
+            f"agreement (a) vs "
             f"(b) = {t['agreement_a_b']:.4f} (target >= 0.99)"
         )
         print(
@@ -412,7 +417,8 @@ def main() -> None:
             f"({k['calibration']['rows']} rows, {k['calibration_seconds']:.1f} s, sample agreement "
             f"{k['calibration']['agreement']:.4f}): agreement on all rows {k['agreement_a_b']:.4f}, FLOPs "
             f"{k['flops_speedup']:.3f}x, (a)/(c) {k['a_over_c']:.3f}x end to end "
-            f"({k['a_over_c_with_calibration']:.3f}x counting the calibration), {k['steady_a_over_c']:.3f}x steady; "
+            f"({k['a_over_c_with_calibration']:.3f}x counting the calibration), "
+            f"{k['steady_a_over_c']:.3f}x steady; "
             f"steady wall/FLOPs {k['steady_a_over_b_per_flops_speedup']:.3f}"
         )
     if args.memory_rows:

@@ -125,7 +125,8 @@ def main() -> None:
 
     rows = []
     print(
-        "| unlabeled rows | head | lr | epochs | seed | S (dev) | dev speed-up | test retention | test speed-up |"
+        "| unlabeled rows | head | lr | epochs | seed | S (dev) | dev speed-up | test retention | "
+        "test speed-up |"
         " test oracle | share of oracle |\n|---|---|---|---|---|---|---|---|---|---|---|",
         flush=True,
     )

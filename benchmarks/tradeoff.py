@@ -1,6 +1,7 @@
 """Our Table 2: accuracy and speed-ups of the early-exit variants and two baselines, trained in one run.
 
-Trained here, on Ray Train, with the training pipeline's own stages (one MLflow parent run, a child per stage):
+Trained here, on Ray Train, with the training pipeline's own stages (one MLflow parent run, a child per
+stage):
 - stage 1 (backbone + teacher, cross-entropy): shared by
   - KL: stage 2 self-distillation (KL to the teacher, labeled + unlabeled text), entropy exit;
   - DeeBERT-style: stage 2 with cross-entropy to gold labels (labeled text only), entropy exit;
@@ -10,8 +11,8 @@ Trained here, on Ray Train, with the training pipeline's own stages (one MLflow 
 
 Reported on the test split: the full model; KL at S = 0.1, 0.5, 0.8 and the automatic S (>= 99% of full dev
 accuracy); Count at t = 2..5 (and its automatic t); DeeBERT-style at its automatic S; PABEE-style at t = 2..5;
-the oracle of the KL and Count models. Columns: accuracy, macro-F1, retention, mean exit layer, layer / FLOPs /
-measured wall-clock (batch 1 and 64, vs the same model at full depth, same process) speed-ups.
+the oracle of the KL and Count models. Columns: accuracy, macro-F1, retention, mean exit layer, layer / FLOPs
+/ measured wall-clock (batch 1 and 64, vs the same model at full depth, same process) speed-ups.
 
     python benchmarks/tradeoff.py                     # quick profile (2 CPU cores: about half an hour)
     python benchmarks/tradeoff.py --profile full      # the paper's settings (GPU)

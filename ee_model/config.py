@@ -69,11 +69,13 @@ class EarlyExitConfig:
         encoder_name_or_path: the Hugging Face model id or local path the encoder came from (provenance).
         labels: class names; index i of every exit's logits is labels[i].
         encoder_config: the encoder's `PretrainedConfig.to_dict()`, so loading needs no hub access.
-        head_type: "linear" (the paper's Linear + Softmax) or "mlp" (the paper's Table 1: H -> 128 -> 128 -> N).
+        head_type: "linear" (the paper's Linear + Softmax) or "mlp" (the paper's Table 1:
+            H -> 128 -> 128 -> N).
         pooling: "cls" (first token) or "mean" (average over real tokens).
         variant: "kl" (two-stage, entropy exit) or "count" (joint, count exit); sets the default policy.
         policy: default exit policy used by `predict` when none is given.
-        threshold: default normalised-entropy threshold S for the "entropy" policy (0 <= S <= 1; S = 0: full depth).
+        threshold: default normalised-entropy threshold S for the "entropy" policy (0 <= S <= 1;
+            S = 0: full depth).
         patience: default t for "count" / "patience" policies.
         max_length: tokens kept per text (truncation); 128 is the paper's FLOPs convention.
         head_dropout: dropout before each exit head while training.
@@ -121,8 +123,8 @@ class EarlyExitConfig:
     def setting(
         self, policy: str | None = None, threshold: float | None = None, patience: int | None = None
     ) -> ExitSetting:
-        """The exit setting `predict` runs: `policy` (default the stored one) with the given knob, else the knob
-        stored for it; the knob the policy does not take is ignored (the pyfunc passes every param)."""
+        """The exit setting `predict` runs: `policy` (default the stored one) with the given knob, else the
+        knob stored for it; the knob the policy does not take is ignored (the pyfunc passes every param)."""
         name = check_policy(policy or self.policy)
         knob_name = KNOB_OF_POLICY[name]
         if knob_name is None:

@@ -60,7 +60,8 @@ def embed(
 
 
 def attention_mask_for(encoder: PreTrainedModel, hidden: torch.Tensor, attention_mask: torch.Tensor):
-    """The mask object the encoder's layers expect (4-d additive/boolean mask, or None when nothing is masked)."""
+    """The mask object the encoder's layers expect (4-d additive/boolean mask, or None when nothing is
+    masked)."""
     return create_bidirectional_mask(
         config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
     )

@@ -111,7 +111,8 @@ class EarlyExitClassifier(nn.Module):
         return self.heads[-1]
 
     def freeze_for_stage2(self) -> None:
-        """Stage 2 of the KL variant: backbone and teacher frozen (no gradients, eval mode); students train."""
+        """Stage 2 of the KL variant: backbone and teacher frozen (no gradients, eval mode); students
+        train."""
         self.stage2_frozen = True
         self.encoder.requires_grad_(False)
         self.teacher.requires_grad_(False)
@@ -216,7 +217,8 @@ class EarlyExitClassifier(nn.Module):
     def policy_for(
         self, policy: str | None = None, threshold: float | None = None, patience: int | None = None
     ) -> ExitPolicy:
-        """The named policy, its knob defaulting to the one stored with the model (`EarlyExitConfig.setting`)."""
+        """The named policy, its knob defaulting to the one stored with the model
+        (`EarlyExitConfig.setting`)."""
         return self.config.setting(policy, threshold, patience).exit_policy()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, list[list[int]]]:

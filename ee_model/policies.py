@@ -140,8 +140,8 @@ def check_patience(patience: Any) -> int:
 
 
 def make_policy(name: str, threshold: float | None = None, patience: int | None = None) -> ExitPolicy:
-    """Build a policy by name; entropy needs `threshold` in [0, 1], count and patience need `patience` >= 1 (the
-    knob the policy does not take is ignored). `ExitSetting(name, knob).exit_policy()` is the same."""
+    """Build a policy by name; entropy needs `threshold` in [0, 1], count and patience need `patience` >= 1
+    (the knob the policy does not take is ignored). `ExitSetting(name, knob).exit_policy()` is the same."""
     check_policy(name)
     knobs = {"threshold": threshold, "patience": patience}
     return ExitSetting(name, knobs.get(KNOB_OF_POLICY[name])).exit_policy()

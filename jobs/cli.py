@@ -10,8 +10,8 @@ import typer
 
 @contextmanager
 def one_line_errors(*kinds: type[Exception]) -> Iterator[None]:
-    """Inside, an exception of `kinds` (errors the user causes and can fix) prints `error: <message>` and exits
-    with status 2; anything else is a bug and keeps its traceback."""
+    """Inside, an exception of `kinds` (errors the user causes and can fix) prints `error: <message>` and
+    exits with status 2; anything else is a bug and keeps its traceback."""
     try:
         yield
     except kinds as error:

@@ -2,19 +2,21 @@
 
 Examples:
     python jobs/score.py --model models:/early-exit-classifier@champion --input corpus/ --output scored/
-    python jobs/score.py --model ./my-model --input 'data/*.parquet' --output scored/ --threshold 0.3 --actors 2
-    python jobs/score.py --model models:/early-exit-classifier/3 --input corpus/ --output scored/ --policy none
+    python jobs/score.py --model ./my-model --input 'data/*.parquet' --output scored/ --threshold 0.3 \
+        --actors 2
+    python jobs/score.py --model models:/early-exit-classifier/3 --input corpus/ --output scored/ \
+        --policy none
     python jobs/score.py --model models:/ee@champion --input corpus/ --output scored/ --calibrate-rows 2000
     ray job submit --working-dir . -- python jobs/score.py --model models:/ee@champion --input s/ --output o/
 
-Run it again on the same folder (cron, Airflow, a Ray job schedule): files already scored for this model version,
-policy and threshold are skipped, new files are scored. Prints a JSON summary.
+Run it again on the same folder (cron, Airflow, a Ray job schedule): files already scored for this model
+version, policy and threshold are skipped, new files are scored. Prints a JSON summary.
 
 The threshold stored with the model was chosen on its labeled dev split. For a corpus of another kind,
---calibrate-rows N chooses it on N rows of this input instead (one full-depth pass, no labels) so that early-exit
-labels agree with the full model's on >= --min-agreement of the corpus with probability >= 1 - --delta (a
-one-sided Clopper-Pearson bound on the sample; with N too small for that, full depth); the choice is pinned in the
-output folder.
+--calibrate-rows N chooses it on N rows of this input instead (one full-depth pass, no labels) so that
+early-exit labels agree with the full model's on >= --min-agreement of the corpus with probability
+>= 1 - --delta (a one-sided Clopper-Pearson bound on the sample; with N too small for that, full depth); the
+choice is pinned in the output folder.
 """
 
 from __future__ import annotations
@@ -53,13 +55,15 @@ def main(
     output_prefix: Annotated[
         str,
         typer.Option(
-            help="prefix of the output columns, e.g. pred_ to score a labeled corpus (pred_label beside label)"
+            help="prefix of the output columns, e.g. pred_ to score a labeled corpus "
+            "(pred_label beside label)"
         ),
     ] = "",
     calibrate_rows: Annotated[
         int,
         typer.Option(
-            help="choose S (or t) on this many input rows, no labels needed: the fastest agreeing with full depth on "
+            help="choose S (or t) on this many input rows, no labels needed: the fastest agreeing with "
+            "full depth on "
             ">= --min-agreement of them; pinned in <output>/_calibration for later runs. 0: the model's"
         ),
     ] = 0,

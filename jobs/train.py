@@ -1,7 +1,7 @@
 """Train an early-exit classifier on Ray Train, track it in MLflow, register it.
 
 Examples:
-    python jobs/train.py                                  # KL variant, quick profile, BBC + MiniLM-L6, local Ray
+    python jobs/train.py                                  # KL, quick profile, BBC + MiniLM-L6, local Ray
     python jobs/train.py --variant count                  # Count variant (joint training, count exit)
     python jobs/train.py --tune --set tune.num_samples=6  # Bayesian lr search (Ray Tune + Optuna) for stage 1
     python jobs/train.py --config my.yaml --num-workers 2 --set stage1.epochs=3 --set model.pooling=cls

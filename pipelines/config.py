@@ -37,8 +37,9 @@ class DataConfig:
     test_path: str | None = None  # None -> split from train_path
     text_column: str = "text"
     label_column: str = "label"
-    # dev is where the automatic knob's promise is tested: keeping >= 99 % of full accuracy with 95 % confidence
-    # needs >= 299 dev rows the full model gets right (pipelines.thresholds.rows_needed); 15 % of BBC gives ~325
+    # dev is where the automatic knob's promise is tested: keeping >= 99 % of full accuracy with 95 %
+    # confidence needs >= 299 dev rows the full model gets right (pipelines.thresholds.rows_needed); 15 % of
+    # BBC gives ~325
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: int = 0
     # Stage 2 corpus, streamed: None -> the training articles' paragraphs with the default corpus, else none.
@@ -127,7 +128,8 @@ class ResourcesConfig:
     max_failures: int = 2  # worker crashes survived by restarting from the last checkpoint
     storage_path: str = "ray_results"  # made absolute; any pyarrow URI (s3://...) for multi-node
     torch_threads: int | None = None  # per worker; None = torch's default
-    # Ray placement of the workers: PACK fills a node first; SPREAD / STRICT_SPREAD put them on different nodes
+    # Ray placement of the workers: PACK fills a node first; SPREAD / STRICT_SPREAD put them on different
+    # nodes
     placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
@@ -195,7 +197,8 @@ class EvalConfig:
     wallclock_repeats: int = 3  # full depth and every point timed in turn this many times; medians reported
 
     def __post_init__(self) -> None:
-        # timed points are always on the grid, and so is S = 0 (full depth), the fallback of the automatic knob
+        # timed points are always on the grid, and so is S = 0 (full depth), the fallback of the automatic
+        # knob
         grid = tuple(
             sorted({0.0} | {float(s) for s in self.thresholds} | {float(s) for s in self.timed_thresholds})
         )
@@ -353,8 +356,8 @@ class ScoreConfig:
     patience: int | None = None  # default: the model's stored t
     text_column: str = "text"
     batch_size: int = 64  # rows per model call
-    # rows per map_batches call: sorted by length together, then cut into model calls of batch_size, so a model
-    # call holds texts of similar length (less padding); at least batch_size
+    # rows per map_batches call: sorted by length together, then cut into model calls of batch_size, so a
+    # model call holds texts of similar length (less padding); at least batch_size
     sort_rows: int = 512
     actors: int = 1
     cpus_per_actor: float = 1.0  # torch threads follow it

@@ -44,7 +44,8 @@ def texts_pass(
     batch_size: int = 64,
     mixed_precision: bool = True,
 ) -> SplitPass:
-    """One full-depth pass over `texts` in batches of `batch_size` (see `steps.exit_logits` for the precision)."""
+    """One full-depth pass over `texts` in batches of `batch_size` (see `steps.exit_logits` for the
+    precision)."""
     batches = [
         {"text": texts[i : i + batch_size], "label_id": label_ids[i : i + batch_size]}
         for i in range(0, len(texts), batch_size)

@@ -4,7 +4,7 @@ Layout under the output folder:
     <output>/_lock                             held (flock) by the one scoring run writing here
     <output>/<key>/<input path>.parquet        committed outputs, the input folder's layout mirrored
     <output>/<key>/_manifest/<input path>.json what was scored: input path and fingerprint, rows, model, time
-    <output>/<key>/_tmp/                       work in progress; cleared by the run holding the lock, never read
+    <output>/<key>/_tmp/                       work in progress; cleared by the lock's holder, never read
 `<key>` names the (model, policy, knob). Each output is written aside in _tmp and made visible with one
 os.replace (atomic on a POSIX filesystem), so a run killed at any moment leaves only complete outputs, and the
 rerun scores exactly the files without one, and the files whose input changed since.
@@ -102,7 +102,7 @@ class OutputFolder:
     root: Path  # <output>/<key>
 
     def prepare(self) -> None:
-        """Create the folder and discard a killed run's unfinished files (call while holding the OutputLock)."""
+        """Create the folder and discard a killed run's unfinished files (call holding the OutputLock)."""
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "_manifest").mkdir(exist_ok=True)
         shutil.rmtree(self.root / "_tmp", ignore_errors=True)  # leftovers of a killed run: never committed
@@ -116,8 +116,8 @@ class OutputFolder:
         return json.loads(self._record_path(name).read_text())
 
     def is_current(self, name: str, source: dict[str, int]) -> bool | None:
-        """None: never committed; True: committed from an input with this fingerprint; False: the input changed
-        since (a record repaired after a kill knows only the row count, which must still match)."""
+        """None: never committed; True: committed from an input with this fingerprint; False: the input
+        changed since (a record repaired after a kill knows only the row count, which must still match)."""
         record = self.record(name)
         if record is None:
             return None

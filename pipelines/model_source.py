@@ -1,4 +1,5 @@
-"""Resolve a model reference (registry URI, any MLflow model URI, or a directory) to a local model directory."""
+"""Resolve a model reference (registry URI, any MLflow model URI, or a directory) to a local model
+directory."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def weights_digest(directory: Path) -> str:
 
 
 def check_weights(directory: Path, reference: str) -> None:
-    """Refuse unreadable weights here, in the driver, not in every actor after it started: safetensors checks the
-    header and that the file covers every tensor it lists (a truncated or overwritten file fails)."""
+    """Refuse unreadable weights here, in the driver, not in every actor after it started: safetensors checks
+    the header and that the file covers every tensor it lists (a truncated or overwritten file fails)."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -130,8 +131,8 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
 
 
 def load_shipped_model(model: ModelFiles | ObjectRef | str | Path) -> EarlyExitClassifier:
-    """The model from a `ModelFiles` (or an object-store reference to one, as jobs pass it) or a local directory;
-    on the GPU when the worker has one."""
+    """The model from a `ModelFiles` (or an object-store reference to one, as jobs pass it) or a local
+    directory; on the GPU when the worker has one."""
     import ray
     import torch
 

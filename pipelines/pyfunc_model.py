@@ -1,7 +1,7 @@
 """The MLflow pyfunc of an early-exit model ("models from code": no pickled class).
 
-Artifacts: `model_dir`, a directory written by `EarlyExitClassifier.save_pretrained` (safetensors, JSON config,
-tokenizer). predict takes a DataFrame with a `text` column (or a list of strings) and runtime params
+Artifacts: `model_dir`, a directory written by `EarlyExitClassifier.save_pretrained` (safetensors, JSON
+config, tokenizer). predict takes a DataFrame with a `text` column (or a list of strings) and runtime params
 `policy`, `threshold`, `patience`, `batch_size`; invalid texts get a null label and a reason in `error`.
 """
 

@@ -58,8 +58,8 @@ class InputFile:
 def list_input_files(input_path: str, output_root: Path) -> tuple[list[str], str]:
     """Sorted parquet files of a file, folder or glob, and the folder their output names are relative to (the
     folder given, or the deepest folder holding every match of a glob). Below that folder, paths with a part
-    starting with '_' or '.' (Spark's _temporary/, _SUCCESS, .staging) are skipped, and so is the output folder
-    itself when it lies inside the input."""
+    starting with '_' or '.' (Spark's _temporary/, _SUCCESS, .staging) are skipped, and so is the output
+    folder itself when it lies inside the input."""
     if os.path.isdir(input_path):
         files, root = [str(p) for p in Path(input_path).rglob("*.parquet")], input_path
     elif any(ch in input_path for ch in "*?["):
@@ -123,8 +123,9 @@ def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
 
 
 def files_to_score(inputs: list[InputFile], folder: OutputFolder) -> tuple[dict[str, InputFile], list[str]]:
-    """({resolved path: input} to score, paths changed since scored): the inputs without a committed output, and
-    those whose file changed (size, mtime or rows) since its output was committed, which are scored again."""
+    """({resolved path: input} to score, paths changed since scored): the inputs without a committed output,
+    and those whose file changed (size, mtime or rows) since its output was committed, which are scored
+    again."""
     pending, changed = {}, []
     for item in inputs:
         current = folder.is_current(item.output, item.fingerprint)
@@ -141,9 +142,9 @@ def files_to_score(inputs: list[InputFile], folder: OutputFolder) -> tuple[dict[
 
 
 def unreadable_files(pending: dict[str, InputFile], text_column: str) -> dict[str, str]:
-    """{path: reason} of the pending files whose text column cannot be read through (a corrupt data page behind
-    an intact footer), taken out of `pending`: they are named at the end, the others are scored and committed.
-    Reads each file's text column once, in row-group-sized batches (memory stays flat)."""
+    """{path: reason} of the pending files whose text column cannot be read through (a corrupt data page
+    behind an intact footer), taken out of `pending`: they are named at the end, the others are scored and
+    committed. Reads each file's text column once, in row-group-sized batches (memory stays flat)."""
     bad = {}
     for key, item in list(pending.items()):
         try:
@@ -170,7 +171,8 @@ def output_schema(input_schema: pa.Schema, include_probs: bool, prefix: str = ""
 
 
 def run_key(source: ModelSource, setting: ExitSetting, config: ScoreConfig) -> str:
-    """The output folder of one (model, setting, column prefix): `<identity>__<policy>[-<knob>][__prefix-<p>]`."""
+    """The output folder of one (model, setting, column prefix):
+    `<identity>__<policy>[-<knob>][__prefix-<p>]`."""
     return f"{source.identity}__{setting}" + (
         f"__prefix-{config.output_prefix}" if config.output_prefix else ""
     )
@@ -202,7 +204,8 @@ class Tally:
 def score_stream(
     dataset: Any, pending: dict[str, InputFile], folder: OutputFolder, schema_of, tally: Tally, record: dict
 ) -> int:
-    """Drive the Ray Data stream; write each input file's rows to its own output and commit it when complete."""
+    """Drive the Ray Data stream; write each input file's rows to its own output and commit it when
+    complete."""
     open_outputs: dict[str, PendingOutput] = {}
     committed = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -231,8 +234,9 @@ def build_dataset(
     import ray.data
 
     with streaming_parquet_reader(preserve_order=True):  # outputs in input order, deterministic
-        # Reading reserves no CPU: on a shared cluster whose CPUs the scoring actors of running jobs hold, read
-        # tasks that wait for a CPU never run and every job hangs. Parquet reading is light next to the model.
+        # Reading reserves no CPU: on a shared cluster whose CPUs the scoring actors of running jobs hold,
+        # read tasks that wait for a CPU never run and every job hangs. Parquet reading is light next to the
+        # model.
         dataset = ray.data.read_parquet(files, include_paths=True, num_cpus=0)
         return dataset.map_batches(
             Scorer,
@@ -274,8 +278,8 @@ def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, count
 
 
 def ship_model(source: ModelSource) -> ObjectRef:
-    """The resolved model's files in the object store, once per job: actors and tasks on any node load them from
-    there (the driver's download folder exists on the driver's node only)."""
+    """The resolved model's files in the object store, once per job: actors and tasks on any node load them
+    from there (the driver's download folder exists on the driver's node only)."""
     import ray
 
     return ray.put(ModelFiles.from_directory(source.directory))
@@ -297,8 +301,8 @@ def pinned_calibration(
     shipped_model: Callable[[], ObjectRef],
 ) -> tuple[Calibration, bool]:
     """(calibration, whether it was pinned by an earlier run). The first run on an output folder calibrates on
-    the inputs it sees, in a Ray task with an actor's resources, and pins the result; later runs reuse it, so new
-    files are scored with the same knob into the same output key."""
+    the inputs it sees, in a Ray task with an actor's resources, and pins the result; later runs reuse it, so
+    new files are scored with the same knob into the same output key."""
     import ray
 
     policy = config.policy or model_config.policy

@@ -34,8 +34,8 @@ def is_text_type(column_type: pa.DataType) -> bool:
 
 
 def column_texts(column: pa.ChunkedArray | pa.Array) -> list:
-    """The column's values as Python strings; binary values are decoded as UTF-8, and a value that is not valid
-    UTF-8 stays bytes (an invalid row, "not a string: bytes", never a crash)."""
+    """The column's values as Python strings; binary values are decoded as UTF-8, and a value that is not
+    valid UTF-8 stays bytes (an invalid row, "not a string: bytes", never a crash)."""
     values = column.to_pylist()
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
         return [decode_utf8(v) for v in values]
@@ -53,8 +53,8 @@ class Scorer:
     """Adds label, confidence, exit_layer, flops, tokens (and probs) and error to every row of a batch.
 
     Rows are never dropped: a null, empty or non-string text gets null outputs and its reason in `error`.
-    Inside, `predict` tokenises the whole batch once, sorts its rows by length, runs model calls of `batch_size`
-    rows of similar length (less padding), exits per row and restores input order.
+    Inside, `predict` tokenises the whole batch once, sorts its rows by length, runs model calls of
+    `batch_size` rows of similar length (less padding), exits per row and restores input order.
     """
 
     def __init__(

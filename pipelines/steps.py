@@ -97,7 +97,8 @@ def exit_logits(
 ):
     """Every exit's logits (L, n, N) and label ids (n,) over all batches, from one full-depth pass.
 
-    mixed_precision: bf16 autocast on CUDA, as training runs; False runs the model's own dtype, as scoring does."""
+    mixed_precision: bf16 autocast on CUDA, as training runs; False runs the model's own dtype, as scoring
+    does."""
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()

@@ -53,7 +53,8 @@ class ThresholdTarget:
 
 
 def lower_bound(kept: int, total: int, delta: float) -> float:
-    """One-sided Clopper-Pearson lower bound of a binomial proportion at confidence 1 - delta (0 when total = 0)."""
+    """One-sided Clopper-Pearson lower bound of a binomial proportion at confidence 1 - delta (0 when total =
+    0)."""
     if total == 0:
         return 0.0
     return float(binomtest(kept, total, alternative="greater").proportion_ci(1 - delta, method="exact").low)
@@ -67,7 +68,8 @@ def rows_needed(target: float, delta: float) -> int:
 def safest_first(points: list[dict], rule: str) -> list[dict]:
     """The sweep points of one rule ordered from the most conservative (latest exits) to the most eager.
 
-    Entropy: larger S exits earlier, so ascending S. Count / patience: smaller t exits earlier, so descending t.
+    Entropy: larger S exits earlier, so ascending S. Count / patience: smaller t exits earlier, so descending
+    t.
     """
     chosen = [p for p in points if p["policy"] == rule]
     if not chosen:
@@ -77,7 +79,8 @@ def safest_first(points: list[dict], rule: str) -> list[dict]:
 
 def choose_knob(points: list[dict], rule: str, target: ThresholdTarget) -> dict:
     """The sweep point of `rule` that meets `target` (see the module doc), with `met`, `target` and, for
-    "retention", `delta`, `rows` (full_correct), `bound` and `reason`. Points need `kept` and `full_correct`."""
+    "retention", `delta`, `rows` (full_correct), `bound` and `reason`. Points need `kept` and
+    `full_correct`."""
     ordered = safest_first(points, rule)
     if target.kind == "flops":
         affordable = [p for p in ordered if 1.0 / p["flops_speedup"] <= target.flops_budget + 1e-12]

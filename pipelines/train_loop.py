@@ -4,7 +4,8 @@ Each worker: builds or loads the model (tokenizer once per worker), wraps it wit
 (DDP: NCCL on GPU, gloo on CPU), streams its shard of the "train" dataset, and reports dev metrics with a
 checkpoint every `checkpoint_every_steps` steps and at each epoch end. After a worker crash Ray restarts the
 group and `ray.train.get_checkpoint()` hands back the last checkpoint: the run resumes from it (the
-interrupted epoch's data is replayed from the epoch's start, with the weights and optimizer of the checkpoint).
+interrupted epoch's data is replayed from the epoch's start, with the weights and optimizer of the
+checkpoint).
 """
 
 from __future__ import annotations

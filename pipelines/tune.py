@@ -1,7 +1,8 @@
 """Bayesian learning-rate search of the first training stage with Ray Tune + Optuna; the best trial's
 checkpoint is the stage-1 (KL) or joint (Count) result, so nothing is retrained.
 
-Train V2 inside Tune: a function trainable builds the TorchTrainer with the shared `build_trainer` and fits it;
+Train V2 inside Tune: a function trainable builds the TorchTrainer with the shared `build_trainer` and fits
+it;
 `TuneReportCallback` forwards Train's reports (with `checkpoint_path`) to Tune. No ASHA: early stopping of
 trials with Train inside leaked placement groups (ray-project/ray#54305) and that fix is unverified here.
 """
@@ -53,7 +54,8 @@ def tune_first_stage(
     parent_run_id: str,
     tracking_uri: str,
 ) -> tuple[Checkpoint, float, list[dict]]:
-    """Search the learning rate; returns (best trial's best checkpoint, its learning rate, every trial's result)."""
+    """Search the learning rate; returns (best trial's best checkpoint, its learning rate, every trial's
+    result)."""
     stage = config.stages()[0]
     # resolved here: trials run in their own directories, where a relative storage path would land inside them
     resources = dataclasses.replace(config.resources, storage_path=storage_uri(config.resources))

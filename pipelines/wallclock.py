@@ -26,8 +26,8 @@ def wallclock_speedups(
     batch_sizes: Sequence[int] = (1, 64),
     repeats: int = 3,
 ) -> list[dict]:
-    """For each setting and batch size: rows/s at full depth and early exit, and their ratio. Each repeat times
-    full depth and then every setting, so drift in the machine's load hits both alike; the medians over
+    """For each setting and batch size: rows/s at full depth and early exit, and their ratio. Each repeat
+    times full depth and then every setting, so drift in the machine's load hits both alike; the medians over
     `repeats` are reported (one unrepeated timing on a busy machine can be off by 2x)."""
     texts = list(texts)
     if not texts:

@@ -28,9 +28,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 @pytest.fixture(autouse=True)
 def _no_tracking_uri_leaks():
-    """A test that sets an MLflow tracking URI (itself or through the pipeline's setup_tracking) must not hand it
-    to later tests: mlflow.set_tracking_uri pins a process-wide URI that wins over $MLFLOW_TRACKING_URI, and also
-    writes that variable, which every later subprocess inherits."""
+    """A test that sets an MLflow tracking URI (itself or through the pipeline's setup_tracking) must not hand
+    it to later tests: mlflow.set_tracking_uri pins a process-wide URI that wins over $MLFLOW_TRACKING_URI,
+    and also writes that variable, which every later subprocess inherits."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
     import sys

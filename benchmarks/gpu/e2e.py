@@ -1,7 +1,8 @@
 """The whole pipeline on one machine's GPU, as users run it: `jobs/train.py --use-gpu` (Ray Train, NCCL, bf16
 autocast) through stage 1, stage 2 and registration in a local sqlite MLflow store, then `jobs/score.py
 --gpus-per-actor 1` on the registered model over BBC paragraphs, with early exit and at full depth
-(`--policy none`), sampling how busy the GPU is. Run by `benchmarks/gpu/e2e.sh`, which installs the pack first.
+(`--policy none`), sampling how busy the GPU is. Run by `benchmarks/gpu/e2e.sh`, which installs the pack
+first.
 
     python benchmarks/gpu/e2e.py --encoder .gpu_pack/minilm --out $OUT            # on the GPU machine
     python benchmarks/gpu/e2e.py --encoder tiny --cpu --rows 2000 --out /tmp/e2e   # the same path on CPU
@@ -69,7 +70,8 @@ class GpuSampler:
 
 
 def random_encoder(config_dir: str, destination: Path) -> str:
-    """A checkpoint of the encoder in `config_dir` (config + tokenizer) with random weights; 'tiny' = tiny BERT."""
+    """A checkpoint of the encoder in `config_dir` (config + tokenizer) with random weights; 'tiny' = tiny
+    BERT."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if config_dir == "tiny":
@@ -82,7 +84,8 @@ def random_encoder(config_dir: str, destination: Path) -> str:
 
 
 def paragraph_corpus(rows: int, files: int, destination: Path) -> int:
-    """At least `rows` BBC paragraphs (the corpus repeated in a new order each round), in `files` parquet files."""
+    """At least `rows` BBC paragraphs (the corpus repeated in a new order each round), in `files` parquet
+    files."""
     import numpy as np
 
     from pipelines.bbc import read_bbc_articles, split_paragraphs

@@ -1,9 +1,9 @@
 """Which distributions the GPU machine lacks for the pipeline, at the versions this project's CI installs.
 
-Walks the requirements (extras and markers evaluated for the GPU machine's Python) of the pipeline's roots in the
-environment `scripts/setup.sh` built (the same resolution CI gets), then leaves out what the GPU machine's image
-already has (`image_packages.txt`, from the machine's description) and what the pipeline never imports (SKIPPED,
-each with its reason). Prints one `name==version` per line; what it left out goes to stderr.
+Walks the requirements (extras and markers evaluated for the GPU machine's Python) of the pipeline's roots in
+the environment `scripts/setup.sh` built (the same resolution CI gets), then leaves out what the GPU machine's
+image already has (`image_packages.txt`, from the machine's description) and what the pipeline never imports
+(SKIPPED, each with its reason). Prints one `name==version` per line; what it left out goes to stderr.
 
     .venv/bin/python benchmarks/gpu/pack_list.py --python-version 3.12
 """
@@ -33,7 +33,8 @@ ROOTS = (
     "pyarrow",
 )
 
-# Required by some package's metadata, never imported by training, scoring or the MLflow client + sqlite store.
+# Required by some package's metadata, never imported by training, scoring or the MLflow client + sqlite
+# store.
 SKIPPED = {
     "py-spy": "Ray dashboard's stack-trace profiler (3 MB binary)",
     "virtualenv": "Ray runtime_env pip/virtualenv environments (not used: the code travels with the job)",
@@ -55,9 +56,9 @@ SKIPPED = {
     "mlflow-skinny": "every file of it is inside the mlflow wheel as well",
 }
 
-# Paths inside the installed pack that the pipeline never loads (the large ones first). A trailing "/*" empties
-# the folder but keeps it: Ray's dashboard refuses to start (and Ray waits a minute for it) without its web
-# client's folders, though nothing here serves the pages.
+# Paths inside the installed pack that the pipeline never loads (the large ones first). A trailing "/*"
+# empties the folder but keeps it: Ray's dashboard refuses to start (and Ray waits a minute for it) without
+# its web client's folders, though nothing here serves the pages.
 STRIPPED = (
     "ray/jars",
     "ray/serve",

@@ -73,7 +73,8 @@ def test_text_of_only_zero_width_or_control_characters_is_invalid(tiny_model):
 
 def test_code_shipped_with_a_checkpoint_never_runs(tiny_encoder_dir, tmp_path):
     """A saved encoder whose config points at its own code (auto_map, unknown model_type): even with "y" on
-    stdin, the code is not imported (trust_remote_code=False is passed to every Auto* load), and loading fails."""
+    stdin, the code is not imported (trust_remote_code=False is passed to every Auto* load), and loading
+    fails."""
     import json
     import os
     import shutil

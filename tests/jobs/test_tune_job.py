@@ -1,4 +1,5 @@
-"""A 3-trial Bayesian learning-rate search on a tiny model with real Ray, feeding stage 2 without retraining."""
+"""A 3-trial Bayesian learning-rate search on a tiny model with real Ray, feeding stage 2 without
+retraining."""
 
 from __future__ import annotations
 

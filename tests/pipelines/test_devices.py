@@ -1,7 +1,7 @@
 """The model and the training steps on each device: CPU always, CUDA (bf16 autocast, NCCL) where a GPU is.
 
-The DDP cases wrap the model the way Ray Train's `prepare_model` does (DistributedDataParallel with the default
-find_unused_parameters=False), in a one-process group: gloo on CPU, NCCL on CUDA.
+The DDP cases wrap the model the way Ray Train's `prepare_model` does (DistributedDataParallel with the
+default find_unused_parameters=False), in a one-process group: gloo on CPU, NCCL on CUDA.
 """
 
 from __future__ import annotations

@@ -145,8 +145,9 @@ def test_too_few_rows_fall_back_to_full_depth_and_say_why():
 
 
 def test_the_promise_holds_on_unseen_data_with_probability_one_minus_delta():
-    """Simulated dev sets drawn from a known population: the chosen setting's true kept share is below the target
-    in at most ~delta of the draws; the point estimate (today's rule before the bound) fails far more often."""
+    """Simulated dev sets drawn from a known population: the chosen setting's true kept share is below the
+    target in at most ~delta of the draws; the point estimate (today's rule before the bound) fails far more
+    often."""
     knobs = [round(0.05 * i, 2) for i in range(11)]
     true_kept = np.array(
         [1.0, 0.999, 0.998, 0.996, 0.994, 0.992, 0.9905, 0.989, 0.985, 0.98, 0.97]
@@ -251,7 +252,8 @@ def test_mlflow_run_holds_the_table_and_plots(model_and_pass, tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     logged = client.get_run(run.info.run_id).data
     assert logged.params["auto_threshold.knob"] == str(result.chosen["knob"])
-    # the promise: target, delta, bound and rows, and why it fell back to full depth (30 rows right is too few)
+    # the promise: target, delta, bound and rows, and why it fell back to full depth (30 rows right is too
+    # few)
     assert (logged.params["auto_threshold.min_retention"], logged.params["auto_threshold.delta"]) == (
         "0.99",
         "0.05",

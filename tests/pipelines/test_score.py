@@ -253,7 +253,8 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
         )
 
     assert calibration["rows"] == len(sample) and agreement(knob) == pytest.approx(calibration["agreement"])
-    # the fastest S whose agreement clears 0.9 with 95 % confidence (one-sided Clopper-Pearson), tested in order
+    # the fastest S whose agreement clears 0.9 with 95 % confidence (one-sided Clopper-Pearson), tested in
+    # order
     n = len(sample)
     assert calibration["agreement_bound"] == pytest.approx(lower_bound(round(agreement(knob) * n), n, 0.05))
     assert calibration["agreement"] > calibration["agreement_bound"] >= 0.9 and calibration["delta"] == 0.05

@@ -76,5 +76,6 @@ def test_stage2_corpus_larger_than_the_object_store_is_streamed(ray_local, tmp_p
     # Materialising a corpus twice the store's size would fill the store past Ray's spill threshold (80 %) and
     # spill; streaming keeps it under Ray Data's own budget (half the store) plus the labeled splits.
     assert 0 < peak[0] < 0.75 * OBJECT_STORE_BYTES, (
-        f"peak {peak[0] >> 20} MiB in a {OBJECT_STORE_BYTES >> 20} MiB store for a {corpus_bytes >> 20} MiB corpus"
+        f"peak {peak[0] >> 20} MiB in a {OBJECT_STORE_BYTES >> 20} MiB store "
+        f"for a {corpus_bytes >> 20} MiB corpus"
     )

@@ -82,7 +82,8 @@ def test_stage2_in_local_mode_keeps_the_teacher_and_trains_students(
         tiny_encoder_dir("bert", num_layers=3), labels=splits.labels
     ).train()
     # a teacher that has learned the task (plain stage-1 steps): the students start near chance and must move
-    # towards it (an untrained teacher can predict one class everywhere; students copying it never change accuracy)
+    # towards it (an untrained teacher can predict one class everywhere; students copying it never change
+    # accuracy)
     texts = splits.train["text"].to_pylist()
     labels = [splits.labels.index(label) for label in splits.train["label"].to_pylist()]
     optimizer = torch.optim.AdamW(start.parameters(), lr=5e-3)
