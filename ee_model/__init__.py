@@ -1,6 +1,6 @@
 """Early-exit text classification on any Hugging Face encoder (plain PyTorch + transformers, no Ray)."""
 
-from ee_model.config import EarlyExitConfig
+from ee_model.config import EarlyExitConfig, ModelOptions
 from ee_model.encoders import SUPPORTED_MODEL_TYPES
 from ee_model.flops import FlopsModel, flops_speedup, layer_speedup
 from ee_model.losses import joint_loss, stage1_loss, stage2_loss
@@ -31,6 +31,7 @@ __all__ = [
     "FlopsModel",
     "FullDepthPolicy",
     "PatiencePolicy",
+    "ModelOptions",
     "Prediction",
     "exit_layers",
     "flops_speedup",

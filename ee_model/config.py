@@ -61,53 +61,70 @@ def check_head_dropout(head_dropout: Any) -> float:
     return float(head_dropout)
 
 
-@dataclass(frozen=True)
-class EarlyExitConfig:
-    """Everything needed to rebuild an early-exit classifier, apart from its weights.
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    """The options of an early-exit model that a user chooses before training, each checked here; the training
+    config's `model` section is these plus where the encoder comes from.
 
     Attributes:
-        encoder_name_or_path: the Hugging Face model id or local path the encoder came from (provenance).
-        labels: class names; index i of every exit's logits is labels[i].
-        encoder_config: the encoder's `PretrainedConfig.to_dict()`, so loading needs no hub access.
         head_type: "linear" (the paper's Linear + Softmax) or "mlp" (the paper's Table 1:
             H -> 128 -> 128 -> N).
         pooling: "cls" (first token) or "mean" (average over real tokens).
-        variant: "kl" (two-stage, entropy exit) or "count" (joint, count exit); sets the default policy.
-        policy: default exit policy used by `predict` when none is given.
         threshold: default normalised-entropy threshold S for the "entropy" policy (0 <= S <= 1;
             S = 0: full depth).
         patience: default t for "count" / "patience" policies.
         max_length: tokens kept per text (truncation); 128 is the paper's FLOPs convention.
         head_dropout: dropout before each exit head while training.
+    """
+
+    head_type: HeadType = "linear"
+    pooling: Pooling = "mean"  # measured best on BBC with MiniLM-L6 (see docs/results.md)
+    threshold: float = 0.1
+    patience: int = 3
+    max_length: int = 128
+    head_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_choice("head_type", self.head_type, HEAD_TYPES)
+        _check_choice("pooling", self.pooling, POOLINGS)
+        check_threshold(self.threshold)
+        check_patience(self.patience)
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length!r} must be an integer >= 2")
+        check_head_dropout(self.head_dropout)
+
+    def options(self) -> dict[str, Any]:
+        """The ModelOptions fields as keyword arguments (of `EarlyExitClassifier.from_encoder`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions)}
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig(ModelOptions):
+    """Everything needed to rebuild an early-exit classifier, apart from its weights: the `ModelOptions` and
+
+    Attributes:
+        encoder_name_or_path: the Hugging Face model id or local path the encoder came from (provenance).
+        labels: class names; index i of every exit's logits is labels[i].
+        encoder_config: the encoder's `PretrainedConfig.to_dict()`, so loading needs no hub access.
+        variant: "kl" (two-stage, entropy exit) or "count" (joint, count exit); sets the default policy.
+        policy: default exit policy used by `predict` when none is given.
         encoder_revision: the hub revision of the encoder, when known.
     """
 
     encoder_name_or_path: str
     labels: tuple[str, ...]
     encoder_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    head_type: HeadType = "linear"
-    pooling: Pooling = "mean"  # measured best on BBC with MiniLM-L6 (see docs/results.md)
     variant: Variant = "kl"
     policy: PolicyName | None = None  # None -> "entropy" for kl, "count" for count
-    threshold: float = 0.1
-    patience: int = 3
-    max_length: int = 128
-    head_dropout: float = 0.1
     encoder_revision: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "labels", check_labels(self.labels))
-        _check_choice("head_type", self.head_type, HEAD_TYPES)
-        _check_choice("pooling", self.pooling, POOLINGS)
         _check_choice("variant", self.variant, VARIANTS)
         if self.policy is None:
             object.__setattr__(self, "policy", "entropy" if self.variant == "kl" else "count")
         check_policy(self.policy)
-        check_threshold(self.threshold)
-        check_patience(self.patience)
-        if int(self.max_length) < 2:
-            raise ValueError(f"max_length={self.max_length!r} must be >= 2")
-        check_head_dropout(self.head_dropout)
 
     @property
     def num_labels(self) -> int:

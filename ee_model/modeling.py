@@ -36,6 +36,8 @@ class EarlyExitClassifier(nn.Module):
         self.config = config.replace(encoder_config=json.loads(encoder.config.to_json_string()))
         self.encoder = encoder
         self.tokenizer = tokenizer
+        if tokenizer is not None:
+            tokenizer.padding_side = "right"  # early_exit trims trailing padding columns
         self.flops_model = FlopsModel.from_encoder_config(encoder.config, config.head_type, config.num_labels)
         self.heads = nn.ModuleList(
             build_head(config.head_type, self.flops_model.hidden_size, config.num_labels, config.head_dropout)
@@ -134,10 +136,13 @@ class EarlyExitClassifier(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
-        train_encoder: bool = True,
+        train_encoder: bool | None = None,
     ) -> ExitLogits:
         """Every exit's logits (n_layers, batch, num_labels). train_encoder=False runs the backbone without
-        autograd (stage 2: one backbone pass feeds every student, no activation memory kept)."""
+        autograd (stage 2: one backbone pass feeds every student, no activation memory kept); None: False
+        after `freeze_for_stage2`, else True."""
+        if train_encoder is None:
+            train_encoder = not self.stage2_frozen
         with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
             pooled = self.pooled_features(input_ids, attention_mask, token_type_ids)
         logits = torch.stack([head(p) for head, p in zip(self.heads, pooled, strict=True)])  # (L, batch, N)
@@ -227,6 +232,12 @@ class EarlyExitClassifier(nn.Module):
             raise ValueError("this model has no tokenizer; pass one to the constructor or use from_encoder")
         return self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length, padding=False)
 
+    def encode(self, texts: Sequence[str], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The model's inputs for `texts`: token ids truncated to `config.max_length`, right-padded to the
+        longest, as tensors on `device` (default the model's). The one tokenisation of training, evaluation
+        and `predict` (which tokenises first, sorts by length, then pads each call's rows with `_pad`)."""
+        return self._pad(self.tokenize([str(t) for t in texts]), device)
+
     def predict(
         self,
         texts: Sequence[Any],
@@ -298,10 +309,9 @@ class EarlyExitClassifier(nn.Module):
         finally:
             self.train(was_training)
 
-    def _pad(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        self.tokenizer.padding_side = "right"  # early_exit trims trailing padding columns
-        padded = self.tokenizer.pad(features, padding="longest", return_tensors="pt")
-        return {key: value.to(self.device) for key, value in padded.items()}
+    def _pad(self, features: Any, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        padded = self.tokenizer.pad(features, padding="longest", return_tensors="pt")  # right: see __init__
+        return {key: value.to(device or self.device) for key, value in padded.items()}
 
     def _fill(self, result: Prediction, positions: np.ndarray, out: EarlyExitBatch) -> None:
         probs = torch.softmax(out.logits, dim=-1).cpu().numpy()  # (batch, N)

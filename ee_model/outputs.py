@@ -61,6 +61,8 @@ class Prediction:
         return len(self.label)
 
     def to_records(self) -> list[dict]:
+        """Public API: one plain dict per row (label, confidence, exit_layer, flops, probs, error),
+        JSON-ready, for callers that want rows rather than columns."""
         return [
             {
                 "label": self.label[i],

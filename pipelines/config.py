@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ee_model.config import HEAD_TYPES, POOLINGS, VARIANTS, check_head_dropout
+from ee_model.config import VARIANTS, ModelOptions
 from ee_model.policies import KNOB_OF_POLICY, check_patience, check_policy, check_threshold
 from pipelines.thresholds import ThresholdTarget
 
@@ -45,7 +45,7 @@ class DataConfig:
     # Stage 2 corpus, streamed: None -> the training articles' paragraphs with the default corpus, else none.
     unlabeled_path: str | None = None
     unlabeled_text_column: str | None = None  # default: text_column
-    max_unlabeled_rows: int | None = None  # cap for quick runs; None = the whole corpus
+    max_unlabeled_rows: int | None = 4000  # the quick default; None = the whole corpus (the full profile)
     cache_dir: str = ".ee_data"  # where the default corpus is written as parquet on first use
 
     def __post_init__(self) -> None:
@@ -65,54 +65,83 @@ class DataConfig:
             raise ValueError(f"max_unlabeled_rows={self.max_unlabeled_rows!r} must be >= 0")
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(ModelOptions):
+    """The model to train: its encoder, and `ee_model.ModelOptions` (declared and checked there, once)."""
+
     encoder: str | None = None  # HF id or local path; None -> the packaged MiniLM-L6 (demo extra)
     encoder_revision: str | None = None
-    head_type: str = "linear"
-    pooling: str = "mean"
-    max_length: int = 128
-    head_dropout: float = 0.1
-    threshold: float = 0.1  # S stored with the model (KL), unless eval.auto_threshold chooses it on dev
-    patience: int = 2  # t stored with the model (Count), unless eval.auto_threshold chooses it on dev
-
-    def __post_init__(self) -> None:
-        if self.head_type not in HEAD_TYPES:
-            raise ValueError(f"head_type={self.head_type!r} is not one of {list(HEAD_TYPES)}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling={self.pooling!r} is not one of {list(POOLINGS)}")
-        if self.max_length < 8:
-            raise ValueError(f"max_length={self.max_length!r} must be >= 8")
-        check_threshold(self.threshold)
-        check_patience(self.patience)
-        check_head_dropout(self.head_dropout)
+    max_length: int = 64  # the quick default (2 CPU cores); the model's own and the full profile's: 128
 
 
 @dataclass(frozen=True)
 class StageConfig:
-    """Optimisation of one training stage."""
+    """Optimisation of one training stage; each stage's own loss options are in its subclass."""
 
     learning_rate: float = 1e-4
     epochs: int = 1
-    batch_size: int = 16
+    # rows per optimizer step on each worker (as Hugging Face's per_device_train_batch_size): the global batch
+    # is this x resources.num_workers, printed when the stage starts
+    batch_size_per_worker: int = 16
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_steps: int | None = None  # stop the stage after this many optimizer steps (quick runs)
-    checkpoint_every_steps: int = 1500  # the paper's 1500; a checkpoint is also written at each epoch end
-    focal_gamma: float = 0.0  # stage 1: 0 = cross-entropy
-    kl_weight: float = 1.0  # stage 2: self-distillation weight
-    gold_weight: float = 0.0  # stage 2: + cross-entropy to gold labels (DeeBERT's recipe uses kl 0, gold 1)
-    joint_weighting: str = "uniform"  # joint: "uniform" or "layer_index" (PABEE)
+    checkpoint_every_steps: int = 50  # also at each epoch end; the paper (full profile): 1500
 
     def __post_init__(self) -> None:
         _positive("learning_rate", self.learning_rate)
         _positive("epochs", self.epochs)
-        _positive("batch_size", self.batch_size)
+        _positive("batch_size_per_worker", self.batch_size_per_worker)
         _positive("checkpoint_every_steps", self.checkpoint_every_steps)
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Stage1Config(StageConfig):
+    """KL stage 1: backbone + final classifier, cross-entropy (focal when focal_gamma > 0)."""
+
+    focal_gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.focal_gamma >= 0:
+            raise ValueError(f"focal_gamma={self.focal_gamma!r} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Stage2Config(StageConfig):
+    """KL stage 2: students distil the frozen teacher (KL), optionally + cross-entropy to gold labels."""
+
+    # Heads only, backbone forward without autograd: cheap next to stage 1. Measured on BBC (students trained
+    # on the frozen backbone's features, docs/results.md): 4,000 paragraphs x 3 epochs at 1e-2 let the
+    # dev-chosen S keep 99 % of accuracy at about 0.9 of the oracle's speed-up; 1,000 x 2 at 5e-3 stopped near
+    # 0.65.
+    learning_rate: float = 1e-2
+    epochs: int = 3
+    batch_size_per_worker: int = 32
+    checkpoint_every_steps: int = 100
+    kl_weight: float = 1.0
+    gold_weight: float = 0.0  # DeeBERT's recipe is kl_weight 0, gold_weight 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kl_weight < 0 or self.gold_weight < 0 or self.kl_weight + self.gold_weight == 0:
+            raise ValueError(
+                f"kl_weight={self.kl_weight!r}, gold_weight={self.gold_weight!r}: both >= 0, not both 0"
+            )
+
+
+@dataclass(frozen=True)
+class JointConfig(StageConfig):
+    """Count variant: every exit trained together with cross-entropy."""
+
+    joint_weighting: str = "uniform"  # "uniform" or "layer_index" (PABEE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.joint_weighting not in ("uniform", "layer_index"):
             raise ValueError(
                 f"joint_weighting={self.joint_weighting!r} is not one of ['uniform', 'layer_index']"
@@ -156,7 +185,7 @@ class TuneSearchConfig:
     """Bayesian learning-rate search of stage 1 (KL) or joint training (Count) with Ray Tune + Optuna."""
 
     enabled: bool = False
-    num_samples: int = 4
+    num_samples: int = 2  # the quick default; the full profile: 4
     lr_min: float = 8e-5  # the paper searched 8e-5 .. 2e-4
     lr_max: float = 2e-4
     sampler: str = "tpe"  # "tpe" or "gp" (Optuna's GP sampler)
@@ -227,9 +256,9 @@ class TrainConfig:
     run_name: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    stage1: StageConfig = field(default_factory=StageConfig)
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=1e-3))
-    joint: StageConfig = field(default_factory=StageConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    joint: JointConfig = field(default_factory=JointConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -248,30 +277,49 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Profiles are overrides of the dataclass defaults, nothing else.
+# Profiles are overrides of the dataclass defaults, nothing else. The defaults are the quick profile: the
+# embedded BBC + MiniLM-L6 run on 2 CPU cores in under 10 minutes.
 PROFILES: dict[str, dict[str, Any]] = {
-    # 2 CPU cores, MiniLM-L6 on BBC: short texts and a capped stage-2 corpus keep the run under 20 minutes.
-    "quick": {
-        "data": {"max_unlabeled_rows": 4000},
-        "model": {"max_length": 64},
-        "stage1": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "checkpoint_every_steps": 50},
-        # Heads only, backbone forward without autograd: cheap next to stage 1. Measured on BBC (students
-        # trained on the frozen backbone's features, docs/results.md): 4,000 paragraphs x 3 epochs at 1e-2
-        # let the dev-chosen S keep 99 % of accuracy at about 0.9 of the oracle's speed-up; 1,000 x 2 at 5e-3
-        # stopped near 0.65.
-        "stage2": {"learning_rate": 1e-2, "epochs": 3, "batch_size": 32, "checkpoint_every_steps": 100},
-        "joint": {"learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "checkpoint_every_steps": 50},
-        "tune": {"num_samples": 2},  # with --tune: a small search keeps the quick profile quick
-    },
+    "quick": {},
     # The paper: 10 epochs, checkpoint every 1500 steps, lr from the 8e-5..2e-4 range, stage 2 at 10x.
     "full": {
+        "data": {"max_unlabeled_rows": None},
         "model": {"max_length": 128},
-        "stage1": {"learning_rate": 1e-4, "epochs": 10, "batch_size": 32},
-        "stage2": {"learning_rate": 1e-3, "epochs": 10, "batch_size": 64},
-        "joint": {"learning_rate": 1e-4, "epochs": 10, "batch_size": 32},
+        "stage1": {
+            "learning_rate": 1e-4,
+            "epochs": 10,
+            "batch_size_per_worker": 32,
+            "checkpoint_every_steps": 1500,
+        },
+        "stage2": {
+            "learning_rate": 1e-3,
+            "epochs": 10,
+            "batch_size_per_worker": 64,
+            "checkpoint_every_steps": 1500,
+        },
+        "joint": {
+            "learning_rate": 1e-4,
+            "epochs": 10,
+            "batch_size_per_worker": 32,
+            "checkpoint_every_steps": 1500,
+        },
         "resources": {"num_workers": 2, "use_gpu": True, "cpus_per_worker": 4},
+        "tune": {"num_samples": 4},
     },
 }
+
+
+RENAMED = {"batch_size": "batch_size_per_worker"}  # in the stage sections
+
+
+def elsewhere(key: str, where: str) -> str:
+    """' (a setting of stage2)' when another section takes `key`, else ''."""
+    if where in ("stage1", "stage2", "joint") and key in RENAMED:
+        return f" (now {RENAMED[key]})"
+    owners = [
+        n for n, cls in NESTED.items() if n != where and key in {f.name for f in dataclasses.fields(cls)}
+    ]
+    return f" (a setting of {', '.join(owners)})" if owners else ""
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -281,7 +329,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where or 'config'}; known: {sorted(fields)}")
+        given = ", ".join(f"{key}={data[key]!r}" + elsewhere(key, where) for key in unknown)
+        raise ValueError(f"unknown key(s) in {where or 'config'}: {given}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         nested = NESTED.get(name) if cls is TrainConfig else None
@@ -296,9 +345,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 NESTED: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
-    "stage1": StageConfig,
-    "stage2": StageConfig,
-    "joint": StageConfig,
+    "stage1": Stage1Config,
+    "stage2": Stage2Config,
+    "joint": JointConfig,
     "resources": ResourcesConfig,
     "tracking": TrackingConfig,
     "eval": EvalConfig,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
-import pyarrow.parquet as pq
 
 from ee_model.texts import invalid_text_reason
 from pipelines.config import DataConfig
 from pipelines.errors import UserError
+from pipelines.paths import parquet_source, write_parquet_atomically
 
 UNLABELED = (
     -100
@@ -38,19 +37,9 @@ class LabeledSplits:
     dropped_invalid_text: int  # rows whose text was null, empty or not a string (reported, not trained on)
 
 
-def expand_paths(path: str) -> list[str] | str:
-    """A local glob becomes its sorted matches; files, folders and URIs pass through to pyarrow."""
-    if any(ch in path for ch in "*?[") and "://" not in path:
-        matches = sorted(glob.glob(path, recursive=True))
-        if not matches:
-            raise DataError(f"no parquet files match {path!r}")
-        return matches
-    return path
-
-
 def parquet_dataset(path: str) -> pds.Dataset:
     try:
-        return pds.dataset(expand_paths(path), format="parquet")
+        return pds.dataset(parquet_source(path, error=DataError), format="parquet")
     except (OSError, pa.ArrowException) as error:
         raise DataError(f"cannot read parquet at {path!r}: {error}") from error
 
@@ -145,7 +134,7 @@ def default_corpus_paths(config: DataConfig) -> dict[str, str]:
 
     path = Path(config.cache_dir).resolve() / "bbc" / "articles.parquet"
     if not path.is_file():
-        write_atomically(read_bbc_articles(), path)
+        write_parquet_atomically(read_bbc_articles(), path)
     return {"labeled": str(path)}
 
 
@@ -168,16 +157,8 @@ def default_unlabeled_corpus(train: pa.Table, config: DataConfig) -> str:
         articles = pa.table({"doc_id": pa.array(range(train.num_rows)), "text": train["text"]})
         paragraphs = split_paragraphs(articles).select(["text"])
         order = np.random.default_rng(config.split_seed).permutation(paragraphs.num_rows)
-        write_atomically(paragraphs.take(pa.array(order)), path)
+        write_parquet_atomically(paragraphs.take(pa.array(order)), path)
     return str(path)
-
-
-def write_atomically(table: pa.Table, path: Path) -> None:
-    """Written aside, then renamed: a killed run never leaves half a file at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    aside = path.with_name(path.name + ".tmp")
-    pq.write_table(table, aside)
-    aside.replace(path)
 
 
 @contextmanager
@@ -211,7 +192,7 @@ def streaming_parquet_read(path: str, columns: list[str]):
     import ray.data
 
     with streaming_parquet_reader():
-        return ray.data.read_parquet(expand_paths(path)).select_columns(columns)
+        return ray.data.read_parquet(parquet_source(path, error=DataError)).select_columns(columns)
 
 
 def with_label_ids(table: pa.Table, labels: tuple[str, ...]) -> pa.Table:

@@ -8,8 +8,6 @@ Wall-clock speed-ups need real early-exit runs: `pipelines.wallclock`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import torch
@@ -17,24 +15,7 @@ from sklearn.metrics import f1_score
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers, flops_speedup, layer_speedup
 from pipelines.data import with_label_ids
-from pipelines.steps import exit_logits, per_layer_accuracy
-
-
-@dataclass(frozen=True)
-class SplitPass:
-    """One full-depth pass over a split: logits (L, n, N), label ids (n,), real tokens (n,)."""
-
-    logits: torch.Tensor
-    labels: torch.Tensor
-    tokens: np.ndarray
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.logits.shape[0])
-
-    @property
-    def full_accuracy(self) -> float:
-        return float((self.logits[-1].argmax(-1) == self.labels).double().mean())
+from pipelines.steps import SplitPass, exit_logits, per_layer_accuracy
 
 
 def texts_pass(
@@ -50,9 +31,7 @@ def texts_pass(
         {"text": texts[i : i + batch_size], "label_id": label_ids[i : i + batch_size]}
         for i in range(0, len(texts), batch_size)
     ]
-    logits, labels = exit_logits(model, batches, model.device, mixed_precision)
-    tokens = np.array([len(ids) for ids in model.tokenize(texts)["input_ids"]], dtype=np.int64)
-    return SplitPass(logits, labels, tokens)
+    return exit_logits(model, batches, model.device, mixed_precision)  # tokenised once
 
 
 def full_pass(model: EarlyExitClassifier, table: pa.Table, batch_size: int = 64) -> SplitPass:

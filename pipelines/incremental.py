@@ -26,16 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.errors import UserError
-
-HIDDEN_PREFIXES = (
-    "_",
-    ".",
-)  # Spark's _temporary/ and _SUCCESS, .staging folders, our own _manifest/ and _tmp/
-
-
-def is_hidden(relative: str | Path) -> bool:
-    """Whether any part of a path below the input (or output) root starts with '_' or '.'."""
-    return any(part.startswith(HIDDEN_PREFIXES) for part in Path(relative).parts)
+from pipelines.paths import is_hidden, replace_atomically, write_text_atomically
 
 
 def output_name(input_file: str, input_root: str) -> str:
@@ -132,8 +123,9 @@ class OutputFolder:
             if is_hidden(name) or self._record_path(name).is_file():
                 continue
             rows = pq.ParquetFile(output).metadata.num_rows
-            self._record_path(name).parent.mkdir(parents=True, exist_ok=True)
-            self._record_path(name).write_text(json.dumps({"output": name, "rows": rows, "repaired": True}))
+            write_text_atomically(
+                self._record_path(name), json.dumps({"output": name, "rows": rows, "repaired": True})
+            )
 
     def writer(self, name: str, schema: pa.Schema) -> PendingOutput:
         path = self.root / "_tmp" / name
@@ -170,8 +162,5 @@ class PendingOutput:
                 }
             )
         )
-        final = self.folder.root / self.name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.path, final)  # the commit point
-        self.folder._record_path(self.name).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(manifest_tmp, self.folder._record_path(self.name))
+        replace_atomically(self.path, self.folder.root / self.name)  # the commit point
+        replace_atomically(manifest_tmp, self.folder._record_path(self.name))

@@ -7,9 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import glob
 import json
-import os
 import tempfile
 import time
 import warnings
@@ -29,8 +27,9 @@ from pipelines.calibration import Calibration, calibrate_on_worker, sample_texts
 from pipelines.config import S_GRID, ScoreConfig
 from pipelines.data import streaming_parquet_reader
 from pipelines.errors import UserError
-from pipelines.incremental import OutputFolder, OutputLock, PendingOutput, fingerprint, is_hidden, output_name
+from pipelines.incremental import OutputFolder, OutputLock, PendingOutput, fingerprint, output_name
 from pipelines.model_source import ModelFiles, ModelSource, resolve_model
+from pipelines.paths import parquet_files, write_text_atomically
 from pipelines.scorer import OUTPUT_COLUMNS, Scorer, is_text_type
 
 if TYPE_CHECKING:
@@ -55,29 +54,6 @@ class InputFile:
         return {**record, "input": self.path, "fingerprint": self.fingerprint}
 
 
-def list_input_files(input_path: str, output_root: Path) -> tuple[list[str], str]:
-    """Sorted parquet files of a file, folder or glob, and the folder their output names are relative to (the
-    folder given, or the deepest folder holding every match of a glob). Below that folder, paths with a part
-    starting with '_' or '.' (Spark's _temporary/, _SUCCESS, .staging) are skipped, and so is the output
-    folder itself when it lies inside the input."""
-    if os.path.isdir(input_path):
-        files, root = [str(p) for p in Path(input_path).rglob("*.parquet")], input_path
-    elif any(ch in input_path for ch in "*?["):
-        files = [f for f in glob.glob(input_path, recursive=True) if os.path.isfile(f)]
-        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else "."
-    elif os.path.isfile(input_path):
-        return [input_path], os.path.dirname(input_path) or "."
-    else:
-        raise ScoringError(f"input {input_path!r} does not exist")
-    inside_output = lambda f: Path(f).resolve().is_relative_to(output_root)  # noqa: E731
-    kept = [
-        f
-        for f in files
-        if not is_hidden(os.path.relpath(os.path.abspath(f), os.path.abspath(root))) and not inside_output(f)
-    ]
-    return sorted(kept), root
-
-
 def unique_outputs(inputs: list[InputFile]) -> None:
     """Every input's output name must be its own: refuse before anything is scored, naming both inputs."""
     seen: dict[str, str] = {}
@@ -92,7 +68,7 @@ def unique_outputs(inputs: list[InputFile]) -> None:
 
 def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
     """Open every input file's footer: corrupt files, missing text columns and clashes fail here, by name."""
-    files, root = list_input_files(config.input, Path(config.output).resolve())
+    files, root = parquet_files(config.input, skip=Path(config.output).resolve(), error=ScoringError)
     if not files:
         raise ScoringError(f"no parquet files found at {config.input!r}")
     inputs = []
@@ -329,10 +305,7 @@ def pinned_calibration(
             config.cpus_per_actor,
         )
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    aside = path.with_name(path.name + ".tmp")
-    aside.write_text(json.dumps(calibration.to_dict(), indent=2))
-    aside.replace(path)  # atomic: a killed run pins nothing or everything
+    write_text_atomically(path, json.dumps(calibration.to_dict(), indent=2))  # a kill pins nothing or all
     if not calibration.met:
         warnings.warn(f"calibration of {policy}: {calibration.reason}", stacklevel=2)
     return calibration, False

@@ -6,45 +6,40 @@ turns dataset shards into such iterables; tests feed plain lists.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ee_model import EarlyExitClassifier, joint_loss, stage1_loss, stage2_loss
 from ee_model.io import unwrap
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+if TYPE_CHECKING:
+    from pipelines.stages import LossFn, TrainingStage
 
 
-def loss_for(stage: str, stage_config: Any) -> LossFn:
-    """The loss of a stage as a function of (exit logits (L, B, N), label ids (B,))."""
-    if stage == "stage1":
-        return lambda logits, labels: stage1_loss(logits, labels, stage_config.focal_gamma)
-    if stage == "stage2":
-        return lambda logits, labels: stage2_loss(
-            logits, labels, kl_weight=stage_config.kl_weight, gold_weight=stage_config.gold_weight
-        )
-    if stage == "joint":
-        return lambda logits, labels: joint_loss(logits, labels, stage_config.joint_weighting)
-    raise ValueError(f"stage={stage!r} is not one of ['stage1', 'stage2', 'joint']")
+def encode(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's texts as the model's inputs on `device` (`EarlyExitClassifier.encode`, through DDP)."""
+    return unwrap(model).encode(batch["text"], device)
 
 
-def encode(
-    model: EarlyExitClassifier, batch: dict[str, Any], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Tokenise a batch's texts with the model's tokenizer; tensors on `device`."""
-    inner = unwrap(model)
-    encoded = inner.tokenizer(
-        [str(t) for t in batch["text"]],
-        truncation=True,
-        max_length=inner.config.max_length,
-        padding="longest",
-        return_tensors="pt",
-    )
-    return {key: value.to(device) for key, value in encoded.items()}
+@dataclass(frozen=True)
+class SplitPass:
+    """One full-depth pass over a split: every exit's logits (L, n, N), label ids (n,), real tokens (n,)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    tokens: np.ndarray
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def full_accuracy(self) -> float:
+        return float((self.logits[-1].argmax(-1) == self.labels).double().mean())
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -60,7 +55,7 @@ def autocast_for(device: torch.device):
 def train_step(
     model: torch.nn.Module,
     batch: dict[str, Any],
-    stage: str,
+    stage: TrainingStage,
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
@@ -69,16 +64,11 @@ def train_step(
     """One optimizer step; None when the batch has nothing this stage can learn from."""
     labels = torch.tensor(np.array(batch["label_id"]), dtype=torch.long, device=device)
     keep = labels != -100
-    if stage != "stage2" and not bool(keep.all()):
-        raise ValueError("stage 1 and joint training need a gold label on every row")
+    if not stage.learns_from_unlabeled and not bool(keep.all()):
+        raise ValueError(f"{stage.name} needs a gold label on every row")
     inputs = encode(model, batch, device)
-    with autocast_for(device):
-        out = model(
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            inputs.get("token_type_ids"),
-            train_encoder=stage != "stage2",
-        )
+    with autocast_for(device):  # a frozen backbone (freeze_for_stage2) runs without autograd
+        out = model(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
         loss = loss_fn(out.logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -94,15 +84,15 @@ def exit_logits(
     batches: Iterable[dict[str, Any]],
     device: torch.device,
     mixed_precision: bool = True,
-):
-    """Every exit's logits (L, n, N) and label ids (n,) over all batches, from one full-depth pass.
+) -> SplitPass:
+    """Every exit's logits, the label ids and each row's real tokens over all batches, in one full-depth pass.
 
     mixed_precision: bf16 autocast on CUDA, as training runs; False runs the model's own dtype, as scoring
     does."""
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()
-    all_logits, all_labels = [], []
+    all_logits, all_labels, all_tokens = [], [], []
     try:
         for batch in batches:
             inputs = encode(inner, batch, device)
@@ -110,11 +100,13 @@ def exit_logits(
                 out = inner(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
             all_logits.append(out.logits.float().cpu())
             all_labels.append(torch.tensor(np.array(batch["label_id"]), dtype=torch.long))
+            all_tokens.append(inputs["attention_mask"].sum(dim=1).cpu().numpy().astype(np.int64))
     finally:
         inner.train(was_training)
     if not all_logits:
-        return torch.empty(inner.n_layers, 0, inner.config.num_labels), torch.empty(0, dtype=torch.long)
-    return torch.cat(all_logits, dim=1), torch.cat(all_labels)
+        empty = torch.empty(inner.n_layers, 0, inner.config.num_labels)
+        return SplitPass(empty, torch.empty(0, dtype=torch.long), np.empty(0, dtype=np.int64))
+    return SplitPass(torch.cat(all_logits, dim=1), torch.cat(all_labels), np.concatenate(all_tokens))
 
 
 def per_layer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:

@@ -21,7 +21,7 @@ from ray.train import Checkpoint
 
 from ee_model import EarlyExitClassifier
 from ee_model.texts import invalid_text_reason
-from pipelines.config import TrainConfig, resolve_tracking_uri
+from pipelines.config import StageConfig, TrainConfig, resolve_tracking_uri
 from pipelines.data import (
     UNLABELED,
     LabeledSplits,
@@ -33,6 +33,7 @@ from pipelines.data import (
     with_label_ids,
 )
 from pipelines.final_evaluation import evaluate_trained_model, log_final_evaluation
+from pipelines.stages import stage_named
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
 from pipelines.train_loop import MODEL_SUBDIR, WorkerConfig
 from pipelines.trainer import build_trainer
@@ -77,7 +78,7 @@ def stage2_dataset(splits: LabeledSplits, config: TrainConfig) -> tuple[ray.data
 
 
 def stage_datasets(stage: str, splits: LabeledSplits, config: TrainConfig) -> tuple[dict, int]:
-    if stage == "stage2":
+    if stage_named(stage).learns_from_unlabeled:
         train, rows = stage2_dataset(splits, config)
     else:
         train, rows = ray.data.from_arrow(with_label_ids(splits.train, splits.labels)), splits.train.num_rows
@@ -85,23 +86,20 @@ def stage_datasets(stage: str, splits: LabeledSplits, config: TrainConfig) -> tu
     return {"train": train, "dev": dev}, rows
 
 
-def total_steps(rows: int, stage_config: Any, num_workers: int) -> int:
-    per_epoch = math.ceil(rows / (stage_config.batch_size * max(num_workers, 1)))
+def global_batch_size(stage_config: StageConfig, num_workers: int) -> int:
+    """Rows per optimizer step over all workers (0 workers: Ray Train's local mode, one process)."""
+    return stage_config.batch_size_per_worker * max(num_workers, 1)
+
+
+def total_steps(rows: int, stage_config: StageConfig, num_workers: int) -> int:
+    per_epoch = math.ceil(rows / global_batch_size(stage_config, num_workers))
     steps = per_epoch * stage_config.epochs
     return min(steps, stage_config.max_steps) if stage_config.max_steps else steps
 
 
 def model_options(config: TrainConfig) -> dict[str, Any]:
-    m = config.model
-    return {
-        "head_type": m.head_type,
-        "pooling": m.pooling,
-        "variant": config.variant,
-        "max_length": m.max_length,
-        "head_dropout": m.head_dropout,
-        "threshold": m.threshold,
-        "patience": m.patience,
-    }
+    """The `EarlyExitConfig` options of the model to train (its `ModelOptions` and the variant)."""
+    return {**config.model.options(), "variant": config.variant}
 
 
 def worker_config_for(
@@ -146,6 +144,13 @@ def run_stage(
     datasets, rows = stage_datasets(stage, splits, config)
     child_run_id = start_child_run(parent_run_id, run_name or stage)
     worker_config = worker_config_for(stage, config, splits, encoder, rows, init, tracking_uri, child_run_id)
+    per_worker = getattr(config, stage).batch_size_per_worker
+    batch = global_batch_size(getattr(config, stage), config.resources.num_workers)
+    print(
+        f"{stage}: {rows} rows, global batch {batch} ({per_worker} per worker x "
+        f"{max(config.resources.num_workers, 1)}), {worker_config.total_steps} steps",
+        flush=True,
+    )
     trainer = build_trainer(
         worker_config, datasets, config.resources, name=f"ee-{parent_run_id[:12]}-{run_name or stage}"
     )
@@ -157,6 +162,7 @@ def run_stage(
                     stage: vars(getattr(config, stage)),
                     "train_rows": rows,
                     "total_steps": worker_config.total_steps,
+                    "global_batch_size": batch,
                 }
             )
         )
@@ -179,7 +185,7 @@ def run_tuned_first_stage(
     stage = config.stages()[0]
     datasets, rows = stage_datasets(stage, splits, config)
     base = vars(worker_config_for(stage, config, splits, encoder, rows, None, tracking_uri, None)).copy()
-    checkpoint, _, _ = tune_first_stage(config, base, datasets, parent_run_id, tracking_uri)
+    checkpoint = tune_first_stage(config, base, datasets, parent_run_id, tracking_uri)
     return checkpoint
 
 

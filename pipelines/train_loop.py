@@ -25,8 +25,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from ee_model import EarlyExitClassifier
 from ee_model.io import load_weights, unwrap
-from pipelines.config import StageConfig
-from pipelines.steps import autocast_dtype, exit_logits, loss_for, per_layer_accuracy, train_step
+from pipelines.stages import TrainingStage, stage_named
+from pipelines.steps import autocast_dtype, exit_logits, per_layer_accuracy, train_step
 from pipelines.tracking import StepLogger
 
 MODEL_SUBDIR = "model"
@@ -57,7 +57,6 @@ class WorkerConfig:
 class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
-    best_dev_score: float = float("-inf")
 
 
 def build_model(spec: WorkerConfig) -> EarlyExitClassifier:
@@ -69,16 +68,16 @@ def build_model(spec: WorkerConfig) -> EarlyExitClassifier:
     )
 
 
-def dev_metrics(model: torch.nn.Module, stage: str, device: torch.device) -> dict[str, float]:
-    """Per-exit dev accuracy on rank 0, shared with every rank. dev_score selects the best checkpoint:
-    the teacher's accuracy in stage 1, the mean over exits in stage 2 and joint training."""
+def dev_metrics(model: torch.nn.Module, stage: TrainingStage, device: torch.device) -> dict[str, float]:
+    """Per-exit dev accuracy on rank 0, shared with every rank; dev_score (`TrainingStage.dev_score`) selects
+    the best checkpoint."""
     payload: list[Any] = [None]
     if ray.train.get_context().get_world_rank() == 0:
         batches = ray.train.get_dataset_shard("dev").iter_batches(batch_size=64, batch_format="numpy")
-        accuracy = per_layer_accuracy(*exit_logits(model, batches, device))
-        score = accuracy[-1] if stage == "stage1" else sum(accuracy) / len(accuracy)
+        recorded = exit_logits(model, batches, device)
+        accuracy = per_layer_accuracy(recorded.logits, recorded.labels)
         payload[0] = {
-            "dev_score": score,
+            "dev_score": stage.dev_score(accuracy),
             "dev_accuracy": accuracy[-1],
             **{f"dev_accuracy_layer_{i + 1}": a for i, a in enumerate(accuracy)},
         }
@@ -92,7 +91,7 @@ def report(
     optimizer,
     scheduler,
     state: TrainState,
-    stage: str,
+    stage: TrainingStage,
     device: torch.device,
     logger: StepLogger | None,
 ) -> None:
@@ -100,9 +99,8 @@ def report(
     if logger is not None:
         for key, value in metrics.items():
             if key.startswith("dev_"):
-                logger.log(f"{stage}_{key}", value, state.step)
+                logger.log(f"{stage.name}_{key}", value, state.step)
         logger.flush()
-    state.best_dev_score = max(state.best_dev_score, metrics["dev_score"])
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
@@ -126,7 +124,8 @@ def restore(model, optimizer, scheduler) -> TrainState:
         saved = torch.load(Path(directory) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        return TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
+        saved = json.loads((Path(directory) / STATE_FILE).read_text())
+        return TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
 
 
 def placement_tags(device: torch.device) -> dict[str, str]:
@@ -142,13 +141,14 @@ def placement_tags(device: torch.device) -> dict[str, str]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = WorkerConfig(**config)
-    stage_config = StageConfig(**spec.stage_config)
+    stage = stage_named(spec.stage)
+    stage_config = stage.config_type(**spec.stage_config)
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     context = ray.train.get_context()
     torch.manual_seed(spec.seed + context.get_world_rank())
     model = build_model(spec)
-    if spec.stage == "stage2":
+    if stage.freezes_backbone:
         model.freeze_for_stage2()
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
@@ -161,7 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     state = restore(model, optimizer, scheduler)
     model.train()
-    loss_fn = loss_for(spec.stage, stage_config)
+    loss_fn = stage.loss(stage_config)
     logger = StepLogger(spec.tracking_uri, spec.mlflow_run_id) if context.get_world_rank() == 0 else None
     if logger is not None:
         logger.tags(placement_tags(device))
@@ -171,19 +171,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while state.epoch < stage_config.epochs and state.step < spec.total_steps:
         last_report_step = -1
         for batch in shard.iter_batches(
-            batch_size=stage_config.batch_size,
+            batch_size=stage_config.batch_size_per_worker,
             batch_format="numpy",
             local_shuffle_buffer_size=1024,
             local_shuffle_seed=spec.seed + state.epoch,
         ):
-            loss = train_step(model, batch, spec.stage, loss_fn, optimizer, scheduler, device)
+            loss = train_step(model, batch, stage, loss_fn, optimizer, scheduler, device)
             if loss is None:
                 continue
             state.step += 1
             if logger is not None:
-                logger.log(f"{spec.stage}_loss", loss, state.step, flush=state.step % LOG_EVERY_STEPS == 0)
+                logger.log(f"{stage.name}_loss", loss, state.step, flush=state.step % LOG_EVERY_STEPS == 0)
             if state.step % stage_config.checkpoint_every_steps == 0:
-                report(model, optimizer, scheduler, state, spec.stage, device, logger)
+                report(model, optimizer, scheduler, state, stage, device, logger)
                 last_report_step = state.step
             if state.step >= spec.total_steps:
                 break
@@ -191,4 +191,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if logger is not None:
             logger.flush()
         if last_report_step != state.step:
-            report(model, optimizer, scheduler, state, spec.stage, device, logger)
+            report(model, optimizer, scheduler, state, stage, device, logger)

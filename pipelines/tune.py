@@ -53,9 +53,9 @@ def tune_first_stage(
     datasets: dict,
     parent_run_id: str,
     tracking_uri: str,
-) -> tuple[Checkpoint, float, list[dict]]:
-    """Search the learning rate; returns (best trial's best checkpoint, its learning rate, every trial's
-    result)."""
+) -> Checkpoint:
+    """Search the learning rate; return the best trial's best checkpoint. The best learning rate and every
+    trial's best dev score go to the parent MLflow run (`tune.best_learning_rate`, `tune/trials.json`)."""
     stage = config.stages()[0]
     # resolved here: trials run in their own directories, where a relative storage path would land inside them
     resources = dataclasses.replace(config.resources, storage_path=storage_uri(config.resources))
@@ -104,7 +104,7 @@ def tune_first_stage(
     best_lr = float(best.config["learning_rate"])
     mlflow.log_params({"tune.best_learning_rate": best_lr, "tune.trials": len(grid)})
     mlflow.log_dict({"trials": trials, "best_learning_rate": best_lr}, "tune/trials.json")
-    return best_checkpoint(best), best_lr, trials
+    return best_checkpoint(best)
 
 
 def best_dev_score(result: Any) -> float:

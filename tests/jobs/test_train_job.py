@@ -105,7 +105,7 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"label_map.json", "config.json", "summary.json", "evaluation", "trade_off", "plots"} <= artifacts
     assert len(client.get_metric_history(parent.info.run_id, "dev_accuracy_layer")) == 3
-    assert parent.data.params["rows.train"] == "192"
+    assert parent.data.params["rows.train"] == "168"  # 70 % of 240
 
     version = client.get_model_version_by_alias(MODEL_NAME, "candidate")
     assert (

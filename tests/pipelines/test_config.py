@@ -15,20 +15,39 @@ def test_quick_profile_is_the_default_and_full_matches_the_paper():
     assert full.stage2.learning_rate == pytest.approx(10 * full.stage1.learning_rate)
 
 
+def test_the_defaults_a_reader_sees_are_the_ones_that_run():
+    from pipelines.config import PROFILES, TrainConfig
+
+    assert PROFILES["quick"] == {} and load_train_config() == TrainConfig()
+    assert TrainConfig().model.options() == {
+        "head_type": "linear",
+        "pooling": "mean",
+        "threshold": 0.1,
+        "patience": 3,
+        "max_length": 64,
+        "head_dropout": 0.1,
+    }  # ee_model.ModelOptions' fields and checks; only max_length has a training default of its own
+
+
 def test_yaml_and_overrides_layer_on_the_profile(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("variant: count\nstage1:\n  epochs: 4\nmodel:\n  pooling: cls\n")
     config = load_train_config(path, {"joint": {"learning_rate": 3e-5}, "model": {"max_length": 32}})
     assert config.variant == "count" and config.stages() == ["joint"]
     assert config.stage1.epochs == 4 and config.model.pooling == "cls" and config.model.max_length == 32
-    assert config.joint.learning_rate == 3e-5 and config.joint.batch_size == 16  # rest from the profile
+    assert config.joint.learning_rate == 3e-5 and config.joint.batch_size_per_worker == 16
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"stage1": {"epochs": 1, "epoch": 2}}, r"unknown key\(s\) \['epoch'\] in stage1"),
-        ({"modle": {}}, r"unknown key\(s\) \['modle'\] in config"),
+        ({"stage1": {"epochs": 1, "epoch": 2}}, r"unknown key\(s\) in stage1: epoch=2; known: \["),
+        ({"modle": {}}, r"unknown key\(s\) in config: modle=\{\}"),
+        ({"stage1": {"kl_weight": 0.5}}, r"in stage1: kl_weight=0.5 \(a setting of stage2\)"),
+        ({"joint": {"focal_gamma": 2}}, r"in joint: focal_gamma=2 \(a setting of stage1\)"),
+        ({"stage2": {"batch_size": 8}}, r"in stage2: batch_size=8 \(now batch_size_per_worker\)"),
+        ({"stage2": {"kl_weight": 0, "gold_weight": 0}}, "kl_weight=0, gold_weight=0: both >= 0, not both 0"),
+        ({"model": {"max_length": 1}}, r"max_length=1 must be an integer >= 2"),
         ({"variant": "fast"}, "variant='fast' is not one of"),
         ({"model": {"pooling": "max"}}, "pooling='max' is not one of"),
         ({"stage2": {"learning_rate": 0}}, "learning_rate=0 must be > 0"),

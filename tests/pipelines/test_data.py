@@ -19,7 +19,7 @@ def test_split_is_stratified_deterministic_and_complete(labeled_parquet):
     splits = load_labeled_splits(DataConfig(train_path=labeled_parquet, split_seed=3))
     again = load_labeled_splits(DataConfig(train_path=labeled_parquet, split_seed=3))
     assert splits.train.equals(again.train) and splits.dev.equals(again.dev)
-    assert (splits.train.num_rows, splits.dev.num_rows, splits.test.num_rows) == (192, 24, 24)
+    assert (splits.train.num_rows, splits.dev.num_rows, splits.test.num_rows) == (168, 36, 36)  # 70/15/15
     for split in (splits.dev, splits.test):
         counts = pa.compute.value_counts(split["label"]).to_pylist()
         assert sorted(c["counts"] for c in counts) == [8, 8, 8]

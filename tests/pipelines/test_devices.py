@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from ee_model.io import unwrap
 from ee_model.policies import normalised_entropy
-from pipelines.steps import exit_logits, loss_for, train_step
+from pipelines.stages import STAGES
+from pipelines.steps import exit_logits, train_step
 from tests.conftest import free_port, labeled_table, random_texts
 
 CUDA = pytest.param(
@@ -88,12 +89,13 @@ def test_training_steps_under_ddp(tiny_model, process_group, stage):
         {"text": table["text"].to_pylist()[i : i + 16], "label_id": ids[i : i + 16]} for i in range(0, 96, 16)
     ]
     losses = [
-        train_step(wrapped, batch, stage, loss_for(stage, config), optimizer, scheduler, device)
+        train_step(wrapped, batch, STAGES[stage], STAGES[stage].loss(config), optimizer, scheduler, device)
         for _ in range(4)
         for batch in batches
     ]
     assert all(np.isfinite(losses)) and np.mean(losses[-6:]) < np.mean(losses[:6])
-    logits, labels = exit_logits(wrapped, batches, device)
+    recorded = exit_logits(wrapped, batches, device)
+    logits, labels = recorded.logits, recorded.labels
     assert logits.shape == (3, 96, 3) and logits.dtype == torch.float32 and labels.shape == (96,)
     if frozen_before is not None:
         after = unwrap(wrapped).state_dict()

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from ee_model import EarlyExitClassifier
-from pipelines.config import DataConfig, ResourcesConfig, StageConfig
+from pipelines.config import DataConfig, JointConfig, ResourcesConfig, Stage1Config
 from pipelines.data import load_labeled_splits
-from pipelines.steps import exit_logits, loss_for, per_layer_accuracy, train_step
+from pipelines.stages import STAGES
+from pipelines.steps import exit_logits, per_layer_accuracy, train_step
 from pipelines.train import stage_datasets, total_steps
 from pipelines.train_loop import MODEL_SUBDIR, WorkerConfig
 from pipelines.trainer import build_trainer
@@ -37,10 +38,10 @@ def fit_stage(
     from pipelines.config import load_train_config
 
     config = load_train_config(overrides={"data": {"train_path": "unused", "unlabeled_path": ""}})
-    stage_config = StageConfig(
+    stage_config = STAGES[stage].config_type(
         learning_rate=5e-3 if stage != "stage2" else 1e-2,
         epochs=epochs,
-        batch_size=16,
+        batch_size_per_worker=16,
         checkpoint_every_steps=5,
         **stage_overrides,
     )
@@ -94,8 +95,8 @@ def test_stage2_in_local_mode_keeps_the_teacher_and_trains_students(
             train_step(
                 start,
                 batch,
-                "stage1",
-                loss_for("stage1", StageConfig()),
+                STAGES["stage1"],
+                STAGES["stage1"].loss(Stage1Config()),
                 optimizer,
                 scheduler,
                 torch.device("cpu"),
@@ -139,19 +140,23 @@ def test_train_step_on_plain_batches_lowers_the_loss(tiny_model):
     texts = [f"{t} good great" if i % 2 else f"{t} bad awful" for i, t in enumerate(random_texts(64, seed=1))]
     labels = [i % 2 for i in range(64)]
     batches = [{"text": texts[i : i + 16], "label_id": labels[i : i + 16]} for i in range(0, 64, 16)]
-    config = StageConfig(learning_rate=1e-2)
+    config = JointConfig(learning_rate=1e-2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    loss_fn = loss_for("joint", config)
+    loss_fn = STAGES["joint"].loss(config)
     first = [
-        train_step(model, b, "joint", loss_fn, optimizer, scheduler, torch.device("cpu")) for b in batches
+        train_step(model, b, STAGES["joint"], loss_fn, optimizer, scheduler, torch.device("cpu"))
+        for b in batches
     ]
     for _ in range(5):
         last = [
-            train_step(model, b, "joint", loss_fn, optimizer, scheduler, torch.device("cpu")) for b in batches
+            train_step(model, b, STAGES["joint"], loss_fn, optimizer, scheduler, torch.device("cpu"))
+            for b in batches
         ]
     assert sum(last) < 0.5 * sum(first)
-    logits, gold = exit_logits(model, batches, torch.device("cpu"))
+    recorded = exit_logits(model, batches, torch.device("cpu"))
+    logits, gold = recorded.logits, recorded.labels
+    assert recorded.tokens.tolist() == [len(ids) for ids in model.tokenize(texts)["input_ids"]]
     assert logits.shape == (2, 64, 3) and min(per_layer_accuracy(logits, gold)) > 0.9
 
 
@@ -161,5 +166,11 @@ def test_stage1_refuses_unlabeled_rows(tiny_model):
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="need a gold label on every row"):
         train_step(
-            model, batch, "stage1", loss_for("stage1", StageConfig()), optimizer, None, torch.device("cpu")
+            model,
+            batch,
+            STAGES["stage1"],
+            STAGES["stage1"].loss(Stage1Config()),
+            optimizer,
+            None,
+            torch.device("cpu"),
         )
