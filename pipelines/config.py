@@ -16,7 +16,6 @@ import yaml
 
 from ee_model.config import VARIANTS, ModelOptions
 from ee_model.policies import KNOB_OF_POLICY, check_patience, check_policy, check_threshold
-from pipelines.thresholds import ThresholdTarget
 
 Stage = Literal["stage1", "stage2", "joint"]
 
@@ -201,6 +200,32 @@ class TuneSearchConfig:
             raise ValueError(f"sampler={self.sampler!r} is not one of ['tpe', 'gp']")
         if self.max_concurrent_trials is not None:
             _positive("max_concurrent_trials", self.max_concurrent_trials)
+
+
+@dataclass(frozen=True)
+class ThresholdTarget:
+    kind: str = "retention"  # "retention" or "flops"
+    min_retention: float = 0.99
+    flops_budget: float = 0.5  # fraction of full-depth FLOPs, for kind="flops"
+    delta: float = 0.05  # for "retention": the promise may fail with at most this probability
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("retention", "flops"):
+            raise ValueError(f"auto threshold target {self.kind!r} is not one of ['retention', 'flops']")
+        if not 0 < self.min_retention <= 1:
+            raise ValueError(f"min_retention={self.min_retention!r} must be in (0, 1]")
+        if not 0 < self.flops_budget <= 1:
+            raise ValueError(f"flops_budget={self.flops_budget!r} must be in (0, 1]")
+        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
+            raise ValueError(f"delta={self.delta!r} must be a number in (0, 1)")
+
+    def describe(self) -> str:
+        if self.kind == "retention":
+            return (
+                f"fastest knob keeping >= {self.min_retention:.1%} of full-depth accuracy "
+                f"with confidence {1 - self.delta:.0%}"
+            )
+        return f"most accurate knob within {self.flops_budget:.0%} of full-model FLOPs on dev"
 
 
 S_GRID: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(51))  # 0, 0.02, ..., 1

@@ -8,35 +8,12 @@ Wall-clock speed-ups need real early-exit runs: `pipelines.wallclock`.
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import torch
 from sklearn.metrics import f1_score
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers, flops_speedup, layer_speedup
-from pipelines.data import with_label_ids
-from pipelines.steps import SplitPass, exit_logits, per_layer_accuracy
-
-
-def texts_pass(
-    model: EarlyExitClassifier,
-    texts: list[str],
-    label_ids: np.ndarray,
-    batch_size: int = 64,
-    mixed_precision: bool = True,
-) -> SplitPass:
-    """One full-depth pass over `texts` in batches of `batch_size` (see `steps.exit_logits` for the
-    precision)."""
-    batches = [
-        {"text": texts[i : i + batch_size], "label_id": label_ids[i : i + batch_size]}
-        for i in range(0, len(texts), batch_size)
-    ]
-    return exit_logits(model, batches, model.device, mixed_precision)  # tokenised once
-
-
-def full_pass(model: EarlyExitClassifier, table: pa.Table, batch_size: int = 64) -> SplitPass:
-    data = with_label_ids(table, model.config.labels)
-    return texts_pass(model, data["text"].to_pylist(), data["label_id"].to_numpy(), batch_size)
+from pipelines.passes import SplitPass, full_pass, per_layer_accuracy
 
 
 def point_from_layers(

@@ -19,37 +19,11 @@ Two targets:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from scipy.stats import binomtest
 
 from ee_model import ExitSetting
-
-
-@dataclass(frozen=True)
-class ThresholdTarget:
-    kind: str = "retention"  # "retention" or "flops"
-    min_retention: float = 0.99
-    flops_budget: float = 0.5  # fraction of full-depth FLOPs, for kind="flops"
-    delta: float = 0.05  # for "retention": the promise may fail with at most this probability
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("retention", "flops"):
-            raise ValueError(f"auto threshold target {self.kind!r} is not one of ['retention', 'flops']")
-        if not 0 < self.min_retention <= 1:
-            raise ValueError(f"min_retention={self.min_retention!r} must be in (0, 1]")
-        if not 0 < self.flops_budget <= 1:
-            raise ValueError(f"flops_budget={self.flops_budget!r} must be in (0, 1]")
-        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
-            raise ValueError(f"delta={self.delta!r} must be a number in (0, 1)")
-
-    def describe(self) -> str:
-        if self.kind == "retention":
-            return (
-                f"fastest knob keeping >= {self.min_retention:.1%} of full-depth accuracy "
-                f"with confidence {1 - self.delta:.0%}"
-            )
-        return f"most accurate knob within {self.flops_budget:.0%} of full-model FLOPs on dev"
+from pipelines.config import ThresholdTarget
 
 
 def lower_bound(kept: int, total: int, delta: float) -> float:
