@@ -1,4 +1,4 @@
-"""CUDA check of `pipelines.calibration` (what `jobs/score.py --calibrate-rows` runs in its Ray task).
+"""CUDA check of `pipelines.scoring.calibration` (what `jobs/score.py --calibrate-rows` runs in its Ray task).
 
 On a GPU box with torch, transformers, pyarrow, scipy and scikit-learn (no Ray or MLflow needed): a randomly
 initialised encoder of the given architecture with sharpened heads (so rows exit at different layers) is
@@ -24,8 +24,8 @@ from transformers import AutoConfig, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ee_model import EarlyExitClassifier  # noqa: E402
-from pipelines.calibration import calibrate  # noqa: E402
 from pipelines.config import S_GRID  # noqa: E402
+from pipelines.scoring.calibration import calibrate  # noqa: E402
 
 
 def timed_calibration(model, texts, device: str, target: float) -> tuple[dict, float]:

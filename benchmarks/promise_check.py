@@ -38,12 +38,17 @@ from scipy.stats import binomtest  # noqa: E402
 
 from ee_model import EarlyExitClassifier, ExitSetting  # noqa: E402
 from pipelines.bbc import split_paragraphs  # noqa: E402
-from pipelines.calibration import agreement_pass  # noqa: E402
-from pipelines.config import S_GRID, DataConfig  # noqa: E402
+from pipelines.config import (  # noqa: E402
+    S_GRID,
+    DataConfig,
+    ThresholdTarget,  # noqa: E402
+)
 from pipelines.data import load_labeled_splits  # noqa: E402
-from pipelines.evaluate import SplitPass, full_pass, oracle_point, policy_point  # noqa: E402
+from pipelines.evaluation.passes import SplitPass, full_pass  # noqa: E402
+from pipelines.evaluation.sweep import oracle_point, policy_point  # noqa: E402
+from pipelines.evaluation.thresholds import choose_knob, safest_first  # noqa: E402
 from pipelines.model_source import resolve_model  # noqa: E402
-from pipelines.thresholds import ThresholdTarget, choose_knob, safest_first  # noqa: E402
+from pipelines.scoring.calibration import agreement_pass  # noqa: E402
 
 
 def subset(split: SplitPass, rows: np.ndarray) -> SplitPass:

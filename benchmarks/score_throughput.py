@@ -169,8 +169,8 @@ def calibrated_threshold(
     Ray task with an actor's CPUs. Returns (calibration, seconds)."""
     import ray
 
-    from pipelines.calibration import calibrate_on_worker, sample_texts
     from pipelines.config import S_GRID
+    from pipelines.scoring.calibration import calibrate_on_worker, sample_texts
 
     start = time.perf_counter()
     texts = sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows)
@@ -195,7 +195,7 @@ def throughput(
 
     from ee_model import EarlyExitClassifier, ExitSetting
     from pipelines.model_source import resolve_model
-    from pipelines.scorer import Scorer
+    from pipelines.scoring.scorer import Scorer
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     with tempfile.TemporaryDirectory() as scratch:

@@ -34,9 +34,10 @@ from ee_model.heads import build_head  # noqa: E402
 from ee_model.losses import stage2_loss  # noqa: E402
 from pipelines.config import load_train_config  # noqa: E402
 from pipelines.data import default_unlabeled_corpus, load_labeled_splits  # noqa: E402
-from pipelines.evaluate import SplitPass, oracle_point, sweep  # noqa: E402
+from pipelines.evaluation.passes import SplitPass  # noqa: E402
+from pipelines.evaluation.sweep import oracle_point, sweep  # noqa: E402
+from pipelines.evaluation.thresholds import choose_knob  # noqa: E402
 from pipelines.model_source import resolve_model  # noqa: E402
-from pipelines.thresholds import choose_knob  # noqa: E402
 
 
 def features(

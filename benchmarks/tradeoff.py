@@ -41,9 +41,10 @@ def model_rows(
 ):
     """Table rows of one trained model: each (rule, knob) setting, the auto knob, the oracle."""
     from ee_model import ExitSetting
-    from pipelines.evaluate import evaluate_split, full_pass, oracle_point, policy_point
-    from pipelines.thresholds import choose_knob
-    from pipelines.wallclock import wallclock_speedups
+    from pipelines.evaluation.passes import full_pass
+    from pipelines.evaluation.sweep import evaluate_split, oracle_point, policy_point
+    from pipelines.evaluation.thresholds import choose_knob
+    from pipelines.evaluation.wallclock import wallclock_speedups
 
     dev_pass, test_pass = full_pass(model, dev), full_pass(model, test)
     chosen = None
@@ -96,7 +97,7 @@ def main() -> None:
     from pipelines.config import load_train_config, merge, resolve_tracking_uri
     from pipelines.data import load_labeled_splits
     from pipelines.tracking import setup_tracking
-    from pipelines.train import default_encoder, local_model_dir, run_stage
+    from pipelines.training.pipeline import default_encoder, local_model_dir, run_stage
 
     started = time.time()
     from jobs.train import parse_sets

@@ -86,7 +86,7 @@ def main(
     from jobs.cli import one_line_errors
     from pipelines.config import ScoreConfig
     from pipelines.errors import UserError
-    from pipelines.score import run_scoring
+    from pipelines.scoring.pipeline import run_scoring
 
     with one_line_errors(ValueError):  # every bad flag value is refused here, before Ray starts
         config = ScoreConfig(

@@ -86,7 +86,7 @@ def main(
     from jobs.cli import one_line_errors
     from pipelines.config import load_train_config
     from pipelines.errors import UserError
-    from pipelines.train import run_training, summary_json
+    from pipelines.training.pipeline import run_training, summary_json
 
     overrides: dict[str, Any] = {}
     flat = {

@@ -37,8 +37,8 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     # dev is where the automatic knob's promise is tested: keeping >= 99 % of full accuracy with 95 %
-    # confidence needs >= 299 dev rows the full model gets right (pipelines.thresholds.rows_needed); 15 % of
-    # BBC gives ~325
+    # confidence needs >= 299 dev rows the full model gets right
+    # (pipelines.evaluation.thresholds.rows_needed); 15 % of BBC gives ~325
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: int = 0
     # Stage 2 corpus, streamed: None -> the training articles' paragraphs with the default corpus, else none.
@@ -438,8 +438,9 @@ class ScoreConfig:
     gpus_per_actor: float = 0.0
     include_probs: bool = False
     output_prefix: str = ""  # prepended to every output column (label -> pred_label) to keep an input `label`
-    # > 0: choose the knob on this many rows of the input without labels (pipelines.calibration): the fastest
-    # agreeing with full depth on >= min_agreement of them; pinned in <output>/_calibration so reruns keep it
+    # > 0: choose the knob on this many rows of the input without labels (pipelines.scoring.calibration): the
+    # fastest agreeing with full depth on >= min_agreement of them; pinned in <output>/_calibration so reruns
+    # keep it
     calibrate_rows: int = 0
     min_agreement: float = 0.99
     delta: float = 0.05  # the calibrated knob's agreement promise holds with probability >= 1 - delta

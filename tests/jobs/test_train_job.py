@@ -21,7 +21,7 @@ from ee_model import EarlyExitClassifier, EarlyExitConfig
 from pipelines.config import load_train_config
 from pipelines.data import DataError
 from pipelines.model_source import resolve_model
-from pipelines.train import run_training
+from pipelines.training.pipeline import run_training
 from tests.conftest import random_texts
 
 ROOT = Path(__file__).resolve().parents[2]

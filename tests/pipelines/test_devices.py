@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from ee_model.io import unwrap
 from ee_model.policies import normalised_entropy
-from pipelines.stages import STAGES
-from pipelines.steps import exit_logits, train_step
+from pipelines.evaluation.passes import exit_logits
+from pipelines.training.stages import STAGES
+from pipelines.training.steps import train_step
 from tests.conftest import free_port, labeled_table, random_texts
 
 CUDA = pytest.param(

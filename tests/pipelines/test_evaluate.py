@@ -9,12 +9,13 @@ from mlflow.tracking import MlflowClient
 
 from ee_model import ExitSetting
 from ee_model.flops import FlopsModel
-from pipelines.config import EvalConfig
-from pipelines.evaluate import SplitPass, evaluate_split, full_pass, oracle_layers, point_from_layers, sweep
-from pipelines.final_evaluation import evaluate_trained_model, log_final_evaluation
-from pipelines.thresholds import ThresholdTarget, choose_knob, lower_bound, rows_needed
-from pipelines.tradeoff_report import trade_off_table
-from pipelines.wallclock import wallclock_speedups
+from pipelines.config import EvalConfig, ThresholdTarget
+from pipelines.evaluation.final import evaluate_trained_model, log_final_evaluation
+from pipelines.evaluation.passes import SplitPass, full_pass
+from pipelines.evaluation.report import trade_off_table
+from pipelines.evaluation.sweep import evaluate_split, oracle_layers, point_from_layers, sweep
+from pipelines.evaluation.thresholds import choose_knob, lower_bound, rows_needed
+from pipelines.evaluation.wallclock import wallclock_speedups
 from tests.conftest import LABELS, labeled_table
 
 GRID = tuple(np.round(np.linspace(0, 1, 26), 2))
@@ -261,7 +262,7 @@ def test_mlflow_run_holds_the_table_and_plots(model_and_pass, tmp_path):
 
 
 def test_calibration_on_too_small_a_sample_keeps_full_depth_and_says_why(model_and_pass):
-    from pipelines.calibration import calibrate
+    from pipelines.scoring.calibration import calibrate
 
     model, table, _ = model_and_pass
     texts = table["text"].to_pylist()[:60]

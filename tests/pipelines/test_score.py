@@ -17,9 +17,9 @@ import torch
 from ee_model import EarlyExitClassifier, ExitSetting
 from ee_model.policies import normalised_entropy
 from pipelines.config import ScoreConfig
+from pipelines.evaluation.thresholds import lower_bound
 from pipelines.model_source import ModelSourceError
-from pipelines.score import ScoringError, run_scoring
-from pipelines.thresholds import lower_bound
+from pipelines.scoring.pipeline import ScoringError, run_scoring
 from tests.conftest import LABELS, random_texts
 
 pytestmark = pytest.mark.ray
@@ -175,7 +175,7 @@ def test_no_input_files_is_an_error(model_dir, tmp_path):
 
 
 def test_model_calls_of_sorted_rows_score_like_one_call(model_dir):
-    from pipelines.scorer import Scorer
+    from pipelines.scoring.scorer import Scorer
 
     texts = AWKWARD + random_texts(57, seed=4)
     batch = pa.table({"text": pa.array(texts, pa.string()), "id": list(range(len(texts)))})
@@ -201,7 +201,7 @@ def test_model_calls_of_sorted_rows_score_like_one_call(model_dir):
 
 
 def test_calibration_sample_is_spread_over_files_and_reads_row_groups(tmp_path):
-    from pipelines.calibration import sample_texts
+    from pipelines.scoring.calibration import sample_texts
 
     pq.write_table(pa.table({"text": [f"a{i}" for i in range(10)]}), tmp_path / "a.parquet", row_group_size=3)
     b_texts = [f"b{i}" for i in range(25)]
@@ -286,7 +286,7 @@ def test_actors_load_the_model_from_the_object_store_not_the_drivers_folder(ray_
     import shutil
 
     from pipelines.model_source import ModelFiles, resolve_model
-    from pipelines.score import build_dataset, ship_model
+    from pipelines.scoring.pipeline import build_dataset, ship_model
 
     copy = shutil.copytree(model_dir, tmp_path / "driver-only")
     texts = random_texts(50, seed=4) + [None]
@@ -372,7 +372,7 @@ def test_a_busy_output_folder_is_refused_and_a_killed_holder_leaves_no_lock(mode
     import subprocess
     import sys
 
-    from pipelines.incremental import OutputLock, OutputLockedError
+    from pipelines.scoring.incremental import OutputLock, OutputLockedError
 
     write(tmp_path / "in" / "a.parquet", ["x"])
     with OutputLock((tmp_path / "out").resolve()):
@@ -385,7 +385,8 @@ def test_a_busy_output_folder_is_refused_and_a_killed_holder_leaves_no_lock(mode
             sys.executable,
             "-c",
             (
-                "import sys, time; from pathlib import Path; from pipelines.incremental import OutputLock\n"
+                "import sys, time; from pathlib import Path\n"
+                "from pipelines.scoring.incremental import OutputLock\n"
                 f"lock = OutputLock(Path({str(tmp_path / 'out2')!r})).__enter__()\n"
                 "print('held', flush=True); time.sleep(60)"
             ),

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.config import load_train_config
 from pipelines.data import load_labeled_splits
-from pipelines.train import stage2_dataset
+from pipelines.training.pipeline import stage2_dataset
 from tests.conftest import OBJECT_STORE_BYTES
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

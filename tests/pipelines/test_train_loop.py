@@ -6,11 +6,12 @@ import torch
 from ee_model import EarlyExitClassifier
 from pipelines.config import DataConfig, JointConfig, ResourcesConfig, Stage1Config
 from pipelines.data import load_labeled_splits
-from pipelines.stages import STAGES
-from pipelines.steps import exit_logits, per_layer_accuracy, train_step
-from pipelines.train import stage_datasets, total_steps
-from pipelines.train_loop import MODEL_SUBDIR, WorkerConfig
-from pipelines.trainer import build_trainer
+from pipelines.evaluation.passes import exit_logits, per_layer_accuracy
+from pipelines.training.pipeline import stage_datasets, total_steps
+from pipelines.training.stages import STAGES
+from pipelines.training.steps import train_step
+from pipelines.training.trainer import build_trainer
+from pipelines.training.worker_loop import MODEL_SUBDIR, WorkerConfig
 from tests.conftest import random_texts
 
 pytestmark = pytest.mark.ray

@@ -16,10 +16,16 @@ import pyarrow as pa
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers
 from pipelines.config import EvalConfig
-from pipelines.evaluate import SplitPass, evaluate_split, full_pass, policy_point
-from pipelines.thresholds import choose_knob
-from pipelines.tradeoff_report import exit_histogram_figure, log_trade_off, trade_off_figure, trade_off_table
-from pipelines.wallclock import wallclock_speedups
+from pipelines.evaluation.passes import SplitPass, full_pass
+from pipelines.evaluation.report import (
+    exit_histogram_figure,
+    log_trade_off,
+    trade_off_figure,
+    trade_off_table,
+)
+from pipelines.evaluation.sweep import evaluate_split, policy_point
+from pipelines.evaluation.thresholds import choose_knob
+from pipelines.evaluation.wallclock import wallclock_speedups
 
 PROMISE_PARAMS = ("policy", "knob", "target", "min_retention", "delta", "reason")  # of the chosen point
 

@@ -1,7 +1,7 @@
 """The training pipeline: data checks -> stage 1 -> stage 2 (KL) or joint (Count) on Ray Train ->
 dev/test evaluation -> MLflow (parent run + child run per stage) -> model registry.
 
-Driver side only; the worker loop is `pipelines.train_loop`.
+Driver side only; the worker loop is `pipelines.training.worker_loop`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from pipelines.data import (
     unlabeled_path,
     with_label_ids,
 )
-from pipelines.final_evaluation import evaluate_trained_model, log_final_evaluation
-from pipelines.stages import stage_named
+from pipelines.evaluation.final import evaluate_trained_model, log_final_evaluation
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
-from pipelines.train_loop import MODEL_SUBDIR, WorkerConfig
-from pipelines.trainer import build_trainer
+from pipelines.training.stages import stage_named
+from pipelines.training.trainer import build_trainer
+from pipelines.training.worker_loop import MODEL_SUBDIR, WorkerConfig
 
 
 def default_encoder() -> str:
@@ -180,7 +180,7 @@ def run_tuned_first_stage(
     config: TrainConfig, splits: LabeledSplits, encoder: str, parent_run_id: str, tracking_uri: str
 ) -> Checkpoint:
     """The first stage as a learning-rate search; its best trial's best checkpoint is the stage result."""
-    from pipelines.tune import tune_first_stage
+    from pipelines.training.tune import tune_first_stage
 
     stage = config.stages()[0]
     datasets, rows = stage_datasets(stage, splits, config)

@@ -25,9 +25,10 @@ from transformers import get_linear_schedule_with_warmup
 
 from ee_model import EarlyExitClassifier
 from ee_model.io import load_weights, unwrap
-from pipelines.stages import TrainingStage, stage_named
-from pipelines.steps import autocast_dtype, exit_logits, per_layer_accuracy, train_step
+from pipelines.evaluation.passes import autocast_dtype, exit_logits, per_layer_accuracy
 from pipelines.tracking import StepLogger
+from pipelines.training.stages import TrainingStage, stage_named
+from pipelines.training.steps import train_step
 
 MODEL_SUBDIR = "model"
 STATE_FILE = "train_state.json"

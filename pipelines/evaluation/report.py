@@ -1,9 +1,9 @@
 """The accuracy / speed-up trade-off as a table, plots and MLflow records.
 
-`trade_off_table` turns an evaluation (`pipelines.evaluate.evaluate_split`) plus optional wall-clock rows into
-one DataFrame; `trade_off_figure` plots accuracy against layer speed-up for every rule with the oracle and
-the full model; `exit_histogram_figure` shows where rows leave; `log_trade_off` puts all of it in the active
-MLflow run. Figures are plain `matplotlib.figure.Figure` objects (no pyplot state, works headless).
+`trade_off_table` turns an evaluation (`pipelines.evaluation.sweep.evaluate_split`) plus optional wall-clock
+rows into one DataFrame; `trade_off_figure` plots accuracy against layer speed-up for every rule with the
+oracle and the full model; `exit_histogram_figure` shows where rows leave; `log_trade_off` puts all of it in
+the active MLflow run. Figures are plain `matplotlib.figure.Figure` objects (no pyplot state, works headless).
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipelines.passes import autocast_for, encode
+from pipelines.evaluation.passes import autocast_for, encode
 
 if TYPE_CHECKING:
-    from pipelines.stages import LossFn, TrainingStage
+    from pipelines.training.stages import LossFn, TrainingStage
 
 
 def train_step(

@@ -3,7 +3,7 @@ all from one full-depth pass.
 
 One pass records every exit's logits; each grid point's exit layers then follow from `ee_model.exit_layers`
 (the same decisions per-row early exit makes), so a whole sweep of every rule costs one pass.
-Wall-clock speed-ups need real early-exit runs: `pipelines.wallclock`.
+Wall-clock speed-ups need real early-exit runs: `pipelines.evaluation.wallclock`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import f1_score
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers, flops_speedup, layer_speedup
-from pipelines.passes import SplitPass, full_pass, per_layer_accuracy
+from pipelines.evaluation.passes import SplitPass, full_pass, per_layer_accuracy
 
 
 def point_from_layers(
@@ -21,7 +21,7 @@ def point_from_layers(
 ) -> dict:
     """Quality and cost of exiting each row at `layers` (n,), 1-based. `full_correct` counts the rows the full
     model gets right and `kept` those of them the early exit gets right too (the statistic of
-    `pipelines.thresholds.choose_knob`)."""
+    `pipelines.evaluation.thresholds.choose_knob`)."""
     chosen = split.logits[layers - 1, torch.arange(split.logits.shape[1])].argmax(-1)
     labels = split.labels.numpy()
     predicted = chosen.numpy()

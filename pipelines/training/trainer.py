@@ -11,7 +11,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from pipelines.config import ResourcesConfig
-from pipelines.train_loop import WorkerConfig, train_loop_per_worker
+from pipelines.training.worker_loop import WorkerConfig, train_loop_per_worker
 
 
 def storage_uri(resources: ResourcesConfig) -> str:

@@ -22,8 +22,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pipelines.config import TrainConfig
 from pipelines.tracking import start_child_run
-from pipelines.train_loop import WorkerConfig
-from pipelines.trainer import build_trainer, storage_uri
+from pipelines.training.trainer import build_trainer, storage_uri
+from pipelines.training.worker_loop import WorkerConfig
 
 
 def concurrent_trials(config: TrainConfig) -> int:

@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 from ee_model import ExitSetting
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
-from pipelines.calibration import Calibration, calibrate_on_worker, sample_texts
 from pipelines.config import S_GRID, ScoreConfig
 from pipelines.data import streaming_parquet_reader
 from pipelines.errors import UserError
-from pipelines.incremental import OutputFolder, OutputLock, PendingOutput, fingerprint, output_name
 from pipelines.model_source import ModelFiles, ModelSource, resolve_model
 from pipelines.paths import parquet_files, write_text_atomically
-from pipelines.scorer import OUTPUT_COLUMNS, Scorer, is_text_type
+from pipelines.scoring.calibration import Calibration, calibrate_on_worker, sample_texts
+from pipelines.scoring.incremental import OutputFolder, OutputLock, PendingOutput, fingerprint, output_name
+from pipelines.scoring.scorer import OUTPUT_COLUMNS, Scorer, is_text_type
 
 if TYPE_CHECKING:
     from ray import ObjectRef

@@ -4,11 +4,11 @@ A model's stored S (or t) was chosen on its labeled dev split. A corpus of anoth
 another source) can need a safer knob to keep the early-exit labels equal to the full model's. Calibration
 needs no labels: one full-depth pass over a sample of the corpus records every exit's logits, the full model's
 own predictions stand in for gold labels, so each sweep point's `retention` is its agreement with full depth,
-and the knob is chosen with the training job's rule (`pipelines.thresholds.choose_knob`): settings are tested
-from the safest to the most eager, each passing when the one-sided Clopper-Pearson bound of its agreement at
-confidence 1 - delta is >= `min_agreement`; the last to pass is used. So the promise "agrees with full depth
-on >= min_agreement of the corpus" holds with probability >= 1 - delta (the sample standing for the corpus);
-with too small a sample no setting can pass and full depth is used.
+and the knob is chosen with the training job's rule (`pipelines.evaluation.thresholds.choose_knob`): settings
+are tested from the safest to the most eager, each passing when the one-sided Clopper-Pearson bound of its
+agreement at confidence 1 - delta is >= `min_agreement`; the last to pass is used. So the promise "agrees with
+full depth on >= min_agreement of the corpus" holds with probability >= 1 - delta (the sample standing for the
+corpus); with too small a sample no setting can pass and full depth is used.
 
 The sample is spread evenly over the inputs (file order, then row order) and reads only the row groups that
 hold its rows, so calibrating costs one full-depth pass over `rows` texts whatever the corpus size.
@@ -29,11 +29,13 @@ import torch
 from ee_model import EarlyExitClassifier, ExitSetting
 from ee_model.policies import EXIT_RULES
 from ee_model.texts import invalid_text_reasons
+from pipelines.config import ThresholdTarget
 from pipelines.errors import UserError
-from pipelines.evaluate import SplitPass, sweep, texts_pass
+from pipelines.evaluation.passes import SplitPass, texts_pass
+from pipelines.evaluation.sweep import sweep
+from pipelines.evaluation.thresholds import choose_knob
 from pipelines.model_source import ModelFiles, load_shipped_model
-from pipelines.scorer import column_texts
-from pipelines.thresholds import ThresholdTarget, choose_knob
+from pipelines.scoring.scorer import column_texts
 
 if TYPE_CHECKING:
     from ray import ObjectRef
