@@ -1,0 +1,70 @@
+"""The import rule of pipelines/__init__.py, checked on the source (every import, at any depth)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ("training", "evaluation", "scoring")
+
+
+def layer(module: str) -> str:
+    """ee_model, jobs, pipelines.<folder>, or pipelines (the shared modules)."""
+    parts = module.split(".")
+    if parts[0] == "pipelines" and len(parts) > 1 and parts[1] in FOLDERS:
+        return f"pipelines.{parts[1]}"
+    return parts[0]
+
+
+ALLOWED = {
+    "ee_model": {"ee_model"},
+    "pipelines": {"pipelines", "ee_model"},
+    "pipelines.evaluation": {"pipelines.evaluation", "pipelines", "ee_model"},
+    "pipelines.training": {"pipelines.training", "pipelines.evaluation", "pipelines", "ee_model"},
+    "pipelines.scoring": {"pipelines.scoring", "pipelines.evaluation", "pipelines", "ee_model"},
+    "jobs": {
+        "jobs",
+        "pipelines.training",
+        "pipelines.scoring",
+        "pipelines.evaluation",
+        "pipelines",
+        "ee_model",
+    },
+}
+OURS = {"ee_model", "pipelines", "jobs"}
+
+
+def imports_of(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names if node.module == "pipelines"}
+    return {m for m in found if m.split(".")[0] in OURS}
+
+
+def modules() -> list[tuple[str, Path]]:
+    out = []
+    for package in ("ee_model", "pipelines", "jobs"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            out.append((".".join(path.relative_to(ROOT).with_suffix("").parts), path))
+    return out
+
+
+@pytest.mark.parametrize("module, path", modules(), ids=[m for m, _ in modules()])
+def test_imports_run_one_way(module, path):
+    mine = layer(module)
+    bad = sorted(m for m in imports_of(path) if layer(m) not in ALLOWED[mine])
+    assert not bad, f"{module} ({mine}) imports {bad}; allowed: {sorted(ALLOWED[mine])}"
+
+
+def test_the_rule_sees_an_import_inside_a_function(tmp_path):
+    sneaky = tmp_path / "x.py"
+    sneaky.write_text("def f():\n    from pipelines.training.steps import train_step\n")
+    assert imports_of(sneaky) == {"pipelines.training.steps"}
+    assert layer("pipelines.training.steps") not in ALLOWED["pipelines.scoring"]  # scoring may not do this
