@@ -22,7 +22,7 @@ def test_split_is_stratified_deterministic_and_complete(labeled_parquet):
     assert (splits.train.num_rows, splits.dev.num_rows, splits.test.num_rows) == (168, 36, 36)  # 70/15/15
     for split in (splits.dev, splits.test):
         counts = pa.compute.value_counts(split["label"]).to_pylist()
-        assert sorted(c["counts"] for c in counts) == [8, 8, 8]
+        assert sorted(c["counts"] for c in counts) == [12, 12, 12]
     all_texts = sorted(
         splits.train["text"].to_pylist() + splits.dev["text"].to_pylist() + splits.test["text"].to_pylist()
     )
