@@ -6,12 +6,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ee_model.policies import (  # noqa: F401  (POLICY_NAMES: re-exported)
     KNOB_OF_POLICY,
     POLICY_NAMES,
     ExitSetting,
+    PolicyName,
     check_patience,
     check_policy,
     check_threshold,
@@ -20,11 +21,11 @@ from ee_model.policies import (  # noqa: F401  (POLICY_NAMES: re-exported)
 HeadType = Literal["linear", "mlp"]
 Pooling = Literal["cls", "mean"]
 Variant = Literal["kl", "count"]
-PolicyName = Literal["entropy", "count", "patience", "none"]
 
-HEAD_TYPES: tuple[str, ...] = ("linear", "mlp")
-POOLINGS: tuple[str, ...] = ("cls", "mean")
-VARIANTS: tuple[str, ...] = ("kl", "count")
+# the choices in messages come from the types
+HEAD_TYPES: tuple[str, ...] = get_args(HeadType)
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+VARIANTS: tuple[str, ...] = get_args(Variant)
 
 CONFIG_FILE = "ee_config.json"
 

@@ -5,7 +5,7 @@ logits are `ExitLogits.logits`: (n_layers, batch, num_labels), the last layer be
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -79,5 +79,5 @@ def joint_loss(
     elif weighting == "layer_index":
         weights = torch.arange(1, n_layers + 1, device=logits.device, dtype=torch.float32)
     else:
-        raise ValueError(f"weighting={weighting!r} is not one of ['uniform', 'layer_index']")
+        raise ValueError(f"weighting={weighting!r} is not one of {list(get_args(JointWeighting))}")
     return (weights * per_layer).sum() / weights.sum()

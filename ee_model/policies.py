@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -98,7 +98,8 @@ class FullDepthPolicy(ExitPolicy):
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
 
 
-POLICY_NAMES: tuple[str, ...] = ("entropy", "count", "patience", "none")
+PolicyName = Literal["entropy", "count", "patience", "none"]
+POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)  # the choices in messages come from the type
 EXIT_RULES: tuple[str, ...] = (
     "entropy",
     "count",

@@ -10,14 +10,25 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
 from ee_model.config import VARIANTS, ModelOptions
+from ee_model.losses import JointWeighting
 from ee_model.policies import KNOB_OF_POLICY, check_patience, check_policy, check_threshold
 
 Stage = Literal["stage1", "stage2", "joint"]
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+Sampler = Literal["tpe", "gp"]
+TargetKind = Literal["retention", "flops"]
+
+
+def check_choice(name: str, value: Any, kind: Any) -> None:
+    """`value` is one of the Literal type `kind`'s choices; the message lists them from the type."""
+    choices = list(get_args(kind))
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
 
 
 def _positive(name: str, value: float) -> None:
@@ -137,14 +148,11 @@ class Stage2Config(StageConfig):
 class JointConfig(StageConfig):
     """Count variant: every exit trained together with cross-entropy."""
 
-    joint_weighting: str = "uniform"  # "uniform" or "layer_index" (PABEE)
+    joint_weighting: JointWeighting = "uniform"  # or "layer_index" (PABEE)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.joint_weighting not in ("uniform", "layer_index"):
-            raise ValueError(
-                f"joint_weighting={self.joint_weighting!r} is not one of ['uniform', 'layer_index']"
-            )
+        check_choice("joint_weighting", self.joint_weighting, JointWeighting)
 
 
 @dataclass(frozen=True)
@@ -158,14 +166,10 @@ class ResourcesConfig:
     torch_threads: int | None = None  # per worker; None = torch's default
     # Ray placement of the workers: PACK fills a node first; SPREAD / STRICT_SPREAD put them on different
     # nodes
-    placement_strategy: str = "PACK"
+    placement_strategy: Placement = "PACK"
 
     def __post_init__(self) -> None:
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(
-                f"placement_strategy={self.placement_strategy!r} is not one of "
-                "['PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD']"
-            )
+        check_choice("placement_strategy", self.placement_strategy, Placement)
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers!r} must be >= 0 (0 = Ray Train local mode)")
         _positive("cpus_per_worker", self.cpus_per_worker)
@@ -187,7 +191,7 @@ class TuneSearchConfig:
     num_samples: int = 2  # the quick default; the full profile: 4
     lr_min: float = 8e-5  # the paper searched 8e-5 .. 2e-4
     lr_max: float = 2e-4
-    sampler: str = "tpe"  # "tpe" or "gp" (Optuna's GP sampler)
+    sampler: Sampler = "tpe"  # or "gp" (Optuna's GP sampler)
     max_concurrent_trials: int | None = None  # None -> as many as the cluster's CPUs/GPUs fit
     seed: int = 0
 
@@ -196,8 +200,7 @@ class TuneSearchConfig:
         _positive("lr_min", self.lr_min)
         if not self.lr_max > self.lr_min:
             raise ValueError(f"lr_max={self.lr_max!r} must be > lr_min={self.lr_min!r}")
-        if self.sampler not in ("tpe", "gp"):
-            raise ValueError(f"sampler={self.sampler!r} is not one of ['tpe', 'gp']")
+        check_choice("sampler", self.sampler, Sampler)
         if self.max_concurrent_trials is not None:
             _positive("max_concurrent_trials", self.max_concurrent_trials)
 
@@ -210,8 +213,7 @@ class ThresholdTarget:
     delta: float = 0.05  # for "retention": the promise may fail with at most this probability
 
     def __post_init__(self) -> None:
-        if self.kind not in ("retention", "flops"):
-            raise ValueError(f"auto threshold target {self.kind!r} is not one of ['retention', 'flops']")
+        check_choice("target", self.kind, TargetKind)
         if not 0 < self.min_retention <= 1:
             raise ValueError(f"min_retention={self.min_retention!r} must be in (0, 1]")
         if not 0 < self.flops_budget <= 1:
