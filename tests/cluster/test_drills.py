@@ -102,7 +102,7 @@ def single_node_scores(ray_local, work, env, corpus, scoring_model) -> pa.Table:
 def train_args(work: Path, encoder: str, name: str, *extra: str) -> list[str]:
     train = work / "train.parquet"
     if not train.exists():
-        pq.write_table(labeled_table(), train)
+        pq.write_table(labeled_table(280), train)  # 196 training rows at 70/15/15
     return [
         "jobs/train.py",
         "--encoder",
