@@ -61,10 +61,10 @@ def point_estimate_knob(points: list[dict], rule: str, target: float) -> float:
     target."""
     chosen = None
     for point in safest_first(points, rule):
-        if point["retention"] < target:
+        if point.retention < target:
             break
         chosen = point
-    return (chosen or safest_first(points, rule)[0])["knob"]
+    return (chosen or safest_first(points, rule)[0]).knob
 
 
 def sweep_of(model: EarlyExitClassifier, split: SplitPass, policy: str) -> list[dict]:
@@ -75,14 +75,14 @@ def sweep_of(model: EarlyExitClassifier, split: SplitPass, policy: str) -> list[
 def held_out(model, split: SplitPass, policy: str, knob) -> dict:
     point = policy_point(model, split, ExitSetting(policy, knob))
     oracle = oracle_point(model, split)
-    upper = binomtest(point["kept"], point["full_correct"], alternative="less").proportion_ci(0.95).high
+    upper = binomtest(point.kept, point.full_correct, alternative="less").proportion_ci(0.95).high
     return {
         "knob": knob,
-        "retention": point["retention"],
-        "kept_share": point["kept"] / max(point["full_correct"], 1),
+        "retention": point.retention,
+        "kept_share": point.kept / max(point.full_correct, 1),
         "kept_share_upper_95": float(upper),
-        "layer_speedup": point["layer_speedup"],
-        "share_of_oracle": point["layer_speedup"] / oracle["layer_speedup"],
+        "layer_speedup": point.layer_speedup,
+        "share_of_oracle": point.layer_speedup / oracle.layer_speedup,
     }
 
 
@@ -100,7 +100,7 @@ def resampled(
         bound = choose_knob(points, policy, target)
         rules = {
             "point estimate": point_estimate_knob(points, policy, target.min_retention),
-            "bound": bound["knob"],
+            "bound": bound.point.knob,
         }
         for rule, knob in rules.items():
             results.append(
@@ -109,7 +109,7 @@ def resampled(
                     "rule": rule,
                     "chosen_on": choose_rows,
                     "held_out": len(order) - choose_rows,
-                    "met_on_dev": bound["met"] if rule == "bound" else None,
+                    "met_on_dev": bound.met if rule == "bound" else None,
                     **held_out(model, rest, policy, knob),
                 }
             )

@@ -145,24 +145,24 @@ def main() -> None:
                 }
                 chosen = choose_knob(sweep(model, passes["dev"], config.eval.thresholds), "entropy", target)
                 test_points = {
-                    p["knob"]: p
+                    p.knob: p
                     for p in sweep(model, passes["test"], config.eval.thresholds)
-                    if p["policy"] == "entropy"
+                    if p.policy == "entropy"
                 }
-                at_s, oracle = test_points[chosen["knob"]], oracle_point(model, passes["test"])
+                at_s, oracle = test_points[chosen.point.knob], oracle_point(model, passes["test"])
                 row = {
                     "unlabeled_rows": n_unlabeled,
                     "head_type": head_type,
                     "learning_rate": float(lr),
                     "epochs": int(epochs),
                     "seed": seed,
-                    "threshold": chosen["knob"],
-                    "met_on_dev": chosen["met"],
-                    "dev_layer_speedup": chosen["layer_speedup"],
-                    "test_retention": at_s["retention"],
-                    "test_layer_speedup": at_s["layer_speedup"],
-                    "test_oracle_speedup": oracle["layer_speedup"],
-                    "share_of_oracle": at_s["layer_speedup"] / oracle["layer_speedup"],
+                    "threshold": chosen.point.knob,
+                    "met_on_dev": chosen.met,
+                    "dev_layer_speedup": chosen.point.layer_speedup,
+                    "test_retention": at_s.retention,
+                    "test_layer_speedup": at_s.layer_speedup,
+                    "test_oracle_speedup": oracle.layer_speedup,
+                    "share_of_oracle": at_s.layer_speedup / oracle.layer_speedup,
                 }
                 rows.append(row)
                 print(

@@ -50,25 +50,23 @@ def model_rows(
     chosen = None
     if auto_rule is not None:
         chosen = choose_knob(
-            evaluate_split(model, dev, eval_config.thresholds, split=dev_pass)["sweep"],
+            evaluate_split(model, dev, eval_config.thresholds, split=dev_pass).sweep,
             auto_rule,
             eval_config.target_spec(),
         )
-        settings = [*settings, (auto_rule, chosen["knob"], "auto")]
+        settings = [*settings, (auto_rule, chosen.point.knob, "auto")]
     points = [(policy_point(model, test_pass, ExitSetting(rule, knob)), tag) for rule, knob, tag in settings]
     texts = test["text"].to_pylist()[:wallclock_rows]
-    timed = wallclock_speedups(
-        model, texts, [ExitSetting(p["policy"], p["knob"]) for p, _ in points], TIMED_BATCH_SIZES
-    )
+    timed = wallclock_speedups(model, texts, [p.setting for p, _ in points], TIMED_BATCH_SIZES)
     rows = []
     for point, tag in points:
-        row = {"model": name, "setting": tag, **point}
+        row = {"model": name, "setting": tag, **point.to_dict()}
         for w in timed:
-            if (w["policy"], w["knob"]) == (point["policy"], point["knob"]):
-                row[f"wallclock_speedup_b{w['batch_size']}"] = w["wallclock_speedup"]
+            if (w.policy, w.knob) == (point.policy, point.knob):
+                row[f"wallclock_speedup_b{w.batch_size}"] = w.wallclock_speedup
         rows.append(row)
     oracle = oracle_point(model, test_pass)
-    rows.append({"model": name, "setting": "oracle", **oracle})
+    rows.append({"model": name, "setting": "oracle", **oracle.to_dict()})
     return rows, chosen
 
 
@@ -205,7 +203,7 @@ def main() -> None:
             "test_rows": splits.test.num_rows,
             "stage_seconds": timings,
             "seconds": round(time.time() - started, 1),
-            "chosen_on_dev": {k: v for k, v in chosen.items() if v},
+            "chosen_on_dev": {k: v.to_dict() for k, v in chosen.items() if v},
             "target": target,
             "mlflow_run_id": run,
             "rows": table.to_dict(orient="records"),

@@ -70,8 +70,8 @@ def tiny_model(tiny_encoder_dir):
     from ee_model import EarlyExitClassifier
 
     def make(model_type: str = "bert", num_layers: int = 3, seed: int = 0, **options):
-        torch.manual_seed(seed)
         path = tiny_encoder_dir(model_type, num_layers, seed=seed)
+        torch.manual_seed(seed)  # after the (cached) encoder is written: heads never depend on test order
         return EarlyExitClassifier.from_encoder(path, labels=LABELS, **options).eval()
 
     return make

@@ -23,19 +23,18 @@ from pipelines.evaluation.report import (
     trade_off_figure,
     trade_off_table,
 )
+from pipelines.evaluation.results import ChosenSetting, SplitEvaluation, WallclockTiming
 from pipelines.evaluation.sweep import evaluate_split, policy_point
 from pipelines.evaluation.thresholds import choose_knob
 from pipelines.evaluation.wallclock import wallclock_speedups
 
-PROMISE_PARAMS = ("policy", "knob", "target", "min_retention", "delta", "reason")  # of the chosen point
-
 
 @dataclass
 class FinalEvaluation:
-    dev: dict
-    test: dict
-    chosen: dict | None  # the dev sweep point chosen automatically (with `met`, `target`); None when off
-    wallclock: list[dict]
+    dev: SplitEvaluation
+    test: SplitEvaluation
+    chosen: ChosenSetting | None  # the setting chosen automatically on dev, with its evidence; None when off
+    wallclock: list[WallclockTiming]
     passes: dict[str, SplitPass]
 
 
@@ -70,14 +69,11 @@ def evaluate_trained_model(
     dev_eval = evaluate_split(model, dev, config.thresholds, split=passes["dev"])
     chosen = None
     if config.auto_threshold:
-        chosen = choose_knob(dev_eval["sweep"], model.config.policy, config.target_spec())
-        if not chosen["met"]:
-            warnings.warn(
-                f"automatic {model.config.policy} knob on dev: {chosen.get('reason', chosen['target'])}",
-                stacklevel=2,
-            )
-        set_default_setting(model, ExitSetting(chosen["policy"], chosen["knob"]), model_dir)
-        dev_eval["default_policy"] = policy_point(model, passes["dev"], model.config.setting())
+        chosen = choose_knob(dev_eval.sweep, model.config.policy, config.target_spec())
+        if not chosen.met:
+            warnings.warn(f"automatic {model.config.policy} knob on dev: {chosen.reason}", stacklevel=2)
+        set_default_setting(model, chosen.setting, model_dir)
+        dev_eval.default_policy = policy_point(model, passes["dev"], model.config.setting())
     test_eval = evaluate_split(model, test, config.thresholds, split=passes["test"])
     wallclock = []
     if config.wallclock_rows > 0:
@@ -89,31 +85,38 @@ def evaluate_trained_model(
             config.wallclock_batch_sizes,
             config.wallclock_repeats,
         )
-    test_eval["wallclock"] = wallclock
-    dev_eval["chosen"] = test_eval["chosen"] = chosen
+    test_eval.wallclock = wallclock
+    dev_eval.chosen = test_eval.chosen = chosen
     return FinalEvaluation(dev_eval, test_eval, chosen, wallclock, passes)
 
 
 def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) -> None:
     """Per split: per-layer accuracy, the default point, sweep metrics, the table and the plots."""
-    if result.chosen is not None:
-        chosen = result.chosen
+    chosen = result.chosen
+    if chosen is not None:
         mlflow.log_params(
-            {f"auto_threshold.{key}": chosen[key] for key in PROMISE_PARAMS if key in chosen}
-            | {"auto_threshold.met_on_dev": chosen["met"]}
+            {
+                "auto_threshold.policy": chosen.point.policy,
+                "auto_threshold.knob": chosen.point.knob,
+                "auto_threshold.target": chosen.target,
+                "auto_threshold.met_on_dev": chosen.met,
+                "auto_threshold.reason": chosen.reason,
+            }
         )
-        if "bound" in chosen:
-            mlflow.log_metrics(
-                {"auto_threshold.bound": chosen["bound"], "auto_threshold.rows": chosen["rows"]}
+        if chosen.bound is not None:
+            mlflow.log_params(
+                {"auto_threshold.min_retention": chosen.min_retention, "auto_threshold.delta": chosen.delta}
             )
+            mlflow.log_metrics({"auto_threshold.bound": chosen.bound, "auto_threshold.rows": chosen.rows})
     setting = model.config.setting()
     for name, evaluation in (("dev", result.dev), ("test", result.test)):
-        for i, accuracy in enumerate(evaluation["layer_accuracy"]):
+        for i, accuracy in enumerate(evaluation.layer_accuracy):
             mlflow.log_metric(f"{name}_accuracy_layer", accuracy, step=i + 1)
-        point = evaluation["default_policy"]
-        mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in point.items() if k not in ("policy", "knob")})
-        mlflow.log_metric(f"{name}_full_depth_accuracy", evaluation["layer_accuracy"][-1])
-        mlflow.log_dict(evaluation, f"evaluation/{name}.json")
+        point = evaluation.default_policy
+        numbers = {k: v for k, v in point.to_dict().items() if k not in ("policy", "knob")}
+        mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in numbers.items()})
+        mlflow.log_metric(f"{name}_full_depth_accuracy", evaluation.layer_accuracy[-1])
+        mlflow.log_dict(evaluation.to_dict(), f"evaluation/{name}.json")
         table = trade_off_table(evaluation, result.wallclock if name == "test" else ())
         layers = exit_layers(result.passes[name].logits, setting.exit_policy()).numpy()
         figures = {
@@ -125,6 +128,5 @@ def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) ->
         log_trade_off(name, evaluation, table, figures)
     for row in result.wallclock:
         mlflow.log_metric(
-            f"test_wallclock_speedup_b{row['batch_size']}_{row['policy']}_{row['knob']}",
-            row["wallclock_speedup"],
+            f"test_wallclock_speedup_b{row.batch_size}_{row.policy}_{row.knob}", row.wallclock_speedup
         )

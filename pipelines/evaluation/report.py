@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ee_model.policies import EXIT_RULES, KNOB_OF_POLICY
+from pipelines.evaluation.results import SplitEvaluation, SweepPoint, WallclockTiming
 
 KNOB_SYMBOL = {"threshold": "S", "patience": "t"}
 
@@ -40,20 +41,20 @@ SWEEP_METRICS = (
 )
 
 
-def trade_off_table(evaluation: dict, wallclock: Sequence[dict] = ()) -> pd.DataFrame:
+def trade_off_table(evaluation: SplitEvaluation, wallclock: Sequence[WallclockTiming] = ()) -> pd.DataFrame:
     """Full model, oracle, then every sweep point; wall-clock speed-ups joined where measured."""
-    rows = [evaluation["full_model"], evaluation["oracle"], *evaluation["sweep"]]
-    table = pd.DataFrame(rows)[COLUMNS]
+    rows = [evaluation.full_model, evaluation.oracle, *evaluation.sweep]
+    table = pd.DataFrame([p.to_dict() for p in rows])[COLUMNS]
     table["knob"] = table["knob"].astype(object)
-    for batch_size in sorted({w["batch_size"] for w in wallclock}):
+    for batch_size in sorted({w.batch_size for w in wallclock}):
         column = f"wallclock_speedup_b{batch_size}"
         table[column] = np.nan
         for w in wallclock:
-            if w["batch_size"] == batch_size:
-                hit = (table["policy"] == w["policy"]) & (table["knob"] == w["knob"])
+            if w.batch_size == batch_size:
+                hit = (table["policy"] == w.policy) & (table["knob"] == w.knob)
                 if not hit.any():
-                    raise ValueError(f"timed point {w['policy']}={w['knob']} is not on the sweep grid")
-                table.loc[hit, column] = w["wallclock_speedup"]
+                    raise ValueError(f"timed point {w.policy}={w.knob} is not on the sweep grid")
+                table.loc[hit, column] = w.wallclock_speedup
     return table
 
 
@@ -61,26 +62,24 @@ def markdown_table(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, floatfmt=".3f")
 
 
-def trade_off_figure(evaluation: dict, title: str, chosen: dict | None = None) -> Figure:
+def trade_off_figure(evaluation: SplitEvaluation, title: str, chosen: SweepPoint | None = None) -> Figure:
     """Accuracy vs layer speed-up: one line per rule, the oracle, the full model, the chosen setting."""
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
     for rule, marker in zip(EXIT_RULES, ("o", "s", "^"), strict=True):
-        points = sorted(
-            (p for p in evaluation["sweep"] if p["policy"] == rule), key=lambda p: p["layer_speedup"]
-        )
+        points = sorted(evaluation.points(rule), key=lambda p: p.layer_speedup)
         if points:
             axes.plot(
-                [p["layer_speedup"] for p in points],
-                [p["accuracy"] for p in points],
+                [p.layer_speedup for p in points],
+                [p.accuracy for p in points],
                 marker=marker,
                 markersize=3,
                 label=f"{rule} ({KNOB_SYMBOL[KNOB_OF_POLICY[rule]]})",
             )
-    oracle, full = evaluation["oracle"], evaluation["full_model"]
+    oracle, full = evaluation.oracle, evaluation.full_model
     axes.scatter(
-        [oracle["layer_speedup"]],
-        [oracle["accuracy"]],
+        [oracle.layer_speedup],
+        [oracle.accuracy],
         marker="*",
         s=160,
         color="black",
@@ -88,8 +87,8 @@ def trade_off_figure(evaluation: dict, title: str, chosen: dict | None = None) -
         zorder=3,
     )
     axes.scatter(
-        [full["layer_speedup"]],
-        [full["accuracy"]],
+        [full.layer_speedup],
+        [full.accuracy],
         marker="D",
         s=50,
         color="grey",
@@ -98,14 +97,14 @@ def trade_off_figure(evaluation: dict, title: str, chosen: dict | None = None) -
     )
     if chosen is not None:
         axes.scatter(
-            [chosen["layer_speedup"]],
-            [chosen["accuracy"]],
+            [chosen.layer_speedup],
+            [chosen.accuracy],
             marker="o",
             s=140,
             facecolors="none",
             edgecolors="red",
             linewidths=2,
-            label=f"chosen {chosen['policy']}={chosen['knob']}",
+            label=f"chosen {chosen.policy}={chosen.knob}",
             zorder=4,
         )
     axes.set_xlabel("layer speed-up (L / mean exit layer)")
@@ -130,23 +129,25 @@ def exit_histogram_figure(exit_layers: np.ndarray, n_layers: int, title: str) ->
     return figure
 
 
-def log_sweep_metrics(name: str, evaluation: dict) -> None:
+def log_sweep_metrics(name: str, evaluation: SplitEvaluation) -> None:
     """One metric series per rule and quantity; step i is the rule's i-th grid point (`..._knob` at step i
     says which)."""
     for rule in EXIT_RULES:
-        points = [p for p in evaluation["sweep"] if p["policy"] == rule]
+        points = evaluation.points(rule)
         for step, point in enumerate(points):
             mlflow.log_metrics(
-                {f"{name}_sweep_{rule}_{key}": float(point[key]) for key in SWEEP_METRICS}, step=step
+                {f"{name}_sweep_{rule}_{key}": float(getattr(point, key)) for key in SWEEP_METRICS}, step=step
             )
     for which in ("oracle", "full_model"):
-        point = evaluation[which]
+        point = getattr(evaluation, which)
         mlflow.log_metrics(
-            {f"{name}_{which}_{key}": float(point[key]) for key in SWEEP_METRICS if key != "knob"}
+            {f"{name}_{which}_{key}": float(getattr(point, key)) for key in SWEEP_METRICS if key != "knob"}
         )
 
 
-def log_trade_off(name: str, evaluation: dict, table: pd.DataFrame, figures: dict[str, Figure]) -> None:
+def log_trade_off(
+    name: str, evaluation: SplitEvaluation, table: pd.DataFrame, figures: dict[str, Figure]
+) -> None:
     """Sweep metrics, the table (CSV + markdown) under trade_off/, figures under plots/."""
     log_sweep_metrics(name, evaluation)
     mlflow.log_text(table.to_csv(index=False), f"trade_off/{name}_sweep.csv")

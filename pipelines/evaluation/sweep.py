@@ -14,11 +14,12 @@ from sklearn.metrics import f1_score
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers, flops_speedup, layer_speedup
 from pipelines.evaluation.passes import SplitPass, full_pass, per_layer_accuracy
+from pipelines.evaluation.results import SplitEvaluation, SweepPoint
 
 
 def point_from_layers(
     model: EarlyExitClassifier, split: SplitPass, layers: torch.Tensor, policy: str, knob: float | int | None
-) -> dict:
+) -> SweepPoint:
     """Quality and cost of exiting each row at `layers` (n,), 1-based. `full_correct` counts the rows the full
     model gets right and `kept` those of them the early exit gets right too (the statistic of
     `pipelines.evaluation.thresholds.choose_knob`)."""
@@ -30,12 +31,12 @@ def point_from_layers(
     accuracy = float(right.mean())
     full = split.full_accuracy
     exit_np = layers.numpy()
-    return {
-        "policy": policy,
-        "knob": knob,
-        "accuracy": accuracy,
+    return SweepPoint(
+        policy=policy,
+        knob=knob,
+        accuracy=accuracy,
         # macro over every class of the model, present in this split or not (0 for a class never right)
-        "macro_f1": float(
+        macro_f1=float(
             f1_score(
                 labels,
                 predicted,
@@ -44,17 +45,17 @@ def point_from_layers(
                 zero_division=0,
             )
         ),
-        "retention": accuracy / full if full > 0 else float("nan"),
-        "rows": int(len(labels)),
-        "full_correct": int(full_right.sum()),
-        "kept": int((right & full_right).sum()),
-        "mean_exit_layer": float(exit_np.mean()),
-        "layer_speedup": layer_speedup(model.n_layers, exit_np),
-        "flops_speedup": flops_speedup(model.flops_model, split.tokens, exit_np),
-    }
+        retention=accuracy / full if full > 0 else float("nan"),
+        rows=int(len(labels)),
+        full_correct=int(full_right.sum()),
+        kept=int((right & full_right).sum()),
+        mean_exit_layer=float(exit_np.mean()),
+        layer_speedup=layer_speedup(model.n_layers, exit_np),
+        flops_speedup=flops_speedup(model.flops_model, split.tokens, exit_np),
+    )
 
 
-def policy_point(model: EarlyExitClassifier, split: SplitPass, setting: ExitSetting) -> dict:
+def policy_point(model: EarlyExitClassifier, split: SplitPass, setting: ExitSetting) -> SweepPoint:
     """One exit setting, from a recorded pass."""
     layers = exit_layers(split.logits, setting.exit_policy())
     return point_from_layers(model, split, layers, setting.policy, setting.knob)
@@ -70,11 +71,11 @@ def oracle_layers(split: SplitPass) -> torch.Tensor:
     return right.float().argmax(dim=0) + 1  # first True
 
 
-def oracle_point(model: EarlyExitClassifier, split: SplitPass) -> dict:
+def oracle_point(model: EarlyExitClassifier, split: SplitPass) -> SweepPoint:
     return point_from_layers(model, split, oracle_layers(split), "oracle", None)
 
 
-def sweep(model: EarlyExitClassifier, split: SplitPass, thresholds: tuple[float, ...]) -> list[dict]:
+def sweep(model: EarlyExitClassifier, split: SplitPass, thresholds: tuple[float, ...]) -> list[SweepPoint]:
     """Entropy over `thresholds`, count and patience over t = 1..L-1, whatever the variant (one pass)."""
     settings = [ExitSetting("entropy", s) for s in thresholds]
     settings += [ExitSetting(rule, t) for rule in ("count", "patience") for t in range(1, model.n_layers)]
@@ -87,14 +88,14 @@ def evaluate_split(
     thresholds: tuple[float, ...],
     batch_size: int = 64,
     split: SplitPass | None = None,
-) -> dict:
+) -> SplitEvaluation:
     """Per-layer accuracy, the model's default policy point, the full model, the oracle and every sweep."""
     split = split if split is not None else full_pass(model, table, batch_size)
-    return {
-        "rows": int(split.labels.numel()),
-        "layer_accuracy": per_layer_accuracy(split.logits, split.labels),
-        "default_policy": policy_point(model, split, model.config.setting()),
-        "full_model": policy_point(model, split, ExitSetting("none")),
-        "oracle": oracle_point(model, split),
-        "sweep": sweep(model, split, thresholds),
-    }
+    return SplitEvaluation(
+        rows=int(split.labels.numel()),
+        layer_accuracy=per_layer_accuracy(split.logits, split.labels),
+        default_policy=policy_point(model, split, model.config.setting()),
+        full_model=policy_point(model, split, ExitSetting("none")),
+        oracle=oracle_point(model, split),
+        sweep=sweep(model, split, thresholds),
+    )

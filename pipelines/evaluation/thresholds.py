@@ -22,8 +22,8 @@ import math
 
 from scipy.stats import binomtest
 
-from ee_model import ExitSetting
 from pipelines.config import ThresholdTarget
+from pipelines.evaluation.results import ChosenSetting, SweepPoint
 
 
 def lower_bound(kept: int, total: int, delta: float) -> float:
@@ -39,49 +39,37 @@ def rows_needed(target: float, delta: float) -> int:
     return math.inf if target >= 1 else math.ceil(math.log(delta) / math.log(target))
 
 
-def safest_first(points: list[dict], rule: str) -> list[dict]:
-    """The sweep points of one rule ordered from the most conservative (latest exits) to the most eager.
-
-    Entropy: larger S exits earlier, so ascending S. Count / patience: smaller t exits earlier, so descending
-    t.
-    """
-    chosen = [p for p in points if p["policy"] == rule]
+def safest_first(points: list[SweepPoint], rule: str) -> list[SweepPoint]:
+    """The sweep points of one rule ordered from the most conservative (latest exits) to the most eager
+    (`ExitSetting.eagerness`: ascending S, descending t)."""
+    chosen = [p for p in points if p.policy == rule]
     if not chosen:
         raise ValueError(f"the sweep has no point for rule {rule!r}")
-    return sorted(chosen, key=lambda p: ExitSetting(p["policy"], p["knob"]).eagerness)
+    return sorted(chosen, key=lambda p: p.setting.eagerness)
 
 
-def choose_knob(points: list[dict], rule: str, target: ThresholdTarget) -> dict:
-    """The sweep point of `rule` that meets `target` (see the module doc), with `met`, `target` and, for
-    "retention", `delta`, `rows` (full_correct), `bound` and `reason`. Points need `kept` and
-    `full_correct`."""
+def choose_knob(points: list[SweepPoint], rule: str, target: ThresholdTarget) -> ChosenSetting:
+    """The sweep point of `rule` that meets `target` (see the module doc), with its evidence."""
     ordered = safest_first(points, rule)
     if target.kind == "flops":
-        affordable = [p for p in ordered if 1.0 / p["flops_speedup"] <= target.flops_budget + 1e-12]
+        affordable = [p for p in ordered if 1.0 / p.flops_speedup <= target.flops_budget + 1e-12]
         if not affordable:
-            return {**ordered[-1], "met": False, "target": target.describe()}
-        best = max(affordable, key=lambda p: (p["accuracy"], p["flops_speedup"]))
-        return {**best, "met": True, "target": target.describe()}
+            return ChosenSetting(ordered[-1], False, target.describe(), "no setting is within the budget")
+        best = max(affordable, key=lambda p: (p.accuracy, p.flops_speedup))
+        return ChosenSetting(best, True, target.describe(), "the most accurate within the budget")
     chosen, bound = None, None
     for point in ordered:
-        point_bound = lower_bound(point["kept"], point["full_correct"], target.delta)
+        point_bound = lower_bound(point.kept, point.full_correct, target.delta)
         if point_bound < target.min_retention:
             break
         chosen, bound = point, point_bound
-    promise = {"target": target.describe(), "min_retention": target.min_retention, "delta": target.delta}
+    promise = {"min_retention": target.min_retention, "delta": target.delta}
     if chosen is not None:
         reason = f"{bound:.4f} >= {target.min_retention:g} at confidence {1 - target.delta:g}"
-        return {
-            **chosen,
-            **promise,
-            "met": True,
-            "bound": bound,
-            "rows": chosen["full_correct"],
-            "reason": reason,
-        }
+        return ChosenSetting(chosen, True, target.describe(), reason, bound=bound, **promise)
     safest = ordered[0]
-    n = safest["full_correct"]
-    safest_bound = lower_bound(safest["kept"], n, target.delta)
+    n = safest.full_correct
+    safest_bound = lower_bound(safest.kept, n, target.delta)
     reason = (
         f"no setting passed, so full depth: even the safest bounds the kept share at {safest_bound:.4f} "
         f"< {target.min_retention:g} on {n} rows the full model gets right"
@@ -89,4 +77,4 @@ def choose_knob(points: list[dict], rule: str, target: ThresholdTarget) -> dict:
     needed = rows_needed(target.min_retention, target.delta)
     if n < needed:
         reason += f" (a promise at confidence {1 - target.delta:g} needs at least {needed} such rows)"
-    return {**safest, **promise, "met": False, "bound": safest_bound, "rows": n, "reason": reason}
+    return ChosenSetting(safest, False, target.describe(), reason, bound=safest_bound, **promise)

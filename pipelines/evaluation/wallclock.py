@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 from ee_model import EarlyExitClassifier, ExitSetting
+from pipelines.evaluation.results import WallclockTiming
 
 
 def seconds_of(model: EarlyExitClassifier, texts: list[str], batch_size: int, setting: ExitSetting) -> float:
@@ -25,7 +26,7 @@ def wallclock_speedups(
     settings: list[ExitSetting],
     batch_sizes: Sequence[int] = (1, 64),
     repeats: int = 3,
-) -> list[dict]:
+) -> list[WallclockTiming]:
     """For each setting and batch size: rows/s at full depth and early exit, and their ratio. Each repeat
     times full depth and then every setting, so drift in the machine's load hits both alike; the medians over
     `repeats` are reported (one unrepeated timing on a busy machine can be off by 2x)."""
@@ -45,15 +46,15 @@ def wallclock_speedups(
         for setting, times in early_times.items():
             early = statistics.median(times)
             rows.append(
-                {
-                    "policy": setting.policy,
-                    "knob": setting.knob,
-                    "batch_size": batch_size,
-                    "rows": len(texts),
-                    "repeats": repeats,
-                    "full_rows_per_s": len(texts) / full,
-                    "early_rows_per_s": len(texts) / early,
-                    "wallclock_speedup": full / early,
-                }
+                WallclockTiming(
+                    policy=setting.policy,
+                    knob=setting.knob,
+                    batch_size=batch_size,
+                    rows=len(texts),
+                    repeats=repeats,
+                    full_rows_per_s=len(texts) / full,
+                    early_rows_per_s=len(texts) / early,
+                    wallclock_speedup=full / early,
+                )
             )
     return rows

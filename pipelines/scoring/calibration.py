@@ -123,20 +123,21 @@ def calibrate(
     if not texts:
         raise ValueError("calibration sample holds no valid text")
     split = agreement_pass(model, texts, batch_size)
-    points = [p for p in sweep(model, split, tuple(sorted({0.0, *thresholds}))) if p["policy"] == policy]
+    points = [p for p in sweep(model, split, tuple(sorted({0.0, *thresholds}))) if p.policy == policy]
     chosen = choose_knob(points, policy, ThresholdTarget("retention", min_agreement, delta=delta))
+    point = chosen.point
     return Calibration(
         policy,
-        ExitSetting(policy, chosen["knob"]).knob,
+        point.setting.knob,
         min_agreement,
         delta,
-        bool(chosen["met"]),
-        float(chosen["accuracy"]),
-        float(chosen["bound"]),
+        chosen.met,
+        point.accuracy,
+        float(chosen.bound),
         len(texts),
-        float(chosen["flops_speedup"]),
-        float(chosen["mean_exit_layer"]),
-        chosen["reason"],
+        point.flops_speedup,
+        point.mean_exit_layer,
+        chosen.reason,
     )
 
 

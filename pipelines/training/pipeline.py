@@ -32,7 +32,8 @@ from pipelines.data import (
     unlabeled_path,
     with_label_ids,
 )
-from pipelines.evaluation.final import evaluate_trained_model, log_final_evaluation
+from pipelines.evaluation.final import FinalEvaluation, evaluate_trained_model, log_final_evaluation
+from pipelines.evaluation.results import ChosenSetting
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
 from pipelines.training.stages import stage_named
 from pipelines.training.trainer import build_trainer
@@ -240,7 +241,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                 registered = register(
                     info.model_uri,
                     config.tracking.registered_model_name,
-                    final.dev["default_policy"]["accuracy"],
+                    final.dev.default_policy.accuracy,
                     {
                         "variant": config.variant,
                         "run_id": parent.info.run_id,
@@ -254,53 +255,60 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def make_summary(config, final, model_uri, registered, run_id, started) -> dict[str, Any]:
-    test = final.test
-    point, oracle = test["default_policy"], test["oracle"]
+def make_summary(
+    config: TrainConfig,
+    final: FinalEvaluation,
+    model_uri: str,
+    registered: dict | None,
+    run_id: str,
+    started: float,
+) -> dict[str, Any]:
+    test, chosen = final.test, final.chosen
+    point, oracle = test.default_policy, test.oracle
     timed = {
-        f"b{w['batch_size']}": round(w["wallclock_speedup"], 3)
-        for w in test["wallclock"]
-        if (w["policy"], w["knob"]) == (point["policy"], point["knob"])
+        f"b{w.batch_size}": round(w.wallclock_speedup, 3)
+        for w in test.wallclock
+        if (w.policy, w.knob) == (point.policy, point.knob)
     }
+    knob_source = "config"
+    if chosen is not None:
+        knob_source = f"auto: {chosen.target}" + ("" if chosen.met else " (NOT met on dev)")
     return {
         "variant": config.variant,
         "run_id": run_id,
-        "test_accuracy_full_depth": round(test["layer_accuracy"][-1], 4),
-        "test_accuracy": round(point["accuracy"], 4),
-        "test_macro_f1": round(point["macro_f1"], 4),
-        "retention": round(point["retention"], 4),
-        "policy": point["policy"],
-        "knob": point["knob"],
-        "knob_source": (
-            f"auto: {final.chosen['target']}" + ("" if final.chosen["met"] else " (NOT met on dev)")
-            if final.chosen
-            else "config"
-        ),
-        "promise": promise_summary(final.chosen),
-        "mean_exit_layer": round(point["mean_exit_layer"], 3),
-        "layer_speedup": round(point["layer_speedup"], 3),
-        "flops_speedup": round(point["flops_speedup"], 3),
+        "test_accuracy_full_depth": round(test.layer_accuracy[-1], 4),
+        "test_accuracy": round(point.accuracy, 4),
+        "test_macro_f1": round(point.macro_f1, 4),
+        "retention": round(point.retention, 4),
+        "policy": point.policy,
+        "knob": point.knob,
+        "knob_source": knob_source,
+        "promise": promise_summary(chosen),
+        "mean_exit_layer": round(point.mean_exit_layer, 3),
+        "layer_speedup": round(point.layer_speedup, 3),
+        "flops_speedup": round(point.flops_speedup, 3),
         "wallclock_speedup": timed,
-        "oracle_layer_speedup": round(oracle["layer_speedup"], 3),
-        "share_of_oracle_speedup": round(point["layer_speedup"] / oracle["layer_speedup"], 3),
-        "dev_accuracy": round(final.dev["default_policy"]["accuracy"], 4),
+        "oracle_layer_speedup": round(oracle.layer_speedup, 3),
+        "share_of_oracle_speedup": round(point.layer_speedup / oracle.layer_speedup, 3),
+        "dev_accuracy": round(final.dev.default_policy.accuracy, 4),
         "model_uri": model_uri,
         "registered": registered,
         "seconds": round(time.time() - started, 1),
     }
 
 
-def promise_summary(chosen: dict | None) -> dict | None:
-    """What the automatic knob promises and on what evidence (None when the knob came from the config)."""
-    if chosen is None or "bound" not in chosen:
+def promise_summary(chosen: ChosenSetting | None) -> dict | None:
+    """What the automatic knob promises and on what evidence (None when the knob came from the config or a
+    FLOPs budget, which promises no accuracy)."""
+    if chosen is None or chosen.bound is None:
         return None
     return {
-        "min_retention": chosen["min_retention"],
-        "delta": chosen["delta"],
-        "met": chosen["met"],
-        "bound": round(chosen["bound"], 4),
-        "rows": chosen["rows"],
-        "reason": chosen["reason"],
+        "min_retention": chosen.min_retention,
+        "delta": chosen.delta,
+        "met": chosen.met,
+        "bound": round(chosen.bound, 4),
+        "rows": chosen.rows,
+        "reason": chosen.reason,
     }
 
 

@@ -22,7 +22,7 @@ def random_policies(seed: int, n_layers: int):
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_batched_equals_batch_size_one_for_every_policy(tiny_model, model_type):
-    model = tiny_model(model_type, num_layers=4, seed=3)
+    model = tiny_model(model_type, num_layers=4, seed=7)  # a seed whose random heads exit at 3+ layers
     texts = random_texts(24, seed=7)
     exits_seen = set()
     for policy, knobs in random_policies(seed=11, n_layers=4):

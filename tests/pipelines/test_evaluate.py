@@ -13,6 +13,7 @@ from pipelines.config import EvalConfig, ThresholdTarget
 from pipelines.evaluation.final import evaluate_trained_model, log_final_evaluation
 from pipelines.evaluation.passes import SplitPass, full_pass
 from pipelines.evaluation.report import trade_off_table
+from pipelines.evaluation.results import SweepPoint
 from pipelines.evaluation.sweep import evaluate_split, oracle_layers, point_from_layers, sweep
 from pipelines.evaluation.thresholds import choose_knob, lower_bound, rows_needed
 from pipelines.evaluation.wallclock import wallclock_speedups
@@ -33,32 +34,25 @@ def model_and_pass(tiny_model):
 def test_sweep_mean_exit_layers_are_monotone(model_and_pass):
     model, _, split = model_and_pass
     points = sweep(model, split, GRID)
-    entropy = [p["mean_exit_layer"] for p in points if p["policy"] == "entropy"]
+    entropy = [p.mean_exit_layer for p in points if p.policy == "entropy"]
     assert len(entropy) == len(GRID)
     assert all(a >= b for a, b in zip(entropy, entropy[1:], strict=False))  # larger S never exits later
     assert entropy[0] == 4 and entropy[-1] < entropy[0]  # S=0 is full depth; the sweep moved rows
     for rule in ("count", "patience"):
-        by_t = [p["mean_exit_layer"] for p in points if p["policy"] == rule]
+        by_t = [p.mean_exit_layer for p in points if p.policy == rule]
         assert len(by_t) == 3 and all(a <= b for a, b in zip(by_t, by_t[1:], strict=False))  # larger t: later
 
 
 def test_every_point_reports_all_quantities(model_and_pass):
     model, table, split = model_and_pass
     evaluation = evaluate_split(model, table, GRID, split=split)
-    full = evaluation["full_model"]
-    assert full["mean_exit_layer"] == 4 and full["retention"] == pytest.approx(1.0)
-    assert full["flops_speedup"] < 1  # full depth at early-exit cost (student heads) vs the plain model
-    for point in evaluation["sweep"]:
-        assert set(point) >= {
-            "accuracy",
-            "macro_f1",
-            "retention",
-            "mean_exit_layer",
-            "layer_speedup",
-            "flops_speedup",
-        }
-        assert point["retention"] == pytest.approx(point["accuracy"] / full["accuracy"])
-        assert 0 <= point["macro_f1"] <= 1
+    full = evaluation.full_model
+    assert full.mean_exit_layer == 4 and full.retention == pytest.approx(1.0)
+    assert full.flops_speedup < 1  # full depth at early-exit cost (student heads) vs the plain model
+    for point in evaluation.sweep:
+        assert point.rows == 90 and 0 <= point.kept <= point.full_correct <= 90
+        assert point.retention == pytest.approx(point.accuracy / full.accuracy)
+        assert 0 <= point.macro_f1 <= 1
 
 
 def test_oracle_matches_a_hand_computed_case():
@@ -78,25 +72,29 @@ def test_oracle_matches_a_hand_computed_case():
         flops_model = FlopsModel(8, 16, 8, 3, 0)
 
     point = point_from_layers(Model(), split, oracle_layers(split), "oracle", None)
-    assert point["accuracy"] == 0.75 and point["mean_exit_layer"] == pytest.approx(7 / 4)
-    assert point["layer_speedup"] == pytest.approx(3 / (7 / 4))
-    assert point["retention"] == pytest.approx(0.75 / 0.25)  # the full model gets 1 of 4 right
+    assert point.accuracy == 0.75 and point.mean_exit_layer == pytest.approx(7 / 4)
+    assert point.layer_speedup == pytest.approx(3 / (7 / 4))
+    assert point.retention == pytest.approx(0.75 / 0.25)  # the full model gets 1 of 4 right
     # macro-F1 by hand: class 0 P=1/1 R=1/2 F=2/3; class 1 P=2/3 R=2/2 F=4/5
-    assert point["macro_f1"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert point.macro_f1 == pytest.approx((2 / 3 + 4 / 5) / 2)
 
 
 def points(rule, knobs, kept, full_correct=1000):
     """Sweep points with `kept` of `full_correct` rows the full model gets right (flops 1x, 2x, ...)."""
     return [
-        {
-            "policy": rule,
-            "knob": k,
-            "kept": c,
-            "full_correct": full_correct,
-            "retention": c / full_correct,
-            "accuracy": c / full_correct,
-            "flops_speedup": 1.0 + i,
-        }
+        SweepPoint(
+            policy=rule,
+            knob=k,
+            accuracy=c / full_correct,
+            macro_f1=c / full_correct,
+            retention=c / full_correct,
+            rows=full_correct,
+            full_correct=full_correct,
+            kept=c,
+            mean_exit_layer=1.0,
+            layer_speedup=1.0 + i,
+            flops_speedup=1.0 + i,
+        )
         for i, (k, c) in enumerate(zip(knobs, kept, strict=True))
     ]
 
@@ -118,21 +116,21 @@ def test_choose_knob_stops_at_the_first_setting_whose_bound_fails():
     chosen = choose_knob(
         points("entropy", [0.0, 0.1, 0.2, 0.3], [1000, 998, 985, 999]), "entropy", ThresholdTarget()
     )
-    assert chosen["knob"] == 0.1 and chosen["met"]  # 0.3 passes too, but only past a failing 0.2
-    assert chosen["bound"] == pytest.approx(lower_bound(998, 1000, 0.05)) and chosen["rows"] == 1000
-    assert (chosen["delta"], chosen["min_retention"]) == (0.05, 0.99) and "confidence 95%" in chosen["target"]
+    assert chosen.point.knob == 0.1 and chosen.met  # 0.3 passes too, but only past a failing 0.2
+    assert chosen.bound == pytest.approx(lower_bound(998, 1000, 0.05)) and chosen.rows == 1000
+    assert (chosen.delta, chosen.min_retention) == (0.05, 0.99) and "confidence 95%" in chosen.target
     # count: larger t is safer, so the walk goes t = 3, 2, 1
     count = points("count", [1, 2, 3], [970, 998, 1000])
-    assert choose_knob(count, "count", ThresholdTarget())["knob"] == 2
+    assert choose_knob(count, "count", ThresholdTarget()).point.knob == 2
 
 
 def test_a_point_estimate_that_meets_the_target_is_not_enough():
     # 995 of 1000 kept: 99.5 % measured, but the 95 % bound (0.9894) is under 0.99; at 0.98 it passes
     sweep_points = points("entropy", [0.0, 0.1], [1000, 995])
-    assert choose_knob(sweep_points, "entropy", ThresholdTarget())["knob"] == 0.0
-    assert choose_knob(sweep_points, "entropy", ThresholdTarget(min_retention=0.98))["knob"] == 0.1
+    assert choose_knob(sweep_points, "entropy", ThresholdTarget()).point.knob == 0.0
+    assert choose_knob(sweep_points, "entropy", ThresholdTarget(min_retention=0.98)).point.knob == 0.1
     assert (
-        choose_knob(sweep_points, "entropy", ThresholdTarget(delta=0.5))["knob"] == 0.1
+        choose_knob(sweep_points, "entropy", ThresholdTarget(delta=0.5)).point.knob == 0.1
     )  # a coin-flip promise
 
 
@@ -140,9 +138,9 @@ def test_too_few_rows_fall_back_to_full_depth_and_say_why():
     chosen = choose_knob(
         points("entropy", [0.0, 0.5], [215, 215], full_correct=215), "entropy", ThresholdTarget()
     )
-    assert not chosen["met"] and chosen["knob"] == 0.0  # the safest setting: S = 0 never exits early
-    assert chosen["bound"] == pytest.approx(0.05 ** (1 / 215))  # 0.9862: no loss at all, and still < 0.99
-    assert "on 215 rows" in chosen["reason"] and "needs at least 299" in chosen["reason"]
+    assert not chosen.met and chosen.point.knob == 0.0  # the safest setting: S = 0 never exits early
+    assert chosen.bound == pytest.approx(0.05 ** (1 / 215))  # 0.9862: no loss at all, and still < 0.99
+    assert "on 215 rows" in chosen.reason and "needs at least 299" in chosen.reason
 
 
 def test_the_promise_holds_on_unseen_data_with_probability_one_minus_delta():
@@ -161,7 +159,7 @@ def test_the_promise_holds_on_unseen_data_with_probability_one_minus_delta():
         kept = [int((losses < p).sum()) for p in true_kept]
         sweep_points = points("entropy", knobs, kept, full_correct=n)
         chosen = choose_knob(sweep_points, "entropy", ThresholdTarget())
-        failed["bound"] += true_kept[knobs.index(chosen["knob"])] < 0.99
+        failed["bound"] += true_kept[knobs.index(chosen.point.knob)] < 0.99
         point = max(
             k
             for k, c in zip(knobs, kept, strict=True)
@@ -175,7 +173,7 @@ def test_the_promise_holds_on_unseen_data_with_probability_one_minus_delta():
 def test_choose_knob_with_a_flops_budget():
     sweep_points = points("entropy", [0.0, 0.1, 0.2, 0.3], [1000, 990, 970, 900])  # FLOPs 1x .. 4x
     chosen = choose_knob(sweep_points, "entropy", ThresholdTarget(kind="flops", flops_budget=0.5))
-    assert chosen["knob"] == 0.1 and 1 / chosen["flops_speedup"] <= 0.5
+    assert chosen.point.knob == 0.1 and 1 / chosen.point.flops_speedup <= 0.5
 
 
 def test_auto_knob_meets_its_target_on_the_data_it_was_chosen_on(model_and_pass, tmp_path):
@@ -183,16 +181,16 @@ def test_auto_knob_meets_its_target_on_the_data_it_was_chosen_on(model_and_pass,
     config = EvalConfig(thresholds=GRID, min_retention=0.8, delta=0.2, wallclock_rows=0)
     result = evaluate_trained_model(model, tmp_path, table, table, config)
     chosen = result.chosen
-    n = chosen["full_correct"]  # dev rows the full model gets right (about 30 of 90)
-    assert chosen["met"] and chosen["knob"] > 0 and chosen["rows"] == n > 8  # 0.2 ** (1 / 8) < 0.8
-    assert model.config.threshold == chosen["knob"]  # now the model's default
-    assert n >= chosen["kept"] and chosen["kept"] / n >= chosen["bound"] >= 0.8
-    assert result.dev["default_policy"]["kept"] == chosen["kept"]
-    eager = [p for p in result.dev["sweep"] if p["policy"] == "entropy" and p["knob"] > chosen["knob"]]
-    assert not eager or lower_bound(eager[0]["kept"], n, 0.2) < 0.8  # the next, faster setting fails
+    n = chosen.point.full_correct  # dev rows the full model gets right (about 30 of 90)
+    assert chosen.met and chosen.point.knob > 0 and chosen.rows == n > 8  # 0.2 ** (1 / 8) < 0.8
+    assert model.config.threshold == chosen.point.knob  # now the model's default
+    assert n >= chosen.point.kept and chosen.point.kept / n >= chosen.bound >= 0.8
+    assert result.dev.default_policy.kept == chosen.point.kept
+    eager = [p for p in result.dev.sweep if p.policy == "entropy" and p.knob > chosen.point.knob]
+    assert not eager or lower_bound(eager[0].kept, n, 0.2) < 0.8  # the next, faster setting fails
     from ee_model import EarlyExitConfig
 
-    assert EarlyExitConfig.load(tmp_path).threshold == result.chosen["knob"]  # saved with the model
+    assert EarlyExitConfig.load(tmp_path).threshold == result.chosen.point.knob  # saved with the model
 
 
 def test_wallclock_rows_and_the_table(model_and_pass):
@@ -201,8 +199,8 @@ def test_wallclock_rows_and_the_table(model_and_pass):
     rows = wallclock_speedups(
         model, texts, [ExitSetting("entropy", 0.52), ExitSetting("entropy", 0.0)], batch_sizes=(1, 8)
     )
-    assert [(r["batch_size"], r["knob"]) for r in rows] == [(1, 0.52), (1, 0.0), (8, 0.52), (8, 0.0)]
-    assert all(r["wallclock_speedup"] > 0 and r["rows"] == 24 and r["repeats"] == 3 for r in rows)  # medians
+    assert [(r.batch_size, r.knob) for r in rows] == [(1, 0.52), (1, 0.0), (8, 0.52), (8, 0.0)]
+    assert all(r.wallclock_speedup > 0 and r.rows == 24 and r.repeats == 3 for r in rows)  # medians
     evaluation = evaluate_split(model, table, GRID, split=split)
     frame = trade_off_table(evaluation, rows)
     assert list(frame["policy"][:2]) == ["none", "oracle"]
@@ -249,9 +247,9 @@ def test_mlflow_run_holds_the_table_and_plots(model_and_pass, tmp_path):
     )
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     logged = client.get_run(run.info.run_id).data
-    assert logged.params["auto_threshold.knob"] == str(result.chosen["knob"])
+    assert logged.params["auto_threshold.knob"] == str(result.chosen.point.knob)
     # the promise: target, delta, bound and rows, and why it fell back to full depth (~30 rows right: too few)
-    n = result.chosen["full_correct"]
+    n = result.chosen.point.full_correct
     assert (
         logged.params["auto_threshold.min_retention"] == "0.99"
         and logged.params["auto_threshold.delta"] == "0.05"
