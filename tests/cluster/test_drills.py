@@ -102,7 +102,7 @@ def single_node_scores(ray_local, work, env, corpus, scoring_model) -> pa.Table:
 def train_args(work: Path, encoder: str, name: str, *extra: str) -> list[str]:
     train = work / "train.parquet"
     if not train.exists():
-        pq.write_table(labeled_table(280), train)  # 196 training rows at 70/15/15
+        pq.write_table(labeled_table(), train)
     return [
         "jobs/train.py",
         "--encoder",
@@ -119,6 +119,8 @@ def train_args(work: Path, encoder: str, name: str, *extra: str) -> list[str]:
         f"resources.storage_path={work / name}",
         "--set",
         "model.max_length=32",
+        "--set",  # 192 training rows, as these drills were sized for (the default split is 70/15/15)
+        "data.split_fractions=[0.8, 0.1, 0.1]",
         "--set",
         "stage1.learning_rate=5e-3",
         "--set",
