@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -119,7 +120,7 @@ class LocalCluster:
 
     def submit(self, *args: str, env_vars: dict[str, str] | None = None) -> str:
         return self.client().submit_job(
-            entrypoint=" ".join([sys.executable, *args]),
+            entrypoint=shlex.join([sys.executable, *args]),  # arguments with spaces stay whole
             runtime_env={"working_dir": str(ROOT), "env_vars": env_vars or {}},
         )
 

@@ -65,8 +65,8 @@ def test_score_job_refuses_bad_knobs_before_anything_starts(tmp_path, flags, mes
         (["model.pooling=max"], "pooling='max' is not one of"),
         (["eval.delta=1.5"], "delta=1.5 must be a number in (0, 1)"),
         (["stage1.kl_weight=0.5"], "unknown key(s) in stage1: kl_weight=0.5 (a setting of stage2)"),
-    (["variant=fast"], "variant='fast' is not one of ['kl', 'count']"),
-    (["model.max_length=1"], "max_length=1 must be an integer >= 2"),
+        (["variant=fast"], "variant='fast' is not one of ['kl', 'count']"),
+        (["model.max_length=1"], "max_length=1 must be an integer >= 2"),
     ],
 )
 def test_train_job_refuses_bad_config_values_before_anything_starts(tmp_path, sets, message):
