@@ -94,6 +94,7 @@ def main() -> None:
     from ee_model import EarlyExitClassifier
     from pipelines.config import load_train_config, merge, resolve_tracking_uri
     from pipelines.data import load_labeled_splits
+    from pipelines.evaluation.report import COLUMNS
     from pipelines.tracking import setup_tracking
     from pipelines.training.pipeline import default_encoder, local_model_dir, run_stage
 
@@ -172,19 +173,7 @@ def main() -> None:
                 r for r in model_rows_ if not (r["setting"] == "oracle" and name in ("deebert", "pabee"))
             ]
         table = pd.DataFrame(rows)
-        columns = [
-            "model",
-            "setting",
-            "policy",
-            "knob",
-            "accuracy",
-            "macro_f1",
-            "retention",
-            "mean_exit_layer",
-            "layer_speedup",
-            "flops_speedup",
-            *[f"wallclock_speedup_b{b}" for b in TIMED_BATCH_SIZES],
-        ]
+        columns = ["model", "setting", *COLUMNS, *[f"wallclock_speedup_b{b}" for b in TIMED_BATCH_SIZES]]
         table = table[columns]
         kl_auto = table[(table.model == "kl") & (table.setting == "auto")].iloc[0]
         kl_oracle = table[(table.model == "kl") & (table.setting == "oracle")].iloc[0]

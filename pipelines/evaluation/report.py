@@ -30,15 +30,7 @@ COLUMNS = [
     "layer_speedup",
     "flops_speedup",
 ]
-SWEEP_METRICS = (
-    "knob",
-    "accuracy",
-    "macro_f1",
-    "retention",
-    "mean_exit_layer",
-    "layer_speedup",
-    "flops_speedup",
-)
+SWEEP_METRICS = tuple(COLUMNS[1:])  # every column but the policy, logged per sweep step
 
 
 def trade_off_table(evaluation: SplitEvaluation, wallclock: Sequence[WallclockTiming] = ()) -> pd.DataFrame:
