@@ -102,6 +102,7 @@ class ModelOptions:
 @dataclass(frozen=True)
 class EarlyExitConfig(ModelOptions):
     """Everything needed to rebuild an early-exit classifier, apart from its weights: the `ModelOptions` and
+    the fields below.
 
     Attributes:
         encoder_name_or_path: the Hugging Face model id or local path the encoder came from (provenance).

@@ -219,13 +219,6 @@ class EarlyExitClassifier(nn.Module):
                 hidden, mask = hidden[:, :width], mask[:, :width]
         return EarlyExitBatch(logits=out_logits, exit_layer=exit_layer, tokens=tokens)
 
-    def policy_for(
-        self, policy: str | None = None, threshold: float | None = None, patience: int | None = None
-    ) -> ExitPolicy:
-        """The named policy, its knob defaulting to the one stored with the model
-        (`EarlyExitConfig.setting`)."""
-        return self.config.setting(policy, threshold, patience).exit_policy()
-
     def tokenize(self, texts: Sequence[str]) -> dict[str, list[list[int]]]:
         """Unpadded token ids of each text, truncated to `config.max_length`."""
         if self.tokenizer is None:
