@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,11 @@ from ee_model import encoders, io
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
 from ee_model.heads import build_head, pool
+from ee_model.layer_pools import ExitEngine, InputRows, sorted_input_rows
 from ee_model.outputs import EarlyExitBatch, ExitLogits, Prediction
 from ee_model.policies import ExitPolicy, ExitSetting
 from ee_model.texts import describe_invalid, invalid_text_reasons
+from ee_model.tokens import TextTokenizer, TokenIds
 
 
 class EarlyExitClassifier(nn.Module):
@@ -171,65 +173,73 @@ class EarlyExitClassifier(nn.Module):
         attention_mask: torch.Tensor,
         policy: ExitPolicy | ExitSetting,
         token_type_ids: torch.Tensor | None = None,
+        batch_size: int | None = None,
     ) -> EarlyExitBatch:
-        """Run layer by layer; after each student layer the rows the policy lets out leave the batch.
+        """Per-row early exit of padded inputs; rows are returned in input order.
 
-        Remaining rows carry their policy state with them; padding columns no remaining row needs are trimmed
-        (right padding). Rows are returned in input order.
+        `batch_size` rows per layer step (default: all rows, i.e. per-batch compaction: the rows the policy
+        lets out after a layer leave the batch). A smaller `batch_size` runs the layer-pool engine
+        (ee_model.layer_pools): every step runs one layer on a full batch of waiting rows, sorted by length.
+        Remaining rows carry their policy state with them; padding columns no remaining row needs are
+        trimmed (right padding).
         """
         if isinstance(policy, ExitSetting):
             policy = policy.exit_policy()
-        batch = input_ids.shape[0]
-        tokens = attention_mask.sum(dim=1)  # (batch,)
+        n_rows = input_ids.shape[0]
+        batch_size = batch_size or max(n_rows, 1)
         right_padded = bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
-        out_logits = torch.empty(batch, self.config.num_labels, device=input_ids.device)
-        exit_layer = torch.empty(batch, dtype=torch.long, device=input_ids.device)
-        rows = torch.arange(batch, device=input_ids.device)  # original index of each remaining row
-        mask = attention_mask
-        hidden = encoders.embed(self.encoder, input_ids, token_type_ids)  # (batch, seq, hidden)
-        state = policy.init_state(batch, input_ids.device)
-        last = self.n_layers - 1
-        for index, (layer, head) in enumerate(zip(self.layers, self.heads, strict=True)):
-            hidden = encoders.run_layer(
-                layer, hidden, encoders.attention_mask_for(self.encoder, hidden, mask)
-            )
-            logits = head(pool(hidden, mask, self.config.pooling)).float()  # (remaining, N)
-            if index == last:
-                out_logits[rows] = logits
-                exit_layer[rows] = index + 1
-                break
-            leave, state = policy.step(logits, state)
-            # One device->host read per layer (this is what costs on a GPU): how many rows leave, and the
-            # widest remaining row. Everything else is index arithmetic on the device.
-            widths = mask.sum(dim=1).masked_fill(leave, 0)
-            n_leave, width = (int(v) for v in torch.stack([leave.sum(), widths.max()]).tolist())
-            if n_leave == 0:
-                continue
-            n_keep = len(rows) - n_leave
-            order = torch.argsort(leave.to(torch.uint8), stable=True)  # staying rows first, in their order
-            gone = order[n_keep:]
-            out_logits[rows[gone]] = logits[gone]
-            exit_layer[rows[gone]] = index + 1
-            if n_keep == 0:
-                break
-            stay = order[:n_keep]
-            rows, hidden, mask = rows[stay], hidden[stay], mask[stay]
-            state = {name: value[stay] for name, value in state.items()}
-            if right_padded:
-                hidden, mask = hidden[:, :width], mask[:, :width]
-        return EarlyExitBatch(logits=out_logits, exit_layer=exit_layer, tokens=tokens)
+        inputs = sorted_input_rows(input_ids, attention_mask, token_type_ids, batch_size, right_padded)
+        return ExitEngine(self, policy, batch_size, right_padded).run(n_rows, inputs, input_ids.device)
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, list[list[int]]]:
-        """Unpadded token ids of each text, truncated to `config.max_length`."""
+    @torch.inference_mode()
+    def early_exit_ids(
+        self, token_ids: TokenIds, policy: ExitPolicy | ExitSetting, batch_size: int
+    ) -> EarlyExitBatch:
+        """Per-row early exit of unpadded token ids (rows in input order) with the layer-pool engine: rows are
+        sorted by length and padded `batch_size` at a time as they enter, so memory follows `batch_size`,
+        not the number of rows."""
+        if isinstance(policy, ExitSetting):
+            policy = policy.exit_policy()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+        order = np.argsort(-token_ids.lengths, kind="stable")  # longest first: steps of similar length
+        device = self.device
+        pad_id = self.text_tokenizer.pad_id
+
+        def inputs() -> Iterator[InputRows]:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                ids, mask = token_ids.take(rows).padded(pad_id, device)
+                yield InputRows(torch.from_numpy(rows).to(device), ids, mask)
+
+        return ExitEngine(self, policy, batch_size).run(len(token_ids), inputs(), device)
+
+    @property
+    def text_tokenizer(self) -> TextTokenizer:
+        """Texts -> unpadded `TokenIds`, truncated to `config.max_length` (ee_model.tokens' fast path)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass one to the constructor or use from_encoder")
-        return self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length, padding=False)
+        cached = self.__dict__.get("_text_tokenizer")
+        if (
+            cached is None
+            or cached.tokenizer is not self.tokenizer
+            or cached.max_length != self.config.max_length
+        ):
+            cached = self.__dict__["_text_tokenizer"] = TextTokenizer(self.tokenizer, self.config.max_length)
+        return cached
+
+    def tokenize(self, texts: Sequence[str]) -> TokenIds:
+        """Unpadded token ids of each text with the model's special tokens, truncated to
+        `config.max_length`: the one tokenisation of training, evaluation, `predict` and batch scoring."""
+        return self.text_tokenizer(texts)
 
     def encode(self, texts: Sequence[str], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """The model's inputs for `texts`: token ids truncated to `config.max_length`, right-padded to the
-        longest, as tensors on `device` (default the model's). The one tokenisation of training, evaluation
-        and `predict` (which tokenises first, sorts by length, then pads each call's rows with `_pad`)."""
-        return self._pad(self.tokenize([str(t) for t in texts]), device)
+        """The model's inputs for `texts`: `tokenize`, right-padded to the longest, as tensors on `device`
+        (default the model's). Single texts need no token_type_ids (all zero; the encoders default to it)."""
+        input_ids, attention_mask = self.tokenize([str(t) for t in texts]).padded(
+            self.text_tokenizer.pad_id, device or self.device
+        )
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def predict(
         self,
@@ -266,9 +276,47 @@ class EarlyExitClassifier(nn.Module):
             raise ValueError("give an ExitSetting or policy / threshold / patience, not both")
         exit_policy = (setting or self.config.setting(policy, threshold, patience)).exit_policy()
         valid = [i for i, reason in enumerate(reasons) if reason is None]
+        return self._predict(self.tokenize([texts[i] for i in valid]), reasons, exit_policy, batch_size)
+
+    def predict_tokens(
+        self,
+        token_ids: TokenIds,
+        errors: Sequence[str | None] | None = None,
+        setting: ExitSetting | None = None,
+        batch_size: int = 32,
+    ) -> Prediction:
+        """`predict` from token ids made by `tokenize` (in another process, e.g. a tokenising stage).
+
+        Args:
+            token_ids: the scoreable rows, in order.
+            errors: one entry per row of the result: None for a scoreable row (the next row of
+                `token_ids`), else the reason it cannot be scored (it gets the defined empty result).
+                Default: every row scoreable.
+            setting: the exit setting; default the model's stored one.
+            batch_size: rows per layer step.
+        """
+        reasons = list(errors) if errors is not None else [None] * len(token_ids)
+        if sum(r is None for r in reasons) != len(token_ids):
+            raise ValueError(
+                f"{len(token_ids)} rows of token ids for {sum(r is None for r in reasons)} scoreable rows"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+        return self._predict(token_ids, reasons, (setting or self.config.setting()).exit_policy(), batch_size)
+
+    def _predict(
+        self, token_ids: TokenIds, reasons: list[str | None], policy: ExitPolicy, batch_size: int
+    ) -> Prediction:
         result = self._empty_prediction(len(reasons), reasons)
-        if valid:
-            self._predict_valid([texts[i] for i in valid], np.asarray(valid), exit_policy, batch_size, result)
+        if len(token_ids):
+            was_training = self.training
+            self.eval()
+            try:
+                out = self.early_exit_ids(token_ids, policy, batch_size)
+            finally:
+                self.train(was_training)
+            positions = np.array([i for i, reason in enumerate(reasons) if reason is None])
+            self._fill(result, positions, out)
         return result
 
     def _empty_prediction(self, n: int, reasons: list[str | None]) -> Prediction:
@@ -282,29 +330,6 @@ class EarlyExitClassifier(nn.Module):
             tokens=np.zeros(n, dtype=np.int64),
             error=list(reasons),
         )
-
-    def _predict_valid(
-        self, texts: list[str], positions: np.ndarray, policy: ExitPolicy, batch_size: int, result: Prediction
-    ) -> None:
-        was_training = self.training
-        self.eval()
-        try:
-            encoded = self.tokenize(texts)
-            lengths = np.array([len(ids) for ids in encoded["input_ids"]])
-            order = np.argsort(-lengths, kind="stable")  # longest first: batches of similar length
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                batch = self._pad([{k: v[i] for k, v in encoded.items()} for i in chunk])
-                out = self.early_exit(
-                    batch["input_ids"], batch["attention_mask"], policy, batch.get("token_type_ids")
-                )
-                self._fill(result, positions[chunk], out)
-        finally:
-            self.train(was_training)
-
-    def _pad(self, features: Any, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        padded = self.tokenizer.pad(features, padding="longest", return_tensors="pt")  # right: see __init__
-        return {key: value.to(device or self.device) for key, value in padded.items()}
 
     def _fill(self, result: Prediction, positions: np.ndarray, out: EarlyExitBatch) -> None:
         probs = torch.softmax(out.logits, dim=-1).cpu().numpy()  # (batch, N)
