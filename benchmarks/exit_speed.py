@@ -2,13 +2,20 @@
 
 A fixed, known share of rows leaves after each layer (a scheduled policy whose per-row target layer is state
 carried through compaction exactly like the real policies' state), so the FLOPs speed-up is known in advance
-and the question is only whether wall-clock time follows it. Both runs happen in the same process, alternated.
+and the question is only whether wall-clock time follows it. Three engines run in the same process,
+alternated: full depth, per-batch compaction (each batch of `batch_size` rows runs layer by layer and rows
+leave it) and the layer-pool engine (ee_model.layer_pools: each step one layer on `batch_size` waiting rows).
+Rows are sorted by length first, as scoring does.
 
     python benchmarks/exit_speed.py                        # packaged MiniLM-L6 on BBC paragraphs
     python benchmarks/exit_speed.py --model path/or/id --batch-sizes 1 16 64 \
         --out benchmarks/results/exit_speed.json
+    # a GPU, bf16, the BBC KL model's skewed schedule (80 % leave after layer 1):
+    python benchmarks/exit_speed.py --device cuda --dtype bfloat16 --random-init --rows 16384 \
+        --batch-sizes 256 1024 --exit-share 0.8 0.1 0.04 0.03 0.02 0.01
 
-Target: at batch 64, wall-clock speed-up >= 0.85 x FLOPs speed-up.
+Targets: on a CPU at batch 64, wall-clock speed-up >= 0.85 x the layer speed-up; on a GPU (bf16, skewed
+schedule), the layer pools' >= 0.85 x at batch 1024 and >= 0.75 x at batch 256.
 """
 
 from __future__ import annotations
@@ -62,61 +69,79 @@ def bbc_paragraph_texts(n: int) -> list[str]:
     return [texts[i] for i in rng.choice(len(texts), size=n, replace=False)]
 
 
-def run_batches(model: EarlyExitClassifier, batches, policy_for_batch, autocast) -> tuple[float, np.ndarray]:
-    """Seconds to run every batch (outputs back on the host, as scoring needs them), and the per-row FLOPs."""
-    flops = []
+def run_compaction(model, batches, targets, autocast) -> tuple[float, torch.Tensor]:
+    """Per-batch compaction (what early_exit did before layer pools): each batch of `batch_size` rows runs
+    layer by layer and rows leave it. Seconds (outputs back on the host, as scoring needs them), exit
+    layers."""
+    layers = []
     start = time.perf_counter()
-    for batch in batches:
+    for batch, target in zip(batches, targets, strict=True):
         with autocast():
-            out = model.early_exit(
-                batch["input_ids"],
-                batch["attention_mask"],
-                policy_for_batch(batch),
-                batch.get("token_type_ids"),
-            )
-        flops.append(model.flops_model.row_flops(out.tokens.cpu().numpy(), out.exit_layer.cpu().numpy()))
-    return time.perf_counter() - start, np.concatenate(flops)
+            out = model.early_exit(batch["input_ids"], batch["attention_mask"], ScheduledExitPolicy(target))
+        layers.append(out.exit_layer.cpu())
+        out.logits.cpu()
+    return time.perf_counter() - start, torch.cat(layers)
+
+
+def run_pools(model, batch, targets, batch_size, autocast) -> tuple[float, torch.Tensor]:
+    """The layer-pool engine over all rows: each step one layer on `batch_size` waiting rows."""
+    start = time.perf_counter()
+    with autocast():
+        out = model.early_exit(
+            batch["input_ids"],
+            batch["attention_mask"],
+            ScheduledExitPolicy(targets),
+            batch_size=batch_size,
+            layer_pools=True,
+        )
+    layers = out.exit_layer.cpu()
+    out.logits.cpu()
+    return time.perf_counter() - start, layers
 
 
 def measure(model, texts, batch_size, exit_share, repeats, seed=0, autocast=nullcontext):
     n_layers = model.n_layers
     rng = np.random.default_rng(seed)
-    encoded = model.tokenize(texts)
-    order = np.argsort([-len(ids) for ids in encoded["input_ids"]], kind="stable")  # as predict() batches
+    tokens = model.tokenize(texts)
+    order = np.argsort(-tokens.lengths, kind="stable")  # sorted by length, as scoring feeds the model
+    everything = model.encode([texts[i] for i in order])
     batches = [
-        model._pad([{k: v[i] for k, v in encoded.items()} for i in order[s : s + batch_size]])
-        for s in range(0, len(texts), batch_size)
+        {k: v[s : s + batch_size] for k, v in everything.items()} for s in range(0, len(texts), batch_size)
     ]
-    targets = [
-        torch.as_tensor(rng.choice(np.arange(1, n_layers + 1), size=len(b["input_ids"]), p=exit_share))
-        for b in batches
-    ]
-    target_of = {id(b): t for b, t in zip(batches, targets, strict=True)}
-    scheduled = lambda b: ScheduledExitPolicy(target_of[id(b)].to(model.device))  # noqa: E731
-    full = lambda b: ScheduledExitPolicy(torch.full((len(b["input_ids"]),), n_layers, device=model.device))  # noqa: E731
-    run_batches(model, batches[:2], full, autocast)  # warm-up
-    full_times, early_times = [], []
-    for _ in range(repeats):  # alternate so drift hits both alike
-        seconds, full_flops = run_batches(model, batches, full, autocast)
-        full_times.append(seconds)
-        seconds, early_flops = run_batches(model, batches, scheduled, autocast)
-        early_times.append(seconds)
-    tokens = np.concatenate([b["attention_mask"].sum(1).cpu().numpy() for b in batches])
-    full_depth = model.flops_model.full_depth_flops(tokens).sum()
-    flops_speedup = float(full_depth / early_flops.sum())
-    exit_layers = np.concatenate(targets)
-    full_rps = len(texts) / statistics.median(full_times)
-    early_rps = len(texts) / statistics.median(early_times)
-    wall = early_rps / full_rps
+    device = model.device
+    targets = rng.choice(np.arange(1, n_layers + 1), size=len(texts), p=exit_share)
+    targets = torch.as_tensor(targets).to(device)
+    full = torch.full_like(targets, n_layers)
+    chunks = lambda t: [t[s : s + batch_size] for s in range(0, len(texts), batch_size)]  # noqa: E731
+    run_compaction(model, batches[:2], chunks(full)[:2], autocast)  # warm-up
+    run_pools(model, everything, targets, batch_size, autocast)
+    times = {"full": [], "compaction": [], "pools": []}
+    for _ in range(repeats):  # alternate so drift hits all alike
+        times["full"].append(run_compaction(model, batches, chunks(full), autocast)[0])
+        seconds, layers = run_compaction(model, batches, chunks(targets), autocast)
+        assert layers.tolist() == targets.cpu().tolist()
+        times["compaction"].append(seconds)
+        seconds, layers = run_pools(model, everything, targets, batch_size, autocast)
+        assert layers.tolist() == targets.cpu().tolist()
+        times["pools"].append(seconds)
+    lengths = tokens.lengths[order]
+    full_depth = model.flops_model.full_depth_flops(lengths).sum()
+    early_flops = model.flops_model.row_flops(lengths, targets.cpu().numpy()).sum()
+    flops_speedup = float(full_depth / early_flops)
+    layer_speedup = n_layers / float(targets.float().mean())
+    rps = {name: len(texts) / statistics.median(seconds) for name, seconds in times.items()}
     return {
         "batch_size": batch_size,
         "rows": len(texts),
-        "full_depth_rows_per_s": round(full_rps, 2),
-        "early_exit_rows_per_s": round(early_rps, 2),
-        "wall_clock_speedup": round(wall, 3),
+        "full_depth_rows_per_s": round(rps["full"], 2),
+        "compaction_rows_per_s": round(rps["compaction"], 2),
+        "pools_rows_per_s": round(rps["pools"], 2),
+        "compaction_speedup": round(rps["compaction"] / rps["full"], 3),
+        "pools_speedup": round(rps["pools"] / rps["full"], 3),
         "flops_speedup": round(flops_speedup, 3),
-        "layer_speedup": round(n_layers / exit_layers.mean(), 3),
-        "wall_over_flops": round(wall / flops_speedup, 3),
+        "layer_speedup": round(layer_speedup, 3),
+        "compaction_over_layers": round(rps["compaction"] / rps["full"] / layer_speedup, 3),
+        "pools_over_layers": round(rps["pools"] / rps["full"] / layer_speedup, 3),
     }
 
 
@@ -192,13 +217,15 @@ def main() -> None:
         rows.append(measure(model, texts[:n], batch_size, share, args.repeats, autocast=autocast))
         print(json.dumps(rows[-1]), flush=True)
     header = (
-        "| batch | rows/s full | rows/s early exit | wall-clock speed-up | FLOPs speed-up | wall / FLOPs |"
+        "| batch | rows/s full depth | rows/s compaction | rows/s layer pools | layer speed-up "
+        "| compaction / layer speed-up | pools / layer speed-up |"
     )
-    print("\n" + header + "\n|---|---|---|---|---|---|")
+    print("\n" + header + "\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['batch_size']} | {r['full_depth_rows_per_s']} | {r['early_exit_rows_per_s']} | "
-            f"{r['wall_clock_speedup']}x | {r['flops_speedup']}x | {r['wall_over_flops']} |"
+            f"| {r['batch_size']} | {r['full_depth_rows_per_s']} | {r['compaction_rows_per_s']} | "
+            f"{r['pools_rows_per_s']} | {r['layer_speedup']}x | {r['compaction_over_layers']} | "
+            f"{r['pools_over_layers']} |"
         )
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     record = {

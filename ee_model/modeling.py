@@ -16,7 +16,7 @@ from ee_model import encoders, io
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
 from ee_model.heads import build_head, pool
-from ee_model.layer_pools import ExitEngine, InputRows, sorted_input_rows
+from ee_model.layer_pools import ExitEngine, InputRows, default_pooling, sorted_input_rows
 from ee_model.outputs import EarlyExitBatch, ExitLogits, Prediction
 from ee_model.policies import ExitPolicy, ExitSetting
 from ee_model.texts import describe_invalid, invalid_text_reasons
@@ -174,14 +174,15 @@ class EarlyExitClassifier(nn.Module):
         policy: ExitPolicy | ExitSetting,
         token_type_ids: torch.Tensor | None = None,
         batch_size: int | None = None,
+        layer_pools: bool | None = None,
     ) -> EarlyExitBatch:
         """Per-row early exit of padded inputs; rows are returned in input order.
 
-        `batch_size` rows per layer step (default: all rows, i.e. per-batch compaction: the rows the policy
-        lets out after a layer leave the batch). A smaller `batch_size` runs the layer-pool engine
-        (ee_model.layer_pools): every step runs one layer on a full batch of waiting rows, sorted by length.
-        Remaining rows carry their policy state with them; padding columns no remaining row needs are
-        trimmed (right padding).
+        Rows enter sorted by length, `batch_size` at a time (default: all at once). With `layer_pools`
+        (default on accelerators, `ee_model.layer_pools.default_pooling`) every step runs one layer on
+        `batch_size` rows waiting for it, taken across input batches; without, each batch runs layer by layer
+        and the rows the policy lets out leave it (per-batch compaction). Remaining rows carry their policy
+        state with them; padding columns no remaining row needs are trimmed (right padding).
         """
         if isinstance(policy, ExitSetting):
             policy = policy.exit_policy()
@@ -189,15 +190,20 @@ class EarlyExitClassifier(nn.Module):
         batch_size = batch_size or max(n_rows, 1)
         right_padded = bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
         inputs = sorted_input_rows(input_ids, attention_mask, token_type_ids, batch_size, right_padded)
-        return ExitEngine(self, policy, batch_size, right_padded).run(n_rows, inputs, input_ids.device)
+        pooling = default_pooling(input_ids.device) if layer_pools is None else layer_pools
+        engine = ExitEngine(self, policy, batch_size, right_padded, pool_across_batches=pooling)
+        return engine.run(n_rows, inputs, input_ids.device)
 
     @torch.inference_mode()
     def early_exit_ids(
-        self, token_ids: TokenIds, policy: ExitPolicy | ExitSetting, batch_size: int
+        self,
+        token_ids: TokenIds,
+        policy: ExitPolicy | ExitSetting,
+        batch_size: int,
+        layer_pools: bool | None = None,
     ) -> EarlyExitBatch:
-        """Per-row early exit of unpadded token ids (rows in input order) with the layer-pool engine: rows are
-        sorted by length and padded `batch_size` at a time as they enter, so memory follows `batch_size`,
-        not the number of rows."""
+        """`early_exit` of unpadded token ids (rows in input order): rows are sorted by length and padded
+        `batch_size` at a time as they enter, so memory follows `batch_size`, not the number of rows."""
         if isinstance(policy, ExitSetting):
             policy = policy.exit_policy()
         if batch_size < 1:
@@ -212,7 +218,10 @@ class EarlyExitClassifier(nn.Module):
                 ids, mask = token_ids.take(rows).padded(pad_id, device)
                 yield InputRows(torch.from_numpy(rows).to(device), ids, mask)
 
-        return ExitEngine(self, policy, batch_size).run(len(token_ids), inputs(), device)
+        pooling = default_pooling(device) if layer_pools is None else layer_pools
+        return ExitEngine(self, policy, batch_size, pool_across_batches=pooling).run(
+            len(token_ids), inputs(), device
+        )
 
     @property
     def text_tokenizer(self) -> TextTokenizer:
@@ -250,6 +259,7 @@ class EarlyExitClassifier(nn.Module):
         batch_size: int = 32,
         invalid: str = "raise",
         setting: ExitSetting | None = None,
+        layer_pools: bool | None = None,
     ) -> Prediction:
         """Tokenise and classify texts with per-row early exit; results in input order.
 
@@ -262,6 +272,7 @@ class EarlyExitClassifier(nn.Module):
             invalid: "raise" -> ValueError naming null/empty/non-string rows; "null" -> those rows get a
                 defined empty result with the reason in `error`.
             setting: an `ExitSetting` instead of policy / threshold / patience.
+            layer_pools: pool rows across batches of `batch_size` (see `early_exit`); default on accelerators.
         Returns:
             Prediction with label, probs, confidence, exit_layer, flops, tokens and error per row.
         """
@@ -276,7 +287,9 @@ class EarlyExitClassifier(nn.Module):
             raise ValueError("give an ExitSetting or policy / threshold / patience, not both")
         exit_policy = (setting or self.config.setting(policy, threshold, patience)).exit_policy()
         valid = [i for i, reason in enumerate(reasons) if reason is None]
-        return self._predict(self.tokenize([texts[i] for i in valid]), reasons, exit_policy, batch_size)
+        return self._predict(
+            self.tokenize([texts[i] for i in valid]), reasons, exit_policy, batch_size, layer_pools
+        )
 
     def predict_tokens(
         self,
@@ -284,6 +297,7 @@ class EarlyExitClassifier(nn.Module):
         errors: Sequence[str | None] | None = None,
         setting: ExitSetting | None = None,
         batch_size: int = 32,
+        layer_pools: bool | None = None,
     ) -> Prediction:
         """`predict` from token ids made by `tokenize` (in another process, e.g. a tokenising stage).
 
@@ -294,6 +308,7 @@ class EarlyExitClassifier(nn.Module):
                 Default: every row scoreable.
             setting: the exit setting; default the model's stored one.
             batch_size: rows per layer step.
+            layer_pools: as in `predict`.
         """
         reasons = list(errors) if errors is not None else [None] * len(token_ids)
         if sum(r is None for r in reasons) != len(token_ids):
@@ -302,17 +317,23 @@ class EarlyExitClassifier(nn.Module):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be >= 1")
-        return self._predict(token_ids, reasons, (setting or self.config.setting()).exit_policy(), batch_size)
+        policy = (setting or self.config.setting()).exit_policy()
+        return self._predict(token_ids, reasons, policy, batch_size, layer_pools)
 
     def _predict(
-        self, token_ids: TokenIds, reasons: list[str | None], policy: ExitPolicy, batch_size: int
+        self,
+        token_ids: TokenIds,
+        reasons: list[str | None],
+        policy: ExitPolicy,
+        batch_size: int,
+        layer_pools: bool | None,
     ) -> Prediction:
         result = self._empty_prediction(len(reasons), reasons)
         if len(token_ids):
             was_training = self.training
             self.eval()
             try:
-                out = self.early_exit_ids(token_ids, policy, batch_size)
+                out = self.early_exit_ids(token_ids, policy, batch_size, layer_pools)
             finally:
                 self.train(was_training)
             positions = np.array([i for i, reason in enumerate(reasons) if reason is None])

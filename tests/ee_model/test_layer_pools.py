@@ -72,7 +72,7 @@ def test_every_step_is_full_until_the_tail_drains(tiny_model):
     assert 0 < reached[-1] < reached[1] < reached[0] == 200, reached  # rows leave at several layers
     sizes, hooks = step_sizes(model)
     try:
-        model.early_exit(batch["input_ids"], batch["attention_mask"], rule, batch_size=16)
+        model.early_exit(batch["input_ids"], batch["attention_mask"], rule, batch_size=16, layer_pools=True)
     finally:
         for hook in hooks:
             hook.remove()
@@ -86,6 +86,42 @@ def test_every_step_is_full_until_the_tail_drains(tiny_model):
     assert compaction_steps < 2 * sum(reached) / 16 + 2 * model.n_layers
 
 
+def test_without_pools_each_batch_drains_before_the_next_enters(tiny_model):
+    """Per-batch compaction (the CPU default): layer 1 runs ceil(rows / batch) steps and no later layer runs
+    more steps than that; rows leave at the layer their policy says, as with pools."""
+    model = tiny_model("bert", num_layers=4, seed=7)
+    batch = model.encode(random_texts(50, seed=8))
+    rule = TargetLayerPolicy(torch.from_numpy(np.random.default_rng(2).choice([1, 2, 3, 4], size=50)))
+    sizes, hooks = step_sizes(model)
+    order = []
+    pre = [
+        layer.register_forward_pre_hook(lambda _m, _a, i=i: order.append(i))
+        for i, layer in enumerate(model.layers)
+    ]
+    try:
+        out = model.early_exit(
+            batch["input_ids"], batch["attention_mask"], rule, batch_size=16, layer_pools=False
+        )
+    finally:
+        for hook in hooks + pre:
+            hook.remove()
+    assert out.exit_layer.tolist() == rule.targets.tolist()
+    assert sizes[0] == [16, 16, 16, 2]
+    assert all(len(steps) <= 4 for steps in sizes.values())
+    # each batch runs layers 1, 2, ... in turn before the next batch's layer 1
+    starts = [k for k, layer in enumerate(order) if layer == 0]
+    assert all(
+        order[a:b] == sorted(order[a:b]) for a, b in zip(starts, [*starts[1:], len(order)], strict=True)
+    )
+
+
+def test_pools_are_the_accelerator_default():
+    from ee_model.layer_pools import default_pooling
+
+    assert default_pooling(torch.device("cuda", 0)) and default_pooling("cuda")
+    assert not default_pooling(torch.device("cpu"))
+
+
 def test_rows_of_a_step_have_similar_lengths(tiny_model):
     """Inputs enter longest first, so a step pads little: far fewer padded tokens than unsorted batches."""
     model = tiny_model("bert", num_layers=2)
@@ -94,7 +130,9 @@ def test_rows_of_a_step_have_similar_lengths(tiny_model):
     widths = []
     hook = model.layers[0].register_forward_hook(lambda _m, args, _o: widths.append(args[0].shape[:2]))
     try:
-        model.early_exit(batch["input_ids"], batch["attention_mask"], make_policy("none"), batch_size=16)
+        model.early_exit(
+            batch["input_ids"], batch["attention_mask"], make_policy("none"), batch_size=16, layer_pools=True
+        )
     finally:
         hook.remove()
     padded = sum(rows * width for rows, width in widths)
@@ -107,7 +145,9 @@ def test_predict_tokens_equals_predict_and_keeps_invalid_rows(tiny_model):
     model = tiny_model("electra", num_layers=3, seed=1)
     texts = random_texts(20, seed=4)
     texts[3], texts[11] = None, "  "
-    expected = model.predict(texts, policy="entropy", threshold=0.6, batch_size=4, invalid="null")
+    expected = model.predict(
+        texts, policy="entropy", threshold=0.6, batch_size=4, invalid="null", layer_pools=True
+    )
     valid = [t for t in texts if isinstance(t, str) and t.strip()]
     out = model.predict_tokens(
         model.tokenize(valid),
