@@ -51,6 +51,13 @@ def main(
     actors: Annotated[int, typer.Option(help="scoring actors (one model copy each)")] = 1,
     cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor; torch threads follow")] = 1.0,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor")] = 0.0,
+    tokenize: Annotated[
+        str,
+        typer.Option(
+            help="where texts become token ids: actor (in each scoring actor), tasks (a CPU stage of Ray "
+            "Data tasks before the actors, which keeps GPU actors busy), auto (tasks when actors have GPUs)"
+        ),
+    ] = "auto",
     include_probs: Annotated[bool, typer.Option(help="also write every class probability")] = False,
     output_prefix: Annotated[
         str,
@@ -102,6 +109,7 @@ def main(
             actors=actors,
             cpus_per_actor=cpus_per_actor,
             gpus_per_actor=gpus_per_actor,
+            tokenize=tokenize,
             include_probs=include_probs,
             output_prefix=output_prefix,
             calibrate_rows=calibrate_rows,

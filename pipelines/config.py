@@ -22,6 +22,7 @@ Stage = Literal["stage1", "stage2", "joint"]
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 Sampler = Literal["tpe", "gp"]
 TargetKind = Literal["retention", "flops"]
+Tokenizing = Literal["auto", "actor", "tasks"]
 
 
 def check_choice(name: str, value: Any, kind: Any) -> None:
@@ -438,6 +439,11 @@ class ScoreConfig:
     actors: int = 1
     cpus_per_actor: float = 1.0  # torch threads follow it
     gpus_per_actor: float = 0.0
+    # where texts become token ids: "actor" (each scoring actor tokenises its batches), "tasks" (a CPU stage
+    # of Ray Data tasks before the actors, on any node's free CPUs: what keeps a GPU actor busy), "auto"
+    # (tasks when the actors have GPUs, else actor: on CPUs tokenising is a few % of the work and a separate
+    # stage only takes CPUs from the actors)
+    tokenize: str = "auto"
     include_probs: bool = False
     output_prefix: str = ""  # prepended to every output column (label -> pred_label) to keep an input `label`
     # > 0: choose the knob on this many rows of the input without labels (pipelines.scoring.calibration): the
@@ -456,6 +462,7 @@ class ScoreConfig:
         _positive("cpus_per_actor", self.cpus_per_actor)
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
+        check_choice("tokenize", self.tokenize, Tokenizing)
         if self.policy is not None:
             check_policy(self.policy)
         if self.threshold is not None:
@@ -489,3 +496,8 @@ class ScoreConfig:
     def rows_per_task(self) -> int:
         """Rows per map_batches call: the sort window, never less than one model call."""
         return max(self.sort_rows, self.batch_size)
+
+    @property
+    def tokenizes_in_tasks(self) -> bool:
+        """Whether a tokenising stage runs before the scoring actors (`tokenize`, "auto" resolved)."""
+        return self.tokenize == "tasks" or (self.tokenize == "auto" and self.gpus_per_actor > 0)

@@ -30,7 +30,9 @@ from pipelines.model_source import ModelFiles, ModelSource, resolve_model
 from pipelines.paths import parquet_files, write_text_atomically
 from pipelines.scoring.calibration import Calibration, calibrate_on_worker, sample_texts
 from pipelines.scoring.incremental import OutputFolder, OutputLock, PendingOutput, fingerprint, output_name
-from pipelines.scoring.scorer import OUTPUT_COLUMNS, Scorer, is_text_type
+from pipelines.scoring.scorer import OUTPUT_COLUMNS, Scorer
+from pipelines.scoring.text_column import is_text_type
+from pipelines.scoring.tokenizing import STAGE_COLUMNS, TokenizerFiles, tokenize_batch
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -86,7 +88,7 @@ def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
         if not is_text_type(text_type):
             raise ScoringError(f"{path!r}: text column {config.text_column!r} holds {text_type}, not strings")
         written = [config.output_prefix + c for c in OUTPUT_COLUMNS]
-        clashes = [c for c in (*written, SOURCE_COLUMN) if c in schema.names]
+        clashes = [c for c in (*written, SOURCE_COLUMN, *STAGE_COLUMNS) if c in schema.names]
         if clashes:
             raise ScoringError(
                 f"{path!r} already has column(s) {clashes} that scoring writes; give "
@@ -165,6 +167,7 @@ class Tally:
     flops: int = 0
     labels: collections.Counter = field(default_factory=collections.Counter)
     prefix: str = ""  # of the output columns
+    driver_seconds: float = 0.0  # the driver's own work on the stream (score_stream)
 
     def add(self, table: pa.Table) -> None:
         column = lambda name: table[self.prefix + name]  # noqa: E731
@@ -181,10 +184,13 @@ def score_stream(
     dataset: Any, pending: dict[str, InputFile], folder: OutputFolder, schema_of, tally: Tally, record: dict
 ) -> int:
     """Drive the Ray Data stream; write each input file's rows to its own output and commit it when
-    complete."""
+    complete. The seconds the driver spends on its own work (splitting, writing, committing, counting; not
+    waiting for batches) go to `tally.driver_seconds`: its share of the run says whether one driver keeps
+    up."""
     open_outputs: dict[str, PendingOutput] = {}
     committed = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        busy_since = time.perf_counter()
         sources = batch[SOURCE_COLUMN].to_pylist()
         for source in dict.fromkeys(sources):  # a block may hold rows of several files
             rows = batch.filter(pa.compute.equal(batch[SOURCE_COLUMN], source)).drop_columns([SOURCE_COLUMN])
@@ -192,12 +198,14 @@ def score_stream(
             output = open_outputs.get(source) or open_outputs.setdefault(
                 source, folder.writer(item.output, schema_of(item))
             )
-            output.write(rows.cast(output.writer.schema))
+            # a batch that joined files of different columns holds the union of them, null where missing
+            output.write(rows.select(output.writer.schema.names).cast(output.writer.schema))
             tally.add(rows)
             if output.rows == item.rows:
                 output.commit(item.manifest_record(record))
                 del open_outputs[source]
                 committed += 1
+        tally.driver_seconds += time.perf_counter() - busy_since
     if open_outputs:  # rows in must equal rows out: never commit a short file
         short = {s: f"{o.rows}/{pending[s].rows}" for s, o in open_outputs.items()}
         raise RuntimeError(f"scoring ended with incomplete files (rows written/expected): {short}")
@@ -205,8 +213,14 @@ def score_stream(
 
 
 def build_dataset(
-    files: list[str], config: ScoreConfig, model: ObjectRef, setting: ExitSetting | None = None
+    files: list[str],
+    config: ScoreConfig,
+    model: ObjectRef,
+    setting: ExitSetting | None = None,
+    tokenizer: TokenizerFiles | None = None,
 ):
+    """read_parquet -> [map_batches(tokenize_batch), CPU tasks, when `tokenizer` is given] ->
+    map_batches(Scorer), an actor pool."""
     import ray.data
 
     with streaming_parquet_reader(preserve_order=True):  # outputs in input order, deterministic
@@ -214,6 +228,14 @@ def build_dataset(
         # read tasks that wait for a CPU never run and every job hangs. Parquet reading is light next to the
         # model.
         dataset = ray.data.read_parquet(files, include_paths=True, num_cpus=0)
+        if tokenizer is not None:
+            dataset = dataset.map_batches(
+                tokenize_batch,
+                fn_kwargs={"tokenizer": tokenizer, "text_column": config.text_column},
+                batch_size=config.rows_per_task,
+                batch_format="pyarrow",
+                num_cpus=1,
+            )
         return dataset.map_batches(
             Scorer,
             fn_constructor_kwargs={
@@ -233,6 +255,26 @@ def build_dataset(
         )
 
 
+def spare_cpus_for_tokenizing(config: ScoreConfig) -> bool:
+    """Whether the cluster has a CPU the scoring actors do not hold, for the tokenising stage's tasks (else
+    they would wait for ever). None spare: `tokenize="tasks"` is refused before anything runs; "auto" warns
+    and tokenises in the actors."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    held = config.actors * config.cpus_per_actor
+    if cpus - held >= 1:
+        return True
+    problem = (
+        f"a tokenising stage needs a CPU the scoring actors do not hold: the cluster has {cpus:g} and "
+        f"{config.actors} actor(s) x {config.cpus_per_actor:g} CPU hold {held:g}"
+    )
+    if config.tokenize == "tasks":
+        raise ScoringError(f"{problem}; lower --cpus-per-actor or --actors, or use --tokenize actor")
+    warnings.warn(f"{problem}: the actors tokenise their own batches", stacklevel=2)
+    return False
+
+
 def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, counts: dict) -> dict[str, Any]:
     layers = np.concatenate(tally.exit_layers) if tally.exit_layers else np.array([])
     tokens = np.concatenate(tally.tokens).astype(np.int64) if tally.tokens else np.array([], dtype=np.int64)
@@ -250,6 +292,7 @@ def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, count
         "flops_speedup": round(full / tally.flops, 4) if tally.flops else None,
         "label_distribution": dict(sorted(tally.labels.items())),
         "seconds": round(seconds, 2),
+        "driver_busy_share": round(tally.driver_seconds / seconds, 4) if seconds > 0 else None,
     }
 
 
@@ -320,6 +363,7 @@ def with_calibrated_knob(config: ScoreConfig, calibration: Calibration) -> Score
 def run_scoring(config: ScoreConfig) -> dict[str, Any]:
     """Score every input file not yet scored for this (model, policy, knob); return the summary."""
     inputs = inspect_inputs(config)
+    tokenize_in_tasks = config.tokenizes_in_tasks and spare_cpus_for_tokenizing(config)
     requested, calibration = config, None
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as held:
         source = resolve_model(
@@ -345,14 +389,16 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
         schema_of = lambda item: output_schema(item.schema, config.include_probs, config.output_prefix)  # noqa: E731
         tally, started = Tally(prefix=config.output_prefix), time.time()
         skipped = len(inputs) - len(pending)
-        committed = 0
+        committed, tokenizer = 0, None
         for path, item in list(pending.items()):
             if item.rows == 0:  # nothing to stream: commit an empty output with the full schema
                 folder.writer(item.output, schema_of(item)).commit(item.manifest_record(record))
                 del pending[path]
                 committed += 1
         if pending:
-            dataset = build_dataset(list(pending), config, shipped_model(), setting)
+            if tokenize_in_tasks:
+                tokenizer = TokenizerFiles.from_directory(source.directory)
+            dataset = build_dataset(list(pending), config, shipped_model(), setting, tokenizer)
             committed += score_stream(dataset, pending, folder, schema_of, tally, record)
         counts = {
             "input_files": len(inputs),
@@ -363,6 +409,7 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
             "rows_in": sum(f.rows for f in pending.values()),
         }
         summary = summarize(tally, model_config, time.time() - started, counts)
+        summary["tokenize"] = "tasks" if tokenizer is not None else "actor"
         if summary["rows_scored"] != counts["rows_in"]:
             raise RuntimeError(f"rows in {counts['rows_in']} != rows out {summary['rows_scored']}")
         summary.update(
@@ -417,6 +464,7 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
                 "actors": config.actors,
                 "cpus_per_actor": config.cpus_per_actor,
                 "gpus_per_actor": config.gpus_per_actor,
+                "tokenize": summary["tokenize"],
                 "calibrate_rows": config.calibrate_rows,
                 "min_agreement": config.min_agreement if config.calibrate_rows else None,
                 "delta": config.delta if config.calibrate_rows else None,

@@ -11,6 +11,8 @@ import torch
 
 from ee_model import ExitSetting
 from pipelines.model_source import load_shipped_model
+from pipelines.scoring.text_column import column_texts
+from pipelines.scoring.tokenizing import has_token_ids, token_ids_of
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -20,41 +22,14 @@ if TYPE_CHECKING:
 OUTPUT_COLUMNS = ("label", "confidence", "exit_layer", "flops", "tokens", "probs", "error")
 
 
-def is_text_type(column_type: pa.DataType) -> bool:
-    """Strings, or binary that holds them (Spark writes strings without a UTF-8 annotation)."""
-    return any(
-        check(column_type)
-        for check in (
-            pa.types.is_string,
-            pa.types.is_large_string,
-            pa.types.is_binary,
-            pa.types.is_large_binary,
-        )
-    )
-
-
-def column_texts(column: pa.ChunkedArray | pa.Array) -> list:
-    """The column's values as Python strings; binary values are decoded as UTF-8, and a value that is not
-    valid UTF-8 stays bytes (an invalid row, "not a string: bytes", never a crash)."""
-    values = column.to_pylist()
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        return [decode_utf8(v) for v in values]
-    return values
-
-
-def decode_utf8(value: bytes | None) -> str | bytes | None:
-    try:
-        return value.decode("utf-8") if value is not None else None
-    except UnicodeDecodeError:
-        return value
-
-
 class Scorer:
     """Adds label, confidence, exit_layer, flops, tokens (and probs) and error to every row of a batch.
 
     Rows are never dropped: a null, empty or non-string text gets null outputs and its reason in `error`.
-    Inside, `predict` tokenises the whole batch once, sorts its rows by length, runs model calls of
-    `batch_size` rows of similar length (less padding), exits per row and restores input order.
+    When a tokenising stage ran before (pipelines.scoring.tokenizing), the batch carries token ids and the
+    scorer only runs the model; else it tokenises the batch itself. Either way the batch's rows are sorted by
+    length and run through the exit engine `batch_size` rows per layer step (layer pools on a GPU, per-batch
+    compaction on a CPU), and come back in input order.
     """
 
     def __init__(
@@ -76,10 +51,13 @@ class Scorer:
         self.batch_size = batch_size  # None: the whole batch in one model call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = column_texts(batch[self.text_column])
-        out = self.model.predict(
-            texts, setting=self.setting, batch_size=self.batch_size or max(len(texts), 1), invalid="null"
-        )
+        batch_size = self.batch_size or max(batch.num_rows, 1)
+        if has_token_ids(batch):
+            token_ids, reasons, batch = token_ids_of(batch)
+            out = self.model.predict_tokens(token_ids, reasons, setting=self.setting, batch_size=batch_size)
+        else:
+            texts = column_texts(batch[self.text_column])
+            out = self.model.predict(texts, setting=self.setting, batch_size=batch_size, invalid="null")
         scored = np.array([e is None for e in out.error], dtype=bool)
         missing = ~scored
         columns = {

@@ -527,3 +527,42 @@ def test_a_corrupt_data_page_names_its_file_and_the_good_files_still_commit(ray_
     (key,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
     assert (key / "good.parquet").is_file() and not (key / "bad.parquet").exists()
     assert pq.read_table(key / "good.parquet").num_rows == 25
+
+
+def test_a_tokenizing_stage_gives_the_actors_results(ray_local, model_dir, tmp_path):
+    """--tokenize tasks: CPU tasks tokenise before the actors; every row, reason and score equals the actors
+    tokenising themselves, and no stage column reaches the output."""
+    texts = AWKWARD + random_texts(120, seed=6, max_words=80)
+    write(tmp_path / "in" / "a.parquet", texts, doc_id=pa.array(range(len(texts))))
+    write(tmp_path / "in" / "b.parquet", random_texts(33, seed=7))
+    common = dict(include_probs=True, sort_rows=64)
+    actor = score(model_dir, tmp_path / "in", tmp_path / "out-actor", tmp_path, tokenize="actor", **common)
+    tasks = score(model_dir, tmp_path / "in", tmp_path / "out-tasks", tmp_path, tokenize="tasks", **common)
+    assert (actor["tokenize"], tasks["tokenize"]) == ("actor", "tasks")
+    assert tasks["rows_in"] == tasks["rows_scored"] == len(texts) + 33 and tasks["errors"] == 3
+    by_actor, by_tasks = read_outputs(actor), read_outputs(tasks)
+    assert set(by_tasks) == {"a.parquet", "b.parquet"}
+    for name, table in by_tasks.items():
+        assert table.column_names == by_actor[name].column_names  # no __ee_ column left
+        for column in ("text", "label", "exit_layer", "tokens", "error"):
+            assert table[column].to_pylist() == by_actor[name][column].to_pylist(), (name, column)
+        np.testing.assert_allclose(
+            np.array([p or [0.0] * 3 for p in table["probs"].to_pylist()]),
+            np.array([p or [0.0] * 3 for p in by_actor[name]["probs"].to_pylist()]),
+            atol=1e-6,
+        )
+    run = mlflow.search_runs(experiment_names=["early-exit-scoring"], output_format="list")[0]
+    assert run.data.params["tokenize"] in ("actor", "tasks") and "driver_busy_share" in run.data.metrics
+
+
+def test_a_tokenizing_stage_without_a_spare_cpu_is_refused_before_scoring(ray_local, model_dir, tmp_path):
+    write(tmp_path / "in" / "a.parquet", random_texts(10, seed=1))
+    with pytest.raises(ScoringError, match="a CPU the scoring actors do not hold.*--tokenize actor"):
+        score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, tokenize="tasks", actors=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_with_a_stage_column_is_refused(model_dir, tmp_path):
+    write(tmp_path / "in" / "a.parquet", ["x"], __ee_token_ids=pa.array([[1]]))
+    with pytest.raises(ScoringError, match="__ee_token_ids"):
+        score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
