@@ -66,7 +66,8 @@ def bbc_paragraph_texts(n: int) -> list[str]:
 
     texts = split_paragraphs(read_bbc_articles())["text"].to_pylist()
     rng = np.random.default_rng(0)
-    return [texts[i] for i in rng.choice(len(texts), size=n, replace=False)]
+    rounds = -(-n // len(texts))  # more rows than paragraphs: each round in a new order
+    return [texts[i] for i in np.concatenate([rng.permutation(len(texts)) for _ in range(rounds)])[:n]]
 
 
 def run_compaction(model, batches, targets, autocast) -> tuple[float, torch.Tensor]:
