@@ -135,14 +135,26 @@ class EarlyExitClassifier(nn.Module):
     # ---- training forward ---------------------------------------------------------------------------
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         train_encoder: bool | None = None,
+        student_features: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
     ) -> ExitLogits:
         """Every exit's logits (n_layers, batch, num_labels). train_encoder=False runs the backbone without
         autograd (stage 2: one backbone pass feeds every student, no activation memory kept); None: False
-        after `freeze_for_stage2`, else True."""
+        after `freeze_for_stage2`, else True.
+
+        Stage 2 from cached features: instead of token ids, `student_features` (n_layers - 1, batch, hidden),
+        what `pooled_features` gave for the students' layers, and the frozen teacher's `teacher_logits`
+        (batch, num_labels); only the student heads run, and the result is what the text path gives.
+        """
+        if student_features is not None:
+            if teacher_logits is None or input_ids is not None:
+                raise ValueError("give student_features with teacher_logits, and no token ids")
+            students = [head(p) for head, p in zip(self.heads[:-1], student_features, strict=True)]
+            return ExitLogits(logits=torch.stack([*students, teacher_logits.to(students[0].dtype)]))
         if train_encoder is None:
             train_encoder = not self.stage2_frozen
         with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):

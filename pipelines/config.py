@@ -23,6 +23,7 @@ Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 Sampler = Literal["tpe", "gp"]
 TargetKind = Literal["retention", "flops"]
 Tokenizing = Literal["auto", "actor", "tasks"]
+FeatureDtype = Literal["float16", "float32"]
 
 
 def check_choice(name: str, value: Any, kind: Any) -> None:
@@ -136,9 +137,17 @@ class Stage2Config(StageConfig):
     checkpoint_every_steps: int = 100
     kl_weight: float = 1.0
     gold_weight: float = 0.0  # DeeBERT's recipe is kl_weight 0, gold_weight 1
+    # the students train on features computed once per row by a frozen pass (pipelines.training.features):
+    # their dtype in the store, where the store lives (default <resources.storage_path>/stage2_features; a
+    # path every node can read), and whether it stays after the run (a later run with the same stage-1
+    # weights and corpus reuses a kept store)
+    feature_dtype: str = "float16"
+    feature_store: str | None = None
+    keep_features: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("feature_dtype", self.feature_dtype, FeatureDtype)
         if self.kl_weight < 0 or self.gold_weight < 0 or self.kl_weight + self.gold_weight == 0:
             raise ValueError(
                 f"kl_weight={self.kl_weight!r}, gold_weight={self.gold_weight!r}: both >= 0, not both 0"

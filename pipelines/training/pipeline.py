@@ -6,6 +6,7 @@ Driver side only; the worker loop is `pipelines.training.worker_loop`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -20,10 +21,13 @@ import ray.data
 from ray.train import Checkpoint
 
 from ee_model import EarlyExitClassifier
+from ee_model.config import EarlyExitConfig
+from ee_model.flops import FlopsModel
 from ee_model.texts import invalid_text_reason
 from pipelines.config import StageConfig, TrainConfig, resolve_tracking_uri
 from pipelines.data import (
     UNLABELED,
+    DataError,
     LabeledSplits,
     load_labeled_splits,
     parquet_dataset,
@@ -34,9 +38,20 @@ from pipelines.data import (
 )
 from pipelines.evaluation.final import FinalEvaluation, evaluate_trained_model, log_final_evaluation
 from pipelines.evaluation.results import ChosenSetting
+from pipelines.model_source import ModelFiles, weights_digest
+from pipelines.paths import parquet_files
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
+from pipelines.training.features import (
+    FeatureStore,
+    FeatureStoreError,
+    bytes_needed,
+    check_disk,
+    extract_features,
+    read_features,
+    store_key,
+)
 from pipelines.training.stages import stage_named
-from pipelines.training.trainer import build_trainer
+from pipelines.training.trainer import build_trainer, storage_uri
 from pipelines.training.worker_loop import MODEL_SUBDIR, WorkerConfig
 
 
@@ -144,6 +159,10 @@ def run_stage(
     best checkpoint."""
     datasets, rows = stage_datasets(stage, splits, config)
     child_run_id = start_child_run(parent_run_id, run_name or stage)
+    store, extraction = None, {}
+    if stage_named(stage).freezes_backbone:  # one frozen pass per row; the students train on its output
+        store, extraction = cached_features(datasets["train"], rows, splits, init, config)
+        datasets["train"] = read_features(store)
     worker_config = worker_config_for(stage, config, splits, encoder, rows, init, tracking_uri, child_run_id)
     per_worker = getattr(config, stage).batch_size_per_worker
     batch = global_batch_size(getattr(config, stage), config.resources.num_workers)
@@ -168,13 +187,87 @@ def run_stage(
             )
         )
         mlflow.set_tag("init_checkpoint", init.path if init is not None else "")
-        result = trainer.fit()
+        if store is not None:
+            mlflow.set_tag("feature_store", str(store.path))
+            mlflow.log_metrics(extraction)
+        try:
+            result = trainer.fit()
+        finally:
+            if store is not None and not config.stage2.keep_features:
+                store.remove()
         best = result.get_best_checkpoint(metric="dev_score", mode="max")
         if best is None:
             raise RuntimeError(f"{stage} reported no checkpoint; see the Ray Train logs of {result.path}")
         mlflow.set_tag("best_checkpoint", best.path)
         mlflow.log_metric(f"{stage}_best_dev_score", float(best_score(result)))
     return best
+
+
+def cached_features(
+    corpus: ray.data.Dataset, rows: int, splits: LabeledSplits, init: Checkpoint, config: TrainConfig
+) -> tuple[FeatureStore, dict[str, float]]:
+    """The stage-2 corpus's features from the stage-1 checkpoint `init`, extracted once (or found complete in
+    the store); (store, {"feature_extraction_seconds": ..., "feature_store_bytes": ...})."""
+    stage2, resources = config.stage2, config.resources
+    with init.as_directory() as directory:
+        model_dir = Path(directory) / MODEL_SUBDIR
+        model_config = EarlyExitConfig.load(model_dir)
+        identity = {
+            "weights": weights_digest(model_dir),
+            "train": hashlib.sha256(str(splits.train["text"].to_pylist()).encode()).hexdigest(),
+            "unlabeled": corpus_identity(config, splits),
+            "max_unlabeled_rows": config.data.max_unlabeled_rows,
+            "rows": rows,
+            "max_length": model_config.max_length,
+            "dtype": stage2.feature_dtype,
+        }
+        model = ray.put(ModelFiles.from_directory(model_dir))
+    store = FeatureStore(feature_root(config), store_key(identity))
+    flops = FlopsModel.from_encoder_config(
+        model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
+    )
+    needed = bytes_needed(
+        rows, flops.n_layers, flops.hidden_size, model_config.num_labels, stage2.feature_dtype
+    )
+    started = time.time()
+    if not store.complete:
+        check_disk(store.root, needed)
+        print(f"stage2: extracting features of {rows} rows into {store.path}", flush=True)
+        extract_features(
+            corpus,
+            model,
+            store,
+            stage2.feature_dtype,
+            actors=max(resources.num_workers, 1),
+            cpus_per_actor=resources.cpus_per_worker,
+            gpus_per_actor=1 if resources.use_gpu else 0,
+        )
+    return store, {
+        "feature_extraction_seconds": round(time.time() - started, 2),
+        "feature_store_bytes": float(needed),
+    }
+
+
+def feature_root(config: TrainConfig) -> Path:
+    """stage2.feature_store, else <storage_path>/stage2_features (a local or shared path)."""
+    if config.stage2.feature_store:
+        return Path(config.stage2.feature_store).resolve()
+    storage = storage_uri(config.resources)
+    if "://" in storage:
+        raise FeatureStoreError(
+            f"resources.storage_path={storage!r} is not a file system path; set stage2.feature_store to a "
+            "path every node can read"
+        )
+    return Path(storage) / "stage2_features"
+
+
+def corpus_identity(config: TrainConfig, splits: LabeledSplits) -> list | None:
+    """The unlabeled corpus's files with their sizes and modification times (a changed file changes it)."""
+    path = unlabeled_path(config.data, splits)
+    if path is None:
+        return None
+    files, _ = parquet_files(str(path), error=DataError)
+    return [(str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
 
 
 def run_tuned_first_stage(

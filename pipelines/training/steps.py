@@ -1,7 +1,8 @@
 """One optimizer step of a training stage on one worker (no Ray here).
 
-A batch is a dict with "text" (sequence of str) and "label_id" (int array; -100 = unlabeled). Ray code only
-turns dataset shards into such iterables; tests feed plain lists.
+A batch is a dict with "text" (sequence of str) and "label_id" (int array; -100 = unlabeled), or, for stage 2
+from cached features (pipelines.training.features), "student_features" and "teacher_logits" instead of "text".
+Ray code only turns dataset shards into such iterables; tests feed plain lists.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from pipelines.evaluation.passes import autocast_for, encode
+from pipelines.training.features import features_of, has_features
 
 if TYPE_CHECKING:
     from pipelines.training.stages import LossFn, TrainingStage
@@ -31,10 +33,16 @@ def train_step(
     keep = labels != -100
     if not stage.learns_from_unlabeled and not bool(keep.all()):
         raise ValueError(f"{stage.name} needs a gold label on every row")
-    inputs = encode(model, batch, device)
-    with autocast_for(device):  # a frozen backbone (freeze_for_stage2) runs without autograd
-        out = model(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
-        loss = loss_fn(out.logits, labels)
+    if has_features(batch):  # stage 2 from cached features: only the student heads run
+        features, teacher = features_of(batch, device)
+        with autocast_for(device):
+            out = model(student_features=features, teacher_logits=teacher)
+            loss = loss_fn(out.logits, labels)
+    else:
+        inputs = encode(model, batch, device)
+        with autocast_for(device):  # a frozen backbone (freeze_for_stage2) runs without autograd
+            out = model(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+            loss = loss_fn(out.logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

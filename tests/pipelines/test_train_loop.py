@@ -1,5 +1,7 @@
 """The worker loop in Ray Train's local mode (num_workers=0) on a tiny model, and the plain step functions."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ from ee_model import EarlyExitClassifier
 from pipelines.config import DataConfig, JointConfig, ResourcesConfig, Stage1Config
 from pipelines.data import load_labeled_splits
 from pipelines.evaluation.passes import exit_logits, per_layer_accuracy
-from pipelines.training.pipeline import stage_datasets, total_steps
+from pipelines.training.features import read_features
+from pipelines.training.pipeline import cached_features, stage_datasets, total_steps
 from pipelines.training.stages import STAGES
 from pipelines.training.steps import train_step
 from pipelines.training.trainer import build_trainer
@@ -38,7 +41,12 @@ def fit_stage(
 ):
     from pipelines.config import load_train_config
 
-    config = load_train_config(overrides={"data": {"train_path": "unused", "unlabeled_path": ""}})
+    config = load_train_config(
+        overrides={
+            "data": {"train_path": "unused", "unlabeled_path": ""},
+            "resources": {"storage_path": str(tmp_path / "ray")},
+        }
+    )
     stage_config = STAGES[stage].config_type(
         learning_rate=5e-3 if stage != "stage2" else 1e-2,
         epochs=epochs,
@@ -47,6 +55,9 @@ def fit_stage(
         **stage_overrides,
     )
     datasets, rows = stage_datasets(stage, splits, config)
+    if STAGES[stage].freezes_backbone:  # as the job runs stage 2: students on cached features
+        store, _ = cached_features(datasets["train"], rows, splits, init, config)
+        datasets["train"] = read_features(store)
     worker = WorkerConfig(
         stage=stage,
         stage_config=vars(stage_config),
@@ -119,6 +130,41 @@ def test_stage2_in_local_mode_keeps_the_teacher_and_trains_students(
     assert len(student) == 6 and len(set(student)) > 1, "the students did not train"
     kl = [v for _, v in metric_history(*tracking, "stage2_loss")]
     assert sum(kl[-5:]) < sum(kl[:5])  # distillation loss goes down
+
+
+def test_the_feature_store_is_written_once_and_kept_only_when_asked(
+    ray_local, labeled_parquet, tiny_encoder_dir, tmp_path
+):
+    from ray.train import Checkpoint
+
+    from pipelines.config import load_train_config
+
+    splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
+    torch.manual_seed(0)
+    model = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=splits.labels)
+    model.save_pretrained(tmp_path / "init" / MODEL_SUBDIR)
+    init = Checkpoint.from_directory(str(tmp_path / "init"))
+    config = load_train_config(
+        overrides={
+            "data": {"train_path": "unused", "unlabeled_path": ""},
+            "stage2": {"feature_store": str(tmp_path / "store"), "feature_dtype": "float32"},
+        }
+    )
+    datasets, rows = stage_datasets("stage2", splits, config)
+    store, metrics = cached_features(datasets["train"], rows, splits, init, config)
+    assert store.complete and store.path.parent == tmp_path / "store"
+    features = read_features(store).take_all()
+    assert len(features) == rows == splits.train.num_rows
+    assert features[0]["student_features"].shape == (2, 32) and features[0]["teacher_logits"].shape == (3,)
+    assert sorted(f["label_id"] for f in features) == sorted(
+        splits.labels.index(label) for label in splits.train["label"].to_pylist()
+    )
+    marker = (store.path / "_COMPLETE").stat().st_mtime_ns
+    again, _ = cached_features(datasets["train"], rows, splits, init, config)  # same weights and corpus
+    assert again.path == store.path and (store.path / "_COMPLETE").stat().st_mtime_ns == marker
+    other = dataclasses.replace(config, stage2=dataclasses.replace(config.stage2, feature_dtype="float16"))
+    assert cached_features(datasets["train"], rows, splits, init, other)[0].path != store.path
+    assert metrics["feature_store_bytes"] == 168 * (2 * 32 * 4 + 3 * 4 + 8)
 
 
 def test_joint_training_trains_every_exit(ray_local, labeled_parquet, tiny_encoder_dir, tmp_path):

@@ -1,0 +1,166 @@
+"""Stage 2 from cached features: one frozen pass per row, then the students train on what it produced.
+
+In stage 2 the backbone and the teacher are frozen and in eval mode, so what each student sees (its layer's
+pooled hidden state) and what it learns from (the teacher's logits) are fixed per row. A Ray Data job computes
+them once: the stage-2 corpus (labeled training texts + the unlabeled corpus, streamed) -> `map_batches`
+(`FeatureExtractor`, an actor pool, the model loaded once per actor, GPU or CPU) -> parquet in a feature
+store. Stage 2's Ray Train workers then read the store instead of the texts; the model's
+`forward(student_features=, teacher_logits=)` runs only the student heads, so each epoch costs heads, not
+backbones.
+
+A store is named by everything its contents depend on (the stage-1 weights, the corpus, the row cap, the
+model's max_length, the dtype) and is written aside, then renamed into place with a `_COMPLETE` marker: a run
+finding a complete store of the same name reuses it, a killed extraction leaves nothing that could be read as
+complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    import ray.data
+    from ray import ObjectRef
+
+    from pipelines.model_source import ModelFiles
+
+FEATURES_COLUMN = "student_features"  # (n_layers - 1, hidden) per row, the store's dtype
+TEACHER_COLUMN = "teacher_logits"  # (num_labels,) float32 per row
+LABEL_COLUMN = "label_id"
+COMPLETE_MARKER = "_COMPLETE"
+FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class FeatureStoreError(UserError):
+    """The feature store cannot be written (e.g. too little disk)."""
+
+
+class FeatureExtractor:
+    """map_batches callable: text + label_id -> label_id, student features and teacher logits per row."""
+
+    def __init__(self, model: ModelFiles | ObjectRef | str, dtype: str, cpus: float = 1.0) -> None:
+        import math
+
+        from pipelines.model_source import load_shipped_model
+
+        torch.set_num_threads(max(1, math.floor(cpus)))
+        self.model = load_shipped_model(model).eval()
+        self.dtype = FEATURE_DTYPES[dtype]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.evaluation.passes import autocast_for
+
+        model, device = self.model, self.model.device
+        inputs = model.encode(list(batch["text"]), device)
+        with torch.inference_mode(), autocast_for(device):  # as the stage-2 step runs the frozen backbone
+            pooled = model.pooled_features(inputs["input_ids"], inputs["attention_mask"])  # (L, B, H)
+            teacher = model.teacher(pooled[-1])
+        return {
+            LABEL_COLUMN: np.asarray(batch[LABEL_COLUMN], dtype=np.int64),
+            FEATURES_COLUMN: pooled[:-1].transpose(0, 1).float().cpu().numpy().astype(self.dtype),
+            TEACHER_COLUMN: teacher.float().cpu().numpy(),
+        }
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    """Where one stage-2 corpus's features live: `<root>/<key>/`, complete once `_COMPLETE` is there."""
+
+    root: Path
+    key: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.key
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / COMPLETE_MARKER).is_file()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def store_key(identity: dict[str, Any]) -> str:
+    """A name for the store from everything its contents depend on."""
+    return "features-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bytes_needed(rows: int, n_layers: int, hidden: int, num_labels: int, dtype: str) -> int:
+    """Uncompressed size of a store: features, teacher logits and labels of every row."""
+    itemsize = np.dtype(FEATURE_DTYPES[dtype]).itemsize
+    return rows * ((n_layers - 1) * hidden * itemsize + num_labels * 4 + 8)
+
+
+def check_disk(root: Path, needed: int) -> None:
+    """Refuse before writing when the store's disk cannot hold it (with a 10 % margin): better than a
+    half-written store."""
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if needed * 1.1 > free:
+        raise FeatureStoreError(
+            f"the stage-2 feature store needs about {needed / 2**30:.2f} GiB at {root} and the disk has "
+            f"{free / 2**30:.2f} GiB free; set stage2.feature_store to a larger disk, stage2.feature_dtype="
+            "float16, or data.max_unlabeled_rows lower"
+        )
+
+
+def extract_features(
+    corpus: ray.data.Dataset,
+    model: ObjectRef,
+    store: FeatureStore,
+    dtype: str,
+    actors: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    batch_size: int = 256,
+) -> FeatureStore:
+    """Write the corpus's features into `store` (written aside, renamed into place when complete)."""
+    import ray.data
+
+    if store.complete:
+        return store
+    store.remove()  # an incomplete store of the same name: a killed run's, never read
+    staging = store.root / f"_tmp-{store.key}-{uuid.uuid4().hex[:8]}"
+    corpus.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs={"model": model, "dtype": dtype, "cpus": cpus_per_actor},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+    ).write_parquet(str(staging))
+    (staging / COMPLETE_MARKER).write_text("")
+    staging.rename(store.path)
+    return store
+
+
+def read_features(store: FeatureStore) -> ray.data.Dataset:
+    import ray.data
+
+    if not store.complete:
+        raise FeatureStoreError(f"feature store {store.path} is not complete")
+    return ray.data.read_parquet(str(store.path), file_extensions=["parquet"])
+
+
+def features_of(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student features (L - 1, batch, hidden) float32, teacher logits (batch, N)) of a numpy batch."""
+    features = torch.as_tensor(np.asarray(batch[FEATURES_COLUMN]), device=device).float().transpose(0, 1)
+    teacher = torch.as_tensor(np.asarray(batch[TEACHER_COLUMN]), device=device).float()
+    return features, teacher
+
+
+def has_features(batch: dict[str, Any]) -> bool:
+    return FEATURES_COLUMN in batch
