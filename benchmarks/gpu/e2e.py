@@ -221,7 +221,8 @@ def registered_model_dir(tracking_uri: str, destination: Path) -> str:
 
 
 def stage_runs(tracking_uri: str, parent_run_id: str) -> dict[str, dict]:
-    """Wall time and worker placement of each training stage, read back from its MLflow child run."""
+    """Wall time, worker placement and feature-store metrics of each training stage, read back from its
+    MLflow child run."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -231,6 +232,7 @@ def stage_runs(tracking_uri: str, parent_run_id: str) -> dict[str, dict]:
         run.info.run_name: {
             "seconds": round((run.info.end_time - run.info.start_time) / 1000, 1),
             **{k: v for k, v in run.data.tags.items() if k.startswith("worker.")},
+            **{k: v for k, v in run.data.metrics.items() if k.startswith("feature_")},
         }
         for run in children
     }
