@@ -127,10 +127,10 @@ class Stage1Config(StageConfig):
 class Stage2Config(StageConfig):
     """KL stage 2: students distil the frozen teacher (KL), optionally + cross-entropy to gold labels."""
 
-    # Heads only, backbone forward without autograd: cheap next to stage 1. Measured on BBC (students trained
-    # on the frozen backbone's features, docs/results.md): 4,000 paragraphs x 3 epochs at 1e-2 let the
-    # dev-chosen S keep 99 % of accuracy at about 0.9 of the oracle's speed-up; 1,000 x 2 at 5e-3 stopped near
-    # 0.65.
+    # Heads only, on features the frozen backbone computed once per row (pipelines.training.features): epochs
+    # cost heads, not backbones. Measured on BBC (docs/results.md): 4,000 paragraphs x 3 epochs at 1e-2 let
+    # the dev-chosen S keep 99 % of accuracy at about 0.9 of the oracle's speed-up; 1,000 x 2 at 5e-3 stopped
+    # near 0.65.
     learning_rate: float = 1e-2
     epochs: int = 3
     batch_size_per_worker: int = 32

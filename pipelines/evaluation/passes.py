@@ -18,6 +18,7 @@ import torch
 from ee_model import EarlyExitClassifier
 from ee_model.io import unwrap
 from pipelines.data import with_label_ids
+from pipelines.feature_batches import features_of, has_features
 
 
 def encode(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -59,22 +60,30 @@ def exit_logits(
     device: torch.device,
     mixed_precision: bool = True,
 ) -> SplitPass:
-    """Every exit's logits, the label ids and each row's real tokens over all batches, in one full-depth pass.
+    """Every exit's logits, the label ids and each row's real tokens over all batches, in one full-depth pass
+    (batches of texts, or of cached stage-2 features: pipelines.feature_batches).
 
-    mixed_precision: bf16 autocast on CUDA, as training runs; False runs the model's own dtype, as scoring
-    does."""
+        mixed_precision: bf16 autocast on CUDA, as training runs; False runs the model's own dtype, as scoring
+        does."""
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()
     all_logits, all_labels, all_tokens = [], [], []
     try:
         for batch in batches:
-            inputs = encode(inner, batch, device)
-            with autocast_for(device) if mixed_precision else nullcontext():
-                out = inner(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+            if has_features(batch):  # cached stage-2 features: the heads only; token counts unknown (0)
+                features, teacher = features_of(batch, device)
+                with autocast_for(device) if mixed_precision else nullcontext():
+                    out = inner(student_features=features, teacher_logits=teacher)
+                tokens = np.zeros(features.shape[1], dtype=np.int64)
+            else:
+                inputs = encode(inner, batch, device)
+                with autocast_for(device) if mixed_precision else nullcontext():
+                    out = inner(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+                tokens = inputs["attention_mask"].sum(dim=1).cpu().numpy().astype(np.int64)
             all_logits.append(out.logits.float().cpu())
             all_labels.append(torch.tensor(np.array(batch["label_id"]), dtype=torch.long))
-            all_tokens.append(inputs["attention_mask"].sum(dim=1).cpu().numpy().astype(np.int64))
+            all_tokens.append(tokens)
     finally:
         inner.train(was_training)
     if not all_logits:

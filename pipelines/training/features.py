@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipelines.errors import UserError
+from pipelines.feature_batches import FEATURES_COLUMN, LABEL_COLUMN, TEACHER_COLUMN
 
 if TYPE_CHECKING:
     import ray.data
@@ -35,9 +36,6 @@ if TYPE_CHECKING:
 
     from pipelines.model_source import ModelFiles
 
-FEATURES_COLUMN = "student_features"  # (n_layers - 1, hidden) per row, the store's dtype
-TEACHER_COLUMN = "teacher_logits"  # (num_labels,) float32 per row
-LABEL_COLUMN = "label_id"
 COMPLETE_MARKER = "_COMPLETE"
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -153,14 +151,3 @@ def read_features(store: FeatureStore) -> ray.data.Dataset:
     if not store.complete:
         raise FeatureStoreError(f"feature store {store.path} is not complete")
     return ray.data.read_parquet(str(store.path), file_extensions=["parquet"])
-
-
-def features_of(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student features (L - 1, batch, hidden) float32, teacher logits (batch, N)) of a numpy batch."""
-    features = torch.as_tensor(np.asarray(batch[FEATURES_COLUMN]), device=device).float().transpose(0, 1)
-    teacher = torch.as_tensor(np.asarray(batch[TEACHER_COLUMN]), device=device).float()
-    return features, teacher
-
-
-def has_features(batch: dict[str, Any]) -> bool:
-    return FEATURES_COLUMN in batch

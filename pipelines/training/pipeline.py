@@ -159,10 +159,10 @@ def run_stage(
     best checkpoint."""
     datasets, rows = stage_datasets(stage, splits, config)
     child_run_id = start_child_run(parent_run_id, run_name or stage)
-    store, extraction = None, {}
+    stores, extraction = {}, {}
     if stage_named(stage).freezes_backbone:  # one frozen pass per row; the students train on its output
-        store, extraction = cached_features(datasets["train"], rows, splits, init, config)
-        datasets["train"] = read_features(store)
+        stores, extraction = cached_features(datasets, rows, splits, init, config)
+        datasets = {name: read_features(store) for name, store in stores.items()}
     worker_config = worker_config_for(stage, config, splits, encoder, rows, init, tracking_uri, child_run_id)
     per_worker = getattr(config, stage).batch_size_per_worker
     batch = global_batch_size(getattr(config, stage), config.resources.num_workers)
@@ -187,14 +187,15 @@ def run_stage(
             )
         )
         mlflow.set_tag("init_checkpoint", init.path if init is not None else "")
-        if store is not None:
-            mlflow.set_tag("feature_store", str(store.path))
+        if stores:
+            mlflow.set_tag("feature_store", str(stores["train"].root))
             mlflow.log_metrics(extraction)
         try:
             result = trainer.fit()
         finally:
-            if store is not None and not config.stage2.keep_features:
-                store.remove()
+            if not config.stage2.keep_features:
+                for store in stores.values():
+                    store.remove()
         best = result.get_best_checkpoint(metric="dev_score", mode="max")
         if best is None:
             raise RuntimeError(f"{stage} reported no checkpoint; see the Ray Train logs of {result.path}")
@@ -204,48 +205,76 @@ def run_stage(
 
 
 def cached_features(
-    corpus: ray.data.Dataset, rows: int, splits: LabeledSplits, init: Checkpoint, config: TrainConfig
-) -> tuple[FeatureStore, dict[str, float]]:
-    """The stage-2 corpus's features from the stage-1 checkpoint `init`, extracted once (or found complete in
-    the store); (store, {"feature_extraction_seconds": ..., "feature_store_bytes": ...})."""
+    datasets: dict[str, ray.data.Dataset],
+    rows: int,
+    splits: LabeledSplits,
+    init: Checkpoint,
+    config: TrainConfig,
+) -> tuple[dict[str, FeatureStore], dict[str, float]]:
+    """Stage 2's "train" (labeled texts + unlabeled corpus) and "dev" datasets as features of the stage-1
+    checkpoint `init`, extracted once each (or found complete in the store); (stores by split,
+    {"feature_extraction_seconds": ..., "feature_store_bytes": ...})."""
     stage2, resources = config.stage2, config.resources
     with init.as_directory() as directory:
         model_dir = Path(directory) / MODEL_SUBDIR
         model_config = EarlyExitConfig.load(model_dir)
-        identity = {
+        common = {
             "weights": weights_digest(model_dir),
-            "train": hashlib.sha256(str(splits.train["text"].to_pylist()).encode()).hexdigest(),
-            "unlabeled": corpus_identity(config, splits),
-            "max_unlabeled_rows": config.data.max_unlabeled_rows,
-            "rows": rows,
             "max_length": model_config.max_length,
             "dtype": stage2.feature_dtype,
         }
         model = ray.put(ModelFiles.from_directory(model_dir))
-    store = FeatureStore(feature_root(config), store_key(identity))
+    identities = {
+        "train": {
+            **common,
+            "texts": text_digest(splits.train),
+            "unlabeled": corpus_identity(config, splits),
+            "max_unlabeled_rows": config.data.max_unlabeled_rows,
+            "rows": rows,
+        },
+        "dev": {**common, "texts": text_digest(splits.dev)},
+    }
+    counts = {"train": rows, "dev": splits.dev.num_rows}
     flops = FlopsModel.from_encoder_config(
         model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
     )
-    needed = bytes_needed(
-        rows, flops.n_layers, flops.hidden_size, model_config.num_labels, stage2.feature_dtype
-    )
+    needed = {
+        name: bytes_needed(
+            n, flops.n_layers, flops.hidden_size, model_config.num_labels, stage2.feature_dtype
+        )
+        for name, n in counts.items()
+    }
+    root = feature_root(config)
+    stores = {name: FeatureStore(root, store_key(identity)) for name, identity in identities.items()}
+    actors = max(resources.num_workers, 1)
+    cpus = resources.cpus_per_worker
+    if not resources.use_gpu:  # nothing else runs yet: the extraction may use every CPU
+        cpus = max(cpus, float(int(ray.cluster_resources().get("CPU", 1) // actors)))
     started = time.time()
-    if not store.complete:
-        check_disk(store.root, needed)
-        print(f"stage2: extracting features of {rows} rows into {store.path}", flush=True)
+    missing = [name for name, store in stores.items() if not store.complete]
+    if missing:
+        check_disk(root, sum(needed[name] for name in missing))
+    for name in missing:
+        print(
+            f"stage2: extracting features of {counts[name]} {name} rows into {stores[name].path}", flush=True
+        )
         extract_features(
-            corpus,
+            datasets[name],
             model,
-            store,
+            stores[name],
             stage2.feature_dtype,
-            actors=max(resources.num_workers, 1),
-            cpus_per_actor=resources.cpus_per_worker,
+            actors=actors,
+            cpus_per_actor=cpus,
             gpus_per_actor=1 if resources.use_gpu else 0,
         )
-    return store, {
+    return stores, {
         "feature_extraction_seconds": round(time.time() - started, 2),
-        "feature_store_bytes": float(needed),
+        "feature_store_bytes": float(sum(needed.values())),
     }
+
+
+def text_digest(table: pa.Table) -> str:
+    return hashlib.sha256(str(table["text"].to_pylist()).encode()).hexdigest()
 
 
 def feature_root(config: TrainConfig) -> Path:

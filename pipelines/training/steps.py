@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipelines.evaluation.passes import autocast_for, encode
-from pipelines.training.features import features_of, has_features
+from pipelines.feature_batches import features_of, has_features
 
 if TYPE_CHECKING:
     from pipelines.training.stages import LossFn, TrainingStage

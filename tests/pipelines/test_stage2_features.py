@@ -8,9 +8,8 @@ import torch
 
 from ee_model import EarlyExitClassifier
 from pipelines.config import Stage2Config
+from pipelines.feature_batches import FEATURES_COLUMN, TEACHER_COLUMN
 from pipelines.training.features import (
-    FEATURES_COLUMN,
-    TEACHER_COLUMN,
     FeatureExtractor,
     FeatureStoreError,
     bytes_needed,

@@ -56,8 +56,8 @@ def fit_stage(
     )
     datasets, rows = stage_datasets(stage, splits, config)
     if STAGES[stage].freezes_backbone:  # as the job runs stage 2: students on cached features
-        store, _ = cached_features(datasets["train"], rows, splits, init, config)
-        datasets["train"] = read_features(store)
+        stores, _ = cached_features(datasets, rows, splits, init, config)
+        datasets = {name: read_features(store) for name, store in stores.items()}
     worker = WorkerConfig(
         stage=stage,
         stage_config=vars(stage_config),
@@ -151,20 +151,23 @@ def test_the_feature_store_is_written_once_and_kept_only_when_asked(
         }
     )
     datasets, rows = stage_datasets("stage2", splits, config)
-    store, metrics = cached_features(datasets["train"], rows, splits, init, config)
-    assert store.complete and store.path.parent == tmp_path / "store"
+    stores, metrics = cached_features(datasets, rows, splits, init, config)
+    store = stores["train"]
+    assert store.complete and stores["dev"].complete and store.path.parent == tmp_path / "store"
     features = read_features(store).take_all()
     assert len(features) == rows == splits.train.num_rows
     assert features[0]["student_features"].shape == (2, 32) and features[0]["teacher_logits"].shape == (3,)
     assert sorted(f["label_id"] for f in features) == sorted(
         splits.labels.index(label) for label in splits.train["label"].to_pylist()
     )
+    assert read_features(stores["dev"]).count() == splits.dev.num_rows
     marker = (store.path / "_COMPLETE").stat().st_mtime_ns
-    again, _ = cached_features(datasets["train"], rows, splits, init, config)  # same weights and corpus
-    assert again.path == store.path and (store.path / "_COMPLETE").stat().st_mtime_ns == marker
+    again, _ = cached_features(datasets, rows, splits, init, config)  # same weights and corpus
+    assert again["train"].path == store.path and (store.path / "_COMPLETE").stat().st_mtime_ns == marker
     other = dataclasses.replace(config, stage2=dataclasses.replace(config.stage2, feature_dtype="float16"))
-    assert cached_features(datasets["train"], rows, splits, init, other)[0].path != store.path
-    assert metrics["feature_store_bytes"] == 168 * (2 * 32 * 4 + 3 * 4 + 8)
+    assert cached_features(datasets, rows, splits, init, other)[0]["train"].path != store.path
+    per_row = 2 * 32 * 4 + 3 * 4 + 8
+    assert metrics["feature_store_bytes"] == (splits.train.num_rows + splits.dev.num_rows) * per_row
 
 
 def test_joint_training_trains_every_exit(ray_local, labeled_parquet, tiny_encoder_dir, tmp_path):
