@@ -122,9 +122,11 @@ def extract_features(
     actors: int,
     cpus_per_actor: float,
     gpus_per_actor: float,
+    threads: float | None = None,
     batch_size: int = 256,
 ) -> FeatureStore:
-    """Write the corpus's features into `store` (written aside, renamed into place when complete)."""
+    """Write the corpus's features into `store` (written aside, renamed into place when complete). Each actor
+    reserves `cpus_per_actor` CPUs and runs `threads` torch threads (default as many as it reserves)."""
     import ray.data
 
     if store.complete:
@@ -133,7 +135,7 @@ def extract_features(
     staging = store.root / f"_tmp-{store.key}-{uuid.uuid4().hex[:8]}"
     corpus.map_batches(
         FeatureExtractor,
-        fn_constructor_kwargs={"model": model, "dtype": dtype, "cpus": cpus_per_actor},
+        fn_constructor_kwargs={"model": model, "dtype": dtype, "cpus": threads or cpus_per_actor},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
         batch_format="numpy",

@@ -247,9 +247,11 @@ def cached_features(
     root = feature_root(config)
     stores = {name: FeatureStore(root, store_key(identity)) for name, identity in identities.items()}
     actors = max(resources.num_workers, 1)
-    cpus = resources.cpus_per_worker
-    if not resources.use_gpu:  # nothing else runs yet: the extraction may use every CPU
-        cpus = max(cpus, float(int(ray.cluster_resources().get("CPU", 1) // actors)))
+    # Ray reserves a worker's CPUs per actor, so the corpus's read tasks always find a CPU (no deadlock); no
+    # training runs yet, so on CPUs each actor's torch threads may share out every core
+    threads = resources.cpus_per_worker
+    if not resources.use_gpu:
+        threads = max(threads, float(int(ray.cluster_resources().get("CPU", 1) // actors)))
     started = time.time()
     missing = [name for name, store in stores.items() if not store.complete]
     if missing:
@@ -264,8 +266,9 @@ def cached_features(
             stores[name],
             stage2.feature_dtype,
             actors=actors,
-            cpus_per_actor=cpus,
+            cpus_per_actor=resources.cpus_per_worker,
             gpus_per_actor=1 if resources.use_gpu else 0,
+            threads=threads,
         )
     return stores, {
         "feature_extraction_seconds": round(time.time() - started, 2),
