@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 COMPLETE_MARKER = "_COMPLETE"
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
+CHUNK = 64  # rows per frozen forward inside a map_batches call
 
 
 class FeatureStoreError(UserError):
@@ -57,17 +58,26 @@ class FeatureExtractor:
         self.dtype = FEATURE_DTYPES[dtype]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows sorted by length and run `CHUNK` at a time (little padding), results in input order."""
         from pipelines.evaluation.passes import autocast_for
 
         model, device = self.model, self.model.device
-        inputs = model.encode(list(batch["text"]), device)
-        with torch.inference_mode(), autocast_for(device):  # as the stage-2 step runs the frozen backbone
-            pooled = model.pooled_features(inputs["input_ids"], inputs["attention_mask"])  # (L, B, H)
-            teacher = model.teacher(pooled[-1])
+        token_ids = model.tokenize([str(t) for t in batch["text"]])
+        order = np.argsort(-token_ids.lengths, kind="stable")
+        features = np.empty((len(order), model.n_layers - 1, model.flops_model.hidden_size), dtype=self.dtype)
+        teacher = np.empty((len(order), model.config.num_labels), dtype=np.float32)
+        for start in range(0, len(order), CHUNK):
+            rows = order[start : start + CHUNK]
+            input_ids, attention_mask = token_ids.take(rows).padded(model.text_tokenizer.pad_id, device)
+            with torch.inference_mode(), autocast_for(device):  # as the stage-2 step ran the frozen backbone
+                pooled = model.pooled_features(input_ids, attention_mask)  # (L, rows, H)
+                logits = model.teacher(pooled[-1])
+            features[rows] = pooled[:-1].transpose(0, 1).float().cpu().numpy()
+            teacher[rows] = logits.float().cpu().numpy()
         return {
             LABEL_COLUMN: np.asarray(batch[LABEL_COLUMN], dtype=np.int64),
-            FEATURES_COLUMN: pooled[:-1].transpose(0, 1).float().cpu().numpy().astype(self.dtype),
-            TEACHER_COLUMN: teacher.float().cpu().numpy(),
+            FEATURES_COLUMN: features,
+            TEACHER_COLUMN: teacher,
         }
 
 
