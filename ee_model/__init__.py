@@ -3,6 +3,7 @@
 from ee_model.config import EarlyExitConfig, ModelOptions
 from ee_model.encoders import SUPPORTED_MODEL_TYPES
 from ee_model.flops import FlopsModel, flops_speedup, layer_speedup
+from ee_model.layer_pools import ExitEngine
 from ee_model.losses import joint_loss, stage1_loss, stage2_loss
 from ee_model.modeling import EarlyExitClassifier
 from ee_model.outputs import EarlyExitBatch, ExitLogits, Prediction
@@ -17,6 +18,7 @@ from ee_model.policies import (
     make_policy,
     normalised_entropy,
 )
+from ee_model.tokens import TextTokenizer, TokenIds
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -25,6 +27,7 @@ __all__ = [
     "EarlyExitClassifier",
     "EarlyExitConfig",
     "EntropyPolicy",
+    "ExitEngine",
     "ExitLogits",
     "ExitPolicy",
     "ExitSetting",
@@ -33,6 +36,8 @@ __all__ = [
     "PatiencePolicy",
     "ModelOptions",
     "Prediction",
+    "TextTokenizer",
+    "TokenIds",
     "exit_layers",
     "flops_speedup",
     "joint_loss",
