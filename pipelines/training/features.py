@@ -19,22 +19,33 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from ee_model.config import EarlyExitConfig
+from ee_model.flops import FlopsModel
+from pipelines.data import DataError, unlabeled_path
 from pipelines.errors import UserError
 from pipelines.feature_batches import FEATURES_COLUMN, LABEL_COLUMN, TEACHER_COLUMN
+from pipelines.model_source import ModelFiles, weights_digest
+from pipelines.paths import parquet_files
+from pipelines.training.trainer import storage_uri
+from pipelines.training.worker_loop import MODEL_SUBDIR
 
 if TYPE_CHECKING:
     import ray.data
     from ray import ObjectRef
+    from ray.train import Checkpoint
 
-    from pipelines.model_source import ModelFiles
+    from pipelines.config import TrainConfig
+    from pipelines.data import LabeledSplits
 
 COMPLETE_MARKER = "_COMPLETE"
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -163,3 +174,103 @@ def read_features(store: FeatureStore) -> ray.data.Dataset:
     if not store.complete:
         raise FeatureStoreError(f"feature store {store.path} is not complete")
     return ray.data.read_parquet(str(store.path), file_extensions=["parquet"])
+
+
+def cached_features(
+    datasets: dict[str, ray.data.Dataset],
+    rows: int,
+    splits: LabeledSplits,
+    init: Checkpoint,
+    config: TrainConfig,
+) -> tuple[dict[str, FeatureStore], dict[str, float]]:
+    """Stage 2's "train" (labeled texts + unlabeled corpus) and "dev" datasets as features of the stage-1
+    checkpoint `init`, extracted once each (or found complete in the store); (stores by split,
+    {"feature_extraction_seconds": ..., "feature_store_bytes": ...})."""
+    import ray
+
+    stage2, resources = config.stage2, config.resources
+    with init.as_directory() as directory:
+        model_dir = Path(directory) / MODEL_SUBDIR
+        model_config = EarlyExitConfig.load(model_dir)
+        common = {
+            "weights": weights_digest(model_dir),
+            "max_length": model_config.max_length,
+            "dtype": stage2.feature_dtype,
+        }
+        model = ray.put(ModelFiles.from_directory(model_dir))
+    identities = {
+        "train": {
+            **common,
+            "texts": text_digest(splits.train),
+            "unlabeled": corpus_identity(config, splits),
+            "max_unlabeled_rows": config.data.max_unlabeled_rows,
+            "rows": rows,
+        },
+        "dev": {**common, "texts": text_digest(splits.dev)},
+    }
+    counts = {"train": rows, "dev": splits.dev.num_rows}
+    flops = FlopsModel.from_encoder_config(
+        model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
+    )
+    needed = {
+        name: bytes_needed(
+            n, flops.n_layers, flops.hidden_size, model_config.num_labels, stage2.feature_dtype
+        )
+        for name, n in counts.items()
+    }
+    root = feature_root(config)
+    stores = {name: FeatureStore(root, store_key(identity)) for name, identity in identities.items()}
+    actors = max(resources.num_workers, 1)
+    # Ray reserves a worker's CPUs per actor, so the corpus's read tasks always find a CPU (no deadlock); no
+    # training runs yet, so on CPUs each actor's torch threads may share out every core
+    threads = resources.cpus_per_worker
+    if not resources.use_gpu:
+        threads = max(threads, float(int(ray.cluster_resources().get("CPU", 1) // actors)))
+    started = time.time()
+    missing = [name for name, store in stores.items() if not store.complete]
+    if missing:
+        check_disk(root, sum(needed[name] for name in missing))
+    for name in missing:
+        print(
+            f"stage2: extracting features of {counts[name]} {name} rows into {stores[name].path}", flush=True
+        )
+        extract_features(
+            datasets[name],
+            model,
+            stores[name],
+            stage2.feature_dtype,
+            actors=actors,
+            cpus_per_actor=resources.cpus_per_worker,
+            gpus_per_actor=1 if resources.use_gpu else 0,
+            threads=threads,
+        )
+    return stores, {
+        "feature_extraction_seconds": round(time.time() - started, 2),
+        "feature_store_bytes": float(sum(needed.values())),
+    }
+
+
+def text_digest(table: pa.Table) -> str:
+    return hashlib.sha256(str(table["text"].to_pylist()).encode()).hexdigest()
+
+
+def feature_root(config: TrainConfig) -> Path:
+    """stage2.feature_store, else <storage_path>/stage2_features (a local or shared path)."""
+    if config.stage2.feature_store:
+        return Path(config.stage2.feature_store).resolve()
+    storage = storage_uri(config.resources)
+    if "://" in storage:
+        raise FeatureStoreError(
+            f"resources.storage_path={storage!r} is not a file system path; set stage2.feature_store to a "
+            "path every node can read"
+        )
+    return Path(storage) / "stage2_features"
+
+
+def corpus_identity(config: TrainConfig, splits: LabeledSplits) -> list | None:
+    """The unlabeled corpus's files with their sizes and modification times (a changed file changes it)."""
+    path = unlabeled_path(config.data, splits)
+    if path is None:
+        return None
+    files, _ = parquet_files(str(path), error=DataError)
+    return [(str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]

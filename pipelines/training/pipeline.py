@@ -6,7 +6,6 @@ Driver side only; the worker loop is `pipelines.training.worker_loop`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -21,13 +20,10 @@ import ray.data
 from ray.train import Checkpoint
 
 from ee_model import EarlyExitClassifier
-from ee_model.config import EarlyExitConfig
-from ee_model.flops import FlopsModel
 from ee_model.texts import invalid_text_reason
 from pipelines.config import StageConfig, TrainConfig, resolve_tracking_uri
 from pipelines.data import (
     UNLABELED,
-    DataError,
     LabeledSplits,
     load_labeled_splits,
     parquet_dataset,
@@ -38,20 +34,10 @@ from pipelines.data import (
 )
 from pipelines.evaluation.final import FinalEvaluation, evaluate_trained_model, log_final_evaluation
 from pipelines.evaluation.results import ChosenSetting
-from pipelines.model_source import ModelFiles, weights_digest
-from pipelines.paths import parquet_files
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
-from pipelines.training.features import (
-    FeatureStore,
-    FeatureStoreError,
-    bytes_needed,
-    check_disk,
-    extract_features,
-    read_features,
-    store_key,
-)
+from pipelines.training.features import cached_features, read_features
 from pipelines.training.stages import stage_named
-from pipelines.training.trainer import build_trainer, storage_uri
+from pipelines.training.trainer import build_trainer
 from pipelines.training.worker_loop import MODEL_SUBDIR, WorkerConfig
 
 
@@ -202,104 +188,6 @@ def run_stage(
         mlflow.set_tag("best_checkpoint", best.path)
         mlflow.log_metric(f"{stage}_best_dev_score", float(best_score(result)))
     return best
-
-
-def cached_features(
-    datasets: dict[str, ray.data.Dataset],
-    rows: int,
-    splits: LabeledSplits,
-    init: Checkpoint,
-    config: TrainConfig,
-) -> tuple[dict[str, FeatureStore], dict[str, float]]:
-    """Stage 2's "train" (labeled texts + unlabeled corpus) and "dev" datasets as features of the stage-1
-    checkpoint `init`, extracted once each (or found complete in the store); (stores by split,
-    {"feature_extraction_seconds": ..., "feature_store_bytes": ...})."""
-    stage2, resources = config.stage2, config.resources
-    with init.as_directory() as directory:
-        model_dir = Path(directory) / MODEL_SUBDIR
-        model_config = EarlyExitConfig.load(model_dir)
-        common = {
-            "weights": weights_digest(model_dir),
-            "max_length": model_config.max_length,
-            "dtype": stage2.feature_dtype,
-        }
-        model = ray.put(ModelFiles.from_directory(model_dir))
-    identities = {
-        "train": {
-            **common,
-            "texts": text_digest(splits.train),
-            "unlabeled": corpus_identity(config, splits),
-            "max_unlabeled_rows": config.data.max_unlabeled_rows,
-            "rows": rows,
-        },
-        "dev": {**common, "texts": text_digest(splits.dev)},
-    }
-    counts = {"train": rows, "dev": splits.dev.num_rows}
-    flops = FlopsModel.from_encoder_config(
-        model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
-    )
-    needed = {
-        name: bytes_needed(
-            n, flops.n_layers, flops.hidden_size, model_config.num_labels, stage2.feature_dtype
-        )
-        for name, n in counts.items()
-    }
-    root = feature_root(config)
-    stores = {name: FeatureStore(root, store_key(identity)) for name, identity in identities.items()}
-    actors = max(resources.num_workers, 1)
-    # Ray reserves a worker's CPUs per actor, so the corpus's read tasks always find a CPU (no deadlock); no
-    # training runs yet, so on CPUs each actor's torch threads may share out every core
-    threads = resources.cpus_per_worker
-    if not resources.use_gpu:
-        threads = max(threads, float(int(ray.cluster_resources().get("CPU", 1) // actors)))
-    started = time.time()
-    missing = [name for name, store in stores.items() if not store.complete]
-    if missing:
-        check_disk(root, sum(needed[name] for name in missing))
-    for name in missing:
-        print(
-            f"stage2: extracting features of {counts[name]} {name} rows into {stores[name].path}", flush=True
-        )
-        extract_features(
-            datasets[name],
-            model,
-            stores[name],
-            stage2.feature_dtype,
-            actors=actors,
-            cpus_per_actor=resources.cpus_per_worker,
-            gpus_per_actor=1 if resources.use_gpu else 0,
-            threads=threads,
-        )
-    return stores, {
-        "feature_extraction_seconds": round(time.time() - started, 2),
-        "feature_store_bytes": float(sum(needed.values())),
-    }
-
-
-def text_digest(table: pa.Table) -> str:
-    return hashlib.sha256(str(table["text"].to_pylist()).encode()).hexdigest()
-
-
-def feature_root(config: TrainConfig) -> Path:
-    """stage2.feature_store, else <storage_path>/stage2_features (a local or shared path)."""
-    if config.stage2.feature_store:
-        return Path(config.stage2.feature_store).resolve()
-    storage = storage_uri(config.resources)
-    if "://" in storage:
-        raise FeatureStoreError(
-            f"resources.storage_path={storage!r} is not a file system path; set stage2.feature_store to a "
-            "path every node can read"
-        )
-    return Path(storage) / "stage2_features"
-
-
-def corpus_identity(config: TrainConfig, splits: LabeledSplits) -> list | None:
-    """The unlabeled corpus's files with their sizes and modification times (a changed file changes it)."""
-    path = unlabeled_path(config.data, splits)
-    if path is None:
-        return None
-    files, _ = parquet_files(str(path), error=DataError)
-    return [(str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
 
 
 def run_tuned_first_stage(

@@ -9,8 +9,8 @@ from ee_model import EarlyExitClassifier
 from pipelines.config import DataConfig, JointConfig, ResourcesConfig, Stage1Config
 from pipelines.data import load_labeled_splits
 from pipelines.evaluation.passes import exit_logits, per_layer_accuracy
-from pipelines.training.features import read_features
-from pipelines.training.pipeline import cached_features, stage_datasets, total_steps
+from pipelines.training.features import cached_features, read_features
+from pipelines.training.pipeline import stage_datasets, total_steps
 from pipelines.training.stages import STAGES
 from pipelines.training.steps import train_step
 from pipelines.training.trainer import build_trainer
