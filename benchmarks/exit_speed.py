@@ -203,6 +203,8 @@ def main() -> None:
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.dtype == "bfloat16" else nullcontext
     )
     share = np.asarray(args.exit_share or [1 / model.n_layers] * model.n_layers, dtype=float)
+    if len(share) != model.n_layers:
+        parser.error(f"--exit-share has {len(share)} values; the model has {model.n_layers} layers")
     share = share / share.sum()
     n_texts = max(args.rows, args.rows_batch_1)
     if args.texts:

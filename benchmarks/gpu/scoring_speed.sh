@@ -20,10 +20,14 @@ from transformers import AutoTokenizer, BertConfig
 BertConfig().save_pretrained(sys.argv[2])  # BERT-base: 12 layers, H = 768, the uncased vocabulary's size
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 PY
+# the skewed schedule per layer; for 12 layers each 6-layer share is split over two layers (same shape, twice deep)
+declare -A SHARE=([minilm]="0.8 0.1 0.04 0.03 0.02 0.01"
+                  [bert-base]="0.4 0.4 0.05 0.05 0.02 0.02 0.015 0.015 0.01 0.01 0.005 0.005")
 for shape in minilm bert-base; do
   encoder="$PACK/minilm"; [ "$shape" = bert-base ] && encoder="$WORK/bert-base"
+  # shellcheck disable=SC2086  (the shares are separate arguments)
   python3 benchmarks/exit_speed.py --model "$encoder" --random-init --device cuda --dtype bfloat16 \
-    --batch-sizes 256 1024 --rows 16384 --repeats 3 --exit-share 0.8 0.1 0.04 0.03 0.02 0.01 \
+    --batch-sizes 256 1024 --rows 16384 --repeats 3 --exit-share ${SHARE[$shape]} \
     --out "$OUT/exit_speed_${shape}_bf16_skewed.json" 2>&1 | grep -v "^Loading" | tee "$OUT/exit_speed_$shape.log"
 done
 python3 benchmarks/gpu/e2e.py --encoder "$PACK/minilm" --rows 400000 --out "$OUT" "$@" 2>&1 | tee "$OUT/e2e.log"
