@@ -196,15 +196,11 @@ class EarlyExitClassifier(nn.Module):
         and the rows the policy lets out leave it (per-batch compaction). Remaining rows carry their policy
         state with them; padding columns no remaining row needs are trimmed (right padding).
         """
-        if isinstance(policy, ExitSetting):
-            policy = policy.exit_policy()
         n_rows = input_ids.shape[0]
         batch_size = batch_size or max(n_rows, 1)
         right_padded = bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
         inputs = sorted_input_rows(input_ids, attention_mask, token_type_ids, batch_size, right_padded)
-        pooling = default_pooling(input_ids.device) if layer_pools is None else layer_pools
-        engine = ExitEngine(self, policy, batch_size, right_padded, pool_across_batches=pooling)
-        return engine.run(n_rows, inputs, input_ids.device)
+        return self._run_engine(policy, n_rows, inputs, batch_size, layer_pools, right_padded)
 
     @torch.inference_mode()
     def early_exit_ids(
@@ -216,10 +212,6 @@ class EarlyExitClassifier(nn.Module):
     ) -> EarlyExitBatch:
         """`early_exit` of unpadded token ids (rows in input order): rows are sorted by length and padded
         `batch_size` at a time as they enter, so memory follows `batch_size`, not the number of rows."""
-        if isinstance(policy, ExitSetting):
-            policy = policy.exit_policy()
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be >= 1")
         order = np.argsort(-token_ids.lengths, kind="stable")  # longest first: steps of similar length
         device = self.device
         pad_id = self.text_tokenizer.pad_id
@@ -230,10 +222,24 @@ class EarlyExitClassifier(nn.Module):
                 ids, mask = token_ids.take(rows).padded(pad_id, device)
                 yield InputRows(torch.from_numpy(rows).to(device), ids, mask)
 
-        pooling = default_pooling(device) if layer_pools is None else layer_pools
-        return ExitEngine(self, policy, batch_size, pool_across_batches=pooling).run(
-            len(token_ids), inputs(), device
-        )
+        return self._run_engine(policy, len(token_ids), inputs(), batch_size, layer_pools)
+
+    def _run_engine(
+        self,
+        policy: ExitPolicy | ExitSetting,
+        n_rows: int,
+        inputs: Iterator[InputRows],
+        batch_size: int,
+        layer_pools: bool | None,
+        right_padded: bool = True,
+    ) -> EarlyExitBatch:
+        """The exit engine over `inputs` (sorted by length); `layer_pools` None: the device's default. The
+        engine checks `batch_size`."""
+        if isinstance(policy, ExitSetting):
+            policy = policy.exit_policy()
+        pooling = default_pooling(self.device) if layer_pools is None else layer_pools
+        engine = ExitEngine(self, policy, batch_size, right_padded, pool_across_batches=pooling)
+        return engine.run(n_rows, inputs, self.device)
 
     @property
     def text_tokenizer(self) -> TextTokenizer:

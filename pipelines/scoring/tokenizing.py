@@ -54,7 +54,6 @@ class TokenizerFiles:
                 self.files.write_to(local)
                 max_length = EarlyExitConfig.load(local).max_length
                 tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=False)
-            tokenizer.padding_side = "right"
             loaded = _LOADED[self.digest] = TextTokenizer(tokenizer, max_length)
         return loaded
 
