@@ -300,20 +300,28 @@ def throughput(
 
 
 def process_tree_rss(pid: int) -> int:
+    return process_tree_memory(pid)[0]
+
+
+def process_tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) summed over a process and its descendants. RSS counts a shared page (Ray's object store is
+    mapped into every worker that reads it) once per process; PSS splits it between them, so its sum is the
+    tree's real footprint."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0
+    rss = pss = 0
     for process in processes:
         try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
+            info = process.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss, pss = rss + info.rss, pss + info.pss
+    return rss, pss
 
 
 def memory_run(rows: int, scratch: Path) -> dict:

@@ -1,25 +1,36 @@
-"""How much stage-2 training the students need: unlabeled rows x epochs x learning rate x head type.
+"""What stage 2 buys with more unlabeled text: share of the oracle's speed-up vs unlabeled rows and seeds.
 
-Stage 2 freezes the backbone and the teacher (eval mode), so what each student sees is a fixed function of the
-text: every layer's pooled hidden state. This script computes those features once for the training texts plus
-the first N rows of the default stage-2 corpus (the training articles' paragraphs, shuffled) and for dev and
-test, then trains fresh students on them with the job's own loss (`stage2_loss`, KL to the teacher) for each
-setting, and reports what the training job would: the S chosen on dev for the retention target, test retention
-and layer speed-up at that S, the test oracle, and the share of the oracle's speed-up.
+Stage 2 freezes the backbone and the teacher, so what each student sees is a fixed function of the text. This
+script extracts those features once with the job's own `FeatureExtractor` (training articles, dev, test, and
+the largest unlabeled corpus asked for), then for each unlabeled-row count, setting and seed trains fresh
+students the way the job's stage 2 does (`train_step` with the stage-2 loss, `optimizer_for`'s AdamW and
+schedule, rows in a new order each epoch, the best dev checkpoint by mean exit accuracy every
+`checkpoint_every_steps` and at each epoch end), chooses S on dev with the job's confidence-bounded rule and
+reports test: retention and layer speed-up at that S, the oracle's, and the share of the oracle's.
+
+Unlabeled text, from the training articles only (never dev or test):
+  - `paragraphs`: the job's default corpus (the articles' paragraphs, shuffled; ~7,300 rows, ~6,900 distinct);
+  - `passages`: those paragraphs plus a passage starting at every sentence (sentences up to ~40 words, what
+    the quick profile's 64 tokens keep), all distinct, shuffled: ~33,000 texts. Beyond that, rows repeat in a
+    new order (the table says how many are distinct).
 
     python benchmarks/stage2_budget.py --model models:/early-exit-classifier@candidate \
-        --unlabeled-rows 1000 4000 --settings linear:5e-3:2 linear:1e-2:3 mlp:2e-3:3
+        --rows paragraphs:0 paragraphs:4000 passages:16000 passages:32000 passages:50000 --seeds 0 1 2
 
-The students here see the corpus in a fresh random order per epoch, as the job's do; the numbers vary by a few
-points of share from seed to seed (--seeds).
+`--settings head_type:learning_rate:epochs` (default: the job's stage-2 config) compares budgets.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
+import math
+import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,66 +42,120 @@ sys.path.insert(0, str(ROOT))
 
 from ee_model import EarlyExitClassifier  # noqa: E402
 from ee_model.heads import build_head  # noqa: E402
-from ee_model.losses import stage2_loss  # noqa: E402
-from pipelines.config import load_train_config  # noqa: E402
+from pipelines.config import Stage2Config, load_train_config  # noqa: E402
 from pipelines.data import default_unlabeled_corpus, load_labeled_splits  # noqa: E402
-from pipelines.evaluation.passes import SplitPass  # noqa: E402
+from pipelines.evaluation.passes import SplitPass, exit_logits, per_layer_accuracy  # noqa: E402
 from pipelines.evaluation.sweep import oracle_point, sweep  # noqa: E402
 from pipelines.evaluation.thresholds import choose_knob  # noqa: E402
+from pipelines.feature_batches import LABEL_COLUMN  # noqa: E402
 from pipelines.model_source import resolve_model  # noqa: E402
+from pipelines.training.features import FeatureExtractor  # noqa: E402
+from pipelines.training.stages import stage_named  # noqa: E402
+from pipelines.training.steps import optimizer_for, train_step  # noqa: E402
+
+UNLABELED = -100
+PASSAGE_WORDS = 40
 
 
-def features(
-    model: EarlyExitClassifier, texts: list[str], batch_size: int = 64
-) -> tuple[torch.Tensor, np.ndarray]:
-    """(n_layers, n, hidden) pooled features and (n,) token counts, at the model's max_length."""
-    pooled, tokens = [], []
-    for start in range(0, len(texts), batch_size):
-        encoded = model.tokenizer(
-            texts[start : start + batch_size],
-            truncation=True,
-            max_length=model.config.max_length,
-            padding=True,
-            return_tensors="pt",
+def sentence_passages(articles: list[str], words: int = PASSAGE_WORDS) -> list[str]:
+    """One passage per sentence start: that sentence and the next ones until `words` words."""
+    passages = []
+    for article in articles:
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(article.split())) if s]
+        for start in range(len(sentences)):
+            taken: list[str] = []
+            for sentence in sentences[start:]:
+                if len(taken) >= words:
+                    break
+                taken += sentence.split()
+            passages.append(" ".join(taken))
+    return passages
+
+
+def unlabeled_pools(splits, data_config) -> dict[str, list[str]]:
+    paragraphs = pq.read_table(default_unlabeled_corpus(splits.train, data_config))["text"].to_pylist()
+    distinct = list(dict.fromkeys(paragraphs + sentence_passages(splits.train["text"].to_pylist())))
+    order = np.random.default_rng(0).permutation(len(distinct))
+    return {"paragraphs": paragraphs, "passages": [distinct[i] for i in order]}
+
+
+def take_rows(pool_size: int, rows: int) -> np.ndarray:
+    """Indices of `rows` rows of a pool: the pool in order, then again in new seeded orders."""
+    rounds = [np.arange(pool_size)]
+    while sum(len(r) for r in rounds) < rows:
+        rounds.append(np.random.default_rng(len(rounds)).permutation(pool_size))
+    return np.concatenate(rounds)[:rows]
+
+
+def extract(extractor: FeatureExtractor, texts: list[str], label_ids: np.ndarray) -> dict[str, np.ndarray]:
+    parts = [
+        extractor(
+            {"text": np.asarray(texts[i : i + 256], dtype=object), LABEL_COLUMN: label_ids[i : i + 256]}
         )
-        with torch.inference_mode():
-            pooled.append(
-                model.pooled_features(
-                    encoded["input_ids"], encoded["attention_mask"], encoded.get("token_type_ids")
-                )
-            )
-        tokens.append(encoded["attention_mask"].sum(dim=1).numpy())
-    return torch.cat(pooled, dim=1), np.concatenate(tokens)
+        for i in range(0, len(texts), 256)
+    ]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def batches(features: dict[str, np.ndarray], rows: np.ndarray, size: int):
+    for start in range(0, len(rows), size):
+        take = rows[start : start + size]
+        yield {key: values[take] for key, values in features.items()}
+
+
+def fresh_students(base: EarlyExitClassifier, head_type: str, seed: int) -> EarlyExitClassifier:
+    """The stage-1 model with new, seeded student heads, frozen for stage 2 (what the job's stage 2 starts
+    from)."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(base)
+    config = model.config
+    for i in range(model.n_layers - 1):
+        model.heads[i] = build_head(
+            head_type, model.flops_model.hidden_size, config.num_labels, config.head_dropout
+        )
+    model.freeze_for_stage2()
+    return model.train()
 
 
 def train_students(
-    model, corpus: torch.Tensor, head_type: str, lr: float, epochs: int, batch_size: int, seed: int
-) -> torch.nn.ModuleList:
-    torch.manual_seed(seed)
-    n_students, hidden = corpus.shape[0] - 1, corpus.shape[2]
-    heads = torch.nn.ModuleList(
-        build_head(head_type, hidden, model.config.num_labels, model.config.head_dropout)
-        for _ in range(n_students)
-    )
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=lr)
-    with torch.no_grad():
-        teacher = model.teacher(corpus[-1])  # (n, N)
-    for _ in range(epochs):
-        order = torch.randperm(corpus.shape[1])
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            logits = torch.stack([head(corpus[j, rows]) for j, head in enumerate(heads)] + [teacher[rows]])
-            loss = stage2_loss(logits)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return heads.eval()
+    base: EarlyExitClassifier,
+    train: dict[str, np.ndarray],
+    dev: dict[str, np.ndarray],
+    stage_config: Stage2Config,
+    head_type: str,
+    seed: int,
+) -> tuple[EarlyExitClassifier, float]:
+    """Students trained as the job's stage 2 trains them; (the best dev checkpoint, seconds)."""
+    started = time.perf_counter()
+    stage = stage_named("stage2")
+    model = fresh_students(base, head_type, seed)
+    n, size = len(train[LABEL_COLUMN]), stage_config.batch_size_per_worker
+    total = math.ceil(n / size) * stage_config.epochs
+    optimizer, scheduler = optimizer_for(model, stage_config, total)
+    loss_fn = stage.loss(stage_config)
+    device = torch.device("cpu")
+    rng, step = np.random.default_rng(seed), 0
+    best: tuple[float, dict] = (-1.0, {})
+
+    def keep_if_best() -> tuple[float, dict]:
+        recorded = exit_logits(model, batches(dev, np.arange(len(dev[LABEL_COLUMN])), 256), device)
+        score = stage.dev_score(per_layer_accuracy(recorded.logits, recorded.labels))
+        return (score, copy.deepcopy(model.state_dict())) if score > best[0] else best
+
+    for _ in range(stage_config.epochs):
+        for batch in batches(train, rng.permutation(n), size):
+            train_step(model, batch, stage, loss_fn, optimizer, scheduler, device)
+            step += 1
+            if step % stage_config.checkpoint_every_steps == 0:
+                best = keep_if_best()
+        best = keep_if_best()
+    model.load_state_dict(best[1])
+    return model.eval(), time.perf_counter() - started
 
 
-def split_pass(model, heads, pooled: torch.Tensor, labels: torch.Tensor, tokens: np.ndarray) -> SplitPass:
-    with torch.no_grad():
-        logits = torch.stack([head(pooled[j]) for j, head in enumerate(heads)] + [model.teacher(pooled[-1])])
-    return SplitPass(logits=logits, labels=labels, tokens=tokens)
+def split_pass(model, features: dict[str, np.ndarray], tokens: np.ndarray) -> SplitPass:
+    recorded = exit_logits(model, batches(features, np.arange(len(tokens)), 256), torch.device("cpu"))
+    return SplitPass(recorded.logits, recorded.labels, tokens)
 
 
 def main() -> None:
@@ -98,82 +163,113 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="a trained KL model: dir or MLflow URI")
-    parser.add_argument("--unlabeled-rows", type=int, nargs="+", default=[1000, 4000])
     parser.add_argument(
-        "--settings",
+        "--rows",
         nargs="+",
-        default=["linear:5e-3:2", "linear:1e-2:3"],
-        help="head_type:learning_rate:epochs",
+        default=["paragraphs:0", "paragraphs:4000", "passages:16000", "passages:32000", "passages:50000"],
+        help="pool:unlabeled_rows",
     )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--settings", nargs="+", default=[None], help="head_type:learning_rate:epochs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/stage2_budget.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     config = load_train_config()
     splits = load_labeled_splits(config.data)
     with tempfile.TemporaryDirectory() as scratch:
-        model = EarlyExitClassifier.from_pretrained(resolve_model(args.model, Path(scratch)).directory).eval()
-    labels = {
-        name: torch.tensor([splits.labels.index(x) for x in getattr(splits, name)["label"].to_pylist()])
-        for name in ("dev", "test")
-    }
-    held_out = {name: features(model, getattr(splits, name)["text"].to_pylist()) for name in ("dev", "test")}
-    paragraphs = pq.read_table(default_unlabeled_corpus(splits.train, config.data))["text"].to_pylist()
-    labeled, _ = features(model, splits.train["text"].to_pylist())
-    unlabeled, _ = features(model, paragraphs[: max(args.unlabeled_rows)])
-    target = config.eval.target_spec()
+        model_dir = resolve_model(args.model, Path(scratch)).directory
+        base = EarlyExitClassifier.from_pretrained(model_dir).eval()
+        extractor = FeatureExtractor(str(model_dir), config.stage2.feature_dtype, cpus=args.threads)
+        # the same FeatureExtractor (and precision) as the job's store
+        labels = base.config.labels
+        started = time.perf_counter()
+        held_out, tokens = {}, {}
+        for name in ("train", "dev", "test"):
+            table = getattr(splits, name)
+            ids = np.array([labels.index(x) for x in table["label"].to_pylist()], dtype=np.int64)
+            held_out[name] = extract(extractor, table["text"].to_pylist(), ids)
+            tokens[name] = base.tokenize(table["text"].to_pylist()).lengths.astype(np.int64)
+        pools = unlabeled_pools(splits, config.data)
+        wanted = [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.rows]
+        pool_features = {}
+        for pool_name in {p for p, n in wanted if n > 0}:
+            texts = pools[pool_name][: max(n for p, n in wanted if p == pool_name)]
+            pool_features[pool_name] = extract(
+                extractor, texts, np.full(len(texts), UNLABELED, dtype=np.int64)
+            )
+        extraction_s = time.perf_counter() - started
+        rows_extracted = sum(len(f[LABEL_COLUMN]) for f in (*held_out.values(), *pool_features.values()))
+        print(f"features of {rows_extracted} rows in {extraction_s:.0f} s", flush=True)
 
-    rows = []
+    target = config.eval.target_spec()
+    results = []
     print(
-        "| unlabeled rows | head | lr | epochs | seed | S (dev) | dev speed-up | test retention | "
-        "test speed-up |"
-        " test oracle | share of oracle |\n|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pool | unlabeled rows (distinct) | setting | seed | S (dev) | test retention | test speed-up | "
+        "test oracle | share of oracle | students s |\n|---|---|---|---|---|---|---|---|---|---|",
         flush=True,
     )
-    for n_unlabeled in args.unlabeled_rows:
-        corpus = torch.cat([labeled, unlabeled[:, :n_unlabeled]], dim=1)
+    for pool_name, n_unlabeled in wanted:
+        train, distinct = held_out["train"], 0
+        if n_unlabeled > 0:
+            pool = pool_features[pool_name]
+            pick = take_rows(len(pool[LABEL_COLUMN]), n_unlabeled)
+            train = {k: np.concatenate([train[k], pool[k][pick]]) for k in train}
+            distinct = int(len(np.unique(pick)))
         for setting in args.settings:
-            head_type, lr, epochs = setting.split(":")
+            stage_config = config.stage2
+            head_type = base.config.head_type
+            if setting is not None:
+                head_type, lr, epochs = setting.split(":")
+                stage_config = dataclasses.replace(stage_config, learning_rate=float(lr), epochs=int(epochs))
             for seed in args.seeds:
-                heads = train_students(
-                    model, corpus, head_type, float(lr), int(epochs), args.batch_size, seed
-                )
-                passes = {
-                    name: split_pass(model, heads, held_out[name][0], labels[name], held_out[name][1])
-                    for name in ("dev", "test")
-                }
-                chosen = choose_knob(sweep(model, passes["dev"], config.eval.thresholds), "entropy", target)
-                test_points = {
-                    p.knob: p
-                    for p in sweep(model, passes["test"], config.eval.thresholds)
-                    if p.policy == "entropy"
-                }
-                at_s, oracle = test_points[chosen.point.knob], oracle_point(model, passes["test"])
+                model, seconds = train_students(base, train, held_out["dev"], stage_config, head_type, seed)
+                dev = split_pass(model, held_out["dev"], tokens["dev"])
+                test = split_pass(model, held_out["test"], tokens["test"])
+                chosen = choose_knob(sweep(model, dev, config.eval.thresholds), "entropy", target)
+                at_s = {
+                    p.knob: p for p in sweep(model, test, config.eval.thresholds) if p.policy == "entropy"
+                }[chosen.point.knob]
+                oracle = oracle_point(model, test)
                 row = {
+                    "pool": pool_name,
                     "unlabeled_rows": n_unlabeled,
-                    "head_type": head_type,
-                    "learning_rate": float(lr),
-                    "epochs": int(epochs),
+                    "distinct_rows": distinct,
+                    "setting": setting or "job",
                     "seed": seed,
                     "threshold": chosen.point.knob,
                     "met_on_dev": chosen.met,
-                    "dev_layer_speedup": chosen.point.layer_speedup,
                     "test_retention": at_s.retention,
                     "test_layer_speedup": at_s.layer_speedup,
                     "test_oracle_speedup": oracle.layer_speedup,
                     "share_of_oracle": at_s.layer_speedup / oracle.layer_speedup,
+                    "students_seconds": round(seconds, 1),
                 }
-                rows.append(row)
+                results.append(row)
                 print(
-                    f"| {n_unlabeled} | {head_type} | {lr} | {epochs} | {seed} | {row['threshold']:.2f} | "
-                    f"{row['dev_layer_speedup']:.2f}x | {row['test_retention']:.3f} | "
+                    f"| {pool_name} | {n_unlabeled} ({row['distinct_rows']}) | {row['setting']} | {seed} | "
+                    f"{row['threshold']:.2f} | {row['test_retention']:.3f} | "
                     f"{row['test_layer_speedup']:.2f}x | {row['test_oracle_speedup']:.2f}x | "
-                    f"{row['share_of_oracle']:.2f} |",
+                    f"{row['share_of_oracle']:.2f} | {seconds:.0f} |",
                     flush=True,
                 )
+    print("\n| pool | unlabeled rows | setting | share of oracle, mean (min-max) | test retention, min |")
+    print("|---|---|---|---|---|")
+    for key in dict.fromkeys((r["pool"], r["unlabeled_rows"], r["setting"]) for r in results):
+        group = [r for r in results if (r["pool"], r["unlabeled_rows"], r["setting"]) == key]
+        shares = [r["share_of_oracle"] for r in group]
+        print(
+            f"| {key[0]} | {key[1]} | {key[2]} | {np.mean(shares):.2f} ({min(shares):.2f}-{max(shares):.2f}) "
+            f"| {min(r['test_retention'] for r in group):.3f} |"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {"model": args.model, "extraction_seconds": round(extraction_s, 1), "rows": results}, indent=2
+        )
+    )
+    print(f"written {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 For each N: an unlabeled corpus of N BBC paragraphs of the training articles only (their paragraphs repeated,
 each round in a new seeded order; never dev or test text), then `jobs/train.py` (quick profile) with
-`data.unlabeled_path=<corpus> data.max_unlabeled_rows=N` in a subprocess, the peak RSS of its whole process
-tree (driver + Ray) sampled every 0.5 s. Reports per N: the job's wall time, stage 2's (its MLflow child run),
-the feature extraction's share of it, the store's size, peak memory, and test accuracy / share of the oracle's
-speed-up. Flat memory = the peak does not grow with N.
+`data.unlabeled_path=<corpus> data.max_unlabeled_rows=N` in a subprocess, the peak RSS and PSS of its whole
+process tree (driver + Ray) sampled every 0.5 s (PSS counts the object store's shared pages once). Reports per
+N: the job's wall time, stage 2's (its MLflow child run), the feature extraction's share of it, the store's
+size, peak memory, and test accuracy / share of the oracle's speed-up. Flat memory = the peak does not grow
+with N.
 
     python benchmarks/stage2_scale.py --rows 10000 50000
 """
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu.e2e import stage_runs  # noqa: E402
-from benchmarks.score_throughput import process_tree_rss  # noqa: E402
+from benchmarks.score_throughput import process_tree_memory  # noqa: E402
 
 
 def training_paragraphs(rows: int, destination: Path) -> Path:
@@ -70,9 +71,10 @@ def train_with(rows: int, scratch: Path, extra: list[str]) -> dict:
         process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        peak = 0
+        peak_rss = peak_pss = 0
         while process.poll() is None:
-            peak = max(peak, process_tree_rss(process.pid))
+            rss, pss = process_tree_memory(process.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             time.sleep(0.5)
     if process.returncode != 0:
         raise SystemExit(f"jobs/train.py failed for {rows} rows; see {work / 'log'}")
@@ -85,7 +87,8 @@ def train_with(rows: int, scratch: Path, extra: list[str]) -> dict:
         "stage2_seconds": stages["stage2"]["seconds"],
         "feature_extraction_seconds": stages["stage2"].get("feature_extraction_seconds"),
         "feature_store_mib": round(stages["stage2"].get("feature_store_bytes", 0) / 2**20, 1),
-        "peak_rss_mib": round(peak / 2**20, 1),
+        "peak_rss_mib": round(peak_rss / 2**20, 1),
+        "peak_pss_mib": round(peak_pss / 2**20, 1),
         "test_accuracy": summary["test_accuracy"],
         "knob": summary["knob"],
         "layer_speedup": summary["layer_speedup"],
@@ -108,15 +111,15 @@ def main() -> None:
             results.append(train_with(rows, Path(scratch), extra))
             print(json.dumps(results[-1]), flush=True)
     print(
-        "\n| unlabeled rows | job s | stage 2 s | extraction s | store MiB | peak RSS MiB | test acc "
-        "| share of oracle |"
+        "\n| unlabeled rows | job s | stage 2 s | extraction s | store MiB | peak RSS MiB | peak PSS MiB "
+        "| test acc | share of oracle |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['unlabeled_rows']} | {r['job_seconds']} | {r['stage2_seconds']} | "
             f"{r['feature_extraction_seconds']} | {r['feature_store_mib']} | {r['peak_rss_mib']} | "
-            f"{r['test_accuracy']} | {r['share_of_oracle_speedup']} |"
+            f"{r['peak_pss_mib']} | {r['test_accuracy']} | {r['share_of_oracle_speedup']} |"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2))

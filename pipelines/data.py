@@ -187,12 +187,17 @@ def streaming_parquet_reader(preserve_order: bool | None = None) -> Iterator[Non
             context.use_datasource_v2 = previous_reader
 
 
-def streaming_parquet_read(path: str, columns: list[str]):
-    """A lazy Ray Data read of a parquet corpus that streams (see `streaming_parquet_reader`)."""
+def streaming_parquet_read(
+    source: str | list[str], columns: list[str], include_paths: bool = False, filesystem=None
+):
+    """A lazy Ray Data read of a parquet corpus (a path, or a list of files on `filesystem`) that streams
+    (see `streaming_parquet_reader`); `include_paths` adds each row's file as the "path" column."""
     import ray.data
 
+    files = parquet_source(source, error=DataError) if isinstance(source, str) else source
     with streaming_parquet_reader():
-        return ray.data.read_parquet(parquet_source(path, error=DataError)).select_columns(columns)
+        dataset = ray.data.read_parquet(files, include_paths=include_paths, filesystem=filesystem)
+    return dataset.select_columns([*columns, "path"] if include_paths else columns)
 
 
 def with_label_ids(table: pa.Table, labels: tuple[str, ...]) -> pa.Table:

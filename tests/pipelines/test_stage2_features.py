@@ -10,6 +10,8 @@ from ee_model import EarlyExitClassifier
 from pipelines.config import Stage2Config
 from pipelines.feature_batches import FEATURES_COLUMN, TEACHER_COLUMN
 from pipelines.training.features import (
+    PART_COLUMN,
+    VALID_COLUMN,
     FeatureExtractor,
     FeatureStoreError,
     bytes_needed,
@@ -58,7 +60,7 @@ def text_batches(n_batches=6, size=8):
 def test_students_from_cached_features_equal_students_from_texts(stage1_model, tmp_path, dtype, tolerance):
     texts = text_batches()
     extractor = FeatureExtractor(str(tmp_path / "stage1"), dtype)
-    cached = [extractor(b) for b in texts]
+    cached = [extractor({**b, PART_COLUMN: np.array(["part"] * len(b["text"]))}) for b in texts]
     assert cached[0][FEATURES_COLUMN].shape == (8, 2, 32) and cached[0][FEATURES_COLUMN].dtype == np.dtype(
         dtype
     )
@@ -73,6 +75,24 @@ def test_students_from_cached_features_equal_students_from_texts(stage1_model, t
         for a, p in zip(from_texts, stage2_weights(stage1_model, [])[0], strict=True)
     )
     assert moved > 10 * tolerance  # the steps changed the students: equal weights are not a no-op
+
+
+def test_rows_whose_text_cannot_be_read_are_marked_and_the_rest_match_a_clean_batch(stage1_model, tmp_path):
+    extractor = FeatureExtractor(str(tmp_path / "stage1"), "float32")
+    texts = random_texts(5, seed=4)
+    mixed = np.array([texts[0], None, texts[1], "  ", 7, texts[2], ""], dtype=object)
+    out = extractor({"text": mixed, "label_id": np.full(7, -100), PART_COLUMN: np.array(["p"] * 7)})
+    assert out[VALID_COLUMN].tolist() == [True, False, True, False, False, True, False]
+    assert not out[FEATURES_COLUMN][~out[VALID_COLUMN]].any()
+    clean = extractor(
+        {
+            "text": np.array(texts[:3], dtype=object),
+            "label_id": np.full(3, -100),
+            PART_COLUMN: np.array(["p"] * 3),
+        }
+    )
+    np.testing.assert_allclose(out[TEACHER_COLUMN][out[VALID_COLUMN]], clean[TEACHER_COLUMN], atol=1e-6)
+    assert list(out[PART_COLUMN]) == ["p"] * 7
 
 
 def test_the_cached_forward_needs_both_inputs(stage1_model):

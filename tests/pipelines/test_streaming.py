@@ -1,5 +1,5 @@
-"""Stage 2 streams its unlabeled corpus: a corpus twice the size of Ray's object store passes through with
-the store staying well under its spill threshold and nothing spilled to disk."""
+"""Stage 2's feature extraction streams its unlabeled corpus: a corpus twice the size of Ray's object store
+passes through with the store staying well under its spill threshold and nothing spilled to disk."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import load_train_config
-from pipelines.data import load_labeled_splits
-from pipelines.training.pipeline import stage2_dataset
+from pipelines.data import load_labeled_splits, with_label_ids
+from pipelines.training.features import extraction_dataset, labeled_part, unlabeled_files
 from tests.conftest import OBJECT_STORE_BYTES
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -59,7 +59,11 @@ def test_stage2_corpus_larger_than_the_object_store_is_streamed(ray_local, tmp_p
             }
         }
     )
-    dataset, rows = stage2_dataset(load_labeled_splits(config.data), config)
+    splits = load_labeled_splits(config.data)
+    files, filesystem, column = unlabeled_files(config, splits)
+    train = with_label_ids(splits.train, splits.labels)
+    dataset = extraction_dataset({labeled_part("train", train): train}, files, filesystem, column)
+    rows = splits.train.num_rows + sum(f.rows for f in files)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     seen = unlabeled = 0

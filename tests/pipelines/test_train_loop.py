@@ -2,20 +2,24 @@
 
 import dataclasses
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from ray.data.dataset import MaterializedDataset
 
 from ee_model import EarlyExitClassifier
 from pipelines.config import DataConfig, JointConfig, ResourcesConfig, Stage1Config
 from pipelines.data import load_labeled_splits
 from pipelines.evaluation.passes import exit_logits, per_layer_accuracy
-from pipelines.training.features import cached_features, read_features
+from pipelines.training.features import FeatureStore, cached_features, read_features, training_features
 from pipelines.training.pipeline import stage_datasets, total_steps
 from pipelines.training.stages import STAGES
 from pipelines.training.steps import train_step
 from pipelines.training.trainer import build_trainer
 from pipelines.training.worker_loop import MODEL_SUBDIR, WorkerConfig
-from tests.conftest import random_texts
+from tests.conftest import random_texts, unlabeled_table
 
 pytestmark = pytest.mark.ray
 
@@ -54,10 +58,11 @@ def fit_stage(
         checkpoint_every_steps=5,
         **stage_overrides,
     )
-    datasets, rows = stage_datasets(stage, splits, config)
     if STAGES[stage].freezes_backbone:  # as the job runs stage 2: students on cached features
-        stores, _ = cached_features(datasets, rows, splits, init, config)
+        stores, rows, _ = cached_features(splits, init, config)
         datasets = {name: read_features(store) for name, store in stores.items()}
+    else:
+        datasets, rows = stage_datasets(splits)
     worker = WorkerConfig(
         stage=stage,
         stage_config=vars(stage_config),
@@ -132,26 +137,35 @@ def test_stage2_in_local_mode_keeps_the_teacher_and_trains_students(
     assert sum(kl[-5:]) < sum(kl[:5])  # distillation loss goes down
 
 
-def test_the_feature_store_is_written_once_and_kept_only_when_asked(
-    ray_local, labeled_parquet, tiny_encoder_dir, tmp_path
-):
+def stage1_checkpoint(splits, tiny_encoder_dir, tmp_path):
     from ray.train import Checkpoint
 
-    from pipelines.config import load_train_config
-
-    splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
     torch.manual_seed(0)
     model = EarlyExitClassifier.from_encoder(tiny_encoder_dir("bert", num_layers=3), labels=splits.labels)
     model.save_pretrained(tmp_path / "init" / MODEL_SUBDIR)
-    init = Checkpoint.from_directory(str(tmp_path / "init"))
-    config = load_train_config(
+    return Checkpoint.from_directory(str(tmp_path / "init"))
+
+
+def store_config(tmp_path, **data):
+    from pipelines.config import load_train_config
+
+    return load_train_config(
         overrides={
-            "data": {"train_path": "unused", "unlabeled_path": ""},
+            "data": {"train_path": "unused", "unlabeled_path": "", **data},
             "stage2": {"feature_store": str(tmp_path / "store"), "feature_dtype": "float32"},
         }
     )
-    datasets, rows = stage_datasets("stage2", splits, config)
-    stores, metrics = cached_features(datasets, rows, splits, init, config)
+
+
+def part_times(store):
+    return {name: (store.path / name).stat().st_mtime_ns for name in (p.name for p in store.parts)}
+
+
+def test_the_feature_store_is_written_once_and_reused(ray_local, labeled_parquet, tiny_encoder_dir, tmp_path):
+    splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
+    init = stage1_checkpoint(splits, tiny_encoder_dir, tmp_path)
+    config = store_config(tmp_path)
+    stores, rows, metrics = cached_features(splits, init, config)
     store = stores["train"]
     assert store.complete and stores["dev"].complete and store.path.parent == tmp_path / "store"
     features = read_features(store).take_all()
@@ -161,13 +175,78 @@ def test_the_feature_store_is_written_once_and_kept_only_when_asked(
         splits.labels.index(label) for label in splits.train["label"].to_pylist()
     )
     assert read_features(stores["dev"]).count() == splits.dev.num_rows
-    marker = (store.path / "_COMPLETE").stat().st_mtime_ns
-    again, _ = cached_features(datasets, rows, splits, init, config)  # same weights and corpus
-    assert again["train"].path == store.path and (store.path / "_COMPLETE").stat().st_mtime_ns == marker
+    # what Ray Train reads: held in the object store when small, streamed from the files when not
+    assert isinstance(training_features(store), MaterializedDataset)
+    streamed = training_features(store, memory_share=0.0)
+    assert not isinstance(streamed, MaterializedDataset) and streamed.count() == rows
+    written = part_times(store)
+    again, _, _ = cached_features(splits, init, config)  # same weights and corpus: nothing extracted
+    assert again["train"].path == store.path and part_times(again["train"]) == written
     other = dataclasses.replace(config, stage2=dataclasses.replace(config.stage2, feature_dtype="float16"))
-    assert cached_features(datasets, rows, splits, init, other)[0]["train"].path != store.path
+    assert cached_features(splits, init, other)[0]["train"].path != store.path
     per_row = 2 * 32 * 4 + 3 * 4 + 8
     assert metrics["feature_store_bytes"] == (splits.train.num_rows + splits.dev.num_rows) * per_row
+
+
+def write_corpus(folder, sizes, seed=1):
+    folder.mkdir(exist_ok=True)
+    for i, n in enumerate(sizes):
+        pq.write_table(unlabeled_table(n, seed=seed + i), folder / f"part-{i}.parquet")
+
+
+def test_extraction_resumes_by_part_and_a_new_file_extracts_only_itself(
+    ray_local, labeled_parquet, tiny_encoder_dir, tmp_path
+):
+    splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
+    init = stage1_checkpoint(splits, tiny_encoder_dir, tmp_path)
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, [50, 70])
+    config = store_config(
+        tmp_path, unlabeled_path=str(corpus), unlabeled_text_column="body", max_unlabeled_rows=None
+    )
+    stores, rows, _ = cached_features(splits, init, config)
+    store = stores["train"]
+    assert rows == splits.train.num_rows + 120 and len(store.parts) == 3
+    written = part_times(store)
+    killed = store.parts[2]  # as if the run had died before this part was committed
+    before = teacher_rows(store, killed)
+    (store.path / killed.name).unlink()
+    again, _, _ = cached_features(splits, init, config)
+    redone = part_times(again["train"])
+    assert [n for n in redone if redone[n] != written[n]] == [killed.name]  # only the missing part
+    assert np.allclose(teacher_rows(again["train"], killed), before)
+    pq.write_table(unlabeled_table(30, seed=9), corpus / "part-2.parquet")  # a new file in the corpus
+    grown, rows, _ = cached_features(splits, init, config)
+    assert rows == splits.train.num_rows + 150 and read_features(grown["train"]).count() == rows
+    added = part_times(grown["train"])
+    assert [n for n in added if added.get(n) != redone.get(n)] == [grown["train"].parts[3].name]
+
+
+def teacher_rows(store, part):
+    """The part's teacher logits, rows sorted (parts are sets of rows; their order is the stream's)."""
+    table = read_features(FeatureStore(store.path, (part,))).to_pandas()
+    logits = np.stack(table["teacher_logits"].to_list())
+    return logits[np.lexsort(logits.T)]
+
+
+def test_a_capped_corpus_takes_its_first_rows_in_file_order_and_unreadable_texts_are_counted(
+    ray_local, labeled_parquet, tiny_encoder_dir, tmp_path
+):
+    splits = load_labeled_splits(DataConfig(train_path=labeled_parquet))
+    init = stage1_checkpoint(splits, tiny_encoder_dir, tmp_path)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"body": ["good film", None, "", "  ", "awful"] * 6}), corpus / "a.parquet")
+    write_corpus(corpus, [40, 40], seed=5)  # part-0, part-1 (after a.parquet in file order)
+    config = store_config(
+        tmp_path, unlabeled_path=str(corpus), unlabeled_text_column="body", max_unlabeled_rows=50
+    )
+    stores, rows, _ = cached_features(splits, init, config)
+    store = stores["train"]
+    assert [p.rows for p in store.parts[1:]] == [30, 20]  # a.parquet whole, 20 rows of part-0, none of part-1
+    assert rows == splits.train.num_rows + 50
+    unlabeled = read_features(store).filter(lambda row: row["label_id"] == -100).count()
+    assert unlabeled == 12 + 20  # a.parquet's 18 null / empty / blank texts are counted, not written
 
 
 def test_joint_training_trains_every_exit(ray_local, labeled_parquet, tiny_encoder_dir, tmp_path):
