@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -47,9 +48,9 @@ from pipelines.data import default_unlabeled_corpus, load_labeled_splits  # noqa
 from pipelines.evaluation.passes import SplitPass, exit_logits, per_layer_accuracy  # noqa: E402
 from pipelines.evaluation.sweep import oracle_point, sweep  # noqa: E402
 from pipelines.evaluation.thresholds import choose_knob  # noqa: E402
-from pipelines.feature_batches import LABEL_COLUMN  # noqa: E402
+from pipelines.feature_batches import FEATURES_COLUMN, LABEL_COLUMN, TEACHER_COLUMN  # noqa: E402
 from pipelines.model_source import resolve_model  # noqa: E402
-from pipelines.training.features import FeatureExtractor  # noqa: E402
+from pipelines.training.features import PART_COLUMN, FeatureExtractor  # noqa: E402
 from pipelines.training.stages import stage_named  # noqa: E402
 from pipelines.training.steps import optimizer_for, train_step  # noqa: E402
 
@@ -88,12 +89,18 @@ def take_rows(pool_size: int, rows: int) -> np.ndarray:
 
 
 def extract(extractor: FeatureExtractor, texts: list[str], label_ids: np.ndarray) -> dict[str, np.ndarray]:
-    parts = [
-        extractor(
-            {"text": np.asarray(texts[i : i + 256], dtype=object), LABEL_COLUMN: label_ids[i : i + 256]}
+    """Features of `texts` through the job's extractor, 256 rows per call as in the job's stream."""
+    parts = []
+    for i in range(0, len(texts), 256):
+        rows = pa.table(
+            {
+                "text": pa.array(texts[i : i + 256], pa.string()),
+                LABEL_COLUMN: pa.array(label_ids[i : i + 256], pa.int64()),
+                PART_COLUMN: pa.array(["benchmark"] * len(texts[i : i + 256])),
+            }
         )
-        for i in range(0, len(texts), 256)
-    ]
+        out = extractor(rows)
+        parts.append({k: out[k] for k in (LABEL_COLUMN, FEATURES_COLUMN, TEACHER_COLUMN)})
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 

@@ -132,7 +132,7 @@ def run_job(name: str, args: list[str], out: Path, env: dict[str, str]) -> tuple
 
 def timed_tokenize_batch(batch: pa.Table, **kwargs) -> pa.Table:
     """`tokenize_batch`, adding each row's share of the seconds its call took."""
-    from pipelines.scoring.tokenizing import tokenize_batch
+    from pipelines.tokenizing import tokenize_batch
 
     start = time.perf_counter()
     out = tokenize_batch(batch, **kwargs)
@@ -148,7 +148,7 @@ def tokenizing_capacity(corpus: Path, model_dir: str, sort_rows: int, cpus: int)
     import ray.data
 
     from pipelines.data import streaming_parquet_reader
-    from pipelines.scoring.tokenizing import TokenizerFiles
+    from pipelines.tokenizing import TokenizerFiles
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:

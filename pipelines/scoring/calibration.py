@@ -35,7 +35,7 @@ from pipelines.evaluation.passes import SplitPass, texts_pass
 from pipelines.evaluation.sweep import sweep
 from pipelines.evaluation.thresholds import choose_knob
 from pipelines.model_source import ModelFiles, load_shipped_model
-from pipelines.scoring.text_column import column_texts
+from pipelines.text_column import column_texts
 
 if TYPE_CHECKING:
     from ray import ObjectRef

@@ -31,8 +31,8 @@ from pipelines.paths import parquet_files, write_text_atomically
 from pipelines.scoring.calibration import Calibration, calibrate_on_worker, sample_texts
 from pipelines.scoring.incremental import OutputFolder, OutputLock, PendingOutput, fingerprint, output_name
 from pipelines.scoring.scorer import OUTPUT_COLUMNS, Scorer
-from pipelines.scoring.text_column import is_text_type
-from pipelines.scoring.tokenizing import STAGE_COLUMNS, TokenizerFiles, tokenize_batch
+from pipelines.text_column import is_text_type
+from pipelines.tokenizing import STAGE_COLUMNS, TokenizerFiles, tokenize_batch
 
 if TYPE_CHECKING:
     from ray import ObjectRef

@@ -11,8 +11,8 @@ import torch
 
 from ee_model import ExitSetting
 from pipelines.model_source import load_shipped_model
-from pipelines.scoring.text_column import column_texts
-from pipelines.scoring.tokenizing import has_token_ids, token_ids_of
+from pipelines.text_column import column_texts
+from pipelines.tokenizing import has_token_ids, token_ids_of
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -26,7 +26,7 @@ class Scorer:
     """Adds label, confidence, exit_layer, flops, tokens (and probs) and error to every row of a batch.
 
     Rows are never dropped: a null, empty or non-string text gets null outputs and its reason in `error`.
-    When a tokenising stage ran before (pipelines.scoring.tokenizing), the batch carries token ids and the
+    When a tokenising stage ran before (pipelines.tokenizing), the batch carries token ids and the
     scorer only runs the model; else it tokenises the batch itself. Either way the batch's rows are sorted by
     length and run through the exit engine `batch_size` rows per layer step (layer pools on a GPU, per-batch
     compaction on a CPU), and come back in input order.

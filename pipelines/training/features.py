@@ -37,7 +37,7 @@ import torch
 
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
-from ee_model.texts import invalid_text_reason
+from ee_model.texts import invalid_text_reason, invalid_text_reasons
 from pipelines.data import (
     UNLABELED,
     DataError,
@@ -51,6 +51,8 @@ from pipelines.errors import UserError
 from pipelines.feature_batches import FEATURES_COLUMN, LABEL_COLUMN, TEACHER_COLUMN
 from pipelines.model_source import ModelFiles, weights_digest
 from pipelines.paths import replace_atomically
+from pipelines.text_column import column_texts
+from pipelines.tokenizing import TokenizerFiles, has_token_ids, token_ids_of, tokenize_batch
 from pipelines.training.trainer import storage_uri
 from pipelines.training.worker_loop import MODEL_SUBDIR
 
@@ -84,34 +86,38 @@ class FeatureExtractor:
         self.model = load_shipped_model(model).eval()
         self.dtype = FEATURE_DTYPES[dtype]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         """Rows sorted by length and run `CHUNK` at a time (little padding), results in input order; a row
-        whose text cannot be read gets zeros and `VALID_COLUMN` False."""
+        whose text cannot be read gets zeros and `VALID_COLUMN` False. Token ids come from the tokenising
+        stage when it ran (`pipelines.tokenizing`), else the actor tokenises."""
         from pipelines.evaluation.passes import autocast_for
 
         model, device = self.model, self.model.device
-        texts = batch["text"]
-        valid = np.array([invalid_text_reason(t) is None for t in texts], dtype=bool)
-        features = np.zeros((len(texts), model.n_layers - 1, model.flops_model.hidden_size), dtype=self.dtype)
-        teacher = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
-        positions = np.flatnonzero(valid)
-        token_ids = model.tokenize([texts[i] for i in positions])
-        order = positions[np.argsort(-token_ids.lengths, kind="stable")]
-        by_row = {int(row): i for i, row in enumerate(positions)}
+        if has_token_ids(batch):
+            token_ids, reasons, batch = token_ids_of(batch)
+        else:
+            texts = column_texts(batch["text"])
+            reasons = invalid_text_reasons(texts)
+            token_ids = model.tokenize([t for t, r in zip(texts, reasons, strict=True) if r is None])
+        valid = np.array([r is None for r in reasons], dtype=bool)
+        positions = np.flatnonzero(valid)  # the row of each token_ids entry
+        features = np.zeros((len(valid), model.n_layers - 1, model.flops_model.hidden_size), dtype=self.dtype)
+        teacher = np.zeros((len(valid), model.config.num_labels), dtype=np.float32)
+        order = np.argsort(-token_ids.lengths, kind="stable")
         for start in range(0, len(order), CHUNK):
-            rows = order[start : start + CHUNK]
-            ids = token_ids.take(np.array([by_row[int(r)] for r in rows]))
-            input_ids, attention_mask = ids.padded(model.text_tokenizer.pad_id, device)
+            chunk = order[start : start + CHUNK]
+            rows = positions[chunk]
+            input_ids, attention_mask = token_ids.take(chunk).padded(model.text_tokenizer.pad_id, device)
             with torch.inference_mode(), autocast_for(device):  # as the stage-2 step ran the frozen backbone
                 pooled = model.pooled_features(input_ids, attention_mask)  # (L, rows, H)
                 logits = model.teacher(pooled[-1])
             features[rows] = pooled[:-1].transpose(0, 1).float().cpu().numpy()
             teacher[rows] = logits.float().cpu().numpy()
         return {
-            LABEL_COLUMN: np.asarray(batch[LABEL_COLUMN], dtype=np.int64),
+            LABEL_COLUMN: batch[LABEL_COLUMN].to_numpy().astype(np.int64),
             FEATURES_COLUMN: features,
             TEACHER_COLUMN: teacher,
-            PART_COLUMN: np.asarray(batch[PART_COLUMN]),
+            PART_COLUMN: np.asarray(batch[PART_COLUMN].to_pylist(), dtype=object),
             VALID_COLUMN: valid,
         }
 
@@ -227,7 +233,7 @@ def unlabeled_files(config: TrainConfig, splits: LabeledSplits) -> tuple[list[Co
 
 def tag_unlabeled(batch: pa.Table, column: str, parts: dict[str, str]) -> pa.Table:
     """Rows of corpus files as extraction input: text (null where unreadable), no label, their part."""
-    texts = [t if invalid_text_reason(t) is None else None for t in batch[column].to_pylist()]
+    texts = [t if invalid_text_reason(t) is None else None for t in column_texts(batch[column])]
     paths = batch["path"].to_pylist()
     part_of = {path: parts[_path_key(path)] for path in set(paths)}
     return pa.table(
@@ -320,17 +326,24 @@ def extract_features(
     gpus_per_actor: float,
     threads: float | None = None,
     batch_size: int = 256,
+    tokenizer: TokenizerFiles | None = None,
 ) -> None:
     """Extract the given parts into `store_path`. Each actor reserves `cpus_per_actor` CPUs and runs
-    `threads` torch threads (default as many as it reserves)."""
+    `threads` torch threads (default as many as it reserves). With `tokenizer`, CPU tasks tokenise before the
+    actors (what keeps a GPU actor on the model)."""
     import ray.data
 
-    features = extraction_dataset(labeled, files, filesystem, column).map_batches(
+    rows = extraction_dataset(labeled, files, filesystem, column)
+    if tokenizer is not None:
+        rows = rows.map_batches(
+            tokenize_batch, fn_kwargs={"tokenizer": tokenizer, "text_column": "text"}, batch_format="pyarrow"
+        )
+    features = rows.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs={"model": model, "dtype": dtype, "cpus": threads or cpus_per_actor},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
-        batch_format="numpy",
+        batch_format="pyarrow",
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
     )
@@ -376,6 +389,7 @@ def cached_features(
             "dtype": stage2.feature_dtype,
         }
         model = ray.put(ModelFiles.from_directory(model_dir))
+        tokenizer = TokenizerFiles.from_directory(model_dir) if tokenizes_in_tasks(config) else None
     labeled = {
         name: with_label_ids(getattr(splits, name), splits.labels).select(["text", LABEL_COLUMN])
         for name in ("train", "dev")
@@ -424,6 +438,7 @@ def cached_features(
             cpus_per_actor=resources.cpus_per_worker,
             gpus_per_actor=1 if resources.use_gpu else 0,
             threads=threads,
+            tokenizer=tokenizer,
         )
     return (
         stores,
@@ -433,6 +448,19 @@ def cached_features(
             "feature_store_bytes": float(size(stores["train"].rows + stores["dev"].rows)),
         },
     )
+
+
+def tokenizes_in_tasks(config: TrainConfig) -> bool:
+    """GPU actors get a tokenising stage of CPU tasks before them when the cluster has a CPU beside the
+    actors; on CPUs the actors tokenise (a separate stage would only take CPUs from them, as measured for
+    scoring)."""
+    import ray
+
+    resources = config.resources
+    if not resources.use_gpu:
+        return False
+    spare = ray.cluster_resources().get("CPU", 0) - max(resources.num_workers, 1) * resources.cpus_per_worker
+    return spare >= 1
 
 
 def feature_root(config: TrainConfig) -> Path:

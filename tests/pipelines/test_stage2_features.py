@@ -3,12 +3,14 @@
 import copy
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from ee_model import EarlyExitClassifier
 from pipelines.config import Stage2Config
 from pipelines.feature_batches import FEATURES_COLUMN, TEACHER_COLUMN
+from pipelines.tokenizing import TokenizerFiles, tokenize_batch
 from pipelines.training.features import (
     PART_COLUMN,
     VALID_COLUMN,
@@ -60,7 +62,7 @@ def text_batches(n_batches=6, size=8):
 def test_students_from_cached_features_equal_students_from_texts(stage1_model, tmp_path, dtype, tolerance):
     texts = text_batches()
     extractor = FeatureExtractor(str(tmp_path / "stage1"), dtype)
-    cached = [extractor({**b, PART_COLUMN: np.array(["part"] * len(b["text"]))}) for b in texts]
+    cached = [extractor(extraction_rows(b["text"], b["label_id"])) for b in texts]
     assert cached[0][FEATURES_COLUMN].shape == (8, 2, 32) and cached[0][FEATURES_COLUMN].dtype == np.dtype(
         dtype
     )
@@ -77,22 +79,38 @@ def test_students_from_cached_features_equal_students_from_texts(stage1_model, t
     assert moved > 10 * tolerance  # the steps changed the students: equal weights are not a no-op
 
 
-def test_rows_whose_text_cannot_be_read_are_marked_and_the_rest_match_a_clean_batch(stage1_model, tmp_path):
-    extractor = FeatureExtractor(str(tmp_path / "stage1"), "float32")
-    texts = random_texts(5, seed=4)
-    mixed = np.array([texts[0], None, texts[1], "  ", 7, texts[2], ""], dtype=object)
-    out = extractor({"text": mixed, "label_id": np.full(7, -100), PART_COLUMN: np.array(["p"] * 7)})
-    assert out[VALID_COLUMN].tolist() == [True, False, True, False, False, True, False]
-    assert not out[FEATURES_COLUMN][~out[VALID_COLUMN]].any()
-    clean = extractor(
+def extraction_rows(texts, label_ids=None):
+    """A batch as the extraction stream carries it: text, label id, store part."""
+    n = len(texts)
+    return pa.table(
         {
-            "text": np.array(texts[:3], dtype=object),
-            "label_id": np.full(3, -100),
-            PART_COLUMN: np.array(["p"] * 3),
+            "text": pa.array(texts, pa.string()),
+            "label_id": pa.array(np.full(n, -100) if label_ids is None else label_ids, pa.int64()),
+            PART_COLUMN: pa.array(["p"] * n),
         }
     )
+
+
+def test_rows_whose_text_cannot_be_read_are_marked_and_the_rest_match_a_clean_batch(stage1_model, tmp_path):
+    extractor = FeatureExtractor(str(tmp_path / "stage1"), "float32")
+    texts = random_texts(3, seed=4)
+    out = extractor(extraction_rows([texts[0], None, texts[1], "  ", texts[2], ""]))
+    assert out[VALID_COLUMN].tolist() == [True, False, True, False, True, False]
+    assert not out[FEATURES_COLUMN][~out[VALID_COLUMN]].any()
+    clean = extractor(extraction_rows(texts))
     np.testing.assert_allclose(out[TEACHER_COLUMN][out[VALID_COLUMN]], clean[TEACHER_COLUMN], atol=1e-6)
-    assert list(out[PART_COLUMN]) == ["p"] * 7
+    np.testing.assert_allclose(out[FEATURES_COLUMN][out[VALID_COLUMN]], clean[FEATURES_COLUMN], atol=1e-6)
+    assert list(out[PART_COLUMN]) == ["p"] * 6
+
+
+def test_token_ids_from_the_tokenising_stage_give_the_same_features(stage1_model, tmp_path):
+    extractor = FeatureExtractor(str(tmp_path / "stage1"), "float32")
+    rows = extraction_rows([*random_texts(20, seed=5, max_words=60), None, ""])
+    staged = tokenize_batch(rows, TokenizerFiles.from_directory(tmp_path / "stage1"), "text")
+    by_actor, by_stage = extractor(rows), extractor(staged)
+    assert by_stage[VALID_COLUMN].tolist() == by_actor[VALID_COLUMN].tolist() == [True] * 20 + [False] * 2
+    for column in (FEATURES_COLUMN, TEACHER_COLUMN):
+        np.testing.assert_allclose(by_stage[column], by_actor[column], atol=1e-6)
 
 
 def test_the_cached_forward_needs_both_inputs(stage1_model):

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from ee_model import EarlyExitClassifier
-from pipelines.scoring.tokenizing import (
+from pipelines.tokenizing import (
     INVALID_COLUMN,
     TOKEN_IDS_COLUMN,
     TokenizerFiles,

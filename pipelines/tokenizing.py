@@ -1,5 +1,5 @@
 """Tokenising as its own Ray Data stage: CPU tasks turn the text column into token ids before the scoring
-actors, so a GPU actor spends its time on the model, not on the tokenizer.
+actors (or stage 2's feature extractors), so a GPU actor spends its time on the model, not on the tokenizer.
 
 The ids travel as an Arrow list<int32> column (null for a row that cannot be scored) beside the reason such a
 row gets; the scorer reads both and drops them. Rows keep their order and count.
@@ -19,7 +19,7 @@ from ee_model.io import WEIGHTS_FILE
 from ee_model.texts import invalid_text_reasons
 from ee_model.tokens import TextTokenizer, TokenIds, single_threaded_tokenizers
 from pipelines.model_source import ModelFiles
-from pipelines.scoring.text_column import column_texts
+from pipelines.text_column import column_texts
 
 TOKEN_IDS_COLUMN = "__ee_token_ids"  # list<int32>: the row's token ids, null when it cannot be scored
 INVALID_COLUMN = "__ee_invalid"  # string: why the row cannot be scored, null when it can
