@@ -131,6 +131,7 @@ def train_students(
     stage_config: Stage2Config,
     head_type: str,
     seed: int,
+    select: str = "best-dev",
 ) -> tuple[EarlyExitClassifier, float]:
     """Students trained as the job's stage 2 trains them; (the best dev checkpoint, seconds)."""
     started = time.perf_counter()
@@ -156,7 +157,8 @@ def train_students(
             if step % stage_config.checkpoint_every_steps == 0:
                 best = keep_if_best()
         best = keep_if_best()
-    model.load_state_dict(best[1])
+    if select == "best-dev":
+        model.load_state_dict(best[1])
     return model.eval(), time.perf_counter() - started
 
 
@@ -178,6 +180,12 @@ def main() -> None:
     )
     parser.add_argument("--settings", nargs="+", default=[None], help="head_type:learning_rate:epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--select",
+        choices=["best-dev", "final"],
+        default="best-dev",
+        help="the job's best dev checkpoint (mean exit accuracy), or the last weights",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/stage2_budget.json")
     args = parser.parse_args()
@@ -231,7 +239,9 @@ def main() -> None:
                 head_type, lr, epochs = setting.split(":")
                 stage_config = dataclasses.replace(stage_config, learning_rate=float(lr), epochs=int(epochs))
             for seed in args.seeds:
-                model, seconds = train_students(base, train, held_out["dev"], stage_config, head_type, seed)
+                model, seconds = train_students(
+                    base, train, held_out["dev"], stage_config, head_type, seed, args.select
+                )
                 dev = split_pass(model, held_out["dev"], tokens["dev"])
                 test = split_pass(model, held_out["test"], tokens["test"])
                 chosen = choose_knob(sweep(model, dev, config.eval.thresholds), "entropy", target)
