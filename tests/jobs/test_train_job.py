@@ -208,6 +208,44 @@ def test_bad_data_fails_before_training_and_registers_nothing(tmp_path, mutate, 
     assert not (tmp_path / "m.db").exists()  # no run, no registry entry, not even a store
 
 
+def corpus_without_the_text_column(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a b"]}), path)
+
+
+def corpus_that_is_not_parquet(path):
+    path.write_bytes(b"not parquet at all")
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (corpus_without_the_text_column, r"has no column\(s\) \['body'\]"),
+        (corpus_that_is_not_parquet, "cannot read parquet"),
+    ],
+)
+def test_a_bad_unlabeled_corpus_fails_before_training(tmp_path, labeled_parquet, monkeypatch, write, message):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write(corpus / "part-0.parquet")
+    monkeypatch.chdir(tmp_path)
+    config = load_train_config(
+        overrides={
+            "data": {
+                "train_path": labeled_parquet,
+                "unlabeled_path": str(corpus),
+                "unlabeled_text_column": "body",
+            },
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"},
+        }
+    )
+    with pytest.raises(DataError, match=message):
+        run_training(config)
+    assert not (tmp_path / "m.db").exists()
+
+
 def test_unknown_dev_labels_fail_before_training(tmp_path, labeled_parquet, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
