@@ -96,7 +96,7 @@ def extract(extractor: FeatureExtractor, texts: list[str], label_ids: np.ndarray
             {
                 "text": pa.array(texts[i : i + 256], pa.string()),
                 LABEL_COLUMN: pa.array(label_ids[i : i + 256], pa.int64()),
-                PART_COLUMN: pa.array(["benchmark"] * len(texts[i : i + 256])),
+                PART_COLUMN: pa.array([0] * len(texts[i : i + 256]), pa.int32()),
             }
         )
         out = extractor(rows)

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
 CHUNK = 64  # rows per frozen forward inside a map_batches call
-PART_COLUMN = "__ee_part"  # which store part a row belongs to (dropped when written)
+PART_COLUMN = "__ee_part"  # int32: the row's part, its index in `extraction_parts` (dropped when written)
 VALID_COLUMN = "__ee_valid"  # False: the row's text is null, empty or not a string (counted, not written)
 
 
@@ -117,7 +117,7 @@ class FeatureExtractor:
             LABEL_COLUMN: batch[LABEL_COLUMN].to_numpy().astype(np.int64),
             FEATURES_COLUMN: features,
             TEACHER_COLUMN: teacher,
-            PART_COLUMN: np.asarray(batch[PART_COLUMN].to_pylist(), dtype=object),
+            PART_COLUMN: batch[PART_COLUMN].to_numpy(),
             VALID_COLUMN: valid,
         }
 
@@ -231,8 +231,9 @@ def unlabeled_files(config: TrainConfig, splits: LabeledSplits) -> tuple[list[Co
     return files, dataset.filesystem, column
 
 
-def tag_unlabeled(batch: pa.Table, column: str, parts: dict[str, str]) -> pa.Table:
-    """Rows of corpus files as extraction input: text (null where unreadable), no label, their part."""
+def tag_unlabeled(batch: pa.Table, column: str, parts: dict[str, int]) -> pa.Table:
+    """Rows of corpus files as extraction input: text (null where unreadable), no label, their part's
+    index."""
     texts = [t if invalid_text_reason(t) is None else None for t in column_texts(batch[column])]
     paths = batch["path"].to_pylist()
     part_of = {path: parts[_path_key(path)] for path in set(paths)}
@@ -240,7 +241,7 @@ def tag_unlabeled(batch: pa.Table, column: str, parts: dict[str, str]) -> pa.Tab
         {
             "text": pa.array(texts, pa.string()),
             LABEL_COLUMN: pa.array([UNLABELED] * len(texts), pa.int64()),
-            PART_COLUMN: pa.array([part_of[path] for path in paths], pa.string()),
+            PART_COLUMN: pa.array([part_of[path] for path in paths], pa.int32()),
         }
     )
 
@@ -250,22 +251,28 @@ def _path_key(path: str) -> str:
     return os.path.abspath(path) if "://" not in path and os.path.exists(path) else path
 
 
+def extraction_parts(labeled: dict[StorePart, pa.Table], files: list[CorpusFile]) -> list[StorePart]:
+    """The parts one extraction writes, in the order `PART_COLUMN` numbers them: labeled, then files."""
+    return [*labeled, *(f.part for f in files)]
+
+
 def extraction_dataset(
     labeled: dict[StorePart, pa.Table], files: list[CorpusFile], filesystem: Any, column: str
 ) -> ray.data.Dataset:
-    """The rows of the parts to extract, tagged with their part: labeled tables as they are, corpus files
-    streamed (a file used only in part is read up to its rows)."""
+    """The rows of the parts to extract, each tagged with its part's index in `extraction_parts` (an
+    integer: a name on every row took a fifth more of the object store in flight): labeled tables as they
+    are, corpus files streamed (a file used only in part is read up to its rows)."""
     import ray.data
 
     pieces = [
         ray.data.from_arrow(
             table.select(["text", LABEL_COLUMN]).append_column(
-                PART_COLUMN, pa.array([part.name] * table.num_rows, pa.string())
+                PART_COLUMN, pa.array([index] * table.num_rows, pa.int32())
             )
         )
-        for part, table in labeled.items()
+        for index, table in enumerate(labeled.values())
     ]
-    parts = {_path_key(f.path): f.part.name for f in files}
+    parts = {_path_key(f.path): len(labeled) + i for i, f in enumerate(files)}
     whole = [f.path for f in files if f.rows == f.file_rows]
     reads = (
         [streaming_parquet_read(whole, [column], include_paths=True, filesystem=filesystem)] if whole else []
@@ -284,25 +291,26 @@ def extraction_dataset(
 
 def write_parts(features: ray.data.Dataset, store_path: Path, parts: list[StorePart]) -> None:
     """Drive the extraction; write each part's rows aside and rename the part into place once all its input
-    rows have come back. Rows in must equal rows out: a part that ends short (or long) is never committed."""
-    expected = {part.name: part.rows for part in parts}
+    rows have come back (`parts` as `extraction_parts` numbers them). Rows in must equal rows out: a part that
+    ends short (or long) is never committed."""
     staging = store_path / f"_tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
-    seen: collections.Counter[str] = collections.Counter()
-    writers: dict[str, pq.ParquetWriter] = {}
+    seen: collections.Counter[int] = collections.Counter()
+    writers: dict[int, pq.ParquetWriter] = {}
     try:
         for batch in features.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for name in dict.fromkeys(batch[PART_COLUMN].to_pylist()):
-                rows = batch.filter(pc.equal(batch[PART_COLUMN], name))
-                seen[name] += rows.num_rows
+            for index in dict.fromkeys(batch[PART_COLUMN].to_pylist()):
+                part = parts[index]
+                rows = batch.filter(pc.equal(batch[PART_COLUMN], index))
+                seen[index] += rows.num_rows
                 kept = rows.filter(rows[VALID_COLUMN]).drop_columns([PART_COLUMN, VALID_COLUMN])
-                if name not in writers:
-                    writers[name] = pq.ParquetWriter(staging / name, kept.schema)
-                writers[name].write_table(kept)
-                if seen[name] == expected[name]:
-                    writers.pop(name).close()
-                    replace_atomically(staging / name, store_path / name)  # the part's commit point
-        wrong = {n: f"{seen[n]}/{rows}" for n, rows in expected.items() if seen[n] != rows}
+                if index not in writers:
+                    writers[index] = pq.ParquetWriter(staging / part.name, kept.schema)
+                writers[index].write_table(kept)
+                if seen[index] == part.rows:
+                    writers.pop(index).close()
+                    replace_atomically(staging / part.name, store_path / part.name)  # the part's commit point
+        wrong = {p.name: f"{seen[i]}/{p.rows}" for i, p in enumerate(parts) if seen[i] != p.rows}
         if wrong:
             raise RuntimeError(
                 f"feature extraction ended with incomplete parts (rows seen/expected): {wrong}"
@@ -347,7 +355,7 @@ def extract_features(
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
     )
-    write_parts(features, store_path, [*labeled, *(f.part for f in files)])
+    write_parts(features, store_path, extraction_parts(labeled, files))
 
 
 def read_features(store: FeatureStore) -> ray.data.Dataset:

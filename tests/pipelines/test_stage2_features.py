@@ -86,7 +86,7 @@ def extraction_rows(texts, label_ids=None):
         {
             "text": pa.array(texts, pa.string()),
             "label_id": pa.array(np.full(n, -100) if label_ids is None else label_ids, pa.int64()),
-            PART_COLUMN: pa.array(["p"] * n),
+            PART_COLUMN: pa.array([0] * n, pa.int32()),
         }
     )
 
@@ -100,7 +100,7 @@ def test_rows_whose_text_cannot_be_read_are_marked_and_the_rest_match_a_clean_ba
     clean = extractor(extraction_rows(texts))
     np.testing.assert_allclose(out[TEACHER_COLUMN][out[VALID_COLUMN]], clean[TEACHER_COLUMN], atol=1e-6)
     np.testing.assert_allclose(out[FEATURES_COLUMN][out[VALID_COLUMN]], clean[FEATURES_COLUMN], atol=1e-6)
-    assert list(out[PART_COLUMN]) == ["p"] * 6
+    assert list(out[PART_COLUMN]) == [0] * 6
 
 
 def test_token_ids_from_the_tokenising_stage_give_the_same_features(stage1_model, tmp_path):

@@ -16,7 +16,6 @@ from tests.conftest import OBJECT_STORE_BYTES
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-SPILL_THRESHOLD = 0.8  # Ray's object_spilling_threshold default
 FILES, ROWS_PER_FILE, CHARS_PER_ROW = 256, 1000, 1000  # 256 MB of text, 2x the test cluster's object store
 
 
@@ -79,10 +78,10 @@ def test_stage2_corpus_larger_than_the_object_store_is_streamed(ray_local, tmp_p
     assert unlabeled == FILES * ROWS_PER_FILE
     assert not spilled[0], "the corpus was spilled to disk: it was materialised, not streamed"
     # Materialising a corpus twice the store's size would fill the store past Ray's spill threshold (80 %) and
-    # spill; streaming keeps it under: Ray Data's own budget (half the store) plus the blocks its consumer
-    # holds and prefetches. Measured peaks: 89 MiB before the store had parts, 91 MiB after (the rows now
-    # carry their file), 97 MiB on a fresh CI machine.
-    assert 0 < peak[0] < SPILL_THRESHOLD * OBJECT_STORE_BYTES, (
+    # spill; streaming keeps it well under: Ray Data's own budget (half the store) plus the blocks its
+    # consumer holds and prefetches. Measured peaks on 2 cores: 89 MiB before the store had parts; 91 MiB
+    # (97 on a fresh CI machine) with each row's part named; 68-74 MiB with the part as an integer.
+    assert 0 < peak[0] < 0.75 * OBJECT_STORE_BYTES, (
         f"peak {peak[0] >> 20} MiB in a {OBJECT_STORE_BYTES >> 20} MiB store "
         f"for a {corpus_bytes >> 20} MiB corpus"
     )
