@@ -188,13 +188,12 @@ def streaming_parquet_reader(preserve_order: bool | None = None) -> Iterator[Non
 
 
 def streaming_parquet_read(
-    source: str | list[str], columns: list[str], include_paths: bool = False, filesystem=None
+    files: list[str], columns: list[str], include_paths: bool = False, filesystem=None
 ):
-    """A lazy Ray Data read of a parquet corpus (a path, or a list of files on `filesystem`) that streams
-    (see `streaming_parquet_reader`); `include_paths` adds each row's file as the "path" column."""
+    """A lazy Ray Data read of parquet files on `filesystem` that streams (see `streaming_parquet_reader`);
+    `include_paths` adds each row's file as the "path" column."""
     import ray.data
 
-    files = parquet_source(source, error=DataError) if isinstance(source, str) else source
     with streaming_parquet_reader():
         dataset = ray.data.read_parquet(files, include_paths=include_paths, filesystem=filesystem)
     return dataset.select_columns([*columns, "path"] if include_paths else columns)

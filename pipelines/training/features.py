@@ -166,9 +166,13 @@ class FeatureStore:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def digest(identity: Any) -> str:
+    """A short, stable name for everything some contents depend on."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def store_key(identity: dict[str, Any]) -> str:
-    """A name for the store from everything its contents depend on."""
-    return "features-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"features-{digest(identity)}"
 
 
 def bytes_needed(rows: int, n_layers: int, hidden: int, num_labels: int, dtype: str) -> int:
@@ -191,7 +195,7 @@ def check_disk(root: Path, needed: int) -> None:
 
 
 def part_name(kind: str, identity: Any) -> str:
-    return f"{kind}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.parquet"
+    return f"{kind}-{digest(identity)}.parquet"
 
 
 def labeled_part(kind: str, table: pa.Table) -> StorePart:
