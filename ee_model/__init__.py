@@ -3,6 +3,7 @@
 from ee_model.config import EarlyExitConfig, ModelOptions
 from ee_model.encoders import SUPPORTED_MODEL_TYPES
 from ee_model.flops import FlopsModel, flops_speedup, layer_speedup
+from ee_model.int8 import int8_layers, load_int8, with_int8_layers
 from ee_model.layer_pools import ExitEngine
 from ee_model.losses import joint_loss, stage1_loss, stage2_loss
 from ee_model.modeling import EarlyExitClassifier
@@ -40,10 +41,13 @@ __all__ = [
     "TokenIds",
     "exit_layers",
     "flops_speedup",
+    "int8_layers",
     "joint_loss",
     "layer_speedup",
+    "load_int8",
     "make_policy",
     "normalised_entropy",
     "stage1_loss",
     "stage2_loss",
+    "with_int8_layers",
 ]

@@ -46,6 +46,7 @@ class EarlyExitClassifier(nn.Module):
             for _ in range(self.n_layers)
         )
         self.stage2_frozen = False  # set by freeze_for_stage2; keeps frozen parts in eval mode
+        self.int8_layers: Path | None = None  # set by ee_model.int8.with_int8_layers: the layers' folder
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -89,6 +90,10 @@ class EarlyExitClassifier(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write safetensors weights, `ee_config.json` and the tokenizer to `directory`."""
+        if self.int8_layers is not None:
+            raise ValueError(
+                f"this model runs the int8 layers of {self.int8_layers}; save the fp32 model they came from"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         io.save_weights(self, directory)

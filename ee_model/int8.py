@@ -1,0 +1,252 @@
+"""Int8 transformer layers for CPU inference, through ONNX Runtime.
+
+Each transformer layer of a trained model is exported on its own to ONNX (`torch.onnx.export(dynamo=True)`,
+batch and sequence dynamic) and quantised with ONNX Runtime's dynamic int8 quantisation (int8 weights per
+output channel, activations quantised per call). `with_int8_layers` then swaps the model's layers for
+`OnnxLayer`s that run those graphs: embeddings, heads, the exit engine and every exit policy stay as they are,
+so rows exit one by one at any batch size as in fp32, and each layer's matmuls run in int8.
+
+Dynamic quantisation scales a call's activations by its whole input, so a row's int8 result depends a little
+on its batch-mates: int8 labels and exit layers agree with fp32 on most rows (tests/ee_model/test_int8.py
+states the measured tolerance), not bit for bit as fp32 runs do at any batch size.
+
+The layers are built once per model (`int8_layers`: a few seconds per layer) into a folder whose manifest
+names the digest of the layer weights they come from; loading checks it, so stale layers are never used.
+Needs the `int8` extra (onnxruntime, onnx, onnxscript).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from ee_model import encoders
+
+if TYPE_CHECKING:
+    from ee_model.modeling import EarlyExitClassifier
+
+PRECISIONS = ("fp32", "int8")
+MANIFEST = "int8_layers.json"
+FORMAT = 1  # of the folder: bump when the export changes, so older folders are rebuilt
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
+
+
+def missing_runtime() -> str | None:
+    """Why int8 cannot run here (a package of the `int8` extra is missing), else None."""
+    import importlib.util
+
+    packages = ("onnxruntime", "onnx", "onnxscript")
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"int8 needs {', '.join(missing)}: pip install 'early-exit-pipeline[int8]'"
+    return None
+
+
+def layers_digest(model: EarlyExitClassifier) -> str:
+    """A digest of the transformer layers' weights and shape: what the exported layers must come from."""
+    digest = hashlib.sha256()
+    config = model.encoder.config
+    digest.update(json.dumps([FORMAT, config.model_type, model.flops_model.hidden_size]).encode())
+    for name, tensor in model.layers.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _MaskedLayer(nn.Module):
+    """A layer with a plain additive mask input (batch, 1, 1, seq): what the exported graph takes."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        return encoders.run_layer(self.layer, hidden, additive_mask)
+
+
+def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> np.ndarray:
+    """The encoder's mask object (None, a boolean or an additive 4-d mask) as a (batch, 1, 1, seq) additive
+    float32 array. Every query row of a bidirectional mask is the same, so the first one is kept."""
+    batch, seq = hidden.shape[0], hidden.shape[1]
+    if mask is None:
+        return np.zeros((batch, 1, 1, seq), dtype=np.float32)
+    first = mask[:, :, :1, :seq]
+    if first.dtype == torch.bool:
+        blocked = torch.zeros(first.shape, dtype=torch.float32)
+        first = blocked.masked_fill(~first.cpu(), torch.finfo(torch.float32).min)
+    return np.ascontiguousarray(first.expand(batch, 1, 1, seq).float().cpu().numpy())
+
+
+def read_manifest(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_current(directory: str | Path, model: EarlyExitClassifier, digest: str | None = None) -> bool:
+    """Whether `directory` holds int8 layers exported from `model`'s layer weights."""
+    manifest = read_manifest(Path(directory))
+    return manifest is not None and manifest.get("weights") == (digest or layers_digest(model))
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """The exporter's and the quantiser's advice (torchvision absent, "consider pre-processing") silenced."""
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
+    from onnxruntime import __version__ as ort_version
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    encoder = model.encoder
+    previous = encoder.config._attn_implementation
+    encoder.set_attn_implementation("eager")  # a plain additive mask, exported op for op
+    try:
+        hidden_size = model.flops_model.hidden_size
+        example = (torch.randn(2, 8, hidden_size), torch.zeros(2, 1, 1, 8))
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+        for index, layer in enumerate(model.layers):
+            plain = directory / f"layer_{index}.fp32.onnx"
+            with torch.no_grad(), _quiet_export():
+                torch.onnx.export(
+                    _MaskedLayer(layer).eval(),
+                    example,
+                    plain,
+                    dynamo=True,
+                    input_names=["hidden", "additive_mask"],
+                    output_names=["hidden_out"],
+                    dynamic_shapes={"hidden": {0: batch, 1: seq}, "additive_mask": {0: batch, 3: seq}},
+                    verbose=False,
+                )
+            quantized = directory / f"layer_{index}.onnx"
+            with _quiet_export():
+                quantize_dynamic(plain, quantized, weight_type=QuantType.QInt8, per_channel=True)
+            for fp32_file in directory.glob(f"layer_{index}.fp32.onnx*"):  # with external data, if any
+                fp32_file.unlink()
+    finally:
+        encoder.set_attn_implementation(previous)
+    manifest = {
+        "format": FORMAT,
+        "weights": digest,
+        "layers": model.n_layers,
+        "quantization": "onnxruntime quantize_dynamic, int8 weights per channel, int8 activations per call",
+        "onnxruntime": ort_version,
+        "torch": torch.__version__,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))  # written last: marks it complete
+
+
+def int8_layers(model: EarlyExitClassifier, directory: str | Path) -> Path:
+    """`directory` holding `model`'s int8 layers: reused when its manifest names these layer weights, else
+    exported and quantised there (a few seconds per layer). Built aside and renamed into place, so a killed
+    export leaves no half folder, and concurrent builders of the same layers both end with a complete one."""
+    reason = missing_runtime()
+    if reason:
+        raise RuntimeError(reason)
+    directory = Path(directory)
+    digest = layers_digest(model)
+    if is_current(directory, model, digest):
+        return directory
+    if model.device.type != "cpu" or next(model.layers.parameters()).dtype != torch.float32:
+        raise ValueError("int8 layers are exported from an fp32 model on the CPU")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _export(model, staging, digest)
+        if directory.exists():  # stale layers (other weights, an older format) or a concurrent build
+            if is_current(directory, model, digest):
+                return directory
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+class OnnxLayer(nn.Module):
+    """One exported int8 layer in an ONNX Runtime session, called as the encoder's layer is."""
+
+    def __init__(self, path: str | Path, threads: int) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
+        inputs = {
+            "hidden": np.ascontiguousarray(hidden.detach().float().numpy()),
+            "additive_mask": additive_mask(attention_mask, hidden),
+        }
+        return torch.from_numpy(self.session.run(None, inputs)[0])
+
+
+def with_int8_layers(
+    model: EarlyExitClassifier, directory: str | Path, threads: int | None = None
+) -> EarlyExitClassifier:
+    """`model` (fp32, on the CPU) with its transformer layers replaced, in place, by the int8 layers in
+    `directory` (made by `int8_layers`); refused when they were exported from other weights. `threads`:
+    ONNX Runtime's threads per layer call (default torch's)."""
+    reason = missing_runtime()
+    if reason:
+        raise RuntimeError(reason)
+    directory = Path(directory)
+    if model.int8_layers is not None:
+        raise ValueError("this model already runs int8 layers")
+    if model.device.type != "cpu":
+        raise ValueError("int8 layers run on the CPU (ONNX Runtime's CPU provider): move the model there")
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise ValueError(f"{directory} holds no int8 layers (no readable {MANIFEST}): build them first")
+    if manifest.get("weights") != layers_digest(model) or manifest.get("layers") != model.n_layers:
+        raise ValueError(f"the int8 layers in {directory} were exported from other weights")
+    layers = model.layers
+    threads = threads or torch.get_num_threads()
+    for index in range(len(layers)):
+        layers[index] = OnnxLayer(directory / f"layer_{index}.onnx", threads)
+    model.int8_layers = directory
+    return model.eval()
+
+
+def load_int8(
+    model_dir: str | Path, layers_dir: str | Path | None = None, threads: int | None = None
+) -> EarlyExitClassifier:
+    """A saved model with int8 layers, ready for `predict`: the layers in `layers_dir` (default
+    `<model_dir>/int8`), built there on first use."""
+    from ee_model.modeling import EarlyExitClassifier
+
+    model = EarlyExitClassifier.from_pretrained(model_dir)
+    directory = int8_layers(model, layers_dir or Path(model_dir) / "int8")
+    return with_int8_layers(model, directory, threads)
