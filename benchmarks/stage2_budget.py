@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import json
 import math
-import re
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from ee_model import EarlyExitClassifier  # noqa: E402
 from ee_model.heads import build_head  # noqa: E402
+from pipelines.bbc import sentence_passages  # noqa: E402
 from pipelines.config import Stage2Config, load_train_config  # noqa: E402
 from pipelines.data import default_unlabeled_corpus, load_labeled_splits  # noqa: E402
 from pipelines.evaluation.passes import SplitPass, exit_logits, per_layer_accuracy  # noqa: E402
@@ -55,22 +55,6 @@ from pipelines.training.stages import stage_named  # noqa: E402
 from pipelines.training.steps import optimizer_for, train_step  # noqa: E402
 
 UNLABELED = -100
-PASSAGE_WORDS = 40
-
-
-def sentence_passages(articles: list[str], words: int = PASSAGE_WORDS) -> list[str]:
-    """One passage per sentence start: that sentence and the next ones until `words` words."""
-    passages = []
-    for article in articles:
-        sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(article.split())) if s]
-        for start in range(len(sentences)):
-            taken: list[str] = []
-            for sentence in sentences[start:]:
-                if len(taken) >= words:
-                    break
-                taken += sentence.split()
-            passages.append(" ".join(taken))
-    return passages
 
 
 def unlabeled_pools(splits, data_config) -> dict[str, list[str]]:

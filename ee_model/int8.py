@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp32", "int8")
 MANIFEST = "int8_layers.json"
+INT8_FOLDER = "int8"  # the layers' folder inside a model directory (`load_int8`'s default, shipped models)
 FORMAT = 1  # of the folder: bump when the export changes, so older folders are rebuilt
 
 
@@ -248,5 +249,5 @@ def load_int8(
     from ee_model.modeling import EarlyExitClassifier
 
     model = EarlyExitClassifier.from_pretrained(model_dir)
-    directory = int8_layers(model, layers_dir or Path(model_dir) / "int8")
+    directory = int8_layers(model, layers_dir or Path(model_dir) / INT8_FOLDER)
     return with_int8_layers(model, directory, threads)

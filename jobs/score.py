@@ -7,6 +7,8 @@ Examples:
     python jobs/score.py --model models:/early-exit-classifier/3 --input corpus/ --output scored/ \
         --policy none
     python jobs/score.py --model models:/ee@champion --input corpus/ --output scored/ --calibrate-rows 2000
+    python jobs/score.py --model models:/ee@champion --input corpus/ --output scored/ --precision int8 \
+        --calibrate-rows 2000
     ray job submit --working-dir . -- python jobs/score.py --model models:/ee@champion --input s/ --output o/
 
 Run it again on the same folder (cron, Airflow, a Ray job schedule): files already scored for this model
@@ -58,6 +60,13 @@ def main(
             "Data tasks before the actors, which keeps GPU actors busy), auto (tasks when actors have GPUs)"
         ),
     ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32, or int8: every transformer layer in int8 through ONNX Runtime on CPU actors (needs "
+            "the int8 extra; built once per model version into <output>/_int8)"
+        ),
+    ] = "fp32",
     include_probs: Annotated[bool, typer.Option(help="also write every class probability")] = False,
     output_prefix: Annotated[
         str,
@@ -110,6 +119,7 @@ def main(
             cpus_per_actor=cpus_per_actor,
             gpus_per_actor=gpus_per_actor,
             tokenize=tokenize,
+            precision=precision,
             include_probs=include_probs,
             output_prefix=output_prefix,
             calibrate_rows=calibrate_rows,

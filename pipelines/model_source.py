@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ee_model.config import CONFIG_FILE
+from ee_model.int8 import INT8_FOLDER, check_precision
 from ee_model.io import WEIGHTS_FILE
 from pipelines.errors import UserError
 
@@ -31,9 +32,15 @@ class ModelFiles:
     files: dict[str, bytes]
 
     @classmethod
-    def from_directory(cls, directory: str | Path) -> ModelFiles:
+    def from_directory(cls, directory: str | Path, int8_layers: Path | None = None) -> ModelFiles:
+        """The model directory's files; with `int8_layers` (ee_model.int8) those too, as `int8/`."""
         root = Path(directory)
-        return cls({str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()})
+        files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        if int8_layers is not None:
+            files = {k: v for k, v in files.items() if not k.startswith(f"{INT8_FOLDER}/")}
+            for path in sorted(int8_layers.iterdir()):
+                files[f"{INT8_FOLDER}/{path.name}"] = path.read_bytes()
+        return cls(files)
 
     def write_to(self, directory: str | Path) -> Path:
         root = Path(directory)
@@ -130,19 +137,23 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
     return ModelSource(reference, directory, identity, name, version)
 
 
-def load_shipped_model(model: ModelFiles | ObjectRef | str | Path) -> EarlyExitClassifier:
+def load_shipped_model(
+    model: ModelFiles | ObjectRef | str | Path, precision: str = "fp32"
+) -> EarlyExitClassifier:
     """The model from a `ModelFiles` (or an object-store reference to one, as jobs pass it) or a local
-    directory; on the GPU when the worker has one."""
+    directory; on the GPU when the worker has one. precision "int8": with the int8 layers it carries in
+    `int8/` (ee_model.int8), on the CPU."""
     import ray
     import torch
 
-    from ee_model import EarlyExitClassifier
+    from ee_model import EarlyExitClassifier, with_int8_layers
 
+    check_precision(precision)
     if isinstance(model, ray.ObjectRef):
         model = ray.get(model)
-    if isinstance(model, ModelFiles):
-        with tempfile.TemporaryDirectory(prefix="ee-model-") as local:
-            loaded = EarlyExitClassifier.from_pretrained(model.write_to(local))
-    else:
-        loaded = EarlyExitClassifier.from_pretrained(Path(model))
+    with tempfile.TemporaryDirectory(prefix="ee-model-") as local:
+        directory = model.write_to(local) if isinstance(model, ModelFiles) else Path(model)
+        loaded = EarlyExitClassifier.from_pretrained(directory)
+        if precision == "int8":  # ONNX Runtime reads the layers now: the temporary folder may go
+            return with_int8_layers(loaded, directory / INT8_FOLDER)
     return loaded.to("cuda") if torch.cuda.is_available() else loaded

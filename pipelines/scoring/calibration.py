@@ -150,7 +150,10 @@ def calibrate_on_worker(
     thresholds: tuple[float, ...],
     batch_size: int,
     cpus: float,
+    precision: str = "fp32",
 ) -> Calibration:
-    """`calibrate` where a scoring actor would run (its CPUs, its GPU when it has one): a Ray task body."""
+    """`calibrate` where a scoring actor would run (its CPUs, its GPU when it has one) and in the precision
+    it scores in, so the knob is chosen on the logits scoring will see: a Ray task body."""
     torch.set_num_threads(max(1, math.floor(cpus)))
-    return calibrate(load_shipped_model(model), texts, policy, min_agreement, delta, thresholds, batch_size)
+    model = load_shipped_model(model, precision)
+    return calibrate(model, texts, policy, min_agreement, delta, thresholds, batch_size)

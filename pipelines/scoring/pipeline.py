@@ -148,10 +148,15 @@ def output_schema(input_schema: pa.Schema, include_probs: bool, prefix: str = ""
     return pa.schema([*input_schema, *(column.with_name(prefix + column.name) for column in extra)])
 
 
+def precision_suffix(config: ScoreConfig) -> str:
+    """The run key's precision part: empty for fp32 (the keys of earlier runs stay valid), "__int8"."""
+    return "" if config.precision == "fp32" else f"__{config.precision}"
+
+
 def run_key(source: ModelSource, setting: ExitSetting, config: ScoreConfig) -> str:
-    """The output folder of one (model, setting, column prefix):
-    `<identity>__<policy>[-<knob>][__prefix-<p>]`."""
-    return f"{source.identity}__{setting}" + (
+    """The output folder of one (model, setting, precision, column prefix):
+    `<identity>__<policy>[-<knob>][__int8][__prefix-<p>]`."""
+    return f"{source.identity}__{setting}{precision_suffix(config)}" + (
         f"__prefix-{config.output_prefix}" if config.output_prefix else ""
     )
 
@@ -240,6 +245,7 @@ def build_dataset(
             Scorer,
             fn_constructor_kwargs={
                 "model": model,
+                "precision": config.precision,
                 "text_column": config.text_column,
                 "setting": setting,
                 "include_probs": config.include_probs,
@@ -296,18 +302,27 @@ def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, count
     }
 
 
-def ship_model(source: ModelSource) -> ObjectRef:
-    """The resolved model's files in the object store, once per job: actors and tasks on any node load them
-    from there (the driver's download folder exists on the driver's node only)."""
+def int8_layers_for(config: ScoreConfig, source: ModelSource) -> Path:
+    """The model's int8 layers (ee_model.int8), built by the driver once per model version into
+    `<output>/_int8/<identity>` and reused by every later run on that output (the manifest is checked)."""
+    from ee_model import EarlyExitClassifier, int8_layers
+
+    folder = Path(config.output).resolve() / "_int8" / source.identity
+    return int8_layers(EarlyExitClassifier.from_pretrained(source.directory), folder)
+
+
+def ship_model(source: ModelSource, int8_layers: Path | None = None) -> ObjectRef:
+    """The resolved model's files (and its int8 layers, when scoring in int8) in the object store, once per
+    job: actors and tasks on any node load them from there (the driver's folders exist on its node only)."""
     import ray
 
-    return ray.put(ModelFiles.from_directory(source.directory))
+    return ray.put(ModelFiles.from_directory(source.directory, int8_layers))
 
 
 def calibration_path(config: ScoreConfig, source: ModelSource, policy: str) -> Path:
     name = (
-        f"{source.identity}__{policy}__agree-{config.min_agreement:g}__delta-{config.delta:g}"
-        f"__rows-{config.calibrate_rows}.json"
+        f"{source.identity}__{policy}{precision_suffix(config)}__agree-{config.min_agreement:g}"
+        f"__delta-{config.delta:g}__rows-{config.calibrate_rows}.json"
     )
     return Path(config.output).resolve() / "_calibration" / name
 
@@ -346,6 +361,7 @@ def pinned_calibration(
             S_GRID,
             config.batch_size,
             config.cpus_per_actor,
+            config.precision,
         )
     )
     write_text_atomically(path, json.dumps(calibration.to_dict(), indent=2))  # a kill pins nothing or all
@@ -371,7 +387,8 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
         )  # a model that cannot load leaves no output folder
         model_config = EarlyExitConfig.load(source.directory)
         held.enter_context(OutputLock(Path(config.output).resolve()))  # before calibration writes there too
-        shipped_model = functools.cache(lambda: ship_model(source))
+        int8 = int8_layers_for(config, source) if config.precision == "int8" else None
+        shipped_model = functools.cache(lambda: ship_model(source, int8))
         if config.calibrate_rows:
             calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model)
             config = with_calibrated_knob(config, calibration)
@@ -385,6 +402,7 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
             "model_identity": source.identity,
             "policy": setting.policy,
             "knob": setting.knob,
+            "precision": config.precision,
         }
         schema_of = lambda item: output_schema(item.schema, config.include_probs, config.output_prefix)  # noqa: E731
         tally, started = Tally(prefix=config.output_prefix), time.time()
@@ -419,6 +437,7 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
                 "model_version": source.version,
                 "policy": setting.policy,
                 "knob": setting.knob,
+                "precision": config.precision,
                 "started_at": round(started, 3),
             }
         )
@@ -465,6 +484,7 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
                 "cpus_per_actor": config.cpus_per_actor,
                 "gpus_per_actor": config.gpus_per_actor,
                 "tokenize": summary["tokenize"],
+                "precision": summary["precision"],
                 "calibrate_rows": config.calibrate_rows,
                 "min_agreement": config.min_agreement if config.calibrate_rows else None,
                 "delta": config.delta if config.calibrate_rows else None,

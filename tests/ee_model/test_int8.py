@@ -16,32 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from ee_model import EarlyExitClassifier, joint_loss
+from ee_model import EarlyExitClassifier
 from ee_model.int8 import MANIFEST, int8_layers, load_int8, with_int8_layers
-from tests.conftest import FAMILIES, labeled_table, random_texts
+from tests.conftest import FAMILIES, labeled_table, random_texts, trained_tiny
 
 MIN_LABEL_AGREEMENT = 0.99
 MIN_EXIT_LAYER_AGREEMENT = 0.98
 MAX_HIDDEN_ERROR = 0.15  # relative L2 of a layer's pooled hidden state
-THRESHOLD = 0.5
-
-
-def trained_tiny(encoder_dir: str, steps: int = 60) -> EarlyExitClassifier:
-    """A 2-layer tiny model after `steps` joint cross-entropy steps on the separable task (< 1 s)."""
-    table = labeled_table(240)
-    texts, labels = table["text"].to_pylist(), table["label"].to_pylist()
-    torch.manual_seed(0)
-    model = EarlyExitClassifier.from_encoder(encoder_dir, labels=["pos", "neg", "mid"], threshold=THRESHOLD)
-    label_ids = torch.tensor([model.config.labels.index(label) for label in labels])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(steps):
-        rows = np.random.default_rng(step).choice(len(texts), 32)
-        loss = joint_loss(model(**model.encode([texts[i] for i in rows])).logits, label_ids[rows])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

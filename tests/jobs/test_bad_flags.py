@@ -49,6 +49,8 @@ def assert_refused(result: subprocess.CompletedProcess, message: str, tmp_path: 
         (["--policy", "entropy", "--patience", "3"], "policy 'entropy' does not use patience=3"),
         (["--policy", "fastest"], "policy='fastest' is not one of ['entropy', 'count', 'patience', 'none']"),
         (["--calibrate-rows", "500", "--delta", "0"], "delta=0.0 must be a number in (0, 1)"),
+        (["--precision", "int4"], "precision='int4' is not one of ['fp32', 'int8']"),
+        (["--precision", "int8", "--gpus-per-actor", "1"], "precision 'int8' runs on CPUs"),
     ],
 )
 def test_score_job_refuses_bad_knobs_before_anything_starts(tmp_path, flags, message):

@@ -94,9 +94,12 @@ def test_score_config_sorts_at_least_one_model_call():
         {"actors": 0},
         {"policy": "fastest"},
         {"gpus_per_actor": -1},
+        {"precision": "int4"},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ScoreConfig(model="m", input="i", output="o", **bad)
+    with pytest.raises(ValueError, match="int8' runs on CPUs"):
+        ScoreConfig(model="m", input="i", output="o", precision="int8", gpus_per_actor=1)
 
 
 def test_score_config_calibration_excludes_a_given_knob():

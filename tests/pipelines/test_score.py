@@ -566,3 +566,42 @@ def test_input_with_a_stage_column_is_refused(model_dir, tmp_path):
     write(tmp_path / "in" / "a.parquet", ["x"], __ee_token_ids=pa.array([[1]]))
     with pytest.raises(ScoringError, match="__ee_token_ids"):
         score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+
+
+def test_int8_scoring_builds_the_layers_once_calibrates_in_int8_and_keys_apart(
+    ray_local, tiny_encoder_dir, tmp_path
+):
+    from ee_model import load_int8
+    from ee_model.int8 import MANIFEST
+    from tests.conftest import trained_tiny
+
+    model_dir = str(trained_tiny(tiny_encoder_dir("bert", num_layers=3)).save_pretrained(tmp_path / "model"))
+    texts = random_texts(300, seed=7) + [None, "", "good great"]
+    write(tmp_path / "in" / "a.parquet", texts)
+    int8 = {"precision": "int8", "calibrate_rows": 300, "min_agreement": 0.95}
+    first = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
+    assert first["precision"] == "int8" and first["output"].endswith(f"__entropy-{first['knob']:g}__int8")
+    assert first["rows_scored"] == len(texts) and first["errors"] == 2
+    layers = next((tmp_path / "out" / "_int8").iterdir())
+    stamp = (layers / MANIFEST).stat().st_mtime_ns
+    assert json.loads((layers / MANIFEST).read_text())["layers"] == 3
+    calibration = first["calibration"]
+    assert calibration["met"] and not calibration["pinned"] and first["knob"] > 0
+    assert calibration["agreement"] > calibration["agreement_bound"] >= 0.95
+    assert list((tmp_path / "out" / "_calibration").glob("*__entropy__int8__*"))  # its own pinned file
+    # what the actors ran: the same int8 layers, the calibrated S
+    local = load_int8(model_dir, layers, threads=1)
+    expected = local.predict(texts, policy="entropy", threshold=first["knob"], batch_size=16, invalid="null")
+    out = read_outputs(first)["a.parquet"]
+    assert out["error"].to_pylist() == expected.error
+    assert np.mean(np.array(out["label"].to_pylist()) == np.array(expected.label)) >= 0.99
+
+    write(tmp_path / "in" / "b.parquet", random_texts(40, seed=8))
+    again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
+    assert again["output"] == first["output"] and (again["files_scored"], again["files_skipped"]) == (1, 1)
+    assert again["calibration"]["pinned"] and (layers / MANIFEST).stat().st_mtime_ns == stamp  # not rebuilt
+    fp32 = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, threshold=first["knob"])
+    assert fp32["output"] == first["output"].removesuffix("__int8") and fp32["files_scored"] == 2
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["early-exit-scoring"], order_by=["start_time ASC"])
+    assert runs["params.precision"].tolist() == ["int8", "int8", "fp32"]
