@@ -587,6 +587,7 @@ def test_int8_scoring_builds_the_layers_once_calibrates_in_int8_and_keys_apart(
     assert json.loads((layers / MANIFEST).read_text())["layers"] == 3
     calibration = first["calibration"]
     assert calibration["met"] and not calibration["pinned"] and first["knob"] > 0
+    assert "exit engine" in calibration["reason"]
     assert calibration["agreement"] > calibration["agreement_bound"] >= 0.95
     assert list((tmp_path / "out" / "_calibration").glob("*__entropy__int8__*"))  # its own pinned file
     # what the actors ran: the same int8 layers, the calibrated S
@@ -605,3 +606,26 @@ def test_int8_scoring_builds_the_layers_once_calibrates_in_int8_and_keys_apart(
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["early-exit-scoring"], order_by=["start_time ASC"])
     assert runs["params.precision"].tolist() == ["int8", "int8", "fp32"]
+
+
+def test_int8_calibration_measures_its_knob_in_the_exit_engine(tiny_encoder_dir, tmp_path):
+    """The replayed sweep is only a guide for int8: the kept knob's agreement is what the engine gave."""
+    from ee_model import int8_layers, with_int8_layers
+    from pipelines.config import S_GRID
+    from pipelines.evaluation.thresholds import lower_bound
+    from pipelines.scoring.calibration import agreement_pass, calibrate
+    from tests.conftest import trained_tiny
+
+    fp32 = trained_tiny(tiny_encoder_dir("bert", num_layers=3))
+    folder = int8_layers(fp32, tmp_path / "int8")
+    model = with_int8_layers(fp32, folder, threads=1)
+    texts = random_texts(400, seed=11)
+    calibration = calibrate(model, texts, "entropy", 0.95, 0.05, S_GRID)
+    assert calibration.met and calibration.knob > 0 and "exit engine" in calibration.reason
+    full = agreement_pass(model, texts).labels.numpy()
+    engine = model.predict(texts, policy="entropy", threshold=calibration.knob, batch_size=64)
+    kept = int((engine.label_id == full).sum())
+    assert calibration.agreement == pytest.approx(kept / len(texts))
+    assert calibration.agreement_bound == pytest.approx(lower_bound(kept, len(texts), 0.05))
+    assert calibration.agreement_bound >= 0.95 and calibration.mean_exit_layer < 3
+    assert calibration.mean_exit_layer == pytest.approx(engine.exit_layer.mean())
