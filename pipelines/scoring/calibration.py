@@ -188,9 +188,10 @@ def checked_in_the_engine(
                 layer_speedup=model.n_layers / mean_exit,
                 flops_speedup=full_flops / float(out.flops.sum()),
             )
+            steps = ordered.index(chosen.point) - ordered.index(point)
             reason = (
                 f"{bound:.4f} >= {target.min_retention:g} at confidence {1 - target.delta:g}, measured in "
-                f"the exit engine ({len(ordered) - 1 - ordered.index(point)} setting(s) safer than replayed)"
+                f"the exit engine ({steps} setting(s) safer than the replayed sweep's {chosen.point.setting})"
             )
             return replace(chosen, point=measured, reason=reason, bound=bound)
     return chosen  # not reached: the safest setting agrees with the pass on every row
