@@ -64,24 +64,14 @@ def export_plain_int8(model_dir: str, folder: Path) -> dict[str, Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from ee_model import EarlyExitClassifier
+    from ee_model.int8 import export_onnx
 
     model = EarlyExitClassifier.from_pretrained(model_dir)
     model.encoder.set_attn_implementation("eager")
     plain = PlainClassifier(model).eval()
     example = model.encode(["a short text", "a somewhat longer text than the first one"])
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    fp32 = folder / "plain.onnx"
-    with torch.no_grad():
-        torch.onnx.export(
-            plain,
-            (example["input_ids"], example["attention_mask"]),
-            fp32,
-            dynamo=True,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-            verbose=False,
-        )
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    fp32 = export_onnx(plain, example, folder / "plain.onnx", "logits", axes)
     paths = {"per_channel": folder / "plain.int8pc.onnx", "per_tensor": folder / "plain.int8.onnx"}
     quantize_dynamic(fp32, paths["per_channel"], weight_type=QuantType.QInt8, per_channel=True)
     quantize_dynamic(fp32, paths["per_tensor"], weight_type=QuantType.QInt8)

@@ -123,6 +123,30 @@ def _quiet_export() -> Iterator[None]:
                 logger.setLevel(level)
 
 
+def export_onnx(
+    module: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    path: Path,
+    output: str,
+    axes: dict[str, dict[int, str]],
+) -> Path:
+    """`module(*inputs.values())` exported to `path` with `torch.onnx.export(dynamo=True)`; `axes` names each
+    input's dynamic axes ({"hidden": {0: "batch", 1: "seq"}}); axes of one name are one dimension."""
+    dims = {name: torch.export.Dim(name) for name in {d for named in axes.values() for d in named.values()}}
+    with torch.no_grad(), _quiet_export():
+        torch.onnx.export(
+            module.eval(),
+            tuple(inputs.values()),
+            path,
+            dynamo=True,
+            input_names=list(inputs),
+            output_names=[output],
+            dynamic_shapes={name: {a: dims[d] for a, d in axes[name].items()} for name in inputs},
+            verbose=False,
+        )
+    return path
+
+
 def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
     from onnxruntime import __version__ as ort_version
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -132,21 +156,12 @@ def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
     encoder.set_attn_implementation("eager")  # a plain additive mask, exported op for op
     try:
         hidden_size = model.flops_model.hidden_size
-        example = (torch.randn(2, 8, hidden_size), torch.zeros(2, 1, 1, 8))
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+        example = {"hidden": torch.randn(2, 8, hidden_size), "additive_mask": torch.zeros(2, 1, 1, 8)}
+        axes = {"hidden": {0: "batch", 1: "seq"}, "additive_mask": {0: "batch", 3: "seq"}}
         for index, layer in enumerate(model.layers):
-            plain = directory / f"layer_{index}.fp32.onnx"
-            with torch.no_grad(), _quiet_export():
-                torch.onnx.export(
-                    _MaskedLayer(layer).eval(),
-                    example,
-                    plain,
-                    dynamo=True,
-                    input_names=["hidden", "additive_mask"],
-                    output_names=["hidden_out"],
-                    dynamic_shapes={"hidden": {0: batch, 1: seq}, "additive_mask": {0: batch, 3: seq}},
-                    verbose=False,
-                )
+            plain = export_onnx(
+                _MaskedLayer(layer), example, directory / f"layer_{index}.fp32.onnx", "hidden_out", axes
+            )
             quantized = directory / f"layer_{index}.onnx"
             with _quiet_export():
                 quantize_dynamic(plain, quantized, weight_type=QuantType.QInt8, per_channel=True)
