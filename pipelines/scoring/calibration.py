@@ -173,8 +173,9 @@ def checked_in_the_engine(
     ordered = safest_first(points, chosen.point.policy)
     reference, n = split.labels.numpy(), len(texts)
     full_flops = float(model.flops_model.full_depth_flops(split.tokens).sum())
+    token_ids = model.tokenize(texts)  # once for every setting tried
     for point in reversed(ordered[: ordered.index(chosen.point) + 1]):
-        out = model.predict(texts, setting=point.setting, batch_size=batch_size)
+        out = model.predict_tokens(token_ids, setting=point.setting, batch_size=batch_size)
         kept = int((out.label_id == reference).sum())
         bound = lower_bound(kept, n, target.delta)
         if bound >= target.min_retention:
