@@ -9,6 +9,7 @@ of fp32's. With the padding mask ignored, the same error is 81-188 %, so the bou
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -16,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from ee_model import EarlyExitClassifier
 from ee_model.int8 import MANIFEST, int8_layers, load_int8, with_int8_layers
 from tests.conftest import FAMILIES, labeled_table, random_texts, trained_tiny
 
@@ -34,17 +34,11 @@ def fp32_and_int8(tiny_encoder_dir, tmp_path_factory):
         if family not in cache:
             fp32 = trained_tiny(tiny_encoder_dir(family, 2))
             folder = int8_layers(fp32, tmp_path_factory.mktemp(f"int8-{family}") / "layers")
-            quantized = with_int8_layers(trained_copy(fp32), folder, threads=1)
+            quantized = with_int8_layers(copy.deepcopy(fp32), folder, threads=1)
             cache[family] = (fp32, quantized, folder)
         return cache[family]
 
     return make
-
-
-def trained_copy(model: EarlyExitClassifier) -> EarlyExitClassifier:
-    copy = EarlyExitClassifier(model.config, type(model.encoder)(model.encoder.config), model.tokenizer)
-    copy.load_state_dict(model.state_dict())
-    return copy.eval()
 
 
 def probe_texts() -> list[str]:
@@ -119,4 +113,4 @@ def test_stale_layers_are_rebuilt_and_a_saved_model_loads_in_int8(fp32_and_int8,
     assert loaded.predict(texts).label == quantized.predict(texts).label  # same weights, same int8 layers
     other = trained_tiny(str(fp32.config.encoder_name_or_path), steps=5)
     rebuilt = int8_layers(other, saved / "int8")  # stale for these weights: exported again in place
-    with_int8_layers(trained_copy(other), rebuilt, threads=1)
+    with_int8_layers(copy.deepcopy(other), rebuilt, threads=1)
