@@ -1,46 +1,71 @@
-"""Exit rules beyond one global entropy S, replayed on a trained model's dev and test logits (issue 18, first
-step: which rules could pay, before any becomes a policy).
+"""Exit rules beyond one global entropy S, on several corpora and student seeds (issue 18).
 
-One full-depth pass over the model's dev and test splits records every exit's logits; each rule is a family of
-settings ordered from the safest to the most eager, and each family is chosen on dev two ways:
+Per corpus, a model trained by `jobs/train.py` (KL variant): the job's `FeatureExtractor` caches what every
+student sees (training split + the job's unlabeled corpus, dev, test) once; then for each seed fresh students
+are trained from those features the way the job's stage 2 trains them (`benchmarks/stage2_budget.py`'s
+`train_students`), and every rule is replayed on that seed's dev and test logits. Each rule is a family of
+settings ordered from the safest to the most eager, chosen on dev two ways:
   - bounded: the training job's rule (fixed-sequence testing, one-sided Clopper-Pearson bound of the kept
     share >= 0.99 at confidence 0.95: `pipelines.evaluation.thresholds`), the promise the job makes;
   - point: the most eager setting whose dev retention is >= 0.99 (no bound; what issue 6 reported).
-Reported on test: retention, layer speed-up and its share of the oracle's.
+Reported on test: retention (the promise holds when >= 0.99), layer speed-up and its share of the oracle's.
 
-Rules: entropy S (today's); per-head temperature (fitted on dev by NLL) + one S; per-layer thresholds S_l set
-to the q-quantile of layer l's dev entropies (one knob q, label-free ordering); entropy OR the prediction
-unchanged for t layers in a row; entropy AND agreement with the previous exit; tempered max probability.
+Rules:
+  - entropy S: today's policy (`ee_model.policies.EntropyPolicy`);
+  - risk r: the "risk" policy (`ee_model.exit_risk`): per-layer logistic fits of "this exit disagrees with the
+    last" on entropy, fitted without labels on the training split's logits (the job fits on <= 2,000 of
+    them); one risk level r gives one entropy threshold per layer (`LayerThresholdPolicy`);
+  - temperature per head (fitted on dev by NLL) + S;
+  - per-layer S_l = q-quantile of layer l's dev entropies (one knob q);
+  - entropy S OR the prediction unchanged for 2 layers in a row;
+  - entropy S AND the same prediction as the previous exit;
+  - tempered max probability > 1 - S;
+  - a learned exit predictor: per-layer logistic regression over entropy, max probability, top-2 margin and
+    agreement with the previous exit (PCEE-BERT / BEEM style), fitted like the risk policy, knob r.
+Then the cost of the signals: FLOPs per row per layer and the wall-clock of one policy step next to one
+transformer layer's.
 
-    python benchmarks/exit_rules.py --model models:/early-exit-classifier@candidate
+    python benchmarks/exit_rules.py --corpus bbc=models:/early-exit-classifier@candidate \\
+        --corpus docstrings=<model>@data/docstrings.parquet --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from sklearn.linear_model import LogisticRegression
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ee_model import EarlyExitClassifier  # noqa: E402
-from ee_model.policies import normalised_entropy  # noqa: E402
-from pipelines.config import S_GRID, load_train_config  # noqa: E402
-from pipelines.data import load_labeled_splits  # noqa: E402
-from pipelines.evaluation.passes import SplitPass, full_pass  # noqa: E402
+from stage2_budget import UNLABELED, extract, split_pass, train_students  # noqa: E402
+
+from ee_model import EarlyExitClassifier, encoders, exit_layers  # noqa: E402
+from ee_model.flops import transformer_layer_flops  # noqa: E402
+from ee_model.policies import EntropyPolicy, LayerThresholdPolicy, normalised_entropy  # noqa: E402
+from pipelines.config import RISK_GRID, S_GRID, load_train_config  # noqa: E402
+from pipelines.data import default_unlabeled_corpus, evenly_spaced_rows, load_labeled_splits  # noqa: E402
+from pipelines.evaluation.exit_risk import fit_exit_risk  # noqa: E402
+from pipelines.evaluation.passes import SplitPass  # noqa: E402
 from pipelines.evaluation.sweep import oracle_point, point_from_layers  # noqa: E402
 from pipelines.evaluation.thresholds import lower_bound  # noqa: E402
 from pipelines.model_source import resolve_model  # noqa: E402
+from pipelines.training.features import FeatureExtractor  # noqa: E402
 
 Rule = Callable[[SplitPass], torch.Tensor]  # a split's recorded pass -> each row's exit layer (1-based)
+RISK_ROWS = 2000  # training rows the risk fits see, as the job's eval.exit_risk_rows
+BASELINE = "entropy S (today)"
 
 
 def first_allowed(may_exit: torch.Tensor) -> torch.Tensor:
@@ -74,14 +99,53 @@ def unchanged_run(split: SplitPass) -> torch.Tensor:
     return torch.stack(runs)
 
 
-def families(dev: SplitPass) -> dict[str, list[tuple[float, Rule]]]:
-    """Each rule's settings, safest first."""
+def exit_signals(split: SplitPass) -> torch.Tensor:
+    """(L - 1, n, 4) per student: entropy, max probability, top-2 margin, same prediction as the previous."""
+    probs = torch.softmax(split.logits.float(), dim=-1)
+    top2 = probs.topk(2, dim=-1).values
+    agree = (unchanged_run(split) > 0).float()
+    signals = torch.stack([entropies(split), top2[..., 0], top2[..., 0] - top2[..., 1], agree], dim=-1)
+    return signals[:-1]
+
+
+def learned_predictor(fit_on: SplitPass) -> Callable[[SplitPass], torch.Tensor]:
+    """Per student layer, a logistic regression of "disagrees with the last exit" on `exit_signals`, fitted
+    without labels; returns split -> (L - 1, n) estimated risk."""
+    signals, final = exit_signals(fit_on), fit_on.logits[-1].argmax(-1)
+    fits = []
+    for layer, x in enumerate(signals):
+        y = (fit_on.logits[layer].argmax(-1) != final).numpy()
+        x = x.numpy()
+        if y.all() or not y.any():  # one class only: a constant risk
+            fits.append(float(y.mean()))
+        else:
+            fits.append(LogisticRegression(C=100.0, max_iter=2000).fit(x, y))
+
+    def risk(split: SplitPass) -> torch.Tensor:
+        out = []
+        for fit, x in zip(fits, exit_signals(split), strict=True):
+            if isinstance(fit, float):
+                out.append(torch.full((x.shape[0],), fit, dtype=torch.float64))
+            else:
+                out.append(torch.from_numpy(fit.predict_proba(x.numpy())[:, 1]))
+        return torch.stack(out)
+
+    return risk
+
+
+def families(dev: SplitPass, train: SplitPass) -> dict[str, list[tuple[float, Rule]]]:
+    """Each rule's settings, safest first. `train`: the training split's logits (no labels used)."""
     grid = sorted({0.0, *S_GRID})
     temperatures = fitted_temperatures(dev)
     dev_entropy = entropies(dev)[:-1]
+    exit_risk = fit_exit_risk(train.logits)
+    predictor = learned_predictor(train)
 
     def entropy(s: float) -> Rule:
-        return lambda split: first_allowed(entropies(split)[:-1] < s)
+        return lambda split: exit_layers(split.logits, EntropyPolicy(s))
+
+    def risk(r: float) -> Rule:
+        return lambda split: exit_layers(split.logits, LayerThresholdPolicy(exit_risk.thresholds(r)))
 
     def tempered(s: float) -> Rule:
         return lambda split: first_allowed(entropies(split, temperatures)[:-1] < s)
@@ -103,14 +167,18 @@ def families(dev: SplitPass) -> dict[str, list[tuple[float, Rule]]]:
 
         return rule
 
+    def learned(r: float) -> Rule:
+        return lambda split: first_allowed(predictor(split) < r)
+
     return {
-        "entropy S (today)": [(s, entropy(s)) for s in grid],
+        BASELINE: [(s, entropy(s)) for s in grid],
+        "risk r (per-layer S_l, label-free fit)": [(r, risk(r)) for r in RISK_GRID],
         "temperature per head + S": [(s, tempered(s)) for s in grid],
         "per-layer S_l = dev quantile q": [(float(q), quantile(float(q))) for q in np.linspace(0, 1, 101)],
         "entropy S OR same 2 in a row": [(s, entropy_or_run(s, 2)) for s in grid],
-        "entropy S OR same 3 in a row": [(s, entropy_or_run(s, 3)) for s in grid],
         "entropy S AND same as previous": [(s, entropy_and_agreement(s)) for s in grid],
         "tempered max probability > 1 - S": [(s, max_probability(s)) for s in grid],
+        "learned predictor (4 signals) r": [(r, learned(r)) for r in RISK_GRID],
     }
 
 
@@ -119,8 +187,7 @@ def choose(model, dev: SplitPass, family: list[tuple[float, Rule]], bounded: boo
     for knob, rule in family:
         point = point_from_layers(model, dev, rule(dev), "rule", None)
         if bounded:
-            passes = lower_bound(point.kept, point.full_correct, 0.05) >= 0.99
-            if not passes:
+            if lower_bound(point.kept, point.full_correct, 0.05) < 0.99:
                 break  # fixed-sequence testing: stop at the first failure
         elif point.retention < 0.99:
             continue
@@ -128,55 +195,165 @@ def choose(model, dev: SplitPass, family: list[tuple[float, Rule]], bounded: boo
     return chosen
 
 
+def corpus_features(name: str, model_ref: str, train_path: str | None, scratch: Path, threads: int):
+    """The corpus's splits through the job's feature extractor: train (+ the job's unlabeled corpus), dev,
+    test; and the stage-1 model."""
+    config = load_train_config()
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, train_path=train_path))
+    splits = load_labeled_splits(config.data)
+    model_dir = resolve_model(model_ref, scratch / name).directory
+    base = EarlyExitClassifier.from_pretrained(model_dir).eval()
+    extractor = FeatureExtractor(str(model_dir), config.stage2.feature_dtype, cpus=threads)
+    labels = base.config.labels
+    features, tokens = {}, {}
+    for split in ("train", "dev", "test"):
+        table = getattr(splits, split)
+        ids = np.array([labels.index(x) for x in table["label"].to_pylist()], dtype=np.int64)
+        features[split] = extract(extractor, table["text"].to_pylist(), ids)
+        tokens[split] = base.tokenize(table["text"].to_pylist()).lengths.astype(np.int64)
+    unlabeled = pq.read_table(default_unlabeled_corpus(splits.train, config.data))["text"].to_pylist()
+    unlabeled = unlabeled[: config.data.max_unlabeled_rows]
+    pool = extract(extractor, unlabeled, np.full(len(unlabeled), UNLABELED, dtype=np.int64))
+    features["stage2"] = {k: np.concatenate([features["train"][k], pool[k]]) for k in pool}
+    return config, base, features, tokens
+
+
+def signal_costs(model: EarlyExitClassifier, families_: dict, dev: SplitPass, rows: int = 64) -> dict:
+    """Wall-clock of one policy step on `rows` rows next to one transformer layer on `rows` x 64 tokens."""
+    hidden = torch.randn(rows, 64, model.flops_model.hidden_size)
+    mask = encoders.attention_mask_for(model.encoder, hidden, torch.ones(rows, 64, dtype=torch.long))
+    logits = dev.logits[0, :rows]
+
+    def timed(fn, repeats: int = 200) -> float:
+        fn()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - started) / repeats * 1e6
+
+    n = model.config.num_labels
+    flops = model.flops_model
+    costs = {
+        # per row and student: the entropy (softmax, log, product, sum: ~5 N) is what S already pays; risk
+        # compares it with its layer's precomputed S_l; the learned predictor adds max, top-2, an argmax
+        # comparison, 4 multiply-adds and a sigmoid
+        "layer_flops_64_tokens": int(transformer_layer_flops(flops.hidden_size, flops.intermediate_size, 64)),
+        "entropy_flops": 5 * n,
+        "risk_flops": 5 * n + 1,
+        "learned_flops": 5 * n + 3 * n + 12,
+    }
+    with torch.inference_mode():
+        layer_us = timed(lambda: encoders.run_layer(model.layers[0], hidden, mask), 20)
+        entropy = EntropyPolicy(0.3)
+        risk = LayerThresholdPolicy((0.3,) * (model.n_layers - 1))
+        risk_state = risk.init_state(rows, logits.device)
+        predictor_split = SplitPass(dev.logits[:, :rows], dev.labels[:rows], dev.tokens[:rows])
+        learned = dict(families_["learned predictor (4 signals) r"])[0.01]
+        return costs | {
+            "layer_us": layer_us,
+            "entropy_step_us": timed(lambda: entropy.step(logits, {})),
+            "risk_step_us": timed(lambda: risk.step(logits, risk_state)),
+            # every layer's signals and predictions at once, divided by the students
+            "learned_step_us": timed(lambda: learned(predictor_split), 20) / (model.n_layers - 1),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="a trained early-exit model: dir or MLflow URI")
+    parser.add_argument(
+        "--corpus",
+        action="append",
+        required=True,
+        help="name=model (BBC, the job's default data) or name=model@train.parquet; repeat per corpus",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/exit_rules.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    config = load_train_config()
-    splits = load_labeled_splits(config.data)
+    torch.set_num_threads(args.threads)
+    rows, costs = [], {}
+    print("| corpus | seed | rule | choice | knob | test retention | test layer speed-up | share of oracle |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
-        model = EarlyExitClassifier.from_pretrained(resolve_model(args.model, Path(scratch)).directory)
-    dev, test = full_pass(model, splits.dev), full_pass(model, splits.test)
-    oracle = oracle_point(model, test)
-    n_right = int((dev.logits[-1].argmax(-1) == dev.labels).sum())
-    print(
-        f"dev {dev.labels.numel()} rows ({n_right} right at full depth: the bound at 0.99 / 0.95 allows "
-        f"{sum(lower_bound(n_right - k, n_right, 0.05) >= 0.99 for k in range(1, n_right))} loss(es)); "
-        f"test oracle {oracle.layer_speedup:.2f}x\n"
-    )
-    print("| rule | choice | knob | test retention | test layer speed-up | share of oracle |")
-    print("|---|---|---|---|---|---|")
-    rows = []
-    for name, family in families(dev).items():
-        for bounded in (True, False):
-            knob, rule = choose(model, dev, family, bounded)
-            point = point_from_layers(model, test, rule(test), "rule", None)
-            row = {
-                "rule": name,
-                "choice": "bounded" if bounded else "point",
-                "knob": knob,
-                "test_retention": point.retention,
-                "test_layer_speedup": point.layer_speedup,
-                "share_of_oracle": point.layer_speedup / oracle.layer_speedup,
-            }
-            rows.append(row)
-            print(
-                f"| {name} | {row['choice']} | {knob:g} | {point.retention:.3f} | "
-                f"{point.layer_speedup:.2f}x | {row['share_of_oracle']:.3f} |",
-                flush=True,
+        for spec in args.corpus:
+            name, _, source = spec.partition("=")
+            model_ref, _, train_path = source.partition("@")
+            config, base, features, tokens = corpus_features(
+                name, model_ref, train_path or None, Path(scratch), args.threads
             )
-    result = {
-        "model": args.model,
-        "dev_rows": dev.labels.numel(),
-        "oracle": oracle.layer_speedup,
-        "rows": rows,
-    }
+            for seed in args.seeds:
+                model, _ = train_students(
+                    base, features["stage2"], features["dev"], config.stage2, base.config.head_type, seed
+                )
+                dev = split_pass(model, features["dev"], tokens["dev"])
+                test = split_pass(model, features["test"], tokens["test"])
+                sample = evenly_spaced_rows(len(tokens["train"]), RISK_ROWS)
+                train_features = {k: v[sample] for k, v in features["train"].items()}
+                train = split_pass(model, train_features, tokens["train"][sample])
+                oracle = oracle_point(model, test)
+                rules = families(dev, train)
+                if name not in costs:
+                    costs[name] = signal_costs(model, rules, dev)
+                for rule_name, family in rules.items():
+                    for bounded in (True, False):
+                        knob, rule = choose(model, dev, family, bounded)
+                        point = point_from_layers(model, test, rule(test), "rule", None)
+                        row = {
+                            "corpus": name,
+                            "seed": seed,
+                            "rule": rule_name,
+                            "choice": "bounded" if bounded else "point",
+                            "knob": knob,
+                            "dev_rows": int(dev.labels.numel()),
+                            "test_rows": int(test.labels.numel()),
+                            "test_retention": point.retention,
+                            "test_layer_speedup": point.layer_speedup,
+                            "test_oracle_speedup": oracle.layer_speedup,
+                            "share_of_oracle": point.layer_speedup / oracle.layer_speedup,
+                        }
+                        rows.append(row)
+                        print(
+                            f"| {name} | {seed} | {rule_name} | {row['choice']} | {knob:.3g} | "
+                            f"{point.retention:.3f} | {point.layer_speedup:.2f}x | "
+                            f"{row['share_of_oracle']:.3f} |",
+                            flush=True,
+                        )
+    print("\n| corpus | rule | choice | share of oracle, mean (min-max) | test retention, min | vs entropy |")
+    print("|---|---|---|---|---|---|")
+    summary = []
+    for key in dict.fromkeys((r["corpus"], r["rule"], r["choice"]) for r in rows):
+        group = [r for r in rows if (r["corpus"], r["rule"], r["choice"]) == key]
+        base_group = [r for r in rows if (r["corpus"], r["rule"], r["choice"]) == (key[0], BASELINE, key[2])]
+        shares = [r["share_of_oracle"] for r in group]
+        gain = np.mean(shares) / np.mean([r["share_of_oracle"] for r in base_group])
+        entry = {
+            "corpus": key[0],
+            "rule": key[1],
+            "choice": key[2],
+            "share_mean": float(np.mean(shares)),
+            "share_min": min(shares),
+            "share_max": max(shares),
+            "retention_min": min(r["test_retention"] for r in group),
+            "vs_entropy": float(gain),
+        }
+        summary.append(entry)
+        print(
+            f"| {key[0]} | {key[1]} | {key[2]} | {entry['share_mean']:.3f} ({entry['share_min']:.3f}-"
+            f"{entry['share_max']:.3f}) | {entry['retention_min']:.3f} | {gain:.2f}x |"
+        )
+    print("\n| corpus | one layer: FLOPs per row (64 tokens), us per 64 rows | entropy | risk | learned |")
+    print("|---|---|---|---|---|")
+    for name, c in costs.items():
+        print(
+            f"| {name} | {c['layer_flops_64_tokens']:,}, {c['layer_us']:.0f} us | {c['entropy_flops']}, "
+            f"{c['entropy_step_us']:.0f} us | {c['risk_flops']}, {c['risk_step_us']:.0f} us | "
+            f"{c['learned_flops']}, {c['learned_step_us']:.0f} us |"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary, "costs": costs}, indent=2))
+    print(f"written {args.out}")
 
 
 if __name__ == "__main__":

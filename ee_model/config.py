@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ee_model.exit_risk import ExitRisk
 from ee_model.policies import (  # noqa: F401  (POLICY_NAMES: re-exported)
     KNOB_OF_POLICY,
     POLICY_NAMES,
@@ -15,6 +16,7 @@ from ee_model.policies import (  # noqa: F401  (POLICY_NAMES: re-exported)
     PolicyName,
     check_patience,
     check_policy,
+    check_risk,
     check_threshold,
 )
 
@@ -74,6 +76,7 @@ class ModelOptions:
         threshold: default normalised-entropy threshold S for the "entropy" policy (0 <= S <= 1;
             S = 0: full depth).
         patience: default t for "count" / "patience" policies.
+        risk: default r for the "risk" policy (estimated risk of a changed prediction, in [0, 1]).
         max_length: tokens kept per text (truncation); 128 is the paper's FLOPs convention.
         head_dropout: dropout before each exit head while training.
     """
@@ -82,6 +85,7 @@ class ModelOptions:
     pooling: Pooling = "mean"  # measured best on BBC with MiniLM-L6 (see docs/results.md)
     threshold: float = 0.1
     patience: int = 3
+    risk: float = 0.01
     max_length: int = 128
     head_dropout: float = 0.1
 
@@ -90,6 +94,7 @@ class ModelOptions:
         _check_choice("pooling", self.pooling, POOLINGS)
         check_threshold(self.threshold)
         check_patience(self.patience)
+        check_risk(self.risk)
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"max_length={self.max_length!r} must be an integer >= 2")
         check_head_dropout(self.head_dropout)
@@ -111,6 +116,7 @@ class EarlyExitConfig(ModelOptions):
         variant: "kl" (two-stage, entropy exit) or "count" (joint, count exit); sets the default policy.
         policy: default exit policy used by `predict` when none is given.
         encoder_revision: the hub revision of the encoder, when known.
+        exit_risk: the "risk" policy's fitted model (`ee_model.exit_risk.ExitRisk`), None until fitted.
     """
 
     encoder_name_or_path: str
@@ -119,9 +125,12 @@ class EarlyExitConfig(ModelOptions):
     variant: Variant = "kl"
     policy: PolicyName | None = None  # None -> "entropy" for kl, "count" for count
     encoder_revision: str | None = None
+    exit_risk: ExitRisk | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.exit_risk, dict):  # from to_dict / JSON
+            object.__setattr__(self, "exit_risk", ExitRisk(self.exit_risk["coefficients"]))
         object.__setattr__(self, "labels", check_labels(self.labels))
         _check_choice("variant", self.variant, VARIANTS)
         if self.policy is None:
@@ -140,7 +149,11 @@ class EarlyExitConfig(ModelOptions):
         return AutoConfig.for_model(data.pop("model_type"), **data)
 
     def setting(
-        self, policy: str | None = None, threshold: float | None = None, patience: int | None = None
+        self,
+        policy: str | None = None,
+        threshold: float | None = None,
+        patience: int | None = None,
+        risk: float | None = None,
     ) -> ExitSetting:
         """The exit setting `predict` runs: `policy` (default the stored one) with the given knob, else the
         knob stored for it; the knob the policy does not take is ignored (the pyfunc passes every param)."""
@@ -148,7 +161,7 @@ class EarlyExitConfig(ModelOptions):
         knob_name = KNOB_OF_POLICY[name]
         if knob_name is None:
             return ExitSetting(name)
-        given = {"threshold": threshold, "patience": patience}[knob_name]
+        given = {"threshold": threshold, "patience": patience, "risk": risk}[knob_name]
         return ExitSetting(name, getattr(self, knob_name) if given is None else given)
 
     def with_setting(self, setting: ExitSetting) -> EarlyExitConfig:

@@ -45,6 +45,11 @@ class EarlyExitClassifier(nn.Module):
             build_head(config.head_type, self.flops_model.hidden_size, config.num_labels, config.head_dropout)
             for _ in range(self.n_layers)
         )
+        risk = self.config.exit_risk
+        if risk is not None and risk.n_students != self.n_layers - 1:
+            raise ValueError(
+                f"exit_risk has {risk.n_students} layers' coefficients for {self.n_layers - 1} student layers"
+            )
         self.stage2_frozen = False  # set by freeze_for_stage2; keeps frozen parts in eval mode
         self.int8_layers: Path | None = None  # set by ee_model.int8.with_int8_layers: the layers' folder
 
@@ -241,10 +246,15 @@ class EarlyExitClassifier(nn.Module):
         """The exit engine over `inputs` (sorted by length); `layer_pools` None: the device's default. The
         engine checks `batch_size`."""
         if isinstance(policy, ExitSetting):
-            policy = policy.exit_policy()
+            policy = self.exit_policy(policy)
         pooling = default_pooling(self.device) if layer_pools is None else layer_pools
         engine = ExitEngine(self, policy, batch_size, right_padded, pool_across_batches=pooling)
         return engine.run(n_rows, inputs, self.device)
+
+    def exit_policy(self, setting: ExitSetting) -> ExitPolicy:
+        """The policy that runs `setting` on this model (the "risk" policy reads the model's fitted
+        `config.exit_risk`)."""
+        return setting.exit_policy(self.config.exit_risk)
 
     @property
     def text_tokenizer(self) -> TextTokenizer:
@@ -280,6 +290,7 @@ class EarlyExitClassifier(nn.Module):
         threshold: float | None = None,
         patience: int | None = None,
         batch_size: int = 32,
+        risk: float | None = None,
         invalid: str = "raise",
         setting: ExitSetting | None = None,
         layer_pools: bool | None = None,
@@ -288,10 +299,12 @@ class EarlyExitClassifier(nn.Module):
 
         Args:
             texts: list of strings.
-            policy: "entropy", "count", "patience" or "none"; default the model's stored policy.
+            policy: "entropy", "risk", "count", "patience" or "none"; default the model's stored policy.
             threshold: S for "entropy" (normalised entropy); default the stored one.
             patience: t for "count"/"patience"; default the stored one.
             batch_size: rows per forward; rows are sorted by length inside to cut padding.
+            risk: r for "risk" (estimated risk of a changed prediction, `ee_model.exit_risk`); default the
+                stored one.
             invalid: "raise" -> ValueError naming null/empty/non-string rows; "null" -> those rows get a
                 defined empty result with the reason in `error`.
             setting: an `ExitSetting` instead of policy / threshold / patience.
@@ -306,9 +319,9 @@ class EarlyExitClassifier(nn.Module):
         reasons = invalid_text_reasons(texts)
         if invalid == "raise" and any(reasons):
             raise ValueError(describe_invalid(reasons))
-        if setting is not None and (policy, threshold, patience) != (None, None, None):
-            raise ValueError("give an ExitSetting or policy / threshold / patience, not both")
-        exit_policy = (setting or self.config.setting(policy, threshold, patience)).exit_policy()
+        if setting is not None and (policy, threshold, patience, risk) != (None, None, None, None):
+            raise ValueError("give an ExitSetting or policy / threshold / patience / risk, not both")
+        exit_policy = self.exit_policy(setting or self.config.setting(policy, threshold, patience, risk))
         valid = [i for i, reason in enumerate(reasons) if reason is None]
         return self._predict(
             self.tokenize([texts[i] for i in valid]), reasons, exit_policy, batch_size, layer_pools
@@ -340,7 +353,7 @@ class EarlyExitClassifier(nn.Module):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be >= 1")
-        policy = (setting or self.config.setting()).exit_policy()
+        policy = self.exit_policy(setting or self.config.setting())
         return self._predict(token_ids, reasons, policy, batch_size, layer_pools)
 
     def _predict(

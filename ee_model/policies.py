@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
+
+if TYPE_CHECKING:
+    from ee_model.exit_risk import ExitRisk
 
 State = dict[str, torch.Tensor]
 
@@ -48,6 +51,24 @@ class EntropyPolicy(ExitPolicy):
 
     def step(self, logits: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         return normalised_entropy(logits) < self.threshold, state
+
+
+@dataclass(frozen=True)
+class LayerThresholdPolicy(ExitPolicy):
+    """One entropy threshold per student layer: a row leaves after student layer l (1-based) when its
+    normalised entropy < thresholds[l - 1]. The "risk" policy's rule (thresholds from
+    `ee_model.exit_risk.ExitRisk.thresholds`); each row carries the index of its next layer."""
+
+    thresholds: tuple[float, ...]
+    name = "risk"
+
+    def init_state(self, batch_size: int, device: torch.device) -> State:
+        return {"layer": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+    def step(self, logits: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        layer = state["layer"]  # (batch,) 0-based index of this student
+        limits = torch.tensor(self.thresholds, dtype=torch.float32, device=logits.device)
+        return normalised_entropy(logits) < limits[layer], {"layer": layer + 1}
 
 
 class _AgreementPolicy(ExitPolicy):
@@ -98,15 +119,17 @@ class FullDepthPolicy(ExitPolicy):
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
 
 
-PolicyName = Literal["entropy", "count", "patience", "none"]
+PolicyName = Literal["entropy", "risk", "count", "patience", "none"]
 POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)  # the choices in messages come from the type
 EXIT_RULES: tuple[str, ...] = (
     "entropy",
+    "risk",
     "count",
     "patience",
 )  # the policies that exit early (they take a knob)
 KNOB_OF_POLICY: dict[str, str | None] = {
     "entropy": "threshold",
+    "risk": "risk",
     "count": "patience",
     "patience": "patience",
     "none": None,
@@ -127,6 +150,13 @@ def check_threshold(threshold: Any) -> float:
     return float(threshold)
 
 
+def check_risk(risk: Any) -> float:
+    """r is a probability: a number in [0, 1]."""
+    if isinstance(risk, bool) or not isinstance(risk, (int, float)) or not 0 <= risk <= 1:
+        raise ValueError(f"risk={risk!r} must be a number in [0, 1] (estimated risk of a changed prediction)")
+    return float(risk)
+
+
 def check_patience(patience: Any) -> int:
     """t counts layers: an integer >= 1."""
     if (
@@ -140,12 +170,23 @@ def check_patience(patience: Any) -> int:
     return int(patience)
 
 
-def make_policy(name: str, threshold: float | None = None, patience: int | None = None) -> ExitPolicy:
-    """Build a policy by name; entropy needs `threshold` in [0, 1], count and patience need `patience` >= 1
-    (the knob the policy does not take is ignored). `ExitSetting(name, knob).exit_policy()` is the same."""
+# each knob's check
+CHECK_OF_KNOB = {"threshold": check_threshold, "risk": check_risk, "patience": check_patience}
+
+
+def make_policy(
+    name: str,
+    threshold: float | None = None,
+    patience: int | None = None,
+    risk: float | None = None,
+    exit_risk: ExitRisk | None = None,
+) -> ExitPolicy:
+    """Build a policy by name; entropy needs `threshold` in [0, 1], count and patience need `patience` >= 1,
+    risk needs `risk` in [0, 1] and the model's fitted `exit_risk` (the knobs the policy does not take are
+    ignored). `ExitSetting(name, knob).exit_policy(exit_risk)` is the same."""
     check_policy(name)
-    knobs = {"threshold": threshold, "patience": patience}
-    return ExitSetting(name, knobs.get(KNOB_OF_POLICY[name])).exit_policy()
+    knobs = {"threshold": threshold, "patience": patience, "risk": risk}
+    return ExitSetting(name, knobs.get(KNOB_OF_POLICY[name])).exit_policy(exit_risk)
 
 
 def exit_layers(all_logits: torch.Tensor, policy: ExitPolicy) -> torch.Tensor:
@@ -168,7 +209,8 @@ def exit_layers(all_logits: torch.Tensor, policy: ExitPolicy) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ExitSetting:
-    """An exit policy with its knob: S for "entropy", t for "count" / "patience", none for "none".
+    """An exit policy with its knob: S for "entropy", r for "risk", t for "count" / "patience", none for
+    "none".
 
     The one place that knows which knob a policy takes, how it is checked, which way it trades accuracy for
     speed, and which value means full depth. Everything that passes a setting around (predict, the scorer,
@@ -185,9 +227,7 @@ class ExitSetting:
             if self.knob is not None:
                 raise ValueError(f"policy {self.policy!r} takes no knob, got {self.knob!r}")
         else:
-            object.__setattr__(
-                self, "knob", check_threshold(self.knob) if name == "threshold" else check_patience(self.knob)
-            )
+            object.__setattr__(self, "knob", CHECK_OF_KNOB[name](self.knob))
 
     @property
     def knob_name(self) -> str | None:
@@ -200,15 +240,24 @@ class ExitSetting:
 
     @property
     def eagerness(self) -> float:
-        """Orders settings of one policy from the safest (latest exits) to the most eager: a larger S exits
-        earlier, a smaller t exits earlier."""
+        """Orders settings of one policy from the safest (latest exits) to the most eager: a larger S or r
+        exits earlier, a smaller t exits earlier."""
         if self.knob is None:
             return -math.inf
-        return float(self.knob) if self.knob_name == "threshold" else -float(self.knob)
+        return -float(self.knob) if self.knob_name == "patience" else float(self.knob)
 
-    def exit_policy(self) -> ExitPolicy:
+    def exit_policy(self, exit_risk: ExitRisk | None = None) -> ExitPolicy:
+        """The policy that runs this setting; "risk" needs the model's fitted `exit_risk`
+        (`EarlyExitConfig.exit_risk`), the others ignore it."""
         if self.policy == "entropy":
             return EntropyPolicy(self.knob)
+        if self.policy == "risk":
+            if exit_risk is None:
+                raise ValueError(
+                    "policy 'risk' needs the model's fitted exit risk, and this model has none (a model "
+                    "trained before it, or with eval.fit_exit_risk off); use policy 'entropy' or retrain"
+                )
+            return LayerThresholdPolicy(exit_risk.thresholds(self.knob))
         if self.policy == "count":
             return CountPolicy(self.knob)
         if self.policy == "patience":
@@ -216,5 +265,5 @@ class ExitSetting:
         return FullDepthPolicy()
 
     def __str__(self) -> str:
-        """ "entropy-0.24", "count-2", "none": as in output keys."""
+        """ "entropy-0.24", "risk-0.01", "count-2", "none": as in output keys."""
         return self.policy if self.knob is None else f"{self.policy}-{self.knob:g}"

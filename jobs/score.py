@@ -41,10 +41,13 @@ def main(
     input: Annotated[str, typer.Option(help="parquet file, folder or glob")],  # noqa: A002
     output: Annotated[str, typer.Option(help="output folder")],
     policy: Annotated[
-        str | None, typer.Option(help="entropy, count, patience or none; default the model's")
+        str | None, typer.Option(help="entropy, risk, count, patience or none; default the model's")
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="S for entropy; default the model's")] = None,
     patience: Annotated[int | None, typer.Option(help="t for count/patience; default the model's")] = None,
+    risk: Annotated[
+        float | None, typer.Option(help="r for risk (risk of a changed prediction); default the model's")
+    ] = None,
     text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
     batch_size: Annotated[int, typer.Option(help="rows per model call")] = 64,
     sort_rows: Annotated[
@@ -78,7 +81,7 @@ def main(
     calibrate_rows: Annotated[
         int,
         typer.Option(
-            help="choose S (or t) on this many input rows, no labels needed: the fastest agreeing with "
+            help="choose S (or r, t) on this many input rows, no labels needed: the fastest agreeing with "
             "full depth on "
             ">= --min-agreement of them; pinned in <output>/_calibration for later runs. 0: the model's"
         ),
@@ -112,6 +115,7 @@ def main(
             policy=policy,
             threshold=threshold,
             patience=patience,
+            risk=risk,
             text_column=text_column,
             batch_size=batch_size,
             sort_rows=sort_rows,

@@ -17,7 +17,7 @@ import yaml
 from ee_model.config import VARIANTS, ModelOptions
 from ee_model.int8 import check_precision, missing_runtime
 from ee_model.losses import JointWeighting
-from ee_model.policies import KNOB_OF_POLICY, check_patience, check_policy, check_threshold
+from ee_model.policies import CHECK_OF_KNOB, EXIT_RULES, KNOB_OF_POLICY, check_policy
 
 Stage = Literal["stage1", "stage2", "joint"]
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -85,6 +85,14 @@ class ModelConfig(ModelOptions):
     encoder: str | None = None  # HF id or local path; None -> the packaged MiniLM-L6 (demo extra)
     encoder_revision: str | None = None
     max_length: int = 64  # the quick default (2 CPU cores); the model's own and the full profile's: 128
+    # the exit policy whose knob is chosen on dev and stored as the model's default: one of EXIT_RULES;
+    # None -> the variant's (entropy for kl, count for count); "risk" needs eval.exit_risk_rows > 0
+    policy: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.policy is not None and self.policy not in EXIT_RULES:
+            raise ValueError(f"model.policy={self.policy!r} is not one of {list(EXIT_RULES)} (or unset)")
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,8 @@ class ThresholdTarget:
 
 
 S_GRID: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(51))  # 0, 0.02, ..., 1
+# the "risk" policy's r: 0 (full depth), then 1e-4 ... 0.5 in 38 log steps, 1 (everything leaves at layer 1)
+RISK_GRID: tuple[float, ...] = (0.0, *(float(f"{10 ** (-4 + 0.1 * i):.3g}") for i in range(38)), 1.0)
 
 
 @dataclass(frozen=True)
@@ -249,6 +259,9 @@ class EvalConfig:
     """Dev/test evaluation after training: sweeps, the oracle, the automatic knob, wall-clock timings."""
 
     thresholds: tuple[float, ...] = S_GRID  # S grid in [0, 1] swept on dev and test (t always 1..L-1)
+    risks: tuple[float, ...] = RISK_GRID  # r grid in [0, 1] of the "risk" policy, swept the same way
+    # training rows (evenly spaced) the "risk" policy's exit risk is fitted on, no labels used; 0: no fit
+    exit_risk_rows: int = 2000
     batch_size: int = 64
     # Automatic knob, chosen on dev and stored as the model's default: S (KL) or t (Count).
     auto_threshold: bool = True  # False -> model.threshold / model.patience stay as configured
@@ -272,6 +285,12 @@ class EvalConfig:
         if not grid or grid[0] < 0 or grid[-1] > 1:
             raise ValueError(f"thresholds={self.thresholds!r} must be values in [0, 1] (normalised entropy)")
         object.__setattr__(self, "thresholds", grid)
+        risks = tuple(sorted({0.0} | {float(r) for r in self.risks}))
+        if risks[0] < 0 or risks[-1] > 1:
+            raise ValueError(f"risks={self.risks!r} must be values in [0, 1] (risk of a changed prediction)")
+        object.__setattr__(self, "risks", risks)
+        if self.exit_risk_rows < 0:
+            raise ValueError(f"exit_risk_rows={self.exit_risk_rows!r} must be >= 0")
         self.target_spec()  # checks target, min_retention, flops_budget, delta
         _positive("batch_size", self.batch_size)
         for size in self.wallclock_batch_sizes:
@@ -307,6 +326,10 @@ class TrainConfig:
             raise ValueError(f"variant={self.variant!r} is not one of {list(VARIANTS)}")
         if self.profile not in PROFILES:
             raise ValueError(f"profile={self.profile!r} is not one of {sorted(PROFILES)}")
+        if self.model.policy == "risk" and self.eval.exit_risk_rows == 0:
+            raise ValueError(
+                "model.policy 'risk' needs its exit risk fitted: eval.exit_risk_rows must be > 0"
+            )
 
     def stages(self) -> list[Stage]:
         return ["stage1", "stage2"] if self.variant == "kl" else ["joint"]
@@ -441,6 +464,7 @@ class ScoreConfig:
     policy: str | None = None  # default: the model's stored policy
     threshold: float | None = None  # default: the model's stored S
     patience: int | None = None  # default: the model's stored t
+    risk: float | None = None  # default: the model's stored r (policy "risk")
     text_column: str = "text"
     batch_size: int = 64  # rows per model call
     # rows per map_batches call: sorted by length together, then cut into model calls of batch_size, so a
@@ -484,19 +508,13 @@ class ScoreConfig:
                 raise ValueError(missing_runtime())
         if self.policy is not None:
             check_policy(self.policy)
-        if self.threshold is not None:
-            check_threshold(self.threshold)
-        if self.patience is not None:
-            check_patience(self.patience)
-        for knob in ("threshold", "patience"):
-            if (
-                self.policy is not None
-                and getattr(self, knob) is not None
-                and KNOB_OF_POLICY[self.policy] != knob
-            ):
-                raise ValueError(
-                    f"policy {self.policy!r} does not use {knob}={getattr(self, knob)!r}: drop it"
-                )
+        for knob, check in CHECK_OF_KNOB.items():
+            if getattr(self, knob) is not None:
+                check(getattr(self, knob))
+                if self.policy is not None and KNOB_OF_POLICY[self.policy] != knob:
+                    raise ValueError(
+                        f"policy {self.policy!r} does not use {knob}={getattr(self, knob)!r}: drop it"
+                    )
         if self.output_prefix and not self.output_prefix.replace("_", "").isalnum():
             raise ValueError(f"output_prefix={self.output_prefix!r} must be letters, digits and '_'")
         if self.calibrate_rows < 0:
@@ -506,9 +524,10 @@ class ScoreConfig:
         ThresholdTarget(min_retention=self.min_agreement, delta=self.delta)  # checks delta
         if self.calibrate_rows and self.policy == "none":
             raise ValueError("calibrate_rows chooses an exit knob; policy 'none' has none")
-        if self.calibrate_rows and (self.threshold is not None or self.patience is not None):
+        if self.calibrate_rows and any(getattr(self, knob) is not None for knob in CHECK_OF_KNOB):
             raise ValueError(
-                "calibrate_rows chooses the knob: give a threshold / patience or calibrate_rows, not both"
+                "calibrate_rows chooses the knob: give a threshold / patience / risk or calibrate_rows, "
+                "not both"
             )
 
     @property

@@ -138,6 +138,13 @@ def default_corpus_paths(config: DataConfig) -> dict[str, str]:
     return {"labeled": str(path)}
 
 
+def evenly_spaced_rows(total: int, rows: int) -> np.ndarray:
+    """`rows` indices spread evenly over range(total) (all of them when rows >= total)."""
+    if rows >= total:
+        return np.arange(total)
+    return np.unique(np.floor(np.arange(rows) * (total / rows)).astype(np.int64))
+
+
 def default_unlabeled_corpus(train: pa.Table, config: DataConfig) -> str:
     """Paragraphs of the training split's articles only, in a seeded random order, as parquet.
 

@@ -2,7 +2,8 @@
 
 Artifacts: `model_dir`, a directory written by `EarlyExitClassifier.save_pretrained` (safetensors, JSON
 config, tokenizer). predict takes a DataFrame with a `text` column (or a list of strings) and runtime params
-`policy`, `threshold`, `patience`, `batch_size`; invalid texts get a null label and a reason in `error`.
+`policy`, `threshold`, `patience`, `risk`, `batch_size`; invalid texts get a null label and a reason in
+`error`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
             policy=params.get("policy"),
             threshold=params.get("threshold"),
             patience=params.get("patience"),
+            risk=params.get("risk"),
             batch_size=int(params.get("batch_size") or 32),
             invalid="null",
         )

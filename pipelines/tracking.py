@@ -84,7 +84,7 @@ def pip_requirements() -> list[str]:
 
 
 def log_pyfunc_model(model_dir: str | Path, config: Any, example_texts: list[str]) -> Any:
-    """Log the saved model directory as a pyfunc whose predict takes policy/threshold/patience params."""
+    """Log the saved model directory as a pyfunc whose predict takes policy/threshold/patience/risk params."""
     example = pd.DataFrame({"text": example_texts})
     output = pd.DataFrame(
         {"label": ["x"], "confidence": [0.5], "exit_layer": [1], "flops": [1], "error": [""]}
@@ -93,6 +93,7 @@ def log_pyfunc_model(model_dir: str | Path, config: Any, example_texts: list[str
         "policy": config.policy,
         "threshold": float(config.threshold),
         "patience": int(config.patience),
+        "risk": float(config.risk),
         "batch_size": 32,
     }
     return mlflow.pyfunc.log_model(

@@ -1,4 +1,5 @@
-"""After training: evaluate on dev and test, choose the exit knob on dev, time chosen settings, log it all.
+"""After training: fit the exit risk, evaluate on dev and test, choose the exit knob on dev, time chosen
+settings, log it all.
 
 The knob (S for the KL variant's entropy rule, t for the Count variant's count rule) is chosen on dev only
 and written into the saved model's config, so the registered model carries it as its default; test numbers
@@ -12,11 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pyarrow as pa
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers
 from pipelines.config import EvalConfig
-from pipelines.evaluation.passes import SplitPass, full_pass
+from pipelines.data import evenly_spaced_rows
+from pipelines.evaluation.exit_risk import fit_exit_risk
+from pipelines.evaluation.passes import SplitPass, full_pass, texts_pass
 from pipelines.evaluation.report import (
     exit_histogram_figure,
     log_trade_off,
@@ -45,13 +49,14 @@ def set_default_setting(model: EarlyExitClassifier, setting: ExitSetting, model_
 
 
 def timed_settings(model: EarlyExitClassifier, config: EvalConfig) -> list[ExitSetting]:
-    """The model's default setting first, then the configured extra knobs of the same rule."""
+    """The model's default setting first, then the configured extra knobs of the same rule (S or t; none for
+    risk)."""
     default = model.config.setting()
-    extra = (
-        config.timed_thresholds
-        if default.policy == "entropy"
-        else [t for t in config.timed_patiences if t < model.n_layers]
-    )
+    extra = {
+        "entropy": config.timed_thresholds,
+        "count": [t for t in config.timed_patiences if t < model.n_layers],
+        "patience": [t for t in config.timed_patiences if t < model.n_layers],
+    }.get(default.policy, ())
     settings = [default]
     for knob in extra:
         if ExitSetting(default.policy, knob) not in settings:
@@ -59,14 +64,34 @@ def timed_settings(model: EarlyExitClassifier, config: EvalConfig) -> list[ExitS
     return settings
 
 
+def store_exit_risk(
+    model: EarlyExitClassifier, texts: list[str], model_dir: str | Path, batch_size: int = 64
+) -> None:
+    """Fit the "risk" policy's model on `texts` (training text, no labels needed) and store it with the model,
+    in memory and in the saved config."""
+    recorded = texts_pass(model, texts, np.zeros(len(texts), dtype=np.int64), batch_size)
+    model.config = model.config.replace(exit_risk=fit_exit_risk(recorded.logits))
+    model.config.save(model_dir)
+
+
 def evaluate_trained_model(
-    model: EarlyExitClassifier, model_dir: str | Path, dev: pa.Table, test: pa.Table, config: EvalConfig
+    model: EarlyExitClassifier,
+    model_dir: str | Path,
+    dev: pa.Table,
+    test: pa.Table,
+    config: EvalConfig,
+    risk_texts: list[str] | None = None,
 ) -> FinalEvaluation:
+    """`risk_texts`: training text the exit risk is fitted on (`config.exit_risk_rows` of them, evenly
+    spaced); None or empty: the model gets no exit risk and the "risk" policy is not swept."""
+    if risk_texts and config.exit_risk_rows > 0:
+        sample = evenly_spaced_rows(len(risk_texts), config.exit_risk_rows)
+        store_exit_risk(model, [risk_texts[i] for i in sample], model_dir, config.batch_size)
     passes = {
         "dev": full_pass(model, dev, config.batch_size),
         "test": full_pass(model, test, config.batch_size),
     }
-    dev_eval = evaluate_split(model, dev, config.thresholds, split=passes["dev"])
+    dev_eval = evaluate_split(model, dev, config.thresholds, split=passes["dev"], risks=config.risks)
     chosen = None
     if config.auto_threshold:
         chosen = choose_knob(dev_eval.sweep, model.config.policy, config.target_spec())
@@ -74,7 +99,7 @@ def evaluate_trained_model(
             warnings.warn(f"automatic {model.config.policy} knob on dev: {chosen.reason}", stacklevel=2)
         set_default_setting(model, chosen.setting, model_dir)
         dev_eval.default_policy = policy_point(model, passes["dev"], model.config.setting())
-    test_eval = evaluate_split(model, test, config.thresholds, split=passes["test"])
+    test_eval = evaluate_split(model, test, config.thresholds, split=passes["test"], risks=config.risks)
     wallclock = []
     if config.wallclock_rows > 0:
         texts = test["text"].to_pylist()[: config.wallclock_rows]
@@ -118,7 +143,7 @@ def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) ->
         mlflow.log_metric(f"{name}_full_depth_accuracy", evaluation.layer_accuracy[-1])
         mlflow.log_dict(evaluation.to_dict(), f"evaluation/{name}.json")
         table = trade_off_table(evaluation, result.wallclock if name == "test" else ())
-        layers = exit_layers(result.passes[name].logits, setting.exit_policy()).numpy()
+        layers = exit_layers(result.passes[name].logits, model.exit_policy(setting)).numpy()
         figures = {
             f"{name}_trade_off.png": trade_off_figure(evaluation, f"{name}: accuracy vs speed-up", point),
             f"{name}_exit_histogram.png": exit_histogram_figure(

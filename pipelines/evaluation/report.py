@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from ee_model.policies import EXIT_RULES, KNOB_OF_POLICY
 from pipelines.evaluation.results import SplitEvaluation, SweepPoint, WallclockTiming
 
-KNOB_SYMBOL = {"threshold": "S", "patience": "t"}
+KNOB_SYMBOL = {"threshold": "S", "risk": "r", "patience": "t"}
 
 COLUMNS = [
     "policy",
@@ -58,7 +58,7 @@ def trade_off_figure(evaluation: SplitEvaluation, title: str, chosen: SweepPoint
     """Accuracy vs layer speed-up: one line per rule, the oracle, the full model, the chosen setting."""
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
-    for rule, marker in zip(EXIT_RULES, ("o", "s", "^"), strict=True):
+    for rule, marker in zip(EXIT_RULES, ("o", "D", "s", "^"), strict=True):
         points = sorted(evaluation.points(rule), key=lambda p: p.layer_speedup)
         if points:
             axes.plot(

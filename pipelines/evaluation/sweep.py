@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import f1_score
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers, flops_speedup, layer_speedup
+from pipelines.config import RISK_GRID
 from pipelines.evaluation.passes import SplitPass, full_pass, per_layer_accuracy
 from pipelines.evaluation.results import SplitEvaluation, SweepPoint
 
@@ -57,7 +58,7 @@ def point_from_layers(
 
 def policy_point(model: EarlyExitClassifier, split: SplitPass, setting: ExitSetting) -> SweepPoint:
     """One exit setting, from a recorded pass."""
-    layers = exit_layers(split.logits, setting.exit_policy())
+    layers = exit_layers(split.logits, model.exit_policy(setting))
     return point_from_layers(model, split, layers, setting.policy, setting.knob)
 
 
@@ -75,9 +76,17 @@ def oracle_point(model: EarlyExitClassifier, split: SplitPass) -> SweepPoint:
     return point_from_layers(model, split, oracle_layers(split), "oracle", None)
 
 
-def sweep(model: EarlyExitClassifier, split: SplitPass, thresholds: tuple[float, ...]) -> list[SweepPoint]:
-    """Entropy over `thresholds`, count and patience over t = 1..L-1, whatever the variant (one pass)."""
+def sweep(
+    model: EarlyExitClassifier,
+    split: SplitPass,
+    thresholds: tuple[float, ...],
+    risks: tuple[float, ...] = RISK_GRID,
+) -> list[SweepPoint]:
+    """Entropy over `thresholds`, risk over `risks` (when the model has a fitted exit risk), count and
+    patience over t = 1..L-1, whatever the variant (one pass)."""
     settings = [ExitSetting("entropy", s) for s in thresholds]
+    if model.config.exit_risk is not None:
+        settings += [ExitSetting("risk", r) for r in risks]
     settings += [ExitSetting(rule, t) for rule in ("count", "patience") for t in range(1, model.n_layers)]
     return [policy_point(model, split, setting) for setting in settings]
 
@@ -88,6 +97,7 @@ def evaluate_split(
     thresholds: tuple[float, ...],
     batch_size: int = 64,
     split: SplitPass | None = None,
+    risks: tuple[float, ...] = RISK_GRID,
 ) -> SplitEvaluation:
     """Per-layer accuracy, the model's default policy point, the full model, the oracle and every sweep."""
     split = split if split is not None else full_pass(model, table, batch_size)
@@ -97,5 +107,5 @@ def evaluate_split(
         default_policy=policy_point(model, split, model.config.setting()),
         full_model=policy_point(model, split, ExitSetting("none")),
         oracle=oracle_point(model, split),
-        sweep=sweep(model, split, thresholds),
+        sweep=sweep(model, split, thresholds, risks),
     )

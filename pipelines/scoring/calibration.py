@@ -30,6 +30,7 @@ from ee_model import EarlyExitClassifier, ExitSetting
 from ee_model.policies import EXIT_RULES
 from ee_model.texts import invalid_text_reasons
 from pipelines.config import ThresholdTarget
+from pipelines.data import evenly_spaced_rows
 from pipelines.errors import UserError
 from pipelines.evaluation.passes import SplitPass, texts_pass
 from pipelines.evaluation.results import ChosenSetting, SweepPoint
@@ -62,13 +63,6 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def evenly_spaced_rows(total: int, rows: int) -> np.ndarray:
-    """`rows` indices spread evenly over range(total) (all of them when rows >= total)."""
-    if rows >= total:
-        return np.arange(total)
-    return np.unique(np.floor(np.arange(rows) * (total / rows)).astype(np.int64))
 
 
 def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int) -> list[str]:

@@ -386,13 +386,18 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
             config.model, Path(scratch)
         )  # a model that cannot load leaves no output folder
         model_config = EarlyExitConfig.load(source.directory)
+        if (config.policy or model_config.policy) == "risk" and model_config.exit_risk is None:
+            raise UserError(
+                f"policy 'risk' needs a model with a fitted exit risk, and {config.model!r} has none "
+                "(trained before the risk policy, or with eval.exit_risk_rows=0): use --policy entropy"
+            )
         held.enter_context(OutputLock(Path(config.output).resolve()))  # before calibration writes there too
         int8 = int8_layers_for(config, source) if config.precision == "int8" else None
         shipped_model = functools.cache(lambda: ship_model(source, int8))
         if config.calibrate_rows:
             calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model)
             config = with_calibrated_knob(config, calibration)
-        setting = model_config.setting(config.policy, config.threshold, config.patience)
+        setting = model_config.setting(config.policy, config.threshold, config.patience, config.risk)
         folder = OutputFolder(Path(config.output).resolve() / run_key(source, setting, config))
         folder.prepare()
         pending, changed = files_to_score(inputs, folder)

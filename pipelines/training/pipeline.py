@@ -65,8 +65,8 @@ def total_steps(rows: int, stage_config: StageConfig, num_workers: int) -> int:
 
 
 def model_options(config: TrainConfig) -> dict[str, Any]:
-    """The `EarlyExitConfig` options of the model to train (its `ModelOptions` and the variant)."""
-    return {**config.model.options(), "variant": config.variant}
+    """The `EarlyExitConfig` options of the model to train: its `ModelOptions`, the variant, the policy."""
+    return {**config.model.options(), "variant": config.variant, "policy": config.model.policy}
 
 
 def worker_config_for(
@@ -214,7 +214,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as scratch:
             model_dir = local_model_dir(checkpoint, Path(scratch) / "model")
             model = EarlyExitClassifier.from_pretrained(model_dir)
-            final = evaluate_trained_model(model, model_dir, splits.dev, splits.test, config.eval)
+            final = evaluate_trained_model(
+                model, model_dir, splits.dev, splits.test, config.eval, splits.train["text"].to_pylist()
+            )
             log_final_evaluation(model, final)
             info = log_pyfunc_model(model_dir, model.config, splits.dev["text"].to_pylist()[:2])
             registered = None

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from ee_model import exit_layers, make_policy
+from ee_model.exit_risk import ExitRisk
 from tests.conftest import FAMILIES, random_texts
+
+# three student layers with different fitted risks: one r gives thresholds from ~0.2 to 1 across the layers
+EXIT_RISK = ExitRisk(((-4.0, 6.0), (-5.0, 6.0), (-6.0, 6.0)))
 
 
 def random_policies(seed: int, n_layers: int):
@@ -15,6 +19,7 @@ def random_policies(seed: int, n_layers: int):
     yield "none", {}
     for _ in range(3):
         yield "entropy", {"threshold": rng.uniform(0.2, 1.0)}
+        yield "risk", {"risk": rng.uniform(0.02, 0.8)}
     for t in range(1, n_layers):
         yield "count", {"patience": t}
         yield "patience", {"patience": t}
@@ -23,6 +28,7 @@ def random_policies(seed: int, n_layers: int):
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_batched_equals_batch_size_one_for_every_policy(tiny_model, model_type):
     model = tiny_model(model_type, num_layers=4, seed=7)  # a seed whose random heads exit at 3+ layers
+    model.config = model.config.replace(exit_risk=EXIT_RISK)
     texts = random_texts(24, seed=7)
     exits_seen = set()
     for policy, knobs in random_policies(seed=11, n_layers=4):
@@ -39,16 +45,22 @@ def test_batched_equals_batch_size_one_for_every_policy(tiny_model, model_type):
 
 @pytest.mark.parametrize(
     "policy, knobs",
-    [("entropy", {"threshold": 0.9}), ("count", {"patience": 1}), ("patience", {"patience": 2})],
+    [
+        ("entropy", {"threshold": 0.9}),
+        ("risk", {"risk": 0.83}),  # S_l (0.93, 1, 1): half the rows leave at layer 1, the rest at 2
+        ("count", {"patience": 1}),
+        ("patience", {"patience": 2}),
+    ],
 )
 def test_early_exit_matches_full_pass_reference(tiny_model, policy, knobs):
     """The exiting loop makes the same decision as the rule applied to a full-depth pass, row by row."""
     model = tiny_model("bert", num_layers=4, seed=5)
+    model.config = model.config.replace(exit_risk=EXIT_RISK)
     texts = random_texts(40, seed=2)
     batch = model.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
         all_logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
-    rule = make_policy(policy, **knobs)
+    rule = make_policy(policy, **knobs, exit_risk=EXIT_RISK)
     expected_layers = exit_layers(all_logits, rule)
     out = model.early_exit(batch["input_ids"], batch["attention_mask"], rule, batch["token_type_ids"])
     assert out.exit_layer.tolist() == expected_layers.tolist()

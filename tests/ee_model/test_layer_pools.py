@@ -9,7 +9,7 @@ from ee_model import make_policy
 from ee_model.layer_pools import ExitEngine
 from ee_model.policies import ExitPolicy, State
 from tests.conftest import FAMILIES, random_texts
-from tests.ee_model.test_early_exit import random_policies
+from tests.ee_model.test_early_exit import EXIT_RISK, random_policies
 
 
 class TargetLayerPolicy(ExitPolicy):
@@ -45,7 +45,7 @@ def test_pools_equal_compaction_for_every_policy(tiny_model, model_type):
     exits_seen = set()
     targets = TargetLayerPolicy(torch.from_numpy(np.random.default_rng(1).choice([1, 2, 3, 4], size=61)))
     for policy, knobs in [*random_policies(seed=11, n_layers=4), ("target", {})]:
-        rule = targets if policy == "target" else make_policy(policy, **knobs)
+        rule = targets if policy == "target" else make_policy(policy, **knobs, exit_risk=EXIT_RISK)
         compaction = model.early_exit(batch["input_ids"], batch["attention_mask"], rule)
         for batch_size in (1, 4, 16, 60):
             pooled = model.early_exit(

@@ -112,3 +112,59 @@ def test_exit_setting_is_the_one_map_from_policy_to_knob():
     assert config.setting("entropy", threshold=0.1, patience=5) == ExitSetting("entropy", 0.1)  # t ignored
     stored = config.with_setting(ExitSetting("patience", 4))
     assert (stored.policy, stored.patience, stored.threshold) == ("patience", 4, 0.4)
+
+
+# ---- the "risk" policy: one risk level r -> one entropy threshold per student layer ----------------------
+def test_exit_risk_thresholds_follow_the_fitted_layers():
+    from ee_model.exit_risk import ExitRisk
+
+    risk = ExitRisk(((-6.0, 8.0), (-4.0, 8.0), (1.0, -2.0)))  # the last layer's risk falls with entropy
+    at = risk.thresholds(0.05)
+    assert at[0] == pytest.approx((math.log(0.05 / 0.95) + 6) / 8)
+    assert at[1] < at[0]  # layer 2 is riskier at any entropy: the same r gives it a lower S
+    assert at[2] == 0.0  # a layer whose fitted risk does not rise with entropy lets no row out
+    assert risk.thresholds(0.0) == (0.0, 0.0, 0.0) and risk.thresholds(1.0) == (1.0, 1.0, 1.0)
+    previous = (0.0,) * 3
+    for r in torch.linspace(0, 1, 41).tolist():  # a larger r never lowers a threshold
+        current = risk.thresholds(r)
+        assert all(c >= p for c, p in zip(current, previous, strict=True)) and all(
+            0 <= c <= 1 for c in current
+        )
+        previous = current
+    entropy = torch.tensor([[0.2, 0.9], [0.2, 0.9], [0.2, 0.9]])
+    estimated = risk.risk(entropy)
+    assert estimated[0, 0] < estimated[0, 1] and estimated[2, 0] > estimated[2, 1]
+    for bad in ((), ((1.0, float("nan")),)):
+        with pytest.raises(ValueError, match="finite"):
+            ExitRisk(bad)
+
+
+def test_layer_threshold_policy_uses_each_rows_own_layer():
+    from ee_model.policies import LayerThresholdPolicy
+
+    # normalised entropy of these logits is ~0.61 at every layer (3 classes)
+    logits = torch.tensor([[2.0, 0.0, 0.0]]).expand(4, 3, 3).clone()
+    assert exit_layers(logits, LayerThresholdPolicy((0.3, 0.3, 0.7))).tolist() == [3, 3, 3]
+    assert exit_layers(logits, LayerThresholdPolicy((0.7, 0.0, 0.0))).tolist() == [1, 1, 1]
+    assert exit_layers(logits, LayerThresholdPolicy((0.0, 0.0, 0.0))).tolist() == [4, 4, 4]  # full depth
+
+
+def test_risk_policy_needs_a_fitted_model_and_a_risk_in_range():
+    from ee_model import EarlyExitConfig, ExitSetting
+    from ee_model.exit_risk import ExitRisk
+
+    setting = ExitSetting("risk", 0.02)
+    assert str(setting) == "risk-0.02" and setting.kwargs == {"risk": 0.02}
+    assert ExitSetting("risk", 0.1).eagerness > setting.eagerness  # a larger r exits earlier
+    with pytest.raises(ValueError, match="needs the model's fitted exit risk"):
+        setting.exit_policy()
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"risk=.* must be a number in \[0, 1\]"):
+            ExitSetting("risk", bad)
+    risk = ExitRisk(((-6.0, 8.0),))
+    assert setting.exit_policy(risk).thresholds == risk.thresholds(0.02)
+    assert make_policy("risk", risk=0.02, exit_risk=risk) == setting.exit_policy(risk)
+    config = EarlyExitConfig("enc", labels=("a", "b"), policy="risk", risk=0.03, exit_risk=risk)
+    assert config.setting() == ExitSetting("risk", 0.03) and config.setting(risk=0.2).knob == 0.2
+    again = EarlyExitConfig.from_dict(config.to_dict())  # the stored JSON form
+    assert again.exit_risk == risk and again == config

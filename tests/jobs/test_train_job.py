@@ -136,6 +136,8 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
         f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}@candidate')\n"
         "texts = json.loads(sys.stdin.read())\n"
         "out = model.predict(pd.DataFrame({'text': texts}), params={'threshold': 0.5})\n"
+        "risky = model.predict(pd.DataFrame({'text': texts}), params={'policy': 'risk', 'risk': 0.2})\n"
+        "print(risky.to_json(orient='records'))\n"
         "print(out.to_json(orient='records'))\n"
     )
     fresh = subprocess.run(
@@ -155,6 +157,12 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
         remote["confidence"].to_numpy(float), local.confidence, atol=1e-5, equal_nan=True
     )
     assert remote["error"].tolist()[-2:] == ["empty or whitespace-only text", "null text"]
+    # the "risk" policy's fit (on training text, no labels) travels with the registered model
+    registered = EarlyExitClassifier.from_pretrained(source.directory)
+    assert registered.config.exit_risk is not None and registered.config.exit_risk.n_students == 2
+    risky = pd.DataFrame(json.loads(fresh.stdout.strip().splitlines()[-2]))
+    expected = registered.predict(texts, invalid="null", policy="risk", risk=0.2)
+    assert risky["exit_layer"].tolist() == expected.exit_layer.tolist()
 
 
 @pytest.mark.slow

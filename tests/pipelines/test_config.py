@@ -24,6 +24,7 @@ def test_the_defaults_a_reader_sees_are_the_ones_that_run():
         "pooling": "mean",
         "threshold": 0.1,
         "patience": 3,
+        "risk": 0.01,
         "max_length": 64,
         "head_dropout": 0.1,
     }  # ee_model.ModelOptions' fields and checks; only max_length has a training default of its own
@@ -117,6 +118,9 @@ def test_score_config_calibration_excludes_a_given_knob():
         ({"calibrate_rows": 10, "policy": "none"}, "none"),
         ({"calibrate_rows": 10, "threshold": 0.3}, "not both"),
         ({"calibrate_rows": 10, "patience": 2}, "not both"),
+        ({"calibrate_rows": 10, "risk": 0.01}, "not both"),
+        ({"risk": 2.0}, r"risk=2.0 must be a number in \[0, 1\]"),
+        ({"policy": "count", "risk": 0.01}, "policy 'count' does not use risk=0.01"),
     ):
         with pytest.raises(ValueError, match=message):
             ScoreConfig(model="m", input="i", output="o", **bad)

@@ -269,3 +269,59 @@ def test_calibration_on_too_small_a_sample_keeps_full_depth_and_says_why(model_a
     assert result.agreement_bound == pytest.approx(0.05 ** (1 / 60)) and "needs at least 299" in result.reason
     loose = calibrate(model, texts, "entropy", 0.9, 0.2, GRID)  # a weaker promise on the same sample passes
     assert loose.met and loose.knob > 0 and loose.agreement_bound >= 0.9 and loose.delta == 0.2
+
+
+def test_fit_exit_risk_learns_which_entropies_change_the_prediction():
+    from pipelines.evaluation.exit_risk import fit_exit_risk
+
+    generator = torch.Generator().manual_seed(0)
+    n, classes = 400, 3
+    final = torch.randint(0, classes, (n,), generator=generator)
+    confident = torch.nn.functional.one_hot(final, classes).float() * 6  # entropy ~0.05, agrees
+    flat = torch.rand(n, classes, generator=generator) * 0.3  # entropy ~1, argmax at random
+    hard = torch.arange(n) % 2 == 0  # half the rows are unsure at layer 1
+    layer1 = torch.where(hard.unsqueeze(1), flat, confident)
+    logits = torch.stack([layer1, confident, confident])  # layer 2 always agrees with the teacher
+    risk = fit_exit_risk(logits)
+    assert risk.n_students == 2
+    (a1, b1), (a2, b2) = risk.coefficients
+    assert b1 > 0 and risk.risk(torch.tensor([[0.05, 0.99]] * 2))[0].tolist()[0] < 0.05
+    assert risk.risk(torch.tensor([[0.05, 0.99]] * 2))[0, 1] > 0.3  # about 2/3 of unsure rows disagree
+    assert all(np.isfinite([a2, b2])) and 0 <= risk.thresholds(0.01)[1] <= 1  # defined with no disagreement
+    with pytest.raises(ValueError, match="n_layers >= 2"):
+        fit_exit_risk(torch.zeros(1, 5, 3))
+
+
+def test_risk_policy_is_fitted_swept_chosen_and_stored(tiny_model, tmp_path):
+    import mlflow
+
+    from ee_model import EarlyExitConfig
+    from tests.conftest import random_texts
+
+    model = tiny_model("bert", num_layers=4, seed=3)
+    model.config = model.config.replace(policy="risk")
+    table = labeled_table(90).set_column(
+        1, "label", __import__("pyarrow").array([LABELS[i % 3] for i in range(90)])
+    )
+    config = EvalConfig(thresholds=GRID, min_retention=0.8, delta=0.2, wallclock_rows=0, exit_risk_rows=60)
+    model_dir = model.save_pretrained(tmp_path / "model")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("risk")
+    with mlflow.start_run() as run:
+        result = evaluate_trained_model(model, model_dir, table, table, config, random_texts(150, seed=4))
+        log_final_evaluation(model, result)
+    risk = model.config.exit_risk
+    assert risk is not None and risk.n_students == 3
+    assert EarlyExitConfig.load(model_dir).exit_risk == risk  # stored with the model
+    swept = [p for p in result.dev.sweep if p.policy == "risk"]
+    assert [p.knob for p in swept] == list(config.risks)
+    layers = [p.mean_exit_layer for p in swept]
+    assert layers[0] == 4 and all(a >= b for a, b in zip(layers, layers[1:], strict=False)) and layers[-1] < 4
+    chosen = result.chosen
+    assert chosen.point.policy == "risk" and model.config.setting() == ExitSetting("risk", chosen.point.knob)
+    assert EarlyExitConfig.load(model_dir).risk == chosen.point.knob
+    assert result.test.default_policy.policy == "risk"
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
+        run.info.run_id, "test_sweep_risk_mean_exit_layer"
+    )
+    assert len(history) == len(config.risks)

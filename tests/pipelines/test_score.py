@@ -17,6 +17,7 @@ import torch
 from ee_model import EarlyExitClassifier, ExitSetting
 from ee_model.policies import normalised_entropy
 from pipelines.config import ScoreConfig
+from pipelines.errors import UserError
 from pipelines.evaluation.thresholds import lower_bound
 from pipelines.model_source import ModelSourceError
 from pipelines.scoring.pipeline import ScoringError, run_scoring
@@ -279,6 +280,51 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
         runs["params.delta"].tolist()[:2] == ["0.05", "0.05"]
         and "0.95" in runs["params.calibration_reason"].iloc[0]
     )
+
+
+def test_risk_policy_scores_calibrates_and_keys_its_own_outputs(ray_local, tiny_encoder_dir, tmp_path):
+    from ee_model.exit_risk import ExitRisk
+
+    encoder = tiny_encoder_dir("bert", num_layers=3)
+    torch.manual_seed(3)
+    model = EarlyExitClassifier.from_encoder(encoder, labels=LABELS, policy="risk", risk=0.5)
+    with torch.no_grad():  # sharper heads: entropies spread over [0, 1]
+        for parameter in model.heads.parameters():
+            parameter.mul_(3)
+    model.config = model.config.replace(exit_risk=ExitRisk(((-5.0, 6.0), (-4.0, 6.0))))
+    model_dir = str(model.save_pretrained(tmp_path / "model"))
+    texts = random_texts(300, seed=7) + [None]
+    write(tmp_path / "in" / "a.parquet", texts)
+    stored = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)  # the stored policy and r
+    assert (stored["policy"], stored["knob"]) == ("risk", 0.5) and stored["output"].endswith("__risk-0.5")
+    out = read_outputs(stored)["a.parquet"]
+    expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts, invalid="null")
+    assert out["label"].to_pylist() == expected.label  # the null text: a null label in both
+    assert out["exit_layer"].to_pylist()[:-1] == expected.exit_layer[:-1].tolist()
+    assert 1 < np.mean(expected.exit_layer[:-1]) < 3  # rows leave at several layers
+    calibrated = score(
+        model_dir, tmp_path / "in", tmp_path / "out", tmp_path, calibrate_rows=200, min_agreement=0.9
+    )
+    calibration = calibrated["calibration"]
+    assert calibration["policy"] == "risk" and calibration["met"] and 0 < calibrated["knob"] < 1
+    assert calibrated["output"].endswith(f"__risk-{calibrated['knob']:g}")
+    assert calibration["agreement"] > calibration["agreement_bound"] >= 0.9
+    plain = without_exit_risk(model_dir, tmp_path)
+    with pytest.raises(UserError, match="policy 'risk' needs a model with a fitted exit risk"):
+        score(str(plain), tmp_path / "in", tmp_path / "out2", tmp_path, policy="risk")
+    assert not (tmp_path / "out2").exists()
+
+
+def without_exit_risk(model_dir: str, tmp_path) -> str:
+    """The saved model without its exit risk (a model trained before the risk policy)."""
+    import shutil
+
+    copy = shutil.copytree(model_dir, tmp_path / "no-risk")
+    data = json.loads((copy / "ee_config.json").read_text())
+    data.pop("exit_risk")
+    data["policy"] = "entropy"
+    (copy / "ee_config.json").write_text(json.dumps(data))
+    return str(copy)
 
 
 def test_actors_load_the_model_from_the_object_store_not_the_drivers_folder(ray_local, model_dir, tmp_path):
