@@ -52,14 +52,16 @@ sys.path.insert(0, str(ROOT))
 from stage2_budget import UNLABELED, extract, split_pass, train_students  # noqa: E402
 
 from ee_model import EarlyExitClassifier, encoders, exit_layers  # noqa: E402
+from ee_model.exit_risk import ExitRisk, RiskPolicy  # noqa: E402
 from ee_model.flops import transformer_layer_flops  # noqa: E402
-from ee_model.policies import EntropyPolicy, LayerThresholdPolicy, normalised_entropy  # noqa: E402
+from ee_model.policies import EntropyPolicy, normalised_entropy  # noqa: E402
 from pipelines.config import RISK_GRID, S_GRID, load_train_config  # noqa: E402
 from pipelines.data import default_unlabeled_corpus, evenly_spaced_rows, load_labeled_splits  # noqa: E402
 from pipelines.evaluation.exit_risk import fit_exit_risk  # noqa: E402
 from pipelines.evaluation.passes import SplitPass  # noqa: E402
 from pipelines.evaluation.sweep import oracle_point, point_from_layers  # noqa: E402
 from pipelines.evaluation.thresholds import lower_bound  # noqa: E402
+from pipelines.feature_batches import LABEL_COLUMN  # noqa: E402
 from pipelines.model_source import resolve_model  # noqa: E402
 from pipelines.training.features import FeatureExtractor  # noqa: E402
 
@@ -108,10 +110,13 @@ def exit_signals(split: SplitPass) -> torch.Tensor:
     return signals[:-1]
 
 
-def learned_predictor(fit_on: SplitPass) -> Callable[[SplitPass], torch.Tensor]:
-    """Per student layer, a logistic regression of "disagrees with the last exit" on `exit_signals`, fitted
-    without labels; returns split -> (L - 1, n) estimated risk."""
-    signals, final = exit_signals(fit_on), fit_on.logits[-1].argmax(-1)
+SIGNALS = ("entropy", "max probability", "margin", "agreement")  # the columns of `exit_signals`
+
+
+def learned_predictor(fit_on: SplitPass, columns: tuple[int, ...]) -> Callable[[SplitPass], torch.Tensor]:
+    """Per student layer, a logistic regression of "disagrees with the last exit" on some `exit_signals`
+    (`columns`), fitted without labels; returns split -> (L - 1, n) estimated risk."""
+    signals, final = exit_signals(fit_on)[..., list(columns)], fit_on.logits[-1].argmax(-1)
     fits = []
     for layer, x in enumerate(signals):
         y = (fit_on.logits[layer].argmax(-1) != final).numpy()
@@ -123,7 +128,7 @@ def learned_predictor(fit_on: SplitPass) -> Callable[[SplitPass], torch.Tensor]:
 
     def risk(split: SplitPass) -> torch.Tensor:
         out = []
-        for fit, x in zip(fits, exit_signals(split), strict=True):
+        for fit, x in zip(fits, exit_signals(split)[..., list(columns)], strict=True):
             if isinstance(fit, float):
                 out.append(torch.full((x.shape[0],), fit, dtype=torch.float64))
             else:
@@ -133,19 +138,37 @@ def learned_predictor(fit_on: SplitPass) -> Callable[[SplitPass], torch.Tensor]:
     return risk
 
 
-def families(dev: SplitPass, train: SplitPass) -> dict[str, list[tuple[float, Rule]]]:
-    """Each rule's settings, safest first. `train`: the training split's logits (no labels used)."""
-    grid = sorted({0.0, *S_GRID})
+FINE_S_GRID = tuple(round(0.005 * i, 3) for i in range(201))
+FINE_RISK_GRID = (0.0, *(float(f"{10 ** (-4 + 0.025 * i):.3g}") for i in range(149)), 1.0)
+
+
+def families(
+    dev: SplitPass, train: SplitPass, pool: SplitPass, fine: bool = False
+) -> dict[str, list[tuple[float, Rule]]]:
+    """Each rule's settings, safest first. `train`, `pool`: logits of the training split and of the job's
+    unlabeled corpus (no labels used)."""
+    grid = sorted({0.0, *(FINE_S_GRID if fine else S_GRID)})
+    risk_grid = FINE_RISK_GRID if fine else RISK_GRID
     temperatures = fitted_temperatures(dev)
     dev_entropy = entropies(dev)[:-1]
-    exit_risk = fit_exit_risk(train.logits)
-    predictor = learned_predictor(train)
+    risks = {
+        "risk r, entropy (label-free fit)": fit_exit_risk(train.logits, ("entropy",)),
+        "risk r, entropy + margin (label-free fit; the policy)": fit_exit_risk(train.logits),
+        "risk r, entropy + margin, fitted on the unlabeled corpus": fit_exit_risk(pool.logits),
+    }
+    predictors = {
+        "learned predictor (entropy, agreement) r": learned_predictor(train, (0, 3)),
+        "learned predictor (margin) r": learned_predictor(train, (2,)),
+        "learned predictor (entropy, margin, agreement) r": learned_predictor(train, (0, 2, 3)),
+        "learned predictor (4 signals) r": learned_predictor(train, (0, 1, 2, 3)),
+        "learned predictor (4 signals, fitted on dev) r": learned_predictor(dev, (0, 1, 2, 3)),
+    }
 
     def entropy(s: float) -> Rule:
         return lambda split: exit_layers(split.logits, EntropyPolicy(s))
 
-    def risk(r: float) -> Rule:
-        return lambda split: exit_layers(split.logits, LayerThresholdPolicy(exit_risk.thresholds(r)))
+    def risk(exit_risk: ExitRisk, r: float) -> Rule:
+        return lambda split: exit_layers(split.logits, RiskPolicy(exit_risk, r))
 
     def tempered(s: float) -> Rule:
         return lambda split: first_allowed(entropies(split, temperatures)[:-1] < s)
@@ -167,23 +190,27 @@ def families(dev: SplitPass, train: SplitPass) -> dict[str, list[tuple[float, Ru
 
         return rule
 
-    def learned(r: float) -> Rule:
+    def learned(predictor, r: float) -> Rule:
         return lambda split: first_allowed(predictor(split) < r)
 
     return {
         BASELINE: [(s, entropy(s)) for s in grid],
-        "risk r (per-layer S_l, label-free fit)": [(r, risk(r)) for r in RISK_GRID],
+        **{name: [(r, risk(exit_risk, r)) for r in risk_grid] for name, exit_risk in risks.items()},
         "temperature per head + S": [(s, tempered(s)) for s in grid],
         "per-layer S_l = dev quantile q": [(float(q), quantile(float(q))) for q in np.linspace(0, 1, 101)],
         "entropy S OR same 2 in a row": [(s, entropy_or_run(s, 2)) for s in grid],
         "entropy S AND same as previous": [(s, entropy_and_agreement(s)) for s in grid],
         "tempered max probability > 1 - S": [(s, max_probability(s)) for s in grid],
-        "learned predictor (4 signals) r": [(r, learned(r)) for r in RISK_GRID],
-    }
+    } | {name: [(r, learned(predictor, r)) for r in risk_grid] for name, predictor in predictors.items()}
+
+
+def full_depth(split: SplitPass) -> torch.Tensor:
+    return torch.full((split.logits.shape[1],), split.logits.shape[0], dtype=torch.long)
 
 
 def choose(model, dev: SplitPass, family: list[tuple[float, Rule]], bounded: bool) -> tuple[float, Rule]:
-    chosen = family[0]
+    """The family's chosen setting; full depth (knob nan) when not even its safest one passes."""
+    chosen = (math.nan, full_depth)
     for knob, rule in family:
         point = point_from_layers(model, dev, rule(dev), "rule", None)
         if bounded:
@@ -245,7 +272,7 @@ def signal_costs(model: EarlyExitClassifier, families_: dict, dev: SplitPass, ro
     with torch.inference_mode():
         layer_us = timed(lambda: encoders.run_layer(model.layers[0], hidden, mask), 20)
         entropy = EntropyPolicy(0.3)
-        risk = LayerThresholdPolicy((0.3,) * (model.n_layers - 1))
+        risk = RiskPolicy(fit_exit_risk(dev.logits), 0.01)
         risk_state = risk.init_state(rows, logits.device)
         predictor_split = SplitPass(dev.logits[:, :rows], dev.labels[:rows], dev.tokens[:rows])
         learned = dict(families_["learned predictor (4 signals) r"])[0.01]
@@ -269,6 +296,9 @@ def main() -> None:
         help="name=model (BBC, the job's default data) or name=model@train.parquet; repeat per corpus",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--fine-grid", action="store_true", help="S in steps of 0.005 and r in steps of 10^0.025 (4x finer)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/exit_rules.json")
     args = parser.parse_args()
@@ -293,7 +323,11 @@ def main() -> None:
                 train_features = {k: v[sample] for k, v in features["train"].items()}
                 train = split_pass(model, train_features, tokens["train"][sample])
                 oracle = oracle_point(model, test)
-                rules = families(dev, train)
+                in_pool = np.arange(len(tokens["train"]), len(features["stage2"][LABEL_COLUMN]))
+                picked = in_pool[evenly_spaced_rows(len(in_pool), RISK_ROWS)]
+                pool_features = {k: v[picked] for k, v in features["stage2"].items()}
+                pool = split_pass(model, pool_features, np.zeros(len(picked), dtype=np.int64))
+                rules = families(dev, train, pool, args.fine_grid)
                 if name not in costs:
                     costs[name] = signal_costs(model, rules, dev)
                 for rule_name, family in rules.items():

@@ -130,7 +130,7 @@ class EarlyExitConfig(ModelOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.exit_risk, dict):  # from to_dict / JSON
-            object.__setattr__(self, "exit_risk", ExitRisk(self.exit_risk["coefficients"]))
+            object.__setattr__(self, "exit_risk", ExitRisk.from_dict(self.exit_risk))
         object.__setattr__(self, "labels", check_labels(self.labels))
         _check_choice("variant", self.variant, VARIANTS)
         if self.policy is None:

@@ -53,24 +53,6 @@ class EntropyPolicy(ExitPolicy):
         return normalised_entropy(logits) < self.threshold, state
 
 
-@dataclass(frozen=True)
-class LayerThresholdPolicy(ExitPolicy):
-    """One entropy threshold per student layer: a row leaves after student layer l (1-based) when its
-    normalised entropy < thresholds[l - 1]. The "risk" policy's rule (thresholds from
-    `ee_model.exit_risk.ExitRisk.thresholds`); each row carries the index of its next layer."""
-
-    thresholds: tuple[float, ...]
-    name = "risk"
-
-    def init_state(self, batch_size: int, device: torch.device) -> State:
-        return {"layer": torch.zeros(batch_size, dtype=torch.long, device=device)}
-
-    def step(self, logits: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        layer = state["layer"]  # (batch,) 0-based index of this student
-        limits = torch.tensor(self.thresholds, dtype=torch.float32, device=logits.device)
-        return normalised_entropy(logits) < limits[layer], {"layer": layer + 1}
-
-
 class _AgreementPolicy(ExitPolicy):
     """Shared state of count and patience: the previous prediction and an agreement counter."""
 
@@ -257,7 +239,9 @@ class ExitSetting:
                     "policy 'risk' needs the model's fitted exit risk, and this model has none (a model "
                     "trained before it, or with eval.fit_exit_risk off); use policy 'entropy' or retrain"
                 )
-            return LayerThresholdPolicy(exit_risk.thresholds(self.knob))
+            from ee_model.exit_risk import RiskPolicy
+
+            return RiskPolicy(exit_risk, self.knob)
         if self.policy == "count":
             return CountPolicy(self.knob)
         if self.policy == "patience":

@@ -10,8 +10,8 @@ from ee_model import exit_layers, make_policy
 from ee_model.exit_risk import ExitRisk
 from tests.conftest import FAMILIES, random_texts
 
-# three student layers with different fitted risks: one r gives thresholds from ~0.2 to 1 across the layers
-EXIT_RISK = ExitRisk(((-4.0, 6.0), (-5.0, 6.0), (-6.0, 6.0)))
+# three student layers with different fitted risks: one r gives boundaries from entropy ~0.2 to 1 across them
+EXIT_RISK = ExitRisk(("entropy", "margin"), ((-4.0, 6.0, -1.0), (-5.0, 6.0, -1.0), (-6.0, 6.0, -1.0)))
 
 
 def random_policies(seed: int, n_layers: int):
@@ -47,7 +47,7 @@ def test_batched_equals_batch_size_one_for_every_policy(tiny_model, model_type):
     "policy, knobs",
     [
         ("entropy", {"threshold": 0.9}),
-        ("risk", {"risk": 0.83}),  # S_l (0.93, 1, 1): half the rows leave at layer 1, the rest at 2
+        ("risk", {"risk": 0.83}),  # about entropy 0.93 at layer 1, 1 after: layers 1 and 2
         ("count", {"patience": 1}),
         ("patience", {"patience": 2}),
     ],

@@ -81,21 +81,23 @@ def test_the_risk_policy_travels_with_the_saved_model(tiny_model, tmp_path):
     from ee_model.exit_risk import ExitRisk
 
     model = tiny_model("bert", num_layers=3)
-    model.config = model.config.replace(
-        policy="risk", risk=0.3, exit_risk=ExitRisk(((-3.0, 5.0), (-2.0, 4.0)))
-    )
+    exit_risk = ExitRisk(("entropy", "margin"), ((-3.0, 5.0, -1.0), (-2.0, 4.0, -1.0)))
+    model.config = model.config.replace(policy="risk", risk=0.3, exit_risk=exit_risk)
     texts = random_texts(12, seed=3)
     before = model.predict(texts, batch_size=4)
     model.save_pretrained(tmp_path)
     stored = json.loads((tmp_path / "ee_config.json").read_text())
-    assert stored["policy"] == "risk" and stored["exit_risk"] == {"coefficients": [[-3.0, 5.0], [-2.0, 4.0]]}
+    assert stored["policy"] == "risk" and stored["exit_risk"] == {
+        "signals": ["entropy", "margin"],
+        "coefficients": [[-3.0, 5.0, -1.0], [-2.0, 4.0, -1.0]],
+    }
     loaded = EarlyExitClassifier.from_pretrained(tmp_path)
     assert loaded.config == model.config
     after = loaded.predict(texts, batch_size=4)  # the stored default: risk 0.3
     np.testing.assert_array_equal(after.exit_layer, before.exit_layer)
     assert after.label == before.label
 
-    stored["exit_risk"] = {"coefficients": [[-3.0, 5.0]]}  # one layer's fit for two student layers
+    stored["exit_risk"]["coefficients"] = [[-3.0, 5.0, -1.0]]  # one layer's fit for two student layers
     (tmp_path / "ee_config.json").write_text(json.dumps(stored))
     with pytest.raises(ValueError, match="exit_risk has 1 layers' coefficients for 2 student layers"):
         EarlyExitClassifier.from_pretrained(tmp_path)

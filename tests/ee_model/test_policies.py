@@ -114,11 +114,12 @@ def test_exit_setting_is_the_one_map_from_policy_to_knob():
     assert (stored.policy, stored.patience, stored.threshold) == ("patience", 4, 0.4)
 
 
-# ---- the "risk" policy: one risk level r -> one entropy threshold per student layer ----------------------
+# ---- the "risk" policy: one risk level r, one fitted boundary per student layer ----------------------------
 def test_exit_risk_thresholds_follow_the_fitted_layers():
     from ee_model.exit_risk import ExitRisk
 
-    risk = ExitRisk(((-6.0, 8.0), (-4.0, 8.0), (1.0, -2.0)))  # the last layer's risk falls with entropy
+    # the last layer's risk falls with entropy
+    risk = ExitRisk(("entropy",), ((-6.0, 8.0), (-4.0, 8.0), (1.0, -2.0)))
     at = risk.thresholds(0.05)
     assert at[0] == pytest.approx((math.log(0.05 / 0.95) + 6) / 8)
     assert at[1] < at[0]  # layer 2 is riskier at any entropy: the same r gives it a lower S
@@ -131,27 +132,48 @@ def test_exit_risk_thresholds_follow_the_fitted_layers():
             0 <= c <= 1 for c in current
         )
         previous = current
-    entropy = torch.tensor([[0.2, 0.9], [0.2, 0.9], [0.2, 0.9]])
-    estimated = risk.risk(entropy)
-    assert estimated[0, 0] < estimated[0, 1] and estimated[2, 0] > estimated[2, 1]
-    for bad in ((), ((1.0, float("nan")),)):
-        with pytest.raises(ValueError, match="finite"):
-            ExitRisk(bad)
+    for signals, rows, message in (
+        (("entropy",), (), "finite coefficients"),
+        (("entropy",), ((1.0, float("nan")),), "finite coefficients"),
+        (("entropy", "margin"), ((1.0, 2.0),), "3 finite coefficients per student layer"),
+        (("loudness",), ((1.0, 2.0),), "signals must be some of"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ExitRisk(signals, rows)
+    with pytest.raises(ValueError, match="entropy-only fit"):
+        ExitRisk(("entropy", "margin"), ((1.0, 2.0, 3.0),)).thresholds(0.1)
 
 
-def test_layer_threshold_policy_uses_each_rows_own_layer():
-    from ee_model.policies import LayerThresholdPolicy
+def test_risk_policy_leaves_where_each_layers_risk_falls_below_r():
+    from ee_model.exit_risk import ExitRisk, RiskPolicy
 
-    # normalised entropy of these logits is ~0.61 at every layer (3 classes)
-    logits = torch.tensor([[2.0, 0.0, 0.0]]).expand(4, 3, 3).clone()
-    assert exit_layers(logits, LayerThresholdPolicy((0.3, 0.3, 0.7))).tolist() == [3, 3, 3]
-    assert exit_layers(logits, LayerThresholdPolicy((0.7, 0.0, 0.0))).tolist() == [1, 1, 1]
-    assert exit_layers(logits, LayerThresholdPolicy((0.0, 0.0, 0.0))).tolist() == [4, 4, 4]  # full depth
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300, 5) * 2
+    entropy_only = ExitRisk(("entropy",), ((-6.0, 9.0), (-5.0, 7.0), (-3.0, 8.0)))
+    for r in (0.0, 0.01, 0.2, 0.6, 1.0):  # entropy only: the same as per-layer entropy thresholds
+        limits = torch.tensor(entropy_only.thresholds(r)).view(-1, 1)
+        below = torch.stack([normalised_entropy(layer) for layer in logits[:-1]]) < limits
+        expected = torch.cat([below, torch.ones(1, 300, dtype=torch.bool)]).float().argmax(0) + 1
+        assert exit_layers(logits, RiskPolicy(entropy_only, r)).tolist() == expected.tolist(), r
+    with_margin = ExitRisk(("entropy", "margin"), ((-2.0, 6.0, -4.0), (-3.0, 5.0, -5.0), (-1.0, 4.0, -6.0)))
+    risk = with_margin.risk(logits)  # (3, 300): each student's estimated risk from its entropy and margin
+    for r in (0.05, 0.3):
+        below = torch.cat([risk < r, torch.ones(1, 300, dtype=torch.bool)])
+        assert (
+            exit_layers(logits, RiskPolicy(with_margin, r)).tolist() == (below.float().argmax(0) + 1).tolist()
+        )
+    previous = None
+    for r in torch.linspace(0, 1, 21).tolist():  # a larger r never makes a row leave later
+        layers = exit_layers(logits, RiskPolicy(with_margin, r))
+        assert previous is None or (layers <= previous).all()
+        previous = layers
+    assert exit_layers(logits, RiskPolicy(with_margin, 0.0)).eq(4).all()  # r = 0: full depth
+    assert exit_layers(logits, RiskPolicy(with_margin, 1.0)).eq(1).all()
 
 
 def test_risk_policy_needs_a_fitted_model_and_a_risk_in_range():
     from ee_model import EarlyExitConfig, ExitSetting
-    from ee_model.exit_risk import ExitRisk
+    from ee_model.exit_risk import ExitRisk, RiskPolicy
 
     setting = ExitSetting("risk", 0.02)
     assert str(setting) == "risk-0.02" and setting.kwargs == {"risk": 0.02}
@@ -161,8 +183,8 @@ def test_risk_policy_needs_a_fitted_model_and_a_risk_in_range():
     for bad in (-0.1, 1.5, float("nan"), True):
         with pytest.raises(ValueError, match=r"risk=.* must be a number in \[0, 1\]"):
             ExitSetting("risk", bad)
-    risk = ExitRisk(((-6.0, 8.0),))
-    assert setting.exit_policy(risk).thresholds == risk.thresholds(0.02)
+    risk = ExitRisk(("entropy", "margin"), ((-6.0, 8.0, -1.0),))
+    assert setting.exit_policy(risk) == RiskPolicy(risk, 0.02)
     assert make_policy("risk", risk=0.02, exit_risk=risk) == setting.exit_policy(risk)
     config = EarlyExitConfig("enc", labels=("a", "b"), policy="risk", risk=0.03, exit_risk=risk)
     assert config.setting() == ExitSetting("risk", 0.03) and config.setting(risk=0.2).knob == 0.2

@@ -57,6 +57,8 @@ def test_yaml_and_overrides_layer_on_the_profile(tmp_path):
         ({"tune": {"sampler": "random"}}, "sampler='random' is not one of"),
         ({"tune": {"lr_min": 1e-3, "lr_max": 1e-4}}, "lr_max=0.0001 must be > lr_min=0.001"),
         ({"eval": {"thresholds": [0.1, 1.5]}}, r"must be values in \[0, 1\]"),
+        ({"eval": {"risks": [-0.1, 0.01]}}, r"risks=.*-0.1.* must be values in \[0, 1\]"),
+        ({"model": {"policy": "risk"}, "eval": {"exit_risk_rows": 0}}, "eval.exit_risk_rows must be > 0"),
         ({"eval": {"target": "speed"}}, "target='speed' is not one of"),
         ({"eval": {"min_retention": 1.2}}, "min_retention=1.2 must be in"),
         ({"eval": {"delta": 0}}, r"delta=0 must be a number in \(0, 1\)"),

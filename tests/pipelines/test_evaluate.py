@@ -271,8 +271,8 @@ def test_calibration_on_too_small_a_sample_keeps_full_depth_and_says_why(model_a
     assert loose.met and loose.knob > 0 and loose.agreement_bound >= 0.9 and loose.delta == 0.2
 
 
-def test_fit_exit_risk_learns_which_entropies_change_the_prediction():
-    from pipelines.evaluation.exit_risk import fit_exit_risk
+def test_fit_exit_risk_learns_which_exits_change_the_prediction():
+    from pipelines.evaluation.exit_risk import RISK_SIGNALS, fit_exit_risk
 
     generator = torch.Generator().manual_seed(0)
     n, classes = 400, 3
@@ -282,12 +282,13 @@ def test_fit_exit_risk_learns_which_entropies_change_the_prediction():
     hard = torch.arange(n) % 2 == 0  # half the rows are unsure at layer 1
     layer1 = torch.where(hard.unsqueeze(1), flat, confident)
     logits = torch.stack([layer1, confident, confident])  # layer 2 always agrees with the teacher
-    risk = fit_exit_risk(logits)
-    assert risk.n_students == 2
-    (a1, b1), (a2, b2) = risk.coefficients
-    assert b1 > 0 and risk.risk(torch.tensor([[0.05, 0.99]] * 2))[0].tolist()[0] < 0.05
-    assert risk.risk(torch.tensor([[0.05, 0.99]] * 2))[0, 1] > 0.3  # about 2/3 of unsure rows disagree
-    assert all(np.isfinite([a2, b2])) and 0 <= risk.thresholds(0.01)[1] <= 1  # defined with no disagreement
+    for signals in (("entropy",), RISK_SIGNALS):
+        risk = fit_exit_risk(logits, signals)
+        assert risk.signals == signals and risk.n_students == 2
+        estimated = risk.risk(logits)  # (2, n)
+        assert estimated[0, ~hard].max() < 0.05 < 0.3 < estimated[0, hard].mean()  # ~2/3 of unsure rows flip
+        assert estimated[1].max() < 0.05  # defined, and low, where a layer never disagrees
+    assert fit_exit_risk(logits, ("entropy",)).coefficients[0][1] > 0  # risk rises with entropy
     with pytest.raises(ValueError, match="n_layers >= 2"):
         fit_exit_risk(torch.zeros(1, 5, 3))
 

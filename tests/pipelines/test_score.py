@@ -291,7 +291,7 @@ def test_risk_policy_scores_calibrates_and_keys_its_own_outputs(ray_local, tiny_
     with torch.no_grad():  # sharper heads: entropies spread over [0, 1]
         for parameter in model.heads.parameters():
             parameter.mul_(3)
-    model.config = model.config.replace(exit_risk=ExitRisk(((-5.0, 6.0), (-4.0, 6.0))))
+    model.config = model.config.replace(exit_risk=ExitRisk(("entropy",), ((-5.0, 6.0), (-4.0, 6.0))))
     model_dir = str(model.save_pretrained(tmp_path / "model"))
     texts = random_texts(300, seed=7) + [None]
     write(tmp_path / "in" / "a.parquet", texts)
