@@ -139,7 +139,7 @@ def learned_predictor(fit_on: SplitPass, columns: tuple[int, ...]) -> Callable[[
 
 
 FINE_S_GRID = tuple(round(0.005 * i, 3) for i in range(201))
-FINE_RISK_GRID = (0.0, *(float(f"{10 ** (-4 + 0.025 * i):.3g}") for i in range(149)), 1.0)
+COARSE_RISK_GRID = (0.0, *(float(f"{10 ** (-4 + 0.1 * i):.3g}") for i in range(38)), 1.0)
 
 
 def families(
@@ -148,7 +148,7 @@ def families(
     """Each rule's settings, safest first. `train`, `pool`: logits of the training split and of the job's
     unlabeled corpus (no labels used)."""
     grid = sorted({0.0, *(FINE_S_GRID if fine else S_GRID)})
-    risk_grid = FINE_RISK_GRID if fine else RISK_GRID
+    risk_grid = RISK_GRID if fine else COARSE_RISK_GRID
     temperatures = fitted_temperatures(dev)
     dev_entropy = entropies(dev)[:-1]
     risks = {
@@ -297,7 +297,9 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--fine-grid", action="store_true", help="S in steps of 0.005 and r in steps of 10^0.025 (4x finer)"
+        "--fine-grid",
+        action="store_true",
+        help="S in steps of 0.005 (the job's: 0.02) and r in steps of 10^0.025 (the job's; else 10^0.1)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/exit_rules.json")

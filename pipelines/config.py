@@ -86,7 +86,7 @@ class ModelConfig(ModelOptions):
     encoder_revision: str | None = None
     max_length: int = 64  # the quick default (2 CPU cores); the model's own and the full profile's: 128
     # the exit policy whose knob is chosen on dev and stored as the model's default: one of EXIT_RULES;
-    # None -> the variant's (entropy for kl, count for count); "risk" needs eval.exit_risk_rows > 0
+    # None -> the variant's (`TrainConfig.exit_policy`); "risk" needs eval.exit_risk_rows > 0
     policy: str | None = None
 
     def __post_init__(self) -> None:
@@ -250,8 +250,10 @@ class ThresholdTarget:
 
 
 S_GRID: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(51))  # 0, 0.02, ..., 1
-# the "risk" policy's r: 0 (full depth), then 1e-4 ... 0.5 in 38 log steps, 1 (everything leaves at layer 1)
-RISK_GRID: tuple[float, ...] = (0.0, *(float(f"{10 ** (-4 + 0.1 * i):.3g}") for i in range(38)), 1.0)
+# the "risk" policy's r: 0 (full depth), then 1e-4 ... 0.5 in 148 log steps of 10^0.025 (6 %), 1 (every
+# row leaves at layer 1). Fine, since fixed-sequence testing pays nothing per setting tested: the walk stops
+# closer to the last safe setting (measured: docs/results.md, "Exit rules beyond one S")
+RISK_GRID: tuple[float, ...] = (0.0, *(float(f"{10 ** (-4 + 0.025 * i):.3g}") for i in range(149)), 1.0)
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,17 @@ class TrainConfig:
 
     def stages(self) -> list[Stage]:
         return ["stage1", "stage2"] if self.variant == "kl" else ["joint"]
+
+    @property
+    def exit_policy(self) -> str:
+        """The policy the trained model gets: `model.policy`, else for kl "risk" (entropy and margin, measured
+        at least as fast as one S at the same promise on three corpora: docs/results.md, "Exit rules beyond
+        one S"; "entropy" when eval.exit_risk_rows = 0 fits no exit risk), for count "count"."""
+        if self.model.policy is not None:
+            return self.model.policy
+        if self.variant == "count":
+            return "count"
+        return "risk" if self.eval.exit_risk_rows > 0 else "entropy"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -81,12 +81,17 @@ def evaluate_trained_model(
     test: pa.Table,
     config: EvalConfig,
     risk_texts: list[str] | None = None,
+    policy: str | None = None,
 ) -> FinalEvaluation:
     """`risk_texts`: training text the exit risk is fitted on (`config.exit_risk_rows` of them, evenly
-    spaced); None or empty: the model gets no exit risk and the "risk" policy is not swept."""
+    spaced); None or empty: the model gets no exit risk and the "risk" policy is not swept. `policy`: the
+    policy whose knob is chosen and stored (default the model's)."""
     if risk_texts and config.exit_risk_rows > 0:
         sample = evenly_spaced_rows(len(risk_texts), config.exit_risk_rows)
         store_exit_risk(model, [risk_texts[i] for i in sample], model_dir, config.batch_size)
+    if policy is not None and policy != model.config.policy:
+        model.config = model.config.replace(policy=policy)
+        model.config.save(model_dir)
     passes = {
         "dev": full_pass(model, dev, config.batch_size),
         "test": full_pass(model, test, config.batch_size),

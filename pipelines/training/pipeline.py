@@ -65,8 +65,9 @@ def total_steps(rows: int, stage_config: StageConfig, num_workers: int) -> int:
 
 
 def model_options(config: TrainConfig) -> dict[str, Any]:
-    """The `EarlyExitConfig` options of the model to train: its `ModelOptions`, the variant, the policy."""
-    return {**config.model.options(), "variant": config.variant, "policy": config.model.policy}
+    """The `EarlyExitConfig` options of the model to train (its `ModelOptions` and the variant). The exit
+    policy is set after training, with the exit risk it may need (`evaluate_trained_model`)."""
+    return {**config.model.options(), "variant": config.variant}
 
 
 def worker_config_for(
@@ -215,7 +216,13 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             model_dir = local_model_dir(checkpoint, Path(scratch) / "model")
             model = EarlyExitClassifier.from_pretrained(model_dir)
             final = evaluate_trained_model(
-                model, model_dir, splits.dev, splits.test, config.eval, splits.train["text"].to_pylist()
+                model,
+                model_dir,
+                splits.dev,
+                splits.test,
+                config.eval,
+                risk_texts=splits.train["text"].to_pylist(),
+                policy=config.exit_policy,
             )
             log_final_evaluation(model, final)
             info = log_pyfunc_model(model_dir, model.config, splits.dev["text"].to_pylist()[:2])

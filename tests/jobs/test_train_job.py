@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from ee_model import EarlyExitClassifier, EarlyExitConfig
+from ee_model import EarlyExitClassifier, EarlyExitConfig, ExitSetting
 from pipelines.config import load_train_config
 from pipelines.data import DataError
 from pipelines.model_source import resolve_model
@@ -118,7 +118,8 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
     assert parent.data.params["auto_threshold.knob"] == str(summary["knob"])
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     source = resolve_model(f"models:/{MODEL_NAME}@candidate", tmp_path / "download")
-    assert EarlyExitConfig.load(source.directory).threshold == summary["knob"]
+    stored = EarlyExitConfig.load(source.directory)
+    assert summary["policy"] == "risk" and stored.setting() == ExitSetting("risk", summary["knob"])
 
     # stage 2 started from stage 1's best checkpoint and left backbone + teacher untouched
     stage1_ckpt = Path(by_name["stage1"].data.tags["best_checkpoint"]) / "model" / "model.safetensors"
@@ -135,7 +136,7 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
         "import json, sys, mlflow, pandas as pd\n"
         f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}@candidate')\n"
         "texts = json.loads(sys.stdin.read())\n"
-        "out = model.predict(pd.DataFrame({'text': texts}), params={'threshold': 0.5})\n"
+        "out = model.predict(pd.DataFrame({'text': texts}), params={'policy': 'entropy', 'threshold': 0.5})\n"
         "risky = model.predict(pd.DataFrame({'text': texts}), params={'policy': 'risk', 'risk': 0.2})\n"
         "print(risky.to_json(orient='records'))\n"
         "print(out.to_json(orient='records'))\n"

@@ -126,3 +126,13 @@ def test_score_config_calibration_excludes_a_given_knob():
     ):
         with pytest.raises(ValueError, match=message):
             ScoreConfig(model="m", input="i", output="o", **bad)
+
+
+def test_the_trained_models_policy():
+    assert load_train_config().exit_policy == "risk"  # kl: entropy and margin, the exit risk fitted
+    assert load_train_config(overrides={"eval": {"exit_risk_rows": 0}}).exit_policy == "entropy"
+    assert load_train_config(overrides={"variant": "count"}).exit_policy == "count"
+    assert load_train_config(overrides={"model": {"policy": "entropy"}}).exit_policy == "entropy"
+    assert (
+        load_train_config(overrides={"variant": "count", "model": {"policy": "risk"}}).exit_policy == "risk"
+    )

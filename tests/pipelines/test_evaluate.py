@@ -300,7 +300,7 @@ def test_risk_policy_is_fitted_swept_chosen_and_stored(tiny_model, tmp_path):
     from tests.conftest import random_texts
 
     model = tiny_model("bert", num_layers=4, seed=3)
-    model.config = model.config.replace(policy="risk")
+    assert model.config.policy == "entropy"
     table = labeled_table(90).set_column(
         1, "label", __import__("pyarrow").array([LABELS[i % 3] for i in range(90)])
     )
@@ -309,7 +309,9 @@ def test_risk_policy_is_fitted_swept_chosen_and_stored(tiny_model, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_experiment("risk")
     with mlflow.start_run() as run:
-        result = evaluate_trained_model(model, model_dir, table, table, config, random_texts(150, seed=4))
+        result = evaluate_trained_model(
+            model, model_dir, table, table, config, random_texts(150, seed=4), policy="risk"
+        )
         log_final_evaluation(model, result)
     risk = model.config.exit_risk
     assert risk is not None and risk.n_students == 3
