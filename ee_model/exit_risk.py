@@ -1,7 +1,7 @@
 """The "risk" exit policy's model: how likely leaving after a student layer changes the prediction.
 
 Per student layer l, a logistic regression of "this exit's prediction differs from full depth's" on signals of
-the exit's own probabilities (`SIGNALS`: normalised entropy, top-2 margin, ...), fitted label-free on every
+the exit's own probabilities (`SIGNALS`: normalised entropy, top-2 margin), fitted label-free on every
 exit's logits over text the model trained on: P_l(x) = sigmoid(a_l + w_l . x). The policy's knob is one risk
 level r in [0, 1]: a row leaves after layer l when P_l(its signals) < r. One knob, one fitted boundary per
 layer, and the same estimated risk of a changed prediction at every layer (a layer-1 head and a layer-5 head
@@ -17,33 +17,29 @@ model's config (`EarlyExitConfig.exit_risk`); this module only applies it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ee_model.policies import ExitPolicy, State, normalised_entropy
+from ee_model.policies import ExitPolicy, State, entropy_of
 
-
-def top2_margin(logits: torch.Tensor) -> torch.Tensor:
-    """p(top class) - p(second class) in [0, 1]: (batch, N) -> (batch,)."""
-    top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
-    return top2[:, 0] - top2[:, 1]
-
-
-# name -> (batch, N) logits -> (batch,) signal; and the value of each when the exit is sure / unsure
-SIGNALS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "entropy": normalised_entropy,
-    "margin": top2_margin,
-}
-SURE = {"entropy": 0.0, "margin": 1.0}
+SIGNALS = ("entropy", "margin")  # normalised entropy; p(top class) - p(second class); both in [0, 1]
+SURE = {"entropy": 0.0, "margin": 1.0}  # the value of each when the exit is sure / unsure
 UNSURE = {"entropy": 1.0, "margin": 0.0}
 
 
 def exit_signals(logits: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-    """(batch, N) logits -> (batch, len(names)) signals, float32."""
-    return torch.stack([SIGNALS[name](logits).float() for name in names], dim=-1)
+    """(batch, N) logits -> (batch, len(names)) signals, float32, from one log_softmax."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    p = log_p.exp()
+    values = {}
+    if "entropy" in names:
+        values["entropy"] = entropy_of(log_p, p)
+    if "margin" in names:
+        top2 = p.topk(2, dim=-1).values
+        values["margin"] = top2[:, 0] - top2[:, 1]
+    return torch.stack([values[name] for name in names], dim=-1)
 
 
 @dataclass(frozen=True)

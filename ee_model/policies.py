@@ -25,8 +25,12 @@ def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
     logits: (batch, N) -> (batch,)
     """
     log_p = torch.log_softmax(logits.float(), dim=-1)  # (batch, N)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1)  # (batch,)
-    return entropy / math.log(logits.shape[-1])
+    return entropy_of(log_p, log_p.exp())
+
+
+def entropy_of(log_p: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy from log-probabilities and probabilities (batch, N) -> (batch,)."""
+    return -(p * log_p).sum(dim=-1) / math.log(log_p.shape[-1])
 
 
 class ExitPolicy:
