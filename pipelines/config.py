@@ -265,8 +265,9 @@ class EvalConfig:
     # training rows (evenly spaced) the "risk" policy's exit risk is fitted on, no labels used; 0: no fit
     exit_risk_rows: int = 2000
     batch_size: int = 64
-    # Automatic knob, chosen on dev and stored as the model's default: S (KL) or t (Count).
-    auto_threshold: bool = True  # False -> model.threshold / model.patience stay as configured
+    # Automatic knob of the model's policy (`TrainConfig.exit_policy`), chosen on dev and stored as its
+    # default: r (risk, the KL default), S (entropy) or t (count, patience)
+    auto_threshold: bool = True  # False -> model.risk / model.threshold / model.patience stay as configured
     target: str = "retention"  # "retention": keep >= min_retention of full accuracy; "flops": within budget
     min_retention: float = 0.99
     flops_budget: float = 0.5  # fraction of the full model's FLOPs, for target "flops"

@@ -1,9 +1,9 @@
 """After training: fit the exit risk, evaluate on dev and test, choose the exit knob on dev, time chosen
 settings, log it all.
 
-The knob (S for the KL variant's entropy rule, t for the Count variant's count rule) is chosen on dev only
-and written into the saved model's config, so the registered model carries it as its default; test numbers
-are then reported at that knob.
+The knob of the model's policy (r for the KL variant's default "risk" rule, S for "entropy", t for the Count
+variant's count rule) is chosen on dev only and written into the saved model's config with the policy and the
+exit risk, so the registered model carries them as its default; test numbers are then reported at that knob.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers
+from ee_model.exit_risk import ExitRisk
 from pipelines.config import EvalConfig
 from pipelines.data import evenly_spaced_rows
 from pipelines.evaluation.exit_risk import fit_exit_risk
@@ -64,14 +65,10 @@ def timed_settings(model: EarlyExitClassifier, config: EvalConfig) -> list[ExitS
     return settings
 
 
-def store_exit_risk(
-    model: EarlyExitClassifier, texts: list[str], model_dir: str | Path, batch_size: int = 64
-) -> None:
-    """Fit the "risk" policy's model on `texts` (training text, no labels needed) and store it with the model,
-    in memory and in the saved config."""
+def fitted_exit_risk(model: EarlyExitClassifier, texts: list[str], batch_size: int = 64) -> ExitRisk:
+    """The "risk" policy's model, fitted on `texts` (training text, no labels needed)."""
     recorded = texts_pass(model, texts, np.zeros(len(texts), dtype=np.int64), batch_size)
-    model.config = model.config.replace(exit_risk=fit_exit_risk(recorded.logits))
-    model.config.save(model_dir)
+    return fit_exit_risk(recorded.logits)
 
 
 def evaluate_trained_model(
@@ -86,11 +83,12 @@ def evaluate_trained_model(
     """`risk_texts`: training text the exit risk is fitted on (`config.exit_risk_rows` of them, evenly
     spaced); None or empty: the model gets no exit risk and the "risk" policy is not swept. `policy`: the
     policy whose knob is chosen and stored (default the model's)."""
+    changes = {} if policy is None else {"policy": policy}
     if risk_texts and config.exit_risk_rows > 0:
         sample = evenly_spaced_rows(len(risk_texts), config.exit_risk_rows)
-        store_exit_risk(model, [risk_texts[i] for i in sample], model_dir, config.batch_size)
-    if policy is not None and policy != model.config.policy:
-        model.config = model.config.replace(policy=policy)
+        changes["exit_risk"] = fitted_exit_risk(model, [risk_texts[i] for i in sample], config.batch_size)
+    if changes:  # in memory and in the saved config
+        model.config = model.config.replace(**changes)
         model.config.save(model_dir)
     passes = {
         "dev": full_pass(model, dev, config.batch_size),
