@@ -12,20 +12,24 @@ Reported on test: retention (the promise holds when >= 0.99), layer speed-up and
 
 Rules:
   - entropy S: today's policy (`ee_model.policies.EntropyPolicy`);
-  - risk r: the "risk" policy (`ee_model.exit_risk`): per-layer logistic fits of "this exit disagrees with the
-    last" on entropy, fitted without labels on the training split's logits (the job fits on <= 2,000 of
-    them); one risk level r gives one entropy threshold per layer (`LayerThresholdPolicy`);
+  - risk r: the "risk" policy (`ee_model.exit_risk.RiskPolicy`): per student layer, a logistic fit of "this
+    exit disagrees with the last" on its entropy and top-2 margin, without labels, on the training split's
+    logits (<= 2,000 rows, as the job); a row leaves where its layer's fitted risk < r. Also fitted on entropy
+    only (one entropy threshold per layer) and on the job's unlabeled corpus instead;
   - temperature per head (fitted on dev by NLL) + S;
   - per-layer S_l = q-quantile of layer l's dev entropies (one knob q);
   - entropy S OR the prediction unchanged for 2 layers in a row;
   - entropy S AND the same prediction as the previous exit;
   - tempered max probability > 1 - S;
-  - a learned exit predictor: per-layer logistic regression over entropy, max probability, top-2 margin and
-    agreement with the previous exit (PCEE-BERT / BEEM style), fitted like the risk policy, knob r.
+  - learned exit predictors (PCEE-BERT / BEEM style): per-layer logistic regressions over subsets of entropy,
+    max probability, top-2 margin and agreement with the previous exit, fitted like the risk policy (and once
+    on dev itself), knob r.
 Then the cost of the signals: FLOPs per row per layer and the wall-clock of one policy step next to one
 transformer layer's.
 
-    python benchmarks/exit_rules.py --corpus bbc=models:/early-exit-classifier@candidate \\
+    python benchmarks/docstring_corpus.py --out data/docstrings.parquet   # and --by subpackage
+    python jobs/train.py --train-path data/docstrings.parquet              # a model per corpus
+    python benchmarks/exit_rules.py --fine-grid --corpus bbc=models:/early-exit-classifier@candidate \\
         --corpus docstrings=<model>@data/docstrings.parquet --seeds 0 1 2
 """
 
