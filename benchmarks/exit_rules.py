@@ -255,8 +255,9 @@ def signal_costs(model: EarlyExitClassifier, families_: dict, dev: SplitPass, ro
     mask = encoders.attention_mask_for(model.encoder, hidden, torch.ones(rows, 64, dtype=torch.long))
     logits = dev.logits[0, :rows]
 
-    def timed(fn, repeats: int = 200) -> float:
-        fn()
+    def timed(fn, repeats: int = 2000) -> float:
+        for _ in range(repeats):  # warm: right after a scikit-learn fit its idle threads still spin
+            fn()
         started = time.perf_counter()
         for _ in range(repeats):
             fn()
@@ -266,15 +267,15 @@ def signal_costs(model: EarlyExitClassifier, families_: dict, dev: SplitPass, ro
     flops = model.flops_model
     costs = {
         # per row and student: the entropy (softmax, log, product, sum: ~5 N) is what S already pays; risk
-        # compares it with its layer's precomputed S_l; the learned predictor adds max, top-2, an argmax
-        # comparison, 4 multiply-adds and a sigmoid
+        # adds the top 2 of the same probabilities (~2 N), their difference and 2 multiply-adds; the learned
+        # predictor adds the max, an argmax comparison and 4 multiply-adds
         "layer_flops_64_tokens": int(transformer_layer_flops(flops.hidden_size, flops.intermediate_size, 64)),
         "entropy_flops": 5 * n,
-        "risk_flops": 5 * n + 1,
-        "learned_flops": 5 * n + 3 * n + 12,
+        "risk_flops": 7 * n + 5,
+        "learned_flops": 8 * n + 10,
     }
     with torch.inference_mode():
-        layer_us = timed(lambda: encoders.run_layer(model.layers[0], hidden, mask), 20)
+        layer_us = timed(lambda: encoders.run_layer(model.layers[0], hidden, mask), 10)
         entropy = EntropyPolicy(0.3)
         risk = RiskPolicy(fit_exit_risk(dev.logits), 0.01)
         risk_state = risk.init_state(rows, logits.device)
@@ -285,7 +286,7 @@ def signal_costs(model: EarlyExitClassifier, families_: dict, dev: SplitPass, ro
             "entropy_step_us": timed(lambda: entropy.step(logits, {})),
             "risk_step_us": timed(lambda: risk.step(logits, risk_state)),
             # every layer's signals and predictions at once, divided by the students
-            "learned_step_us": timed(lambda: learned(predictor_split), 20) / (model.n_layers - 1),
+            "learned_step_us": timed(lambda: learned(predictor_split), 50) / (model.n_layers - 1),
         }
 
 
