@@ -45,7 +45,7 @@ from pipelines.config import (  # noqa: E402
 )
 from pipelines.data import load_labeled_splits  # noqa: E402
 from pipelines.evaluation.passes import SplitPass, full_pass  # noqa: E402
-from pipelines.evaluation.sweep import oracle_point, policy_point  # noqa: E402
+from pipelines.evaluation.sweep import oracle_point, policy_point, swept_settings  # noqa: E402
 from pipelines.evaluation.thresholds import choose_knob, safest_first  # noqa: E402
 from pipelines.model_source import resolve_model  # noqa: E402
 from pipelines.scoring.calibration import agreement_pass  # noqa: E402
@@ -68,8 +68,8 @@ def point_estimate_knob(points: list[dict], rule: str, target: float) -> float:
 
 
 def sweep_of(model: EarlyExitClassifier, split: SplitPass, policy: str) -> list[dict]:
-    knobs = S_GRID if policy == "entropy" else range(1, model.n_layers)
-    return [policy_point(model, split, ExitSetting(policy, knob)) for knob in knobs]
+    settings = [s for s in swept_settings(model, S_GRID) if s.policy == policy]
+    return [policy_point(model, split, setting) for setting in settings]
 
 
 def held_out(model, split: SplitPass, policy: str, knob) -> dict:

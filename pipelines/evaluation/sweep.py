@@ -76,19 +76,27 @@ def oracle_point(model: EarlyExitClassifier, split: SplitPass) -> SweepPoint:
     return point_from_layers(model, split, oracle_layers(split), "oracle", None)
 
 
+def swept_settings(
+    model: EarlyExitClassifier, thresholds: tuple[float, ...], risks: tuple[float, ...] = RISK_GRID
+) -> list[ExitSetting]:
+    """Entropy over `thresholds`, risk over `risks` (when the model has a fitted exit risk), count and
+    patience over t = 1..L-1, whatever the variant."""
+    settings = [ExitSetting("entropy", s) for s in thresholds]
+    if model.config.exit_risk is not None:
+        settings += [ExitSetting("risk", r) for r in risks]
+    return settings + [
+        ExitSetting(rule, t) for rule in ("count", "patience") for t in range(1, model.n_layers)
+    ]
+
+
 def sweep(
     model: EarlyExitClassifier,
     split: SplitPass,
     thresholds: tuple[float, ...],
     risks: tuple[float, ...] = RISK_GRID,
 ) -> list[SweepPoint]:
-    """Entropy over `thresholds`, risk over `risks` (when the model has a fitted exit risk), count and
-    patience over t = 1..L-1, whatever the variant (one pass)."""
-    settings = [ExitSetting("entropy", s) for s in thresholds]
-    if model.config.exit_risk is not None:
-        settings += [ExitSetting("risk", r) for r in risks]
-    settings += [ExitSetting(rule, t) for rule in ("count", "patience") for t in range(1, model.n_layers)]
-    return [policy_point(model, split, setting) for setting in settings]
+    """Every `swept_settings` point, from one pass."""
+    return [policy_point(model, split, setting) for setting in swept_settings(model, thresholds, risks)]
 
 
 def evaluate_split(
