@@ -8,7 +8,9 @@ articles in length, vocabulary and class count. Rows are deduplicated and capped
 `--by subpackage`: the whole docstring (up to 1,500 characters: summary, parameters, notes) of functions and
 classes in the sub-packages of `SUBPACKAGE_OWNERS` (scipy.stats, sklearn.linear_model, sympy.polys, ...),
 labeled with the sub-package; sub-packages with fewer than `MIN_PER_SUBPACKAGE` distinct docstrings are left
-out. Longer texts and more classes (a topic task inside one field) than the first corpus.
+out. Longer texts and more classes (a topic task inside one field) than the first corpus. Only the library
+names are masked: a docstring that names its own sub-package (`LIB.stats`) keeps that clue, as a news article
+keeps its topic's words.
 
     python benchmarks/docstring_corpus.py --out data/docstrings.parquet
     python benchmarks/docstring_corpus.py --by subpackage --max-per-class 300 --out data/subpackages.parquet
