@@ -153,7 +153,7 @@ def calibrated(shipped, path: Path, rows: int, min_agreement: float, batch_size:
     from pipelines.scoring.calibration import calibrate_on_worker, sample_texts
 
     start = time.perf_counter()
-    texts = sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows)
+    texts = sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows, seed=0)
     task = ray.remote(calibrate_on_worker).options(num_cpus=cpus)
     result = task.remote(shipped, texts, "entropy", min_agreement, 0.05, S_GRID, batch_size, cpus, precision)
     return ray.get(result).to_dict(), time.perf_counter() - start

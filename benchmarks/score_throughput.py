@@ -173,7 +173,7 @@ def calibrated_threshold(
     from pipelines.scoring.calibration import calibrate_on_worker, sample_texts
 
     start = time.perf_counter()
-    texts = sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows)
+    texts = sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows, seed=0)
     task = ray.remote(calibrate_on_worker).options(num_cpus=cpus)
     calibration = ray.get(
         task.remote(model_dir, texts, "entropy", min_agreement, 0.05, S_GRID, batch_size, cpus)

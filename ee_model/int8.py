@@ -11,7 +11,9 @@ on its batch-mates: int8 labels and exit layers agree with fp32 on most rows (te
 states the measured tolerance), not bit for bit as fp32 runs do at any batch size.
 
 The layers are built once per model (`int8_layers`: a few seconds per layer) into a folder whose manifest
-names the digest of the layer weights they come from; loading checks it, so stale layers are never used.
+names the digest of the layer weights they come from and the digest of every file it holds; both are checked
+before the layers are used, so stale layers are never used, and a damaged folder (a file truncated,
+overwritten or missing) is rebuilt with a one-line warning.
 Needs the `int8` extra (onnxruntime, onnx, onnxscript).
 """
 
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 PRECISIONS = ("fp32", "int8")
 MANIFEST = "int8_layers.json"
 INT8_FOLDER = "int8"  # the layers' folder inside a model directory (`load_int8`'s default, shipped models)
-FORMAT = 1  # of the folder: bump when the export changes, so older folders are rebuilt
+FORMAT = 2  # of the folder: bump when the export changes, so older folders are rebuilt (2: file digests)
 
 
 def check_precision(precision: str) -> None:
@@ -101,10 +103,36 @@ def read_manifest(directory: Path) -> dict | None:
         return None
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damaged_files(directory: Path, manifest: dict) -> list[str]:
+    """The files the manifest vouches for that are missing or whose content is not what was written."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return ["(no file digests in the manifest)"]
+    damaged = []
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file() or file_digest(path) != expected:
+            damaged.append(name)
+    return damaged
+
+
 def is_current(directory: str | Path, model: EarlyExitClassifier, digest: str | None = None) -> bool:
-    """Whether `directory` holds int8 layers exported from `model`'s layer weights."""
+    """Whether `directory` holds int8 layers exported from `model`'s layer weights, every file intact."""
     manifest = read_manifest(Path(directory))
-    return manifest is not None and manifest.get("weights") == (digest or layers_digest(model))
+    return (
+        manifest is not None
+        and manifest.get("format") == FORMAT
+        and manifest.get("weights") == (digest or layers_digest(model))
+        and not damaged_files(Path(directory), manifest)
+    )
 
 
 @contextlib.contextmanager
@@ -173,6 +201,7 @@ def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
         "format": FORMAT,
         "weights": digest,
         "layers": model.n_layers,
+        "files": {path.name: file_digest(path) for path in sorted(directory.iterdir())},
         "quantization": "onnxruntime quantize_dynamic, int8 weights per channel, int8 activations per call",
         "onnxruntime": ort_version,
         "torch": torch.__version__,
@@ -191,6 +220,13 @@ def int8_layers(model: EarlyExitClassifier, directory: str | Path) -> Path:
     digest = layers_digest(model)
     if is_current(directory, model, digest):
         return directory
+    manifest = read_manifest(directory)
+    if manifest is not None and manifest.get("weights") == digest and manifest.get("format") == FORMAT:
+        warnings.warn(
+            f"int8 layers in {directory} are damaged ({', '.join(damaged_files(directory, manifest))} not as "
+            "written): rebuilding them",
+            stacklevel=2,
+        )
     if model.device.type != "cpu" or next(model.layers.parameters()).dtype != torch.float32:
         raise ValueError("int8 layers are exported from an fp32 model on the CPU")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +284,12 @@ def with_int8_layers(
         raise ValueError(f"{directory} holds no int8 layers (no readable {MANIFEST}): build them first")
     if manifest.get("weights") != layers_digest(model) or manifest.get("layers") != model.n_layers:
         raise ValueError(f"the int8 layers in {directory} were exported from other weights")
+    damaged = damaged_files(directory, manifest)
+    if damaged:
+        raise ValueError(
+            f"the int8 layers in {directory} are damaged ({', '.join(damaged)} not as written): rebuild them "
+            "(int8_layers)"
+        )
     layers = model.layers
     threads = threads or torch.get_num_threads()
     for index in range(len(layers)):

@@ -12,19 +12,22 @@ Examples:
     ray job submit --working-dir . -- python jobs/score.py --model models:/ee@champion --input s/ --output o/
 
 Run it again on the same folder (cron, Airflow, a Ray job schedule): files already scored for this model
-version, policy and threshold are skipped, new files are scored. Prints a JSON summary.
+version, policy, threshold and output columns are skipped (answered from the output's manifest, without
+starting Ray), new files are scored, and a file keeps the output it was first scored into whatever folder or
+glob names it later; outputs whose input file is gone are reported (--remove-orphans deletes them). Prints a
+JSON summary.
 
 The threshold stored with the model was chosen on its labeled dev split. For a corpus of another kind,
---calibrate-rows N chooses it on N rows of this input instead (one full-depth pass, no labels) so that
+--calibrate-rows N chooses it on N rows drawn at random from this input instead (one full-depth pass, no
+labels; --calibration-seed to repeat a draw) so that
 early-exit labels agree with the full model's on >= --min-agreement of the corpus with probability
->= 1 - --delta (a one-sided Clopper-Pearson bound on the sample; with N too small for that, full depth); the
-choice is pinned in the output folder.
+>= 1 - --delta (a one-sided Clopper-Pearson bound on the sample; with N too small for that, full depth); a
+choice that meets the target is pinned in the output folder, and every run that uses it prints its promise.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -95,13 +98,19 @@ def main(
             help="--calibrate-rows keeps --min-agreement on the corpus with probability >= 1 - delta"
         ),
     ] = 0.05,
+    calibration_seed: Annotated[
+        int | None,
+        typer.Option(help="seed of --calibrate-rows' random sample; default a fresh one, recorded"),
+    ] = None,
+    remove_orphans: Annotated[
+        bool,
+        typer.Option(help="delete the outputs whose input file no longer exists (default: kept, reported)"),
+    ] = False,
     address: Annotated[
         str | None, typer.Option(help="Ray address; default $RAY_ADDRESS, else a new local Ray")
     ] = None,
     summary_file: Annotated[Path | None, typer.Option(help="also write the JSON summary here")] = None,
 ) -> None:
-    import ray
-
     from jobs.cli import one_line_errors
     from pipelines.config import ScoreConfig
     from pipelines.errors import UserError
@@ -129,10 +138,11 @@ def main(
             calibrate_rows=calibrate_rows,
             min_agreement=min_agreement,
             delta=delta,
+            calibration_seed=calibration_seed,
+            remove_orphans=remove_orphans,
         )
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     with one_line_errors(UserError):
-        summary = run_scoring(config)
+        summary = run_scoring(config, address)
     text = json.dumps(summary, indent=2, default=str)
     print(text)
     if summary_file:

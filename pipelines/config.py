@@ -503,6 +503,11 @@ class ScoreConfig:
     calibrate_rows: int = 0
     min_agreement: float = 0.99
     delta: float = 0.05  # the calibrated knob's agreement promise holds with probability >= 1 - delta
+    # seed of the calibration's uniform random sample of the input rows; None: a fresh one, recorded with the
+    # pinned calibration and in the summary (give it to repeat a calibration)
+    calibration_seed: int | None = None
+    # delete the outputs whose input file no longer exists (else they are kept and reported)
+    remove_orphans: bool = False
     tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment_name: str = "early-exit-scoring"
 
@@ -533,6 +538,10 @@ class ScoreConfig:
             raise ValueError(f"output_prefix={self.output_prefix!r} must be letters, digits and '_'")
         if self.calibrate_rows < 0:
             raise ValueError(f"calibrate_rows={self.calibrate_rows!r} must be >= 0")
+        if self.calibration_seed is not None and not 0 <= self.calibration_seed < 2**32:
+            raise ValueError(f"calibration_seed={self.calibration_seed!r} must be in [0, 2**32)")
+        if self.calibration_seed is not None and not self.calibrate_rows:
+            raise ValueError("calibration_seed seeds the sample of calibrate_rows: give calibrate_rows too")
         if not 0 < self.min_agreement <= 1:
             raise ValueError(f"min_agreement={self.min_agreement!r} must be in (0, 1]")
         ThresholdTarget(min_retention=self.min_agreement, delta=self.delta)  # checks delta

@@ -28,20 +28,36 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def glob_root(pattern: str) -> str:
+    """The folders of a glob before its first wildcard: `in/*/*.parquet` -> `in`. It does not move as matches
+    come and go (the common folder of the matches would: one day's partition, then all of `in/`), so the
+    names of outputs below it stay the same from run to run."""
+    fixed = []
+    for part in Path(pattern).parts[:-1]:
+        if is_glob(part):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
+
+
 def parquet_files(
     path: str, skip: Path | None = None, error: type[UserError] = UserError
 ) -> tuple[list[str], str]:
     """Sorted parquet files of a local file, folder (searched recursively) or glob, and the folder their names
-    are relative to (the folder given, the file's folder, or the deepest folder holding every match of a
-    glob). Hidden paths below that folder are left out, and so is everything inside `skip` (an output folder
-    inside the input). A path that does not exist, or a glob that matches nothing, raises `error`."""
+    are relative to (the folder given, the file's folder, or a glob's fixed prefix: `glob_root`). Hidden paths
+    below that folder are left out, and so is everything inside `skip` (an output folder inside the input).
+    A path that does not exist, or a glob that matches nothing, raises `error`."""
     if os.path.isdir(path):
         files, root = [str(p) for p in Path(path).rglob("*.parquet")], path
-    elif any(ch in path for ch in "*?["):
+    elif is_glob(path):
         files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
         if not files:
             raise error(f"no parquet files match {path!r}")
-        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        root = glob_root(path)
     elif os.path.isfile(path):
         return [path], os.path.dirname(path) or "."
     else:

@@ -2,13 +2,16 @@
 
 Artifacts: `model_dir`, a directory written by `EarlyExitClassifier.save_pretrained` (safetensors, JSON
 config, tokenizer). predict takes a DataFrame with a `text` column (or a list of strings) and runtime params
-`policy`, `threshold`, `patience`, `risk`, `batch_size`; invalid texts get a null label and a reason in
-`error`.
+`policy`, `threshold`, `patience`, `risk`, `batch_size`; invalid texts get a null label, confidence, exit
+layer and FLOPs and a reason in `error`, as `jobs/score.py` writes them. A knob the policy does not take is
+refused, as the job refuses it (MLflow fills every param absent from a call with the signature's default, the
+model's stored value: a knob that differs from it was given); an empty frame gives an empty frame.
 """
 
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 
@@ -21,6 +24,8 @@ class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
     def predict(
         self, context, model_input, params=None
     ):  # no type hints: MLflow would infer a schema from them
+        from ee_model.policies import KNOB_OF_POLICY
+
         params = params or {}
         if isinstance(model_input, pd.DataFrame):
             if "text" not in model_input.columns:
@@ -28,6 +33,14 @@ class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
             texts = model_input["text"].tolist()
         else:
             texts = list(model_input)
+        config = self.model.config
+        policy = params.get("policy") or config.policy
+        for knob in ("threshold", "patience", "risk"):
+            value = params.get(knob)
+            if knob != KNOB_OF_POLICY.get(policy) and value is not None and value != getattr(config, knob):
+                raise ValueError(f"policy {policy!r} does not use {knob}={value!r}: drop it")
+        if not texts:
+            return empty_output()
         out = self.model.predict(
             texts,
             policy=params.get("policy"),
@@ -37,15 +50,28 @@ class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
             batch_size=int(params.get("batch_size") or 32),
             invalid="null",
         )
+        scored = np.array([e is None for e in out.error], dtype=bool)
         return pd.DataFrame(
             {
                 "label": out.label,
-                "confidence": out.confidence,
-                "exit_layer": out.exit_layer,
-                "flops": out.flops,
+                "confidence": pd.Series(out.confidence, dtype="Float32").where(scored, pd.NA),
+                "exit_layer": pd.Series(out.exit_layer, dtype="Int32").where(scored, pd.NA),
+                "flops": pd.Series(out.flops, dtype="Int64").where(scored, pd.NA),
                 "error": out.error,
             }
         )
+
+
+def empty_output() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "label": pd.Series([], dtype=object),
+            "confidence": pd.Series([], dtype="Float32"),
+            "exit_layer": pd.Series([], dtype="Int32"),
+            "flops": pd.Series([], dtype="Int64"),
+            "error": pd.Series([], dtype=object),
+        }
+    )
 
 
 mlflow.models.set_model(EarlyExitPyfunc())

@@ -9,8 +9,9 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow.entities import Metric, RunTag
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ParamSchema, ParamSpec
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -83,25 +84,31 @@ def pip_requirements() -> list[str]:
     ] + [f"mlflow=={mlflow.__version__}"]
 
 
-def log_pyfunc_model(model_dir: str | Path, config: Any, example_texts: list[str]) -> Any:
+def log_pyfunc_model(model_dir: str | Path, example_texts: list[str]) -> Any:
     """Log the saved model directory as a pyfunc whose predict takes policy/threshold/patience/risk params."""
     example = pd.DataFrame({"text": example_texts})
     output = pd.DataFrame(
         {"label": ["x"], "confidence": [0.5], "exit_layer": [1], "flops": [1], "error": [""]}
     )
-    params = {
-        "policy": config.policy,
-        "threshold": float(config.threshold),
-        "patience": int(config.patience),
-        "risk": float(config.risk),
-        "batch_size": 32,
-    }
+    # knobs default to None, "the model's stored value", so a knob given to a policy that does not take it is
+    # told apart from an absent one and refused (pipelines/pyfunc_model.py), as jobs/score.py refuses it
+    params = ParamSchema(
+        [
+            ParamSpec("policy", "string", None),
+            ParamSpec("threshold", "double", None),
+            ParamSpec("patience", "long", None),
+            ParamSpec("risk", "double", None),
+            ParamSpec("batch_size", "long", 32),
+        ]
+    )
+    inferred = infer_signature(example, output)
+    signature = ModelSignature(inputs=inferred.inputs, outputs=inferred.outputs, params=params)
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_CODE),
         artifacts={"model_dir": str(model_dir)},
         code_paths=[str(EE_MODEL_DIR)],
-        signature=infer_signature(example, output, params=params),
+        signature=signature,
         input_example=example,
         pip_requirements=pip_requirements(),
     )

@@ -10,8 +10,11 @@ agreement at confidence 1 - delta is >= `min_agreement`; the last to pass is use
 full depth on >= min_agreement of the corpus" holds with probability >= 1 - delta (the sample standing for the
 corpus); with too small a sample no setting can pass and full depth is used.
 
-The sample is spread evenly over the inputs (file order, then row order) and reads only the row groups that
-hold its rows, so calibrating costs one full-depth pass over `rows` texts whatever the corpus size.
+The sample is drawn uniformly at random, without replacement, from all the inputs' rows (across files and
+row groups) with a recorded seed: the bound speaks of the corpus only if the sample is random with respect to
+it, and an evenly spaced sample of a corpus in periodic order (fixed-size documents, templated records,
+interleaved sources) is not (docs/results.md). Only the row groups that hold sampled rows are read, so
+calibrating costs one full-depth pass over `rows` texts whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from ee_model import EarlyExitClassifier, ExitSetting
 from ee_model.policies import EXIT_RULES
 from ee_model.texts import invalid_text_reasons
 from pipelines.config import ThresholdTarget
-from pipelines.data import evenly_spaced_rows
 from pipelines.errors import UserError
 from pipelines.evaluation.passes import SplitPass, texts_pass
 from pipelines.evaluation.results import ChosenSetting, SweepPoint
@@ -56,6 +58,18 @@ class Calibration:
     flops_speedup: float  # on the sample, at knob
     mean_exit_layer: float
     reason: str
+    seed: int | None = None  # of the random sample (None: calibrated before samples were seeded)
+
+    @property
+    def promise(self) -> str:
+        """The calibration's promise in one line, as a run that scores with it states it."""
+        if not self.met:
+            return f"{self.policy} at full depth ({self.reason})"
+        return (
+            f"{self.policy} knob {self.knob:g}: agreement with full depth >= {self.min_agreement:g} on the "
+            f"corpus with probability >= {1 - self.delta:g} (bound {self.agreement_bound:.4f} on "
+            f"{self.rows} rows drawn with seed {self.seed})"
+        )
 
     @property
     def setting(self) -> ExitSetting:
@@ -65,12 +79,20 @@ class Calibration:
         return asdict(self)
 
 
-def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int) -> list[str]:
-    """About `rows` texts spread evenly over `files` ((path, row count) in order); null, empty and non-string
-    texts are left out (they are never scored). Only the row groups holding sampled rows are read."""
+def sample_rows(total: int, rows: int, seed: int) -> np.ndarray:
+    """`rows` of `total` row numbers drawn uniformly without replacement (all when rows >= total), sorted."""
+    if rows >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=rows, replace=False))
+
+
+def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int, seed: int) -> list[str]:
+    """The texts of `rows` rows drawn uniformly at random from all rows of `files` ((path, row count) in
+    order), with `seed`; null, empty and non-string texts are left out (they are never scored). Only the row
+    groups holding sampled rows are read."""
     counts = np.array([n for _, n in files], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
-    wanted = evenly_spaced_rows(int(counts.sum()), rows)
+    wanted = sample_rows(int(counts.sum()), rows, seed)
     texts: list = []
     for f, (path, _) in enumerate(files):
         local = wanted[(wanted >= starts[f]) & (wanted < starts[f + 1])] - starts[f]

@@ -5,14 +5,22 @@ Layout under the output folder:
     <output>/<key>/<input path>.parquet        committed outputs, the input folder's layout mirrored
     <output>/<key>/_manifest/<input path>.json what was scored: input path and fingerprint, rows, model, time
     <output>/<key>/_tmp/                       work in progress; cleared by the lock's holder, never read
-`<key>` names the (model, policy, knob). Each output is written aside in _tmp and made visible with one
-os.replace (atomic on a POSIX filesystem), so a run killed at any moment leaves only complete outputs, and the
-rerun scores exactly the files without one, and the files whose input changed since.
+`<key>` names everything that changes what an output holds (model, policy, knob, precision, text column,
+probabilities, column prefix). Each output is written aside in _tmp and made visible with one os.replace
+(atomic on a POSIX filesystem), so a run killed at any moment leaves only complete outputs, and the rerun
+scores exactly the files without one, and the files whose input changed since.
+
+An output belongs to the input it was scored from (its manifest record names the input's absolute path), for
+good: a later run finds an input's output by that record, whatever folder or glob it was given that day, and
+an input whose mirrored name another input already owns (a day folder's `part-0.parquet` after the last
+day's) is placed apart, at `<name>--<digest of its path>.parquet`, never over the other's output
+(`plan_outputs`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -36,10 +44,59 @@ def output_name(input_file: str, input_root: str) -> str:
     return relative if relative.endswith(".parquet") else f"{relative}.parquet"
 
 
+def placed_apart(name: str, input_file: str) -> str:
+    """The output name of an input whose mirrored `name` another input owns: stable, as it depends only on
+    the input's absolute path."""
+    tag = hashlib.sha256(os.path.abspath(input_file).encode()).hexdigest()[:10]
+    return f"{name.removesuffix('.parquet')}--{tag}.parquet"
+
+
 def fingerprint(path: str, rows: int) -> dict[str, int]:
     """What identifies an input file's content cheaply: size, modification time and row count."""
     stat = os.stat(path)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rows": rows}
+
+
+def owner_of(record: dict) -> str | None:
+    """The absolute path of the input an output was scored from; None for records that do not say (written
+    before records named absolute inputs, or repaired after a kill)."""
+    owner = record.get("input")
+    return owner if isinstance(owner, str) and os.path.isabs(owner) else None
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where each input's rows go, and what the folder holds that no input of this run accounts for."""
+
+    names: dict[str, str]  # absolute input path -> output name
+    placed_apart: dict[str, str]  # absolute input path -> the input that owns its mirrored name
+    orphaned: dict[str, str]  # output name -> the input it was scored from, which no longer exists
+
+
+def plan_outputs(mirrored: dict[str, str], records: dict[str, dict]) -> OutputPlan:
+    """`mirrored`: {absolute input path: its path below the input root}, in input order; `records`: the
+    committed outputs' manifest records (`OutputFolder.records`). An input keeps the output it was scored
+    into before, under whatever name; else it takes its mirrored name when no other input owns that (an output
+    of unknown owner belongs to the input of its mirrored name, as before records named inputs), else it is
+    placed apart (`placed_apart`)."""
+    owners = {name: owner_of(record) for name, record in records.items()}
+    output_of = {owner: name for name, owner in owners.items() if owner is not None}
+    taken: dict[str, str | None] = dict(owners)
+    names, apart = {}, {}
+    for path, name in mirrored.items():
+        if path in output_of:
+            names[path] = output_of[path]
+            continue
+        holder = taken.get(name, path)
+        if holder is not None and holder != path:
+            apart[path] = holder
+            name = placed_apart(name, path)
+        names[path] = name
+        taken[name] = path
+    orphaned = {
+        name: owner for name, owner in owners.items() if owner is not None and not os.path.exists(owner)
+    }
+    return OutputPlan(names, apart, orphaned)
 
 
 class OutputLockedError(UserError):
@@ -99,6 +156,22 @@ class OutputFolder:
         shutil.rmtree(self.root / "_tmp", ignore_errors=True)  # leftovers of a killed run: never committed
         (self.root / "_tmp").mkdir()
         self.repair_manifest()
+
+    def records(self) -> dict[str, dict]:
+        """Manifest records of every committed output, by output name."""
+        found = {}
+        manifest = self.root / "_manifest"
+        for path in manifest.rglob("*.json"):
+            name = path.relative_to(manifest).as_posix().removesuffix(".json")
+            if (self.root / name).is_file():
+                found[name] = json.loads(path.read_text())
+        return found
+
+    def remove(self, name: str) -> None:
+        """Delete a committed output and its record (the output first: a kill between leaves a record that
+        `records` ignores)."""
+        (self.root / name).unlink(missing_ok=True)
+        self._record_path(name).unlink(missing_ok=True)
 
     def record(self, name: str) -> dict | None:
         """The manifest record of a committed output, or None when `name` has no committed output."""

@@ -7,7 +7,11 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
+import os
+import secrets
+import sys
 import tempfile
 import time
 import warnings
@@ -18,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ee_model import ExitSetting
 from ee_model.config import EarlyExitConfig
@@ -27,111 +30,23 @@ from pipelines.config import S_GRID, ScoreConfig
 from pipelines.data import streaming_parquet_reader
 from pipelines.errors import UserError
 from pipelines.model_source import ModelFiles, ModelSource, resolve_model
-from pipelines.paths import parquet_files, write_text_atomically
+from pipelines.paths import write_text_atomically
 from pipelines.scoring.calibration import Calibration, calibrate_on_worker, sample_texts
-from pipelines.scoring.incremental import OutputFolder, OutputLock, PendingOutput, fingerprint, output_name
-from pipelines.scoring.scorer import OUTPUT_COLUMNS, Scorer
-from pipelines.text_column import is_text_type
-from pipelines.tokenizing import STAGE_COLUMNS, TokenizerFiles, tokenize_batch
+from pipelines.scoring.incremental import OutputFolder, OutputLock, OutputPlan, PendingOutput, plan_outputs
+from pipelines.scoring.inputs import (
+    READER_PATH,
+    InputFile,
+    ScoringError,
+    inspect_inputs,
+    read_inputs,
+    restore_reader_path,
+    unreadable_texts,
+)
+from pipelines.scoring.scorer import Scorer
+from pipelines.tokenizing import TokenizerFiles, tokenize_batch
 
 if TYPE_CHECKING:
     from ray import ObjectRef
-
-SOURCE_COLUMN = "path"  # added by read_parquet(include_paths=True)
-
-
-class ScoringError(UserError):
-    """Input that cannot be scored: named file or column; raised before any row is scored."""
-
-
-@dataclass(frozen=True)
-class InputFile:
-    path: str
-    rows: int
-    schema: pa.Schema
-    output: str  # its output's name below the run's output folder
-    fingerprint: dict[str, int]  # size, mtime, rows: a file replaced in place is scored again
-
-    def manifest_record(self, record: dict[str, Any]) -> dict[str, Any]:
-        return {**record, "input": self.path, "fingerprint": self.fingerprint}
-
-
-def unique_outputs(inputs: list[InputFile]) -> None:
-    """Every input's output name must be its own: refuse before anything is scored, naming both inputs."""
-    seen: dict[str, str] = {}
-    for item in inputs:
-        other = seen.setdefault(item.output, item.path)
-        if other != item.path:
-            raise ScoringError(
-                f"inputs {other!r} and {item.path!r} would both be written to {item.output!r}; "
-                "rename one or score them into different --output folders"
-            )
-
-
-def inspect_inputs(config: ScoreConfig) -> list[InputFile]:
-    """Open every input file's footer: corrupt files, missing text columns and clashes fail here, by name."""
-    files, root = parquet_files(config.input, skip=Path(config.output).resolve(), error=ScoringError)
-    if not files:
-        raise ScoringError(f"no parquet files found at {config.input!r}")
-    inputs = []
-    for path in files:
-        try:
-            parquet = pq.ParquetFile(path)
-        except (OSError, pa.ArrowException) as error:
-            raise ScoringError(f"cannot read parquet file {path!r}: {error}") from error
-        schema = parquet.schema_arrow
-        if config.text_column not in schema.names:
-            raise ScoringError(
-                f"{path!r} has no text column {config.text_column!r}; its columns are {schema.names}"
-            )
-        text_type = schema.field(config.text_column).type
-        if not is_text_type(text_type):
-            raise ScoringError(f"{path!r}: text column {config.text_column!r} holds {text_type}, not strings")
-        written = [config.output_prefix + c for c in OUTPUT_COLUMNS]
-        clashes = [c for c in (*written, SOURCE_COLUMN, *STAGE_COLUMNS) if c in schema.names]
-        if clashes:
-            raise ScoringError(
-                f"{path!r} already has column(s) {clashes} that scoring writes; give "
-                "--output-prefix (e.g. pred_) to write pred_label, ... beside them"
-            )
-        rows = parquet.metadata.num_rows
-        inputs.append(InputFile(path, rows, schema, output_name(path, root), fingerprint(path, rows)))
-    unique_outputs(inputs)
-    return inputs
-
-
-def files_to_score(inputs: list[InputFile], folder: OutputFolder) -> tuple[dict[str, InputFile], list[str]]:
-    """({resolved path: input} to score, paths changed since scored): the inputs without a committed output,
-    and those whose file changed (size, mtime or rows) since its output was committed, which are scored
-    again."""
-    pending, changed = {}, []
-    for item in inputs:
-        current = folder.is_current(item.output, item.fingerprint)
-        if current is False:
-            changed.append(item.path)
-        if not current:
-            pending[str(Path(item.path).resolve())] = item
-    if changed:
-        warnings.warn(
-            f"{len(changed)} input file(s) changed since they were scored; scoring them again: {changed[:5]}",
-            stacklevel=2,
-        )
-    return pending, changed
-
-
-def unreadable_files(pending: dict[str, InputFile], text_column: str) -> dict[str, str]:
-    """{path: reason} of the pending files whose text column cannot be read through (a corrupt data page
-    behind an intact footer), taken out of `pending`: they are named at the end, the others are scored and
-    committed. Reads each file's text column once, in row-group-sized batches (memory stays flat)."""
-    bad = {}
-    for key, item in list(pending.items()):
-        try:
-            for _ in pq.ParquetFile(item.path).iter_batches(columns=[text_column]):
-                pass
-        except (OSError, pa.ArrowException) as error:
-            bad[item.path] = str(error)
-            del pending[key]
-    return bad
 
 
 def output_schema(input_schema: pa.Schema, include_probs: bool, prefix: str = "") -> pa.Schema:
@@ -153,12 +68,30 @@ def precision_suffix(config: ScoreConfig) -> str:
     return "" if config.precision == "fp32" else f"__{config.precision}"
 
 
+def column_part(name: str) -> str:
+    """A column name as a folder-name part: as it is when it is letters, digits, '_', '-' or '.', else with a
+    digest (two names never share a part)."""
+    if name and all(ch.isalnum() or ch in "_-." for ch in name) and not name.startswith("."):
+        return name
+    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40] + "-" + digest_of(name)
+
+
+def digest_of(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def run_key(source: ModelSource, setting: ExitSetting, config: ScoreConfig) -> str:
-    """The output folder of one (model, setting, precision, column prefix):
-    `<identity>__<policy>[-<knob>][__int8][__prefix-<p>]`."""
-    return f"{source.identity}__{setting}{precision_suffix(config)}" + (
-        f"__prefix-{config.output_prefix}" if config.output_prefix else ""
-    )
+    """The output folder of everything that changes what an output holds:
+    `<identity>__<policy>[-<knob>][__int8][__text-<column>][__probs][__prefix-<p>]` (the parts in brackets
+    only when not the default, so the keys of earlier runs stay valid)."""
+    parts = [f"{source.identity}__{setting}{precision_suffix(config)}"]
+    if config.text_column != ScoreConfig.text_column:
+        parts.append(f"text-{column_part(config.text_column)}")
+    if config.include_probs:
+        parts.append("probs")
+    if config.output_prefix:
+        parts.append(f"prefix-{config.output_prefix}")
+    return "__".join(parts)
 
 
 @dataclass
@@ -186,39 +119,51 @@ class Tally:
 
 
 def score_stream(
-    dataset: Any, pending: dict[str, InputFile], folder: OutputFolder, schema_of, tally: Tally, record: dict
+    dataset: Any,
+    pending: dict[str, InputFile],
+    plan: OutputPlan,
+    folder: OutputFolder,
+    schema_of,
+    tally,
+    record,
 ) -> int:
-    """Drive the Ray Data stream; write each input file's rows to its own output and commit it when
+    """Drive the Ray Data stream; write each input file's rows to its output (`plan`) and commit it when
     complete. The seconds the driver spends on its own work (splitting, writing, committing, counting; not
     waiting for batches) go to `tally.driver_seconds`: its share of the run says whether one driver keeps
     up."""
-    open_outputs: dict[str, PendingOutput] = {}
+    open_outputs: dict[str, tuple[PendingOutput, Callable]] = {}
     committed = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         busy_since = time.perf_counter()
-        sources = batch[SOURCE_COLUMN].to_pylist()
+        sources = batch[READER_PATH].to_pylist()
         for source in dict.fromkeys(sources):  # a block may hold rows of several files
-            rows = batch.filter(pa.compute.equal(batch[SOURCE_COLUMN], source)).drop_columns([SOURCE_COLUMN])
+            rows = batch.filter(pa.compute.equal(batch[READER_PATH], source)).drop_columns([READER_PATH])
             item = pending[source]
-            output = open_outputs.get(source) or open_outputs.setdefault(
-                source, folder.writer(item.output, schema_of(item))
-            )
+            if source not in open_outputs:
+                writer = folder.writer(plan.names[source], schema_of(item))
+                open_outputs[source] = (writer, restore_reader_path(item))
+            output, restore = open_outputs[source]
             # a batch that joined files of different columns holds the union of them, null where missing
-            output.write(rows.select(output.writer.schema.names).cast(output.writer.schema))
+            output.write(restore(rows).select(output.writer.schema.names).cast(output.writer.schema))
             tally.add(rows)
             if output.rows == item.rows:
-                output.commit(item.manifest_record(record))
+                output.commit(manifest_record(item, record))
                 del open_outputs[source]
                 committed += 1
         tally.driver_seconds += time.perf_counter() - busy_since
     if open_outputs:  # rows in must equal rows out: never commit a short file
-        short = {s: f"{o.rows}/{pending[s].rows}" for s, o in open_outputs.items()}
+        short = {s: f"{o.rows}/{pending[s].rows}" for s, (o, _) in open_outputs.items()}
         raise RuntimeError(f"scoring ended with incomplete files (rows written/expected): {short}")
     return committed
 
 
+def manifest_record(item: InputFile, record: dict[str, Any]) -> dict[str, Any]:
+    """An output's manifest record: the run's settings, the input it belongs to and its fingerprint."""
+    return {**record, "input": item.path, "fingerprint": item.fingerprint}
+
+
 def build_dataset(
-    files: list[str],
+    files: list[InputFile],
     config: ScoreConfig,
     model: ObjectRef,
     setting: ExitSetting | None = None,
@@ -229,10 +174,7 @@ def build_dataset(
     import ray.data
 
     with streaming_parquet_reader(preserve_order=True):  # outputs in input order, deterministic
-        # Reading reserves no CPU: on a shared cluster whose CPUs the scoring actors of running jobs hold,
-        # read tasks that wait for a CPU never run and every job hangs. Parquet reading is light next to the
-        # model.
-        dataset = ray.data.read_parquet(files, include_paths=True, num_cpus=0)
+        dataset = read_inputs(files)
         if tokenizer is not None:
             dataset = dataset.map_batches(
                 tokenize_batch,
@@ -320,8 +262,11 @@ def ship_model(source: ModelSource, int8_layers: Path | None = None) -> ObjectRe
 
 
 def calibration_path(config: ScoreConfig, source: ModelSource, policy: str) -> Path:
+    column = (
+        f"__text-{column_part(config.text_column)}" if config.text_column != ScoreConfig.text_column else ""
+    )
     name = (
-        f"{source.identity}__{policy}{precision_suffix(config)}__agree-{config.min_agreement:g}"
+        f"{source.identity}__{policy}{precision_suffix(config)}{column}__agree-{config.min_agreement:g}"
         f"__delta-{config.delta:g}__rows-{config.calibrate_rows}.json"
     )
     return Path(config.output).resolve() / "_calibration" / name
@@ -335,15 +280,20 @@ def pinned_calibration(
     shipped_model: Callable[[], ObjectRef],
 ) -> tuple[Calibration, bool]:
     """(calibration, whether it was pinned by an earlier run). The first run on an output folder calibrates on
-    the inputs it sees, in a Ray task with an actor's resources, and pins the result; later runs reuse it, so
-    new files are scored with the same knob into the same output key."""
+    a uniform random sample of the inputs' rows (`config.calibration_seed`, else a fresh seed, recorded), in a
+    Ray task with an actor's resources, and pins the result when it met its target; later runs reuse it, so
+    new files are scored with the same knob into the same output key. A calibration that met nothing is not
+    pinned: the next run draws a new sample (give more --calibrate-rows)."""
     import ray
 
     policy = config.policy or model_config.policy
     path = calibration_path(config, source, policy)
     if path.is_file():
-        return Calibration(**json.loads(path.read_text())), True
-    texts = sample_texts([(f.path, f.rows) for f in inputs], config.text_column, config.calibrate_rows)
+        calibration = Calibration(**json.loads(path.read_text()))
+        print(f"scoring with the calibration pinned in {path}: {calibration.promise}", file=sys.stderr)
+        return calibration, True
+    seed = config.calibration_seed if config.calibration_seed is not None else secrets.randbits(32)
+    texts = sample_texts([(f.path, f.rows) for f in inputs], config.text_column, config.calibrate_rows, seed)
     if not texts:
         raise ScoringError(
             f"no valid text to calibrate on in column {config.text_column!r} of {config.input!r}"
@@ -364,50 +314,129 @@ def pinned_calibration(
             config.precision,
         )
     )
-    write_text_atomically(path, json.dumps(calibration.to_dict(), indent=2))  # a kill pins nothing or all
-    if not calibration.met:
-        warnings.warn(f"calibration of {policy}: {calibration.reason}", stacklevel=2)
+    calibration = dataclasses.replace(calibration, seed=seed)
+    if calibration.met:
+        write_text_atomically(path, json.dumps(calibration.to_dict(), indent=2))  # a kill pins nothing or all
+        print(f"calibrated and pinned in {path}: {calibration.promise}", file=sys.stderr)
+    else:
+        warnings.warn(
+            f"calibration of {policy} (not pinned; the next run calibrates again): {calibration.reason}",
+            stacklevel=2,
+        )
     return calibration, False
 
 
 def with_calibrated_knob(config: ScoreConfig, calibration: Calibration) -> ScoreConfig:
     return dataclasses.replace(
-        config, calibrate_rows=0, policy=calibration.policy, **calibration.setting.kwargs
+        config,
+        calibrate_rows=0,
+        calibration_seed=None,
+        policy=calibration.policy,
+        **calibration.setting.kwargs,
     )
 
 
-def run_scoring(config: ScoreConfig) -> dict[str, Any]:
-    """Score every input file not yet scored for this (model, policy, knob); return the summary."""
-    inputs = inspect_inputs(config)
-    tokenize_in_tasks = config.tokenizes_in_tasks and spare_cpus_for_tokenizing(config)
+def connect_ray(address: str | None) -> None:
+    """Join the Ray cluster at `address` ($RAY_ADDRESS, else a new local one), once: only a run with
+    something to compute needs it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+
+
+def remove_orphans(folder: OutputFolder, plan: OutputPlan, remove: bool) -> int:
+    """Report (and with `remove`, delete) the outputs whose input file no longer exists."""
+    if not plan.orphaned:
+        return 0
+    shown = dict(list(plan.orphaned.items())[:5])
+    if remove:
+        for name in plan.orphaned:
+            folder.remove(name)
+        print(f"removed {len(plan.orphaned)} output(s) whose input is gone: {shown}", file=sys.stderr)
+        return len(plan.orphaned)
+    warnings.warn(
+        f"{len(plan.orphaned)} output(s) in {folder.root} belong to input files that no longer exist "
+        f"(kept; --remove-orphans deletes them): {shown}",
+        stacklevel=2,
+    )
+    return 0
+
+
+def warn_placed_apart(plan: OutputPlan, inputs: list[InputFile]) -> None:
+    if plan.placed_apart:
+        shown = {plan.names[path]: owner for path, owner in list(plan.placed_apart.items())[:5]}
+        warnings.warn(
+            f"{len(plan.placed_apart)} input file(s) mirror to an output name another input owns; written "
+            f"apart, beside it ({{new name: owner of the mirrored name}}): {shown}",
+            stacklevel=2,
+        )
+
+
+def files_to_score(inputs: list[InputFile], plan: OutputPlan, folder: OutputFolder) -> tuple[dict, list]:
+    """({input path: input} to score, paths changed since scored): the inputs without a committed output,
+    and those whose file changed (size, mtime or rows) since its output was committed, which are scored
+    again into the same output."""
+    pending, changed = {}, []
+    for item in inputs:
+        current = folder.is_current(plan.names[item.path], item.fingerprint)
+        if current is False:
+            changed.append(item.path)
+        if not current:
+            pending[item.path] = item
+    if changed:
+        warnings.warn(
+            f"{len(changed)} input file(s) changed since they were scored; scoring them again: {changed[:5]}",
+            stacklevel=2,
+        )
+    return pending, changed
+
+
+def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, Any]:
+    """Score every input file not yet scored for this (model, setting, output columns); return the summary.
+    Ray (`address`, see `connect_ray`) is joined only when there is something to calibrate or score: a rerun
+    with nothing to do answers from the manifest."""
+    output = Path(config.output).resolve()
+    inputs, unreadable = inspect_inputs(config.input, output, config.text_column, config.output_prefix)
+    if not inputs:
+        raise ScoringError(f"no input file of {config.input!r} can be read: {unreadable}")
     requested, calibration = config, None
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as held:
-        source = resolve_model(
-            config.model, Path(scratch)
-        )  # a model that cannot load leaves no output folder
+        source = resolve_model(config.model, Path(scratch))  # a model that cannot load leaves no output
         model_config = EarlyExitConfig.load(source.directory)
         if (config.policy or model_config.policy) == "risk" and model_config.exit_risk is None:
             raise UserError(
                 f"policy 'risk' needs a model with a fitted exit risk, and {config.model!r} has none "
                 "(trained before the risk policy, or with eval.exit_risk_rows=0): use --policy entropy"
             )
-        held.enter_context(OutputLock(Path(config.output).resolve()))  # before calibration writes there too
+        held.enter_context(OutputLock(output))  # before calibration writes there too
         int8 = int8_layers_for(config, source) if config.precision == "int8" else None
-        shipped_model = functools.cache(lambda: ship_model(source, int8))
+
+        def shipped() -> ObjectRef:
+            connect_ray(address)
+            return ship_model(source, int8)
+
+        shipped_model = functools.cache(shipped)
         if config.calibrate_rows:
             calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model)
             config = with_calibrated_knob(config, calibration)
         setting = model_config.setting(config.policy, config.threshold, config.patience, config.risk)
-        folder = OutputFolder(Path(config.output).resolve() / run_key(source, setting, config))
+        folder = OutputFolder(output / run_key(source, setting, config))
         folder.prepare()
-        pending, changed = files_to_score(inputs, folder)
-        unreadable = unreadable_files(pending, config.text_column)
+        plan = plan_outputs({f.path: f.mirrored for f in inputs}, folder.records())
+        warn_placed_apart(plan, inputs)
+        removed = remove_orphans(folder, plan, config.remove_orphans)
+        pending, changed = files_to_score(inputs, plan, folder)
+        unreadable |= unreadable_texts(pending, config.text_column)
         record = {
             "model": source.reference,
             "model_identity": source.identity,
             "policy": setting.policy,
             "knob": setting.knob,
             "precision": config.precision,
+            "text_column": config.text_column,
+            "include_probs": config.include_probs,
+            "output_prefix": config.output_prefix,
         }
         schema_of = lambda item: output_schema(item.schema, config.include_probs, config.output_prefix)  # noqa: E731
         tally, started = Tally(prefix=config.output_prefix), time.time()
@@ -415,20 +444,24 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
         committed, tokenizer = 0, None
         for path, item in list(pending.items()):
             if item.rows == 0:  # nothing to stream: commit an empty output with the full schema
-                folder.writer(item.output, schema_of(item)).commit(item.manifest_record(record))
+                folder.writer(plan.names[path], schema_of(item)).commit(manifest_record(item, record))
                 del pending[path]
                 committed += 1
         if pending:
-            if tokenize_in_tasks:
+            connect_ray(address)
+            if config.tokenizes_in_tasks and spare_cpus_for_tokenizing(config):
                 tokenizer = TokenizerFiles.from_directory(source.directory)
-            dataset = build_dataset(list(pending), config, shipped_model(), setting, tokenizer)
-            committed += score_stream(dataset, pending, folder, schema_of, tally, record)
+            dataset = build_dataset(list(pending.values()), config, shipped_model(), setting, tokenizer)
+            committed += score_stream(dataset, pending, plan, folder, schema_of, tally, record)
         counts = {
-            "input_files": len(inputs),
+            "input_files": len(inputs) + len(unreadable),
             "files_scored": committed,
             "files_skipped": skipped,
             "files_changed": len(changed),
             "files_unreadable": len(unreadable),
+            "files_placed_apart": len(plan.placed_apart),
+            "orphaned_outputs": len(plan.orphaned) - removed,
+            "orphans_removed": removed,
             "rows_in": sum(f.rows for f in pending.values()),
         }
         summary = summarize(tally, model_config, time.time() - started, counts)
@@ -450,6 +483,8 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
             summary["calibration"] = {**calibration.to_dict(), "pinned": pinned}
         if unreadable:
             summary["unreadable"] = unreadable
+        if plan.orphaned and not removed:
+            summary["orphaned"] = plan.orphaned
     log_scoring_run(summary, requested, source)
     if unreadable:  # after the readable files were committed and the run logged; a rerun retries these
         named = "; ".join(f"{path}: {reason}" for path, reason in unreadable.items())
@@ -491,6 +526,9 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
                 "tokenize": summary["tokenize"],
                 "precision": summary["precision"],
                 "calibrate_rows": config.calibrate_rows,
+                "text_column": config.text_column,
+                "include_probs": config.include_probs,
+                "remove_orphans": config.remove_orphans,
                 "min_agreement": config.min_agreement if config.calibrate_rows else None,
                 "delta": config.delta if config.calibrate_rows else None,
             }
@@ -508,6 +546,7 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
                     "calibration_met": calibration["met"],
                     "calibration_pinned": calibration["pinned"],
                     "calibration_reason": calibration["reason"],
+                    "calibration_seed": calibration["seed"],
                 }
             )
         numbers = {

@@ -53,6 +53,7 @@ from pipelines.model_source import ModelFiles, weights_digest
 from pipelines.paths import replace_atomically
 from pipelines.text_column import column_texts
 from pipelines.tokenizing import TokenizerFiles, has_token_ids, token_ids_of, tokenize_batch
+from pipelines.training.eval_overlap import eval_text_keys, keys_digest, overlapping
 from pipelines.training.trainer import storage_uri
 from pipelines.training.worker_loop import MODEL_SUBDIR
 
@@ -215,6 +216,7 @@ def unlabeled_files(config: TrainConfig, splits: LabeledSplits) -> tuple[list[Co
     dataset = parquet_dataset(path)
     require_columns(dataset, [column], path)
     left = config.data.max_unlabeled_rows
+    left_out = keys_digest(eval_text_keys(splits))  # the dev and test texts dropped from the corpus
     files = []
     for fragment in dataset.get_fragments():
         if left == 0:
@@ -228,17 +230,24 @@ def unlabeled_files(config: TrainConfig, splits: LabeledSplits) -> tuple[list[Co
         left = None if left is None else left - rows
         if rows == 0:
             continue
-        identity = [fragment.path, info.size, info.mtime_ns, rows, column]
+        identity = [fragment.path, info.size, info.mtime_ns, rows, column, left_out]
         files.append(
             CorpusFile(fragment.path, rows, file_rows, StorePart(part_name("unlabeled", identity), rows))
         )
     return files, dataset.filesystem, column
 
 
-def tag_unlabeled(batch: pa.Table, column: str, parts: dict[str, int]) -> pa.Table:
-    """Rows of corpus files as extraction input: text (null where unreadable), no label, their part's
-    index."""
-    texts = [t if invalid_text_reason(t) is None else None for t in column_texts(batch[column])]
+def tag_unlabeled(
+    batch: pa.Table, column: str, parts: dict[str, int], eval_keys: frozenset[bytes] = frozenset()
+) -> pa.Table:
+    """Rows of corpus files as extraction input: text (null where unreadable, or where it is a dev or test
+    text: `eval_overlap`), no label, their part's index."""
+    texts = column_texts(batch[column])
+    left_out = overlapping(texts, eval_keys)
+    texts = [
+        t if invalid_text_reason(t) is None and not out else None
+        for t, out in zip(texts, left_out, strict=True)
+    ]
     paths = batch["path"].to_pylist()
     part_of = {path: parts[_path_key(path)] for path in set(paths)}
     return pa.table(
@@ -261,7 +270,11 @@ def extraction_parts(labeled: dict[StorePart, pa.Table], files: list[CorpusFile]
 
 
 def extraction_dataset(
-    labeled: dict[StorePart, pa.Table], files: list[CorpusFile], filesystem: Any, column: str
+    labeled: dict[StorePart, pa.Table],
+    files: list[CorpusFile],
+    filesystem: Any,
+    column: str,
+    eval_keys: frozenset[bytes] = frozenset(),
 ) -> ray.data.Dataset:
     """The rows of the parts to extract, each tagged with its part's index in `extraction_parts` (an
     integer: a name on every row took a fifth more of the object store in flight): labeled tables as they
@@ -287,7 +300,11 @@ def extraction_dataset(
         if f.rows < f.file_rows
     ]
     pieces += [
-        read.map_batches(tag_unlabeled, fn_kwargs={"column": column, "parts": parts}, batch_format="pyarrow")
+        read.map_batches(
+            tag_unlabeled,
+            fn_kwargs={"column": column, "parts": parts, "eval_keys": eval_keys},
+            batch_format="pyarrow",
+        )
         for read in reads
     ]
     return pieces[0].union(*pieces[1:]) if len(pieces) > 1 else pieces[0]
@@ -339,13 +356,14 @@ def extract_features(
     threads: float | None = None,
     batch_size: int = 256,
     tokenizer: TokenizerFiles | None = None,
+    eval_keys: frozenset[bytes] = frozenset(),
 ) -> None:
     """Extract the given parts into `store_path`. Each actor reserves `cpus_per_actor` CPUs and runs
     `threads` torch threads (default as many as it reserves). With `tokenizer`, CPU tasks tokenise before the
     actors (what keeps a GPU actor on the model)."""
     import ray.data
 
-    rows = extraction_dataset(labeled, files, filesystem, column)
+    rows = extraction_dataset(labeled, files, filesystem, column, eval_keys)
     if tokenizer is not None:
         rows = rows.map_batches(
             tokenize_batch, fn_kwargs={"tokenizer": tokenizer, "text_column": "text"}, batch_format="pyarrow"
@@ -451,6 +469,7 @@ def cached_features(
             gpus_per_actor=1 if resources.use_gpu else 0,
             threads=threads,
             tokenizer=tokenizer,
+            eval_keys=eval_text_keys(splits),
         )
     return (
         stores,

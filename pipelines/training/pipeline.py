@@ -28,6 +28,7 @@ from pipelines.data import (
 from pipelines.evaluation.final import FinalEvaluation, evaluate_trained_model, log_final_evaluation
 from pipelines.evaluation.results import ChosenSetting
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
+from pipelines.training.eval_overlap import count_overlap, eval_text_keys, warn_overlap
 from pipelines.training.features import cached_features, training_features, unlabeled_files
 from pipelines.training.stages import stage_named
 from pipelines.training.trainer import build_trainer
@@ -185,8 +186,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     """Run the whole training job; returns the summary that jobs/train.py prints."""
     started = time.time()
     splits = load_labeled_splits(config.data)  # every data error surfaces here, before any training
+    overlap = 0
     if any(stage_named(stage).learns_from_unlabeled for stage in config.stages()):
-        unlabeled_files(config, splits)  # the unlabeled corpus too: its files, columns and footers
+        files, filesystem, column = unlabeled_files(config, splits)  # its files, columns and footers too
+        overlap = count_overlap(files, filesystem, column, eval_text_keys(splits))
+        warn_overlap(overlap)
     encoder = config.model.encoder or default_encoder()
     tracking_uri = resolve_tracking_uri(config.tracking)
     setup_tracking(tracking_uri, config.tracking.experiment_name)
@@ -200,6 +204,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                 "rows.dev": splits.dev.num_rows,
                 "rows.test": splits.test.num_rows,
                 "rows.dropped_invalid_text": splits.dropped_invalid_text,
+                "rows.unlabeled_overlapping_eval": overlap,
             }
         )
         mlflow.log_dict({"labels": list(splits.labels)}, "label_map.json")
@@ -225,7 +230,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                 policy=config.exit_policy,
             )
             log_final_evaluation(model, final)
-            info = log_pyfunc_model(model_dir, model.config, splits.dev["text"].to_pylist()[:2])
+            info = log_pyfunc_model(model_dir, splits.dev["text"].to_pylist()[:2])
             registered = None
             if config.tracking.register:
                 registered = register(
@@ -241,6 +246,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                     },
                 )
         summary = make_summary(config, final, info.model_uri, registered, parent.info.run_id, started)
+        summary["unlabeled_overlapping_eval"] = overlap
         mlflow.log_dict(summary, "summary.json")
     return summary
 

@@ -114,3 +114,25 @@ def test_stale_layers_are_rebuilt_and_a_saved_model_loads_in_int8(fp32_and_int8,
     other = trained_tiny(str(fp32.config.encoder_name_or_path), steps=5)
     rebuilt = int8_layers(other, saved / "int8")  # stale for these weights: exported again in place
     with_int8_layers(copy.deepcopy(other), rebuilt, threads=1)
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "truncate"])
+def test_a_damaged_layer_file_is_refused_and_rebuilt(fp32_and_int8, tmp_path, damage):
+    """The manifest vouches for every file it lists: a layer copied over another (a valid ONNX graph, wrong
+    weights) or cut short is caught before use, named with its folder, and rebuilt with a warning."""
+    import shutil
+
+    fp32, quantized, folder = fp32_and_int8("bert")
+    copy_of = shutil.copytree(folder, tmp_path / "layers")
+    if damage == "overwrite":
+        shutil.copyfile(copy_of / "layer_0.onnx", copy_of / "layer_1.onnx")
+    else:
+        data = (copy_of / "layer_1.onnx").read_bytes()
+        (copy_of / "layer_1.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"int8 layers in {copy_of} are damaged \(layer_1.onnx"):
+        with_int8_layers(copy.deepcopy(fp32), copy_of, threads=1)
+    with pytest.warns(UserWarning, match=r"are damaged \(layer_1.onnx not as written\): rebuilding them"):
+        assert int8_layers(fp32, copy_of) == copy_of
+    rebuilt = with_int8_layers(copy.deepcopy(fp32), copy_of, threads=1)
+    texts = probe_texts()[:100]
+    assert rebuilt.predict(texts).label == quantized.predict(texts).label

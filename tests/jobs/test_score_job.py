@@ -72,8 +72,7 @@ def test_registered_model_by_alias_in_a_fresh_process(tmp_path, model_dir, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_experiment("registry")
     with mlflow.start_run():
-        config = EarlyExitClassifier.from_pretrained(model_dir).config
-        info = log_pyfunc_model(model_dir, config, ["a text", "another"])
+        info = log_pyfunc_model(model_dir, ["a text", "another"])
     register(info.model_uri, "tiny-scorer", dev_accuracy=0.5, tags={})
     (tmp_path / "in").mkdir()
     texts = random_texts(50, seed=3) + [None]

@@ -20,49 +20,13 @@ from pipelines.config import ScoreConfig
 from pipelines.errors import UserError
 from pipelines.evaluation.thresholds import lower_bound
 from pipelines.model_source import ModelSourceError
-from pipelines.scoring.pipeline import ScoringError, run_scoring
+from pipelines.scoring.pipeline import ScoringError
 from tests.conftest import LABELS, random_texts
+from tests.pipelines.scoring_helpers import read_outputs, rows_by_output, score, write
 
 pytestmark = pytest.mark.ray
 
 AWKWARD = ["hello world", None, "", "   \n", "money " * 20_000, "😀 emoji only 🎉", "the film was good"]
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_encoder_dir):
-    torch.manual_seed(0)
-    model = EarlyExitClassifier.from_encoder(
-        tiny_encoder_dir("bert", num_layers=3), labels=LABELS, threshold=0.95
-    )
-    return str(model.save_pretrained(tmp_path / "model"))
-
-
-def write(path, texts, **extra):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"text": pa.array(texts, pa.string()), **extra}), path)
-    return path
-
-
-def score(model_dir, input_path, output, tmp_path, **kw):
-    config = ScoreConfig(
-        model=model_dir,
-        input=str(input_path),
-        output=str(output),
-        batch_size=16,
-        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-        **kw,
-    )
-    return run_scoring(config)
-
-
-def read_outputs(summary) -> dict[str, pa.Table]:
-    """Committed outputs by their path below the run's folder (the input layout, mirrored)."""
-    root = Path(summary["output"])
-    return {
-        p.relative_to(root).as_posix(): pq.read_table(p)
-        for p in sorted(root.rglob("*.parquet"))
-        if not p.relative_to(root).parts[0].startswith("_")
-    }
 
 
 def test_awkward_rows_and_extra_columns_all_come_out(ray_local, model_dir, tmp_path):
@@ -133,12 +97,20 @@ def test_policy_defaults_come_from_the_model(ray_local, model_dir, tmp_path):
     assert full["mean_exit_layer"] == 3 and full["output"].endswith("__none")
 
 
-def test_corrupt_file_is_named(model_dir, tmp_path):
+def test_a_file_without_a_footer_is_set_aside_and_the_others_commit(ray_local, model_dir, tmp_path):
+    """Not parquet at all, or one still being written (no footer yet): named, retried by the next run."""
     write(tmp_path / "in" / "good.parquet", ["a"])
     (tmp_path / "in" / "bad.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(ScoringError, match=r"cannot read parquet file '.*bad.parquet'"):
+    whole = write(tmp_path / "tmp.parquet", random_texts(30, seed=1)).read_bytes()
+    (tmp_path / "in" / "writing.parquet").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ScoringError, match=r"2 input file\(s\) could not be read .*bad.parquet: no readable"):
         score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
-    assert not (tmp_path / "out").exists()
+    out = next((tmp_path / "out").glob("dir-*"))
+    assert [p.name for p in out.glob("*.parquet")] == ["good.parquet"]
+    (tmp_path / "in" / "bad.parquet").unlink()
+    (tmp_path / "in" / "writing.parquet").write_bytes(whole)  # the writer finished
+    again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    assert (again["files_scored"], again["files_skipped"], again["rows_scored"]) == (1, 1, 30)
 
 
 def test_missing_text_column_is_named(model_dir, tmp_path):
@@ -201,8 +173,8 @@ def test_model_calls_of_sorted_rows_score_like_one_call(model_dir):
     assert len(set(whole["exit_layer"].drop_null().to_pylist())) > 1  # rows really exit at different layers
 
 
-def test_calibration_sample_is_spread_over_files_and_reads_row_groups(tmp_path):
-    from pipelines.scoring.calibration import sample_texts
+def test_calibration_sample_is_uniform_over_files_and_row_groups_and_seeded(tmp_path):
+    from pipelines.scoring.calibration import sample_rows, sample_texts
 
     pq.write_table(pa.table({"text": [f"a{i}" for i in range(10)]}), tmp_path / "a.parquet", row_group_size=3)
     b_texts = [f"b{i}" for i in range(25)]
@@ -216,11 +188,18 @@ def test_calibration_sample_is_spread_over_files_and_reads_row_groups(tmp_path):
         (str(tmp_path / "e.parquet"), 0),
         (str(tmp_path / "b.parquet"), 25),
     ]
-    # rows 0, 5, 10, ..., 30 of the 35: a0, a5, then b0, b5 (null), b10, b15 (blank), b20
-    assert sample_texts(files, "text", 7) == ["a0", "a5", "b0", "b10", "b20"]
-    assert sample_texts(files, "text", 1000) == [f"a{i}" for i in range(10)] + [
+    every = [f"a{i}" for i in range(10)] + b_texts
+    for seed in range(5):
+        expected = [every[i] for i in sample_rows(35, 7, seed)]
+        assert sample_texts(files, "text", 7, seed) == [t for t in expected if t and t.strip()]
+    assert sample_texts(files, "text", 20, 1) == sample_texts(files, "text", 20, 1)
+    assert sample_texts(files, "text", 20, 1) != sample_texts(files, "text", 20, 2)
+    assert sample_texts(files, "text", 1000, 0) == [f"a{i}" for i in range(10)] + [
         t for t in b_texts if t and t.strip()
     ]
+    # uniform: every row as likely as any other, whatever its position (2,000 draws of 3 of 10 rows)
+    counts = np.bincount(np.concatenate([sample_rows(10, 3, seed) for seed in range(2000)]), minlength=10)
+    assert counts.min() > 520 and counts.max() < 680  # 600 each expected; 4.4 standard deviations
 
 
 def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_encoder_dir, tmp_path):
@@ -242,8 +221,10 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
     assert calibration["met"] and not calibration["pinned"] and 0 < knob < 1 and calibration["knob"] == knob
     assert 0.9 <= calibration["agreement"] < 1 and 1 < calibration["mean_exit_layer"] < 3  # rows exit early
     assert first["policy"] == "entropy" and first["output"].endswith(f"__entropy-{knob:g}")
-    # the sample is rows 0, 1.51, 3.02, ... of the 302: check the chosen S with the model's own early exit
-    sample = [texts[int(i * 302 / 200)] for i in range(200)]
+    # the sample: 200 of the 302 rows drawn with the recorded seed; check S with the model's own early exit
+    from pipelines.scoring.calibration import sample_rows
+
+    sample = [texts[i] for i in sample_rows(302, 200, calibration["seed"])]
     sample = [t for t in sample if t]
     model = EarlyExitClassifier.from_pretrained(model_dir)  # the saved weights, as the Ray task loaded them
     full = model.predict(sample, policy="none").label
@@ -352,10 +333,6 @@ def test_actors_load_the_model_from_the_object_store_not_the_drivers_folder(ray_
     assert ModelFiles.from_directory(written) == files
 
 
-def rows_by_output(summary) -> dict[str, int]:
-    return {name: table.num_rows for name, table in read_outputs(summary).items()}
-
-
 def test_same_file_name_in_two_folders_through_a_glob_keeps_both(ray_local, model_dir, tmp_path):
     write(tmp_path / "in" / "x" / "part-0.parquet", random_texts(15, seed=1))
     write(tmp_path / "in" / "y" / "part-0.parquet", random_texts(25, seed=2))
@@ -390,12 +367,17 @@ def test_output_folder_inside_the_input_is_not_read_back(ray_local, model_dir, t
     assert (again["files_scored"], again["files_skipped"]) == (0, 1)
 
 
-def test_output_names_that_collide_are_refused_naming_both(model_dir, tmp_path):
+def test_output_names_that_collide_are_placed_apart(ray_local, model_dir, tmp_path):
     write(tmp_path / "in" / "a", ["x"])  # no extension: its output would be a.parquet too
-    write(tmp_path / "in" / "a.parquet", ["y"])
-    with pytest.raises(ScoringError, match=r"inputs '.*in/a' and '.*in/a.parquet' would both be written to"):
-        score(model_dir, f"{tmp_path}/in/*", tmp_path / "out", tmp_path)
-    assert not (tmp_path / "out").exists()
+    write(tmp_path / "in" / "a.parquet", ["y", "z"])
+    with pytest.warns(UserWarning, match=r"1 input file\(s\) mirror to an output name another input owns"):
+        summary = score(model_dir, f"{tmp_path}/in/*", tmp_path / "out", tmp_path)
+    outputs = rows_by_output(summary)
+    assert outputs.pop("a.parquet") == 1 and list(outputs.values()) == [2]
+    assert re.fullmatch(r"a--[0-9a-f]{10}\.parquet", next(iter(outputs)))
+    assert summary["files_placed_apart"] == 1
+    again = score(model_dir, f"{tmp_path}/in/*", tmp_path / "out", tmp_path)
+    assert (again["files_scored"], again["files_skipped"]) == (0, 2)
 
 
 def test_a_file_replaced_in_place_is_scored_again(ray_local, model_dir, tmp_path):
@@ -485,7 +467,7 @@ def test_same_name_and_version_in_two_registries_get_different_output_keys(tmp_p
         directory = model.save_pretrained(store / "model")
         mlflow.set_experiment("registry")
         with mlflow.start_run():
-            info = log_pyfunc_model(directory, model.config, ["a text"])
+            info = log_pyfunc_model(directory, ["a text"])
         register(info.model_uri, "early-exit-classifier", dev_accuracy=0.5, tags={})
         identities.append(resolve_model("models:/early-exit-classifier/1", store / "download").identity)
     assert all(i.startswith("early-exit-classifier-v1-") for i in identities)

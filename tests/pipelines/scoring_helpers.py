@@ -1,0 +1,43 @@
+"""Helpers of the scoring tests: input files, one scoring run, its committed outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.config import ScoreConfig
+from pipelines.scoring.pipeline import run_scoring
+
+
+def write(path, texts, **extra):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string()), **extra}), path)
+    return path
+
+
+def score(model_dir, input_path, output, tmp_path, **kw):
+    config = ScoreConfig(
+        model=model_dir,
+        input=str(input_path),
+        output=str(output),
+        batch_size=16,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        **kw,
+    )
+    return run_scoring(config)
+
+
+def read_outputs(summary) -> dict[str, pa.Table]:
+    """Committed outputs by their path below the run's folder (the input layout, mirrored)."""
+    root = Path(summary["output"])
+    return {
+        p.relative_to(root).as_posix(): pq.read_table(p)
+        for p in sorted(root.rglob("*.parquet"))
+        if not p.relative_to(root).parts[0].startswith("_")
+    }
+
+
+def rows_by_output(summary) -> dict[str, int]:
+    return {name: table.num_rows for name, table in read_outputs(summary).items()}
