@@ -123,7 +123,11 @@ def read_inputs(files: list[InputFile]) -> ray.data.Dataset:
     # tasks that wait for a CPU never run and every job hangs. Parquet reading is light next to the model.
     reads = [
         ray.data.read_parquet(
-            paths, include_paths=True, num_cpus=0, columns=list(columns) if columns is not None else None
+            paths,
+            include_paths=True,
+            num_cpus=0,
+            columns=list(columns) if columns is not None else None,
+            file_extensions=None,  # every file was opened already: a name without .parquet is read too
         )
         for columns, paths in groups.items()
     ]

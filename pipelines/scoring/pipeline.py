@@ -400,6 +400,9 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
     inputs, unreadable = inspect_inputs(config.input, output, config.text_column, config.output_prefix)
     if not inputs:
         raise ScoringError(f"no input file of {config.input!r} can be read: {unreadable}")
+    if config.tokenize == "tasks":  # a stage that can never run is refused before anything is written
+        connect_ray(address)
+        spare_cpus_for_tokenizing(config)
     requested, calibration = config, None
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as held:
         source = resolve_model(config.model, Path(scratch))  # a model that cannot load leaves no output

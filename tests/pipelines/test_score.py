@@ -313,6 +313,7 @@ def test_actors_load_the_model_from_the_object_store_not_the_drivers_folder(ray_
     import shutil
 
     from pipelines.model_source import ModelFiles, resolve_model
+    from pipelines.scoring.inputs import inspect_inputs
     from pipelines.scoring.pipeline import build_dataset, ship_model
 
     copy = shutil.copytree(model_dir, tmp_path / "driver-only")
@@ -323,7 +324,8 @@ def test_actors_load_the_model_from_the_object_store_not_the_drivers_folder(ray_
     config = ScoreConfig(
         model=str(copy), input=str(tmp_path / "in"), output=str(tmp_path / "out"), batch_size=16
     )
-    dataset = build_dataset([str(tmp_path / "in" / "a.parquet")], config, shipped)
+    inputs, _ = inspect_inputs(config.input, tmp_path / "out", "text", "")
+    dataset = build_dataset(inputs, config, shipped)
     out = pa.concat_tables(list(dataset.iter_batches(batch_size=None, batch_format="pyarrow")))
     expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts, invalid="null")
     assert out["label"].to_pylist() == expected.label and out["error"].to_pylist()[-1] == "null text"
