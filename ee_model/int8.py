@@ -20,11 +20,7 @@ Needs the `int8` extra (onnxruntime, onnx, onnxscript).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ee_model import encoders
+from ee_model import encoders, layer_cache
 
 if TYPE_CHECKING:
     from ee_model.modeling import EarlyExitClassifier
@@ -62,14 +58,13 @@ def missing_runtime() -> str | None:
 
 
 def layers_digest(model: EarlyExitClassifier) -> str:
-    """A digest of the transformer layers' weights and shape: what the exported layers must come from."""
-    digest = hashlib.sha256()
-    config = model.encoder.config
-    digest.update(json.dumps([FORMAT, config.model_type, model.flops_model.hidden_size]).encode())
-    for name, tensor in model.layers.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """What the int8 files must come from: the layer weights and this folder's format."""
+    return layer_cache.layers_digest(model, ["int8", FORMAT])
+
+
+def is_current(directory: str | Path, model: EarlyExitClassifier) -> bool:
+    """Whether `directory` holds int8 layers exported from `model`'s layer weights, every file intact."""
+    return layer_cache.is_current(Path(directory), MANIFEST, layers_digest(model))
 
 
 class _MaskedLayer(nn.Module):
@@ -94,45 +89,6 @@ def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> np.ndarray
         blocked = torch.zeros(first.shape, dtype=torch.float32)
         first = blocked.masked_fill(~first.cpu(), torch.finfo(torch.float32).min)
     return np.ascontiguousarray(first.expand(batch, 1, 1, seq).float().cpu().numpy())
-
-
-def read_manifest(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def damaged_files(directory: Path, manifest: dict) -> list[str]:
-    """The files the manifest vouches for that are missing or whose content is not what was written."""
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        return ["(no file digests in the manifest)"]
-    damaged = []
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file() or file_digest(path) != expected:
-            damaged.append(name)
-    return damaged
-
-
-def is_current(directory: str | Path, model: EarlyExitClassifier, digest: str | None = None) -> bool:
-    """Whether `directory` holds int8 layers exported from `model`'s layer weights, every file intact."""
-    manifest = read_manifest(Path(directory))
-    return (
-        manifest is not None
-        and manifest.get("format") == FORMAT
-        and manifest.get("weights") == (digest or layers_digest(model))
-        and not damaged_files(Path(directory), manifest)
-    )
 
 
 @contextlib.contextmanager
@@ -197,52 +153,32 @@ def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
                 fp32_file.unlink()
     finally:
         encoder.set_attn_implementation(previous)
-    manifest = {
-        "format": FORMAT,
-        "weights": digest,
-        "layers": model.n_layers,
-        "files": {path.name: file_digest(path) for path in sorted(directory.iterdir())},
-        "quantization": "onnxruntime quantize_dynamic, int8 weights per channel, int8 activations per call",
-        "onnxruntime": ort_version,
-        "torch": torch.__version__,
-    }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))  # written last: marks it complete
+    layer_cache.write_manifest(
+        directory,
+        MANIFEST,
+        digest,
+        model.n_layers,
+        format=FORMAT,
+        quantization="onnxruntime quantize_dynamic, int8 weights per channel, int8 activations per call",
+        onnxruntime=ort_version,
+        torch=torch.__version__,
+    )
 
 
 def int8_layers(model: EarlyExitClassifier, directory: str | Path) -> Path:
-    """`directory` holding `model`'s int8 layers: reused when its manifest names these layer weights, else
-    exported and quantised there (a few seconds per layer). Built aside and renamed into place, so a killed
-    export leaves no half folder, and concurrent builders of the same layers both end with a complete one."""
+    """`directory` holding `model`'s int8 layers: reused when its manifest names these layer weights and its
+    files are intact, else exported and quantised there (a few seconds per layer; `ee_model.layer_cache`)."""
     reason = missing_runtime()
     if reason:
         raise RuntimeError(reason)
-    directory = Path(directory)
     digest = layers_digest(model)
-    if is_current(directory, model, digest):
-        return directory
-    manifest = read_manifest(directory)
-    if manifest is not None and manifest.get("weights") == digest and manifest.get("format") == FORMAT:
-        warnings.warn(
-            f"int8 layers in {directory} are damaged ({', '.join(damaged_files(directory, manifest))} not as "
-            "written): rebuilding them",
-            stacklevel=2,
-        )
-    if model.device.type != "cpu" or next(model.layers.parameters()).dtype != torch.float32:
+    if not is_current(directory, model) and (
+        model.device.type != "cpu" or next(model.layers.parameters()).dtype != torch.float32
+    ):
         raise ValueError("int8 layers are exported from an fp32 model on the CPU")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        _export(model, staging, digest)
-        if directory.exists():  # stale layers (other weights, an older format) or a concurrent build
-            if is_current(directory, model, digest):
-                return directory
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return layer_cache.ensure_layers(
+        directory, MANIFEST, digest, lambda staging: _export(model, staging, digest)
+    )
 
 
 class OnnxLayer(nn.Module):
@@ -279,17 +215,7 @@ def with_int8_layers(
         raise ValueError("this model already runs int8 layers")
     if model.device.type != "cpu":
         raise ValueError("int8 layers run on the CPU (ONNX Runtime's CPU provider): move the model there")
-    manifest = read_manifest(directory)
-    if manifest is None:
-        raise ValueError(f"{directory} holds no int8 layers (no readable {MANIFEST}): build them first")
-    if manifest.get("weights") != layers_digest(model) or manifest.get("layers") != model.n_layers:
-        raise ValueError(f"the int8 layers in {directory} were exported from other weights")
-    damaged = damaged_files(directory, manifest)
-    if damaged:
-        raise ValueError(
-            f"the int8 layers in {directory} are damaged ({', '.join(damaged)} not as written): rebuild them "
-            "(int8_layers)"
-        )
+    layer_cache.check_layers(directory, MANIFEST, layers_digest(model), model.n_layers, "int8")
     layers = model.layers
     threads = threads or torch.get_num_threads()
     for index in range(len(layers)):

@@ -1,0 +1,98 @@
+"""What this CPU runs fast: bf16 matrix units (AMX-BF16, AVX512-BF16), int8 dot products (VNNI, AMX-INT8).
+
+Read from the CPU's flags (`/proc/cpuinfo` on Linux), capped as oneDNN is capped by `ONEDNN_MAX_CPU_ISA`
+(set it to `AVX512_CORE_VNNI` to run as on a CPU without bf16 or AMX, `AVX2` as on one without VNNI either):
+PyTorch's CPU kernels (oneDNN) then use no instruction above the cap, so neither may the choice made here.
+Elsewhere (macOS, other architectures) no flag is seen and the choice is fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+
+# oneDNN's ISA names, lowest first, and the flags each one (and those above it) may use
+ISA_ORDER = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX512_CORE_AMX_FP16",
+)
+LOWEST_ISA_OF_FLAG = {
+    "avx_vnni": "AVX2_VNNI",
+    "avx512_vnni": "AVX512_CORE_VNNI",
+    "avx512_bf16": "AVX512_CORE_BF16",
+    "amx_bf16": "AVX10_1_512_AMX",
+    "amx_int8": "AVX10_1_512_AMX",
+}
+
+
+def read_cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux); empty where they cannot be read."""
+    if platform.system() != "Linux":
+        return frozenset()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def isa_allows(flag: str, cap: str | None) -> bool:
+    """Whether oneDNN capped at `cap` (`ONEDNN_MAX_CPU_ISA`, None or "ALL": no cap) may use `flag`."""
+    if cap is None or cap.upper() in ("", "ALL", "DEFAULT"):
+        return True
+    cap = cap.upper()
+    if cap not in ISA_ORDER:
+        return True  # an unknown name: oneDNN ignores it
+    return ISA_ORDER.index(LOWEST_ISA_OF_FLAG[flag]) <= ISA_ORDER.index(cap)
+
+
+@dataclass(frozen=True)
+class CpuSupport:
+    """The fast number formats this CPU offers (within the oneDNN cap), and what that was read from."""
+
+    bf16: tuple[str, ...]  # the bf16 flags seen (and allowed)
+    int8: tuple[str, ...]  # the int8 dot-product flags seen (and allowed)
+    cap: str | None  # ONEDNN_MAX_CPU_ISA
+
+    @property
+    def has_bf16(self) -> bool:
+        return bool(self.bf16)
+
+    @property
+    def has_int8(self) -> bool:
+        return bool(self.int8)
+
+    def describe(self) -> str:
+        seen = [*self.bf16, *self.int8] or ["no bf16 or VNNI flag"]
+        capped = f", ONEDNN_MAX_CPU_ISA={self.cap}" if self.cap else ""
+        return f"CPU flags: {', '.join(seen)}{capped}"
+
+
+def cpu_support(flags: frozenset[str] | None = None, cap: str | None = None) -> CpuSupport:
+    """What the CPU (`flags`, default this one's) offers under the oneDNN cap (`cap`, default the
+    environment's)."""
+    flags = read_cpu_flags() if flags is None else flags
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") if cap is None else cap
+    allowed = [f for f in (*BF16_FLAGS, *INT8_FLAGS) if f in flags and isa_allows(f, cap)]
+    return CpuSupport(
+        tuple(f for f in BF16_FLAGS if f in allowed), tuple(f for f in INT8_FLAGS if f in allowed), cap or None
+    )
