@@ -94,5 +94,7 @@ def cpu_support(flags: frozenset[str] | None = None, cap: str | None = None) -> 
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") if cap is None else cap
     allowed = [f for f in (*BF16_FLAGS, *INT8_FLAGS) if f in flags and isa_allows(f, cap)]
     return CpuSupport(
-        tuple(f for f in BF16_FLAGS if f in allowed), tuple(f for f in INT8_FLAGS if f in allowed), cap or None
+        tuple(f for f in BF16_FLAGS if f in allowed),
+        tuple(f for f in INT8_FLAGS if f in allowed),
+        cap or None,
     )

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ee_model import encoders, layer_cache
+from ee_model.runtime import FP32, Runtime
 
 if TYPE_CHECKING:
     from ee_model.modeling import EarlyExitClassifier
@@ -211,8 +212,8 @@ def with_int8_layers(
     if reason:
         raise RuntimeError(reason)
     directory = Path(directory)
-    if model.int8_layers is not None:
-        raise ValueError("this model already runs int8 layers")
+    if model.runtime != FP32:
+        raise ValueError(f"this model already runs {model.runtime.name} layers")
     if model.device.type != "cpu":
         raise ValueError("int8 layers run on the CPU (ONNX Runtime's CPU provider): move the model there")
     layer_cache.check_layers(directory, MANIFEST, layers_digest(model), model.n_layers, "int8")
@@ -220,7 +221,7 @@ def with_int8_layers(
     threads = threads or torch.get_num_threads()
     for index in range(len(layers)):
         layers[index] = OnnxLayer(directory / f"layer_{index}.onnx", threads)
-    model.int8_layers = directory
+    model.runtime, model.layers_folder = Runtime("int8", "onnxruntime"), directory
     return model.eval()
 
 

@@ -19,6 +19,7 @@ from ee_model.heads import build_head, pool
 from ee_model.layer_pools import ExitEngine, InputRows, default_pooling, sorted_input_rows
 from ee_model.outputs import EarlyExitBatch, ExitLogits, Prediction
 from ee_model.policies import ExitPolicy, ExitSetting
+from ee_model.runtime import FP32
 from ee_model.texts import describe_invalid, invalid_text_reasons
 from ee_model.tokens import TextTokenizer, TokenIds
 
@@ -51,7 +52,8 @@ class EarlyExitClassifier(nn.Module):
                 f"exit_risk has {risk.n_students} layers' coefficients for {self.n_layers - 1} student layers"
             )
         self.stage2_frozen = False  # set by freeze_for_stage2; keeps frozen parts in eval mode
-        self.int8_layers: Path | None = None  # set by ee_model.int8.with_int8_layers: the layers' folder
+        self.runtime = FP32  # what runs the transformer layers (ee_model.runtime.with_runtime swaps them)
+        self.layers_folder: Path | None = None  # the built layer files a runtime runs (int8, OpenVINO)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -95,9 +97,9 @@ class EarlyExitClassifier(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write safetensors weights, `ee_config.json` and the tokenizer to `directory`."""
-        if self.int8_layers is not None:
+        if self.runtime != FP32:
             raise ValueError(
-                f"this model runs the int8 layers of {self.int8_layers}; save the fp32 model they came from"
+                f"this model runs {self.runtime.name} layers; save the fp32 model they came from"
             )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

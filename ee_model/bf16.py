@@ -1,0 +1,48 @@
+"""bf16 transformer layers in PyTorch: the path with no extra dependency to the bf16 matrix units of a CPU
+(AMX-BF16, AVX512-BF16, through oneDNN) or a GPU.
+
+`with_bf16_layers` swaps each transformer layer for a `Bf16Layer` holding the layer's weights in bf16:
+hidden states enter each layer in bf16 and leave it in float32, so the embeddings, the exit heads (small, and
+what the exit decision reads), the exit engine and every policy run as in fp32, and rows still leave one by
+one. Weights are cast once, not on every call as `torch.autocast` casts them (docs/results.md). Labels agree
+with fp32 on >= 99 % of rows (tests/ee_model/test_runtimes.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ee_model import encoders
+
+if TYPE_CHECKING:
+    from ee_model.modeling import EarlyExitClassifier
+
+
+class Bf16Layer(nn.Module):
+    """One transformer layer with bf16 weights, called as the encoder's layer is (float32 in and out)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer.to(torch.bfloat16)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
+        if attention_mask is not None and attention_mask.is_floating_point():  # additive: the layer's dtype
+            attention_mask = attention_mask.to(torch.bfloat16)
+        out = encoders.run_layer(self.layer, hidden.to(torch.bfloat16), attention_mask)
+        return out.float()
+
+
+def with_bf16_layers(model: EarlyExitClassifier) -> EarlyExitClassifier:
+    """`model` with its transformer layers in bf16, in place (see the module doc)."""
+    from ee_model.runtime import BF16, FP32
+
+    if model.runtime != FP32:
+        raise ValueError(f"this model already runs {model.runtime.name} layers")
+    layers = model.layers
+    for index in range(len(layers)):
+        layers[index] = Bf16Layer(layers[index])
+    model.runtime = BF16
+    return model.eval()

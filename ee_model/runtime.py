@@ -1,0 +1,177 @@
+"""Which number format and which backend run the transformer layers: named, or chosen per machine (`auto`).
+
+A `Runtime` is a precision (fp32, bf16, int8) and the backend that runs the layers in it (torch, openvino,
+onnxruntime). Only the transformer layers change: embeddings, exit heads, the exit engine and every policy run
+as in fp32, so rows still leave one by one. The runtimes:
+
+| runtime | layers | needs |
+|---|---|---|
+| `fp32` | PyTorch, as trained | nothing |
+| `bf16` | PyTorch, bf16 weights (`ee_model.bf16`) | a CPU with AMX-BF16 or AVX512-BF16, or a GPU |
+| `bf16-openvino` | OpenVINO, bf16 execution (`ee_model.openvino_layers`) | the `openvino` extra, a bf16 CPU |
+| `fp32-openvino` | OpenVINO, f32 execution | the `openvino` extra |
+| `int8` | ONNX Runtime, dynamic int8 (`ee_model.int8`) | the `int8` extra |
+
+`resolve_runtime("auto", "auto", ...)` picks what the machine runs fastest: bf16 on a GPU; on a CPU bf16 where
+it has AMX-BF16 or AVX512-BF16, int8 where it has VNNI (or AMX-INT8) but no bf16, fp32 otherwise; and for the
+precision, the backend measured fastest with early exit (`AUTO_BACKENDS`, docs/results.md "Early exit on the
+runtime a CPU user picks"), among those installed. Naming bf16 on a CPU without it is refused in one line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ee_model.cpu_support import CpuSupport, cpu_support
+
+if TYPE_CHECKING:
+    from ee_model.modeling import EarlyExitClassifier
+
+PRECISIONS = ("fp32", "bf16", "int8")
+BACKENDS = ("torch", "openvino", "onnxruntime")
+RUNS = {"fp32": ("torch", "openvino"), "bf16": ("torch", "openvino"), "int8": ("onnxruntime",)}
+DEFAULT_BACKEND = {precision: backends[0] for precision, backends in RUNS.items()}
+# with early exit on this project's CPU (AMX), fastest first: docs/results.md
+AUTO_BACKENDS = {"fp32": ("torch",), "bf16": ("torch", "openvino"), "int8": ("onnxruntime",)}
+EXTRA = {
+    "onnxruntime": ("int8", ("onnxruntime", "onnx", "onnxscript")),
+    "openvino": ("openvino", ("openvino",)),
+}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    precision: str = "fp32"
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {['auto', *PRECISIONS]}")
+        if self.backend not in RUNS[self.precision]:
+            runs = list(RUNS[self.precision])
+            raise ValueError(f"backend {self.backend!r} does not run {self.precision}; it runs on {runs}")
+
+    @property
+    def name(self) -> str:
+        """`fp32`, `bf16`, `int8` on their default backend, else `<precision>-<backend>`."""
+        default = self.backend == DEFAULT_BACKEND[self.precision]
+        return self.precision if default else f"{self.precision}-{self.backend}"
+
+    @property
+    def builds_layers(self) -> bool:
+        """Whether the layers are built into files first (exported, quantised), per model version."""
+        return self.backend != "torch"
+
+    @property
+    def exact_per_row(self) -> bool:
+        """Whether a row's result is the same whatever its batch-mates (fp32 only: reduced-precision kernels
+        and per-call int8 scales may change the last bits with the batch's shape)."""
+        return self.precision == "fp32"
+
+    @classmethod
+    def parse(cls, name: str) -> Runtime:
+        precision, _, backend = name.partition("-")
+        return cls(precision, backend or DEFAULT_BACKEND.get(precision, "torch"))
+
+
+FP32 = Runtime()
+BF16 = Runtime("bf16")
+
+
+def missing_backend(backend: str) -> str | None:
+    """Why `backend` cannot run here (a package of its extra is missing), else None."""
+    if backend not in EXTRA:
+        return None
+    extra, packages = EXTRA[backend]
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"backend {backend} needs {', '.join(missing)}: pip install 'early-exit-pipeline[{extra}]'"
+    return None
+
+
+def auto_precision(support: CpuSupport, gpu: bool) -> tuple[str, str]:
+    """(precision, why) for this machine."""
+    if gpu:
+        return "bf16", "a GPU: bf16"
+    if support.has_bf16:
+        return "bf16", f"bf16 matrix units ({support.describe()})"
+    if support.has_int8:
+        return "int8", f"int8 dot products but no bf16 ({support.describe()})"
+    return "fp32", f"neither bf16 nor VNNI ({support.describe()})"
+
+
+def resolve_runtime(
+    precision: str = "auto", backend: str = "auto", gpu: bool = False, support: CpuSupport | None = None
+) -> tuple[Runtime, str]:
+    """(the runtime to use, the reason), `auto` resolved for this machine (`support`: its CPU, by default read
+    here); ValueError in one line for a runtime this machine cannot run."""
+    support = support or cpu_support()
+    if precision == "auto":
+        precision, why = auto_precision(support, gpu)
+    elif precision in PRECISIONS:
+        why = "asked for"
+    else:
+        raise ValueError(f"precision={precision!r} is not one of {['auto', *PRECISIONS]}")
+    if gpu:
+        if precision == "int8":
+            raise ValueError("precision 'int8' runs on CPUs (ONNX Runtime): GPU actors use bf16 or fp32")
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend {backend!r} runs on CPUs: GPU actors use torch")
+    elif precision == "bf16" and not support.has_bf16:
+        raise ValueError(
+            "precision 'bf16' needs a CPU with AMX-BF16 or AVX512-BF16 (or a GPU) and this one has neither "
+            f"({support.describe()}): use --precision auto"
+        )
+    if backend == "auto":
+        installed = [b for b in AUTO_BACKENDS[precision] if missing_backend(b) is None]
+        if not installed:
+            raise ValueError(missing_backend(AUTO_BACKENDS[precision][-1]))
+        backend = "torch" if gpu else installed[0]
+        why += f"; backend {backend} (the fastest installed for {precision}, docs/results.md)"
+    else:
+        reason = missing_backend(backend)
+        if reason:
+            raise ValueError(reason)
+    return Runtime(precision, backend), why
+
+
+def build_layers(model: EarlyExitClassifier, runtime: Runtime, directory: str | Path) -> Path | None:
+    """The layer files `runtime` runs (built into `directory` once per model version, checked after), or
+    None for a runtime that needs none."""
+    if runtime.backend == "onnxruntime":
+        from ee_model.int8 import int8_layers
+
+        return int8_layers(model, directory)
+    if runtime.backend == "openvino":
+        from ee_model.openvino_layers import openvino_layers
+
+        return openvino_layers(model, directory, runtime.precision)
+    return None
+
+
+def with_runtime(
+    model: EarlyExitClassifier,
+    runtime: Runtime,
+    directory: str | Path | None = None,
+    threads: int | None = None,
+) -> EarlyExitClassifier:
+    """`model` (fp32) with its layers run by `runtime`, in place; `directory`: the files `build_layers` made
+    (for the runtimes that build them); `threads`: the backend's threads per layer call (default torch's)."""
+    if runtime == FP32:
+        return model
+    if runtime == BF16:
+        from ee_model.bf16 import with_bf16_layers
+
+        return with_bf16_layers(model)
+    if directory is None:
+        raise ValueError(f"runtime {runtime.name} runs layers built by build_layers: give their folder")
+    if runtime.backend == "onnxruntime":
+        from ee_model.int8 import with_int8_layers
+
+        return with_int8_layers(model, directory, threads)
+    from ee_model.openvino_layers import with_openvino_layers
+
+    return with_openvino_layers(model, directory, runtime.precision, threads)
