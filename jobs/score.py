@@ -56,7 +56,13 @@ def main(
     sort_rows: Annotated[
         int, typer.Option(help="rows sorted by length together, then cut into model calls")
     ] = 512,
-    actors: Annotated[int, typer.Option(help="scoring actors (one model copy each)")] = 1,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            help="scoring actors (one model copy each); default: as many as the cluster's CPUs (GPUs) hold, "
+            "an autoscaling pool"
+        ),
+    ] = None,
     cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor; torch threads follow")] = 1.0,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor")] = 0.0,
     tokenize: Annotated[
@@ -69,10 +75,18 @@ def main(
     precision: Annotated[
         str,
         typer.Option(
-            help="fp32, or int8: every transformer layer in int8 through ONNX Runtime on CPU actors (needs "
-            "the int8 extra; built once per model version into <output>/_int8)"
+            help="what the transformer layers run in: auto (the fastest this machine has: bf16 on a GPU or a "
+            "CPU with AMX-BF16 / AVX512-BF16, int8 with VNNI only, else fp32), fp32, bf16 or int8"
         ),
-    ] = "fp32",
+    ] = "auto",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="what runs them: auto (the fastest measured for the precision, installed), torch, openvino "
+            "(the openvino extra) or onnxruntime (int8; the int8 extra); built layers are made once per "
+            "model version into <output>/_int8 or <output>/_openvino"
+        ),
+    ] = "auto",
     include_probs: Annotated[bool, typer.Option(help="also write every class probability")] = False,
     output_prefix: Annotated[
         str,
@@ -133,6 +147,7 @@ def main(
             gpus_per_actor=gpus_per_actor,
             tokenize=tokenize,
             precision=precision,
+            backend=backend,
             include_probs=include_probs,
             output_prefix=output_prefix,
             calibrate_rows=calibrate_rows,

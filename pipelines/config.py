@@ -15,9 +15,9 @@ from typing import Any, Literal, get_args
 import yaml
 
 from ee_model.config import VARIANTS, ModelOptions
-from ee_model.int8 import check_precision, missing_runtime
 from ee_model.losses import JointWeighting
 from ee_model.policies import CHECK_OF_KNOB, EXIT_RULES, KNOB_OF_POLICY, check_policy
+from ee_model.runtime import Runtime, resolve_runtime
 
 Stage = Literal["stage1", "stage2", "joint"]
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -484,7 +484,9 @@ class ScoreConfig:
     # rows per map_batches call: sorted by length together, then cut into model calls of batch_size, so a
     # model call holds texts of similar length (less padding); at least batch_size
     sort_rows: int = 512
-    actors: int = 1
+    # scoring actors: None (default) sizes an autoscaling pool from the cluster when the job starts, 1 to as
+    # many as its CPUs (GPUs) hold at cpus_per_actor (gpus_per_actor) each, a CPU left for a tokenising stage
+    actors: int | None = None
     cpus_per_actor: float = 1.0  # torch threads follow it
     gpus_per_actor: float = 0.0
     # where texts become token ids: "actor" (each scoring actor tokenises its batches), "tasks" (a CPU stage
@@ -492,9 +494,13 @@ class ScoreConfig:
     # (tasks when the actors have GPUs, else actor: on CPUs tokenising is a few % of the work and a separate
     # stage only takes CPUs from the actors)
     tokenize: str = "auto"
-    # "int8": each transformer layer runs int8 through ONNX Runtime on the CPU (ee_model.int8; the `int8`
-    # extra), built once per model version into <output>/_int8/; "fp32": PyTorch as trained
-    precision: str = "fp32"
+    # what runs the transformer layers (ee_model.runtime): "auto" (what this machine runs fastest: bf16 on
+    # a GPU or a CPU with AMX-BF16 / AVX512-BF16, int8 with VNNI and no bf16, else fp32), "fp32", "bf16",
+    # "int8"; backend "auto" (the fastest measured for the precision, installed), "torch", "openvino",
+    # "onnxruntime". Layers a backend builds (int8, OpenVINO) are built once per model version into
+    # <output>/_int8/ or <output>/_openvino/ and shipped with the model
+    precision: str = "auto"
+    backend: str = "auto"
     include_probs: bool = False
     output_prefix: str = ""  # prepended to every output column (label -> pred_label) to keep an input `label`
     # > 0: choose the knob on this many rows of the input without labels (pipelines.scoring.calibration): the
@@ -514,17 +520,13 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size)
         _positive("sort_rows", self.sort_rows)
-        _positive("actors", self.actors)
+        if self.actors is not None:
+            _positive("actors", self.actors)
         _positive("cpus_per_actor", self.cpus_per_actor)
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
         check_choice("tokenize", self.tokenize, Tokenizing)
-        check_precision(self.precision)
-        if self.precision == "int8":
-            if self.gpus_per_actor > 0:
-                raise ValueError("precision 'int8' runs on CPUs (ONNX Runtime): GPU actors score in fp32")
-            if missing_runtime():
-                raise ValueError(missing_runtime())
+        self.runtime()  # an unknown, unavailable or unsupported precision / backend is refused here
         if self.policy is not None:
             check_policy(self.policy)
         for knob, check in CHECK_OF_KNOB.items():
@@ -552,6 +554,11 @@ class ScoreConfig:
                 "calibrate_rows chooses the knob: give a threshold / patience / risk or calibrate_rows, "
                 "not both"
             )
+
+    def runtime(self) -> tuple[Runtime, str]:
+        """(what runs the layers, why): `precision` and `backend` with "auto" resolved for this machine (the
+        driver's CPU, or a GPU when the actors have one); the actors check their own CPU again."""
+        return resolve_runtime(self.precision, self.backend, gpu=self.gpus_per_actor > 0)
 
     @property
     def rows_per_task(self) -> int:

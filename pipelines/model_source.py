@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ee_model.config import CONFIG_FILE
-from ee_model.int8 import INT8_FOLDER, check_precision
 from ee_model.io import WEIGHTS_FILE
 from pipelines.errors import UserError
 
@@ -18,6 +17,9 @@ if TYPE_CHECKING:
     from ray import ObjectRef
 
     from ee_model import EarlyExitClassifier
+
+
+LAYERS_FOLDER = "runtime_layers"  # a shipped model's built layers (int8, OpenVINO), beside its weights
 
 
 class ModelSourceError(UserError):
@@ -32,14 +34,15 @@ class ModelFiles:
     files: dict[str, bytes]
 
     @classmethod
-    def from_directory(cls, directory: str | Path, int8_layers: Path | None = None) -> ModelFiles:
-        """The model directory's files; with `int8_layers` (ee_model.int8) those too, as `int8/`."""
+    def from_directory(cls, directory: str | Path, layers: Path | None = None) -> ModelFiles:
+        """The model directory's files; with `layers` (a runtime's built layers, `ee_model.runtime`) those
+        too, as `runtime_layers/`."""
         root = Path(directory)
         files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-        if int8_layers is not None:
-            files = {k: v for k, v in files.items() if not k.startswith(f"{INT8_FOLDER}/")}
-            for path in sorted(int8_layers.iterdir()):
-                files[f"{INT8_FOLDER}/{path.name}"] = path.read_bytes()
+        if layers is not None:
+            files = {k: v for k, v in files.items() if not k.startswith(f"{LAYERS_FOLDER}/")}
+            for path in sorted(layers.iterdir()):
+                files[f"{LAYERS_FOLDER}/{path.name}"] = path.read_bytes()
         return cls(files)
 
     def write_to(self, directory: str | Path) -> Path:
@@ -138,22 +141,35 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
 
 
 def load_shipped_model(
-    model: ModelFiles | ObjectRef | str | Path, precision: str = "fp32"
+    model: ModelFiles | ObjectRef | str | Path, runtime: str = "fp32", threads: int | None = None
 ) -> EarlyExitClassifier:
     """The model from a `ModelFiles` (or an object-store reference to one, as jobs pass it) or a local
-    directory; on the GPU when the worker has one. precision "int8": with the int8 layers it carries in
-    `int8/` (ee_model.int8), on the CPU."""
+    directory; on the GPU when the worker has one; its layers run by `runtime` (`ee_model.runtime`, by name:
+    "fp32", "bf16", "int8", "bf16-openvino", ...), with the built layers it carries in `runtime_layers/` for
+    the runtimes that build them. A bf16 runtime on a CPU without bf16 units is refused, naming the node."""
+    import platform
+
     import ray
     import torch
 
-    from ee_model import EarlyExitClassifier, with_int8_layers
+    from ee_model import EarlyExitClassifier
+    from ee_model.cpu_support import cpu_support
+    from ee_model.runtime import Runtime, with_runtime
 
-    check_precision(precision)
+    chosen = Runtime.parse(runtime)
+    gpu = torch.cuda.is_available() and not chosen.builds_layers
+    if chosen.precision == "bf16" and not gpu and not cpu_support().has_bf16:
+        raise RuntimeError(
+            f"runtime {chosen.name} was chosen for bf16 CPUs, and this node ({platform.node()}) has no bf16 "
+            f"units ({cpu_support().describe()}): score with --precision fp32 or int8 on a mixed cluster"
+        )
     if isinstance(model, ray.ObjectRef):
         model = ray.get(model)
     with tempfile.TemporaryDirectory(prefix="ee-model-") as local:
         directory = model.write_to(local) if isinstance(model, ModelFiles) else Path(model)
         loaded = EarlyExitClassifier.from_pretrained(directory)
-        if precision == "int8":  # ONNX Runtime reads the layers now: the temporary folder may go
-            return with_int8_layers(loaded, directory / INT8_FOLDER)
-    return loaded.to("cuda") if torch.cuda.is_available() else loaded
+        if gpu:
+            loaded = loaded.to("cuda")
+        # the backends read their layer files now: the temporary folder may go
+        layers = directory / LAYERS_FOLDER if chosen.builds_layers else None
+        return with_runtime(loaded, chosen, layers, threads)

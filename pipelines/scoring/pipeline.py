@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import secrets
 import sys
@@ -26,6 +27,7 @@ import pyarrow as pa
 from ee_model import ExitSetting
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
+from ee_model.runtime import FP32, Runtime
 from pipelines.config import S_GRID, ScoreConfig
 from pipelines.data import streaming_parquet_reader
 from pipelines.errors import UserError
@@ -63,9 +65,10 @@ def output_schema(input_schema: pa.Schema, include_probs: bool, prefix: str = ""
     return pa.schema([*input_schema, *(column.with_name(prefix + column.name) for column in extra)])
 
 
-def precision_suffix(config: ScoreConfig) -> str:
-    """The run key's precision part: empty for fp32 (the keys of earlier runs stay valid), "__int8"."""
-    return "" if config.precision == "fp32" else f"__{config.precision}"
+def runtime_suffix(runtime: Runtime) -> str:
+    """The run key's runtime part: empty for fp32 (the keys of earlier runs stay valid), "__int8", "__bf16",
+    "__bf16-openvino", ..."""
+    return "" if runtime == FP32 else f"__{runtime.name}"
 
 
 def column_part(name: str) -> str:
@@ -80,11 +83,11 @@ def digest_of(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def run_key(source: ModelSource, setting: ExitSetting, config: ScoreConfig) -> str:
+def run_key(source: ModelSource, setting: ExitSetting, config: ScoreConfig, runtime: Runtime) -> str:
     """The output folder of everything that changes what an output holds:
-    `<identity>__<policy>[-<knob>][__int8][__text-<column>][__probs][__prefix-<p>]` (the parts in brackets
-    only when not the default, so the keys of earlier runs stay valid)."""
-    parts = [f"{source.identity}__{setting}{precision_suffix(config)}"]
+    `<identity>__<policy>[-<knob>][__<runtime>][__text-<column>][__probs][__prefix-<p>]` (the parts in
+    brackets only when not the default, so the keys of earlier runs stay valid)."""
+    parts = [f"{source.identity}__{setting}{runtime_suffix(runtime)}"]
     if config.text_column != ScoreConfig.text_column:
         parts.append(f"text-{column_part(config.text_column)}")
     if config.include_probs:
@@ -106,6 +109,22 @@ class Tally:
     labels: collections.Counter = field(default_factory=collections.Counter)
     prefix: str = ""  # of the output columns
     driver_seconds: float = 0.0  # the driver's own work on the stream (score_stream)
+    # when the first scored batch came back (the actors were up and had loaded the model), and the last
+    first_batch: tuple[float, int] | None = None  # (time, its rows)
+    last_batch_at: float = 0.0
+
+    def arrived(self, rows: int) -> None:
+        now = time.perf_counter()
+        if self.first_batch is None:
+            self.first_batch = (now, rows)
+        self.last_batch_at = now
+
+    @property
+    def steady_rows_per_s(self) -> float | None:
+        """Rows after the first batch over the seconds after it: the rate once the actors are up."""
+        if self.first_batch is None or self.last_batch_at <= self.first_batch[0]:
+            return None
+        return (self.rows - self.first_batch[1]) / (self.last_batch_at - self.first_batch[0])
 
     def add(self, table: pa.Table) -> None:
         column = lambda name: table[self.prefix + name]  # noqa: E731
@@ -135,6 +154,7 @@ def score_stream(
     committed = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         busy_since = time.perf_counter()
+        tally.arrived(batch.num_rows)
         sources = batch[READER_PATH].to_pylist()
         for source in dict.fromkeys(sources):  # a block may hold rows of several files
             rows = batch.filter(pa.compute.equal(batch[READER_PATH], source)).drop_columns([READER_PATH])
@@ -168,10 +188,10 @@ def build_dataset(
     model: ObjectRef,
     setting: ExitSetting | None = None,
     tokenizer: TokenizerFiles | None = None,
+    runtime: Runtime = FP32,
 ):
     """read_parquet -> [map_batches(tokenize_batch), CPU tasks, when `tokenizer` is given] ->
     map_batches(Scorer), an actor pool."""
-    import ray.data
 
     with streaming_parquet_reader(preserve_order=True):  # outputs in input order, deterministic
         dataset = read_inputs(files)
@@ -187,7 +207,7 @@ def build_dataset(
             Scorer,
             fn_constructor_kwargs={
                 "model": model,
-                "precision": config.precision,
+                "runtime": runtime.name,
                 "text_column": config.text_column,
                 "setting": setting,
                 "include_probs": config.include_probs,
@@ -195,12 +215,37 @@ def build_dataset(
                 "cpus": config.cpus_per_actor,
                 "batch_size": config.batch_size,
             },
-            compute=ray.data.ActorPoolStrategy(size=config.actors),
+            compute=actor_pool(config, tokenizer is not None),
             batch_size=config.rows_per_task,
             batch_format="pyarrow",
             num_cpus=config.cpus_per_actor,
             num_gpus=config.gpus_per_actor or None,
         )
+
+
+def most_actors(config: ScoreConfig, tokenizing_tasks: bool) -> int:
+    """`--actors`, else as many actors as the cluster's GPUs (GPU actors) or CPUs hold now, a CPU left for a
+    tokenising stage's tasks."""
+    import ray
+
+    if config.actors is not None:
+        return config.actors
+    resources = ray.cluster_resources()
+    if config.gpus_per_actor:
+        return max(1, math.floor(resources.get("GPU", 0) / config.gpus_per_actor))
+    spare = 1 if tokenizing_tasks else 0
+    return max(1, math.floor((resources.get("CPU", 1) - spare) / config.cpus_per_actor))
+
+
+def actor_pool(config: ScoreConfig, tokenizing_tasks: bool):
+    """A pool of `--actors`, else an autoscaling one from 1 to `most_actors`, started full (Ray Data shrinks
+    it when the input runs short)."""
+    import ray.data
+
+    if config.actors is not None:
+        return ray.data.ActorPoolStrategy(size=config.actors)
+    most = most_actors(config, tokenizing_tasks)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=most)
 
 
 def spare_cpus_for_tokenizing(config: ScoreConfig) -> bool:
@@ -210,12 +255,13 @@ def spare_cpus_for_tokenizing(config: ScoreConfig) -> bool:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
-    held = config.actors * config.cpus_per_actor
+    actors = most_actors(config, tokenizing_tasks=True)
+    held = actors * config.cpus_per_actor
     if cpus - held >= 1:
         return True
     problem = (
         f"a tokenising stage needs a CPU the scoring actors do not hold: the cluster has {cpus:g} and "
-        f"{config.actors} actor(s) x {config.cpus_per_actor:g} CPU hold {held:g}"
+        f"{actors} actor(s) x {config.cpus_per_actor:g} CPU hold {held:g}"
     )
     if config.tokenize == "tasks":
         raise ScoringError(f"{problem}; lower --cpus-per-actor or --actors, or use --tokenize actor")
@@ -235,6 +281,7 @@ def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, count
         "rows_scored": tally.rows,
         "errors": tally.errors,
         "rows_per_s": round(tally.rows / seconds, 2) if seconds > 0 else None,
+        "steady_rows_per_s": round(tally.steady_rows_per_s, 2) if tally.steady_rows_per_s else None,
         "mean_exit_layer": round(float(layers.mean()), 4) if len(layers) else None,
         "layer_speedup": round(flops_model.n_layers / float(layers.mean()), 4) if len(layers) else None,
         "flops_speedup": round(full / tally.flops, 4) if tally.flops else None,
@@ -244,29 +291,38 @@ def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, count
     }
 
 
-def int8_layers_for(config: ScoreConfig, source: ModelSource) -> Path:
-    """The model's int8 layers (ee_model.int8), built by the driver once per model version into
-    `<output>/_int8/<identity>` and reused by every later run on that output (the manifest is checked)."""
-    from ee_model import EarlyExitClassifier, int8_layers
-
-    folder = Path(config.output).resolve() / "_int8" / source.identity
-    return int8_layers(EarlyExitClassifier.from_pretrained(source.directory), folder)
+LAYER_CACHES = {"onnxruntime": "_int8", "openvino": "_openvino"}  # below the output folder, per backend
 
 
-def ship_model(source: ModelSource, int8_layers: Path | None = None) -> ObjectRef:
-    """The resolved model's files (and its int8 layers, when scoring in int8) in the object store, once per
-    job: actors and tasks on any node load them from there (the driver's folders exist on its node only)."""
+def layers_for(config: ScoreConfig, source: ModelSource, runtime: Runtime) -> Path | None:
+    """The layers `runtime` runs (ee_model.runtime.build_layers: int8, OpenVINO), built by the driver once
+    per model version into `<output>/_int8/<identity>` or `<output>/_openvino/<identity>` and reused by every
+    later run on that output (checked first: weights' digest and every file's); None for the runtimes that
+    build none."""
+    from ee_model import EarlyExitClassifier
+    from ee_model.runtime import build_layers
+
+    if not runtime.builds_layers:
+        return None
+    folder = Path(config.output).resolve() / LAYER_CACHES[runtime.backend] / source.identity
+    return build_layers(EarlyExitClassifier.from_pretrained(source.directory), runtime, folder)
+
+
+def ship_model(source: ModelSource, layers: Path | None = None) -> ObjectRef:
+    """The resolved model's files (and its built layers, for the runtimes that build them) in the object
+    store, once per job: actors and tasks on any node load them from there (the driver's folders exist on its
+    node only)."""
     import ray
 
-    return ray.put(ModelFiles.from_directory(source.directory, int8_layers))
+    return ray.put(ModelFiles.from_directory(source.directory, layers))
 
 
-def calibration_path(config: ScoreConfig, source: ModelSource, policy: str) -> Path:
+def calibration_path(config: ScoreConfig, source: ModelSource, policy: str, runtime: Runtime) -> Path:
     column = (
         f"__text-{column_part(config.text_column)}" if config.text_column != ScoreConfig.text_column else ""
     )
     name = (
-        f"{source.identity}__{policy}{precision_suffix(config)}{column}__agree-{config.min_agreement:g}"
+        f"{source.identity}__{policy}{runtime_suffix(runtime)}{column}__agree-{config.min_agreement:g}"
         f"__delta-{config.delta:g}__rows-{config.calibrate_rows}.json"
     )
     return Path(config.output).resolve() / "_calibration" / name
@@ -278,6 +334,7 @@ def pinned_calibration(
     model_config: EarlyExitConfig,
     inputs: list[InputFile],
     shipped_model: Callable[[], ObjectRef],
+    runtime: Runtime,
 ) -> tuple[Calibration, bool]:
     """(calibration, whether it was pinned by an earlier run). The first run on an output folder calibrates on
     a uniform random sample of the inputs' rows (`config.calibration_seed`, else a fresh seed, recorded), in a
@@ -287,7 +344,7 @@ def pinned_calibration(
     import ray
 
     policy = config.policy or model_config.policy
-    path = calibration_path(config, source, policy)
+    path = calibration_path(config, source, policy, runtime)
     if path.is_file():
         calibration = Calibration(**json.loads(path.read_text()))
         print(f"scoring with the calibration pinned in {path}: {calibration.promise}", file=sys.stderr)
@@ -311,7 +368,7 @@ def pinned_calibration(
             S_GRID,
             config.batch_size,
             config.cpus_per_actor,
-            config.precision,
+            runtime.name,
         )
     )
     calibration = dataclasses.replace(calibration, seed=seed)
@@ -413,18 +470,21 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
                 "(trained before the risk policy, or with eval.exit_risk_rows=0): use --policy entropy"
             )
         held.enter_context(OutputLock(output))  # before calibration writes there too
-        int8 = int8_layers_for(config, source) if config.precision == "int8" else None
+        runtime, runtime_reason = config.runtime()
+        layers = layers_for(config, source, runtime)
 
         def shipped() -> ObjectRef:
             connect_ray(address)
-            return ship_model(source, int8)
+            return ship_model(source, layers)
 
         shipped_model = functools.cache(shipped)
         if config.calibrate_rows:
-            calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model)
+            calibration, pinned = pinned_calibration(
+                config, source, model_config, inputs, shipped_model, runtime
+            )
             config = with_calibrated_knob(config, calibration)
         setting = model_config.setting(config.policy, config.threshold, config.patience, config.risk)
-        folder = OutputFolder(output / run_key(source, setting, config))
+        folder = OutputFolder(output / run_key(source, setting, config, runtime))
         folder.prepare()
         plan = plan_outputs({f.path: f.mirrored for f in inputs}, folder.records())
         warn_placed_apart(plan, inputs)
@@ -436,7 +496,7 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
             "model_identity": source.identity,
             "policy": setting.policy,
             "knob": setting.knob,
-            "precision": config.precision,
+            "precision": runtime.name,
             "text_column": config.text_column,
             "include_probs": config.include_probs,
             "output_prefix": config.output_prefix,
@@ -444,7 +504,7 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
         schema_of = lambda item: output_schema(item.schema, config.include_probs, config.output_prefix)  # noqa: E731
         tally, started = Tally(prefix=config.output_prefix), time.time()
         skipped = len(inputs) - len(pending)
-        committed, tokenizer = 0, None
+        committed, tokenizer, actors = 0, None, config.actors
         for path, item in list(pending.items()):
             if item.rows == 0:  # nothing to stream: commit an empty output with the full schema
                 folder.writer(plan.names[path], schema_of(item)).commit(manifest_record(item, record))
@@ -454,7 +514,10 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
             connect_ray(address)
             if config.tokenizes_in_tasks and spare_cpus_for_tokenizing(config):
                 tokenizer = TokenizerFiles.from_directory(source.directory)
-            dataset = build_dataset(list(pending.values()), config, shipped_model(), setting, tokenizer)
+            actors = most_actors(config, tokenizer is not None)
+            dataset = build_dataset(
+                list(pending.values()), config, shipped_model(), setting, tokenizer, runtime
+            )
             committed += score_stream(dataset, pending, plan, folder, schema_of, tally, record)
         counts = {
             "input_files": len(inputs) + len(unreadable),
@@ -469,6 +532,7 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
         }
         summary = summarize(tally, model_config, time.time() - started, counts)
         summary["tokenize"] = "tasks" if tokenizer is not None else "actor"
+        summary["actors"] = actors
         if summary["rows_scored"] != counts["rows_in"]:
             raise RuntimeError(f"rows in {counts['rows_in']} != rows out {summary['rows_scored']}")
         summary.update(
@@ -478,7 +542,8 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
                 "model_version": source.version,
                 "policy": setting.policy,
                 "knob": setting.knob,
-                "precision": config.precision,
+                "precision": runtime.name,
+                "precision_reason": runtime_reason,
                 "started_at": round(started, 3),
             }
         )
@@ -523,11 +588,12 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
                 "knob": summary["knob"],
                 "batch_size": config.batch_size,
                 "sort_rows": config.rows_per_task,
-                "actors": config.actors,
+                "actors": summary["actors"],
                 "cpus_per_actor": config.cpus_per_actor,
                 "gpus_per_actor": config.gpus_per_actor,
                 "tokenize": summary["tokenize"],
                 "precision": summary["precision"],
+                "precision_reason": summary["precision_reason"][:500],
                 "calibrate_rows": config.calibrate_rows,
                 "text_column": config.text_column,
                 "include_probs": config.include_probs,

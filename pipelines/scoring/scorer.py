@@ -41,10 +41,11 @@ class Scorer:
         cpus: float = 1.0,
         batch_size: int | None = None,
         column_prefix: str = "",
-        precision: str = "fp32",
+        runtime: str = "fp32",
     ) -> None:
-        torch.set_num_threads(max(1, math.floor(cpus)))  # match the actor's CPUs, not the machine's
-        self.model = load_shipped_model(model, precision)  # int8: ONNX Runtime's threads follow torch's
+        threads = max(1, math.floor(cpus))
+        torch.set_num_threads(threads)  # match the actor's CPUs, not the machine's
+        self.model = load_shipped_model(model, runtime, threads)  # ONNX Runtime's, OpenVINO's threads too
         self.text_column = text_column
         self.setting = setting or self.model.config.setting()  # None: the model's stored policy and knob
         self.include_probs = include_probs

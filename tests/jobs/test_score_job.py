@@ -50,6 +50,8 @@ def score_command(model: str, input_dir: Path, output: Path, *extra: str) -> lis
         str(output),
         "--batch-size",
         "32",
+        "--precision",  # exact labels whatever the CPU (auto picks bf16 on an AMX CPU)
+        "fp32",
         *extra,
     ]
 

@@ -18,6 +18,9 @@ def write(path, texts, **extra):
 
 
 def score(model_dir, input_path, output, tmp_path, **kw):
+    """One scoring run; fp32 unless `precision` is given, so results do not depend on the test machine's CPU
+    (`auto` is tested on its own)."""
+    kw.setdefault("precision", "fp32")
     config = ScoreConfig(
         model=model_dir,
         input=str(input_path),

@@ -1,0 +1,149 @@
+"""Runtimes of the transformer layers (ee_model.runtime): the `auto` choice for given CPU flags, bf16 in
+PyTorch and OpenVINO layers against fp32 per family, and refusals.
+
+Models are trained briefly on the tiny separable task (as for int8): untrained heads give near-uniform outputs
+whose labels would agree or not by chance. The bound on each layer's pooled hidden state catches an ignored
+padding mask (with the mask ignored the error is 81-188 %, tests/ee_model/test_int8.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ee_model.cpu_support import cpu_support
+from ee_model.runtime import BF16, FP32, Runtime, build_layers, resolve_runtime, with_runtime
+from tests.conftest import FAMILIES, labeled_table, random_texts, trained_tiny
+
+MIN_LABEL_AGREEMENT = 0.99
+MIN_EXIT_LAYER_AGREEMENT = 0.98
+MAX_HIDDEN_ERROR = 0.1  # relative L2 of a layer's pooled hidden state
+
+AMX = frozenset({"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"})
+VNNI_ONLY = frozenset({"avx512f", "avx512_vnni"})
+OLD = frozenset({"avx2", "fma"})
+
+
+@pytest.mark.parametrize(
+    "flags, cap, gpu, expected, why",
+    [
+        (AMX, None, False, "bf16", "bf16 matrix units (CPU flags: amx_bf16, avx512_bf16"),
+        (AMX, "AVX512_CORE_VNNI", False, "int8", "int8 dot products but no bf16"),
+        (VNNI_ONLY, None, False, "int8", "int8 dot products but no bf16 (CPU flags: avx512_vnni)"),
+        (OLD, None, False, "fp32", "neither bf16 nor VNNI"),
+        (AMX, "AVX2", False, "fp32", "ONEDNN_MAX_CPU_ISA=AVX2"),
+        (OLD, None, True, "bf16", "a GPU"),
+    ],
+)
+def test_auto_picks_the_fastest_precision_for_the_cpus_flags(flags, cap, gpu, expected, why):
+    runtime, reason = resolve_runtime("auto", "auto", gpu=gpu, support=cpu_support(flags, cap or ""))
+    assert runtime.precision == expected and why in reason
+    assert runtime.backend == ("torch" if gpu or expected != "int8" else "onnxruntime")
+
+
+def test_runtimes_a_machine_cannot_run_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"precision 'bf16' needs a CPU with AMX-BF16 or AVX512-BF16") as e:
+        resolve_runtime("bf16", support=cpu_support(VNNI_ONLY, ""))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="runs on CPUs"):
+        resolve_runtime("int8", gpu=True)
+    with pytest.raises(ValueError, match="backend 'openvino' runs on CPUs"):
+        resolve_runtime("bf16", "openvino", gpu=True)
+    with pytest.raises(ValueError, match="backend 'torch' does not run int8"):
+        resolve_runtime("int8", "torch", support=cpu_support(AMX, ""))
+    with pytest.raises(ValueError, match="is not one of"):
+        resolve_runtime("int4")
+
+
+def test_a_missing_backend_is_named_with_its_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name)
+    )
+    with pytest.raises(ValueError, match=r"backend openvino needs openvino: pip install .*\[openvino\]"):
+        resolve_runtime("bf16", "openvino", support=cpu_support(AMX, ""))
+    runtime, _ = resolve_runtime("bf16", "auto", support=cpu_support(AMX, ""))
+    assert runtime == BF16  # auto takes the fastest backend that is installed
+
+
+def test_runtime_names_round_trip():
+    for name in ("fp32", "bf16", "int8", "bf16-openvino", "fp32-openvino"):
+        assert Runtime.parse(name).name == name
+    assert Runtime.parse("int8") == Runtime("int8", "onnxruntime") and FP32.name == "fp32"
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tiny_encoder_dir):
+    cache: dict[str, torch.nn.Module] = {}
+
+    def make(family: str):
+        if family not in cache:
+            cache[family] = trained_tiny(tiny_encoder_dir(family, 2))
+        return cache[family]
+
+    return make
+
+
+def probe_texts() -> list[str]:
+    return random_texts(300, seed=3) + labeled_table(100, seed=5)["text"].to_pylist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["bf16", "bf16-openvino"])
+def test_bf16_runtimes_agree_with_fp32(family, name, fp32_model, tmp_path):
+    fp32 = fp32_model(family)
+    runtime = Runtime.parse(name)
+    folder = build_layers(fp32, runtime, tmp_path / "layers")
+    model = with_runtime(copy.deepcopy(fp32), runtime, folder, threads=1)
+    assert model.runtime == runtime
+    texts = probe_texts()
+    for policy in ("none", "entropy"):
+        reference = fp32.predict(texts, policy=policy, batch_size=64)
+        out = model.predict(texts, policy=policy, batch_size=64)
+        assert np.mean(np.array(out.label) == np.array(reference.label)) >= MIN_LABEL_AGREEMENT, policy
+        assert np.mean(out.exit_layer == reference.exit_layer) >= MIN_EXIT_LAYER_AGREEMENT, policy
+    assert len(set(reference.exit_layer.tolist())) > 1  # rows leave at different layers: exits are tested
+    inputs = fp32.encode(texts[:64])  # mixed lengths: padding in the batch
+    with torch.inference_mode():
+        expected, got = fp32.pooled_features(**inputs), model.pooled_features(**inputs)
+    error = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max(dim=-1).values
+    assert (error < MAX_HIDDEN_ERROR).all(), error.tolist()
+    assert (error > 0).all()  # the reduced-precision layers really ran
+    with pytest.raises(ValueError, match="save the fp32 model"):
+        model.save_pretrained(tmp_path / "saved")
+
+
+def test_openvino_layers_of_other_weights_are_refused_and_a_cache_is_reused(fp32_model, tmp_path):
+    from ee_model.openvino_layers import MANIFEST
+
+    fp32 = fp32_model("bert")
+    runtime = Runtime("bf16", "openvino")
+    folder = build_layers(fp32, runtime, tmp_path / "ov")
+    stamp = (folder / MANIFEST).stat().st_mtime_ns
+    assert build_layers(fp32, runtime, folder) == folder and (folder / MANIFEST).stat().st_mtime_ns == stamp
+    other = trained_tiny(str(fp32.config.encoder_name_or_path), steps=5)
+    with pytest.raises(ValueError, match="OpenVINO layers in .* were built from other weights"):
+        with_runtime(copy.deepcopy(other), runtime, folder)
+    with pytest.raises(ValueError, match="holds no OpenVINO layers"):
+        with_runtime(copy.deepcopy(other), runtime, tmp_path)
+    with pytest.raises(ValueError, match="already runs bf16 layers"):
+        with_runtime(with_runtime(copy.deepcopy(fp32), BF16), BF16)
+
+
+def test_calibration_measures_a_bf16_knob_in_the_exit_engine(fp32_model):
+    from pipelines.config import S_GRID
+    from pipelines.evaluation.thresholds import lower_bound
+    from pipelines.scoring.calibration import agreement_pass, calibrate
+
+    model = with_runtime(copy.deepcopy(fp32_model("bert")), BF16)
+    texts = random_texts(400, seed=11)
+    calibration = calibrate(model, texts, "entropy", 0.95, 0.05, S_GRID)
+    assert calibration.met and "exit engine" in calibration.reason
+    full = agreement_pass(model, texts).labels.numpy()
+    engine = model.predict(texts, policy="entropy", threshold=calibration.knob, batch_size=64)
+    kept = int((engine.label_id == full).sum())
+    assert calibration.agreement_bound == pytest.approx(lower_bound(kept, len(texts), 0.05))
