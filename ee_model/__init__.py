@@ -19,6 +19,7 @@ from ee_model.policies import (
     make_policy,
     normalised_entropy,
 )
+from ee_model.runtime import Runtime, load_model, resolve_runtime, with_runtime
 from ee_model.tokens import TextTokenizer, TokenIds
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "FlopsModel",
     "FullDepthPolicy",
     "PatiencePolicy",
+    "Runtime",
     "ModelOptions",
     "Prediction",
     "TextTokenizer",
@@ -45,9 +47,12 @@ __all__ = [
     "joint_loss",
     "layer_speedup",
     "load_int8",
+    "load_model",
     "make_policy",
     "normalised_entropy",
+    "resolve_runtime",
     "stage1_loss",
     "stage2_loss",
     "with_int8_layers",
+    "with_runtime",
 ]

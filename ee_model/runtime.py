@@ -175,3 +175,26 @@ def with_runtime(
     from ee_model.openvino_layers import with_openvino_layers
 
     return with_openvino_layers(model, directory, runtime.precision, threads)
+
+
+def load_model(
+    model_dir: str | Path,
+    precision: str = "auto",
+    backend: str = "auto",
+    layers_dir: str | Path | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+) -> EarlyExitClassifier:
+    """A saved model ready for `predict` in the runtime `precision` / `backend` name (`auto`: this machine's
+    fastest), on `device` (default: the CPU). Layers a backend builds go to `layers_dir` (default
+    `<model_dir>/<runtime name>/`), built there on first use and checked after. `model.runtime` says which
+    runtime it got."""
+    from ee_model.modeling import EarlyExitClassifier
+
+    on_gpu = device is not None and device != "cpu"
+    runtime, _ = resolve_runtime(precision, backend, gpu=on_gpu)
+    model = EarlyExitClassifier.from_pretrained(model_dir)
+    if on_gpu:
+        model = model.to(device)
+    folder = build_layers(model, runtime, layers_dir or Path(model_dir) / runtime.name)
+    return with_runtime(model, runtime, folder, threads)

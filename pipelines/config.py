@@ -278,6 +278,10 @@ class EvalConfig:
     wallclock_batch_sizes: tuple[int, ...] = (1, 64)
     wallclock_rows: int = 256  # test rows timed per point; 0 turns timing off
     wallclock_repeats: int = 3  # full depth and every point timed in turn this many times; medians reported
+    # the runtime scoring will use (ee_model.runtime; "auto": this machine's fastest): the automatic knob is
+    # checked in it through the exit engine on dev, and the wall-clock columns are timed in it
+    precision: str = "auto"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         # timed points are always on the grid, and so is S = 0 (full depth), the fallback of the automatic
@@ -295,6 +299,7 @@ class EvalConfig:
         if self.exit_risk_rows < 0:
             raise ValueError(f"exit_risk_rows={self.exit_risk_rows!r} must be >= 0")
         self.target_spec()  # checks target, min_retention, flops_budget, delta
+        resolve_runtime(self.precision, self.backend)  # one line for a runtime this machine cannot run
         _positive("batch_size", self.batch_size)
         for size in self.wallclock_batch_sizes:
             _positive("wallclock_batch_sizes", size)

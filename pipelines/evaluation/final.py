@@ -8,6 +8,8 @@ exit risk, so the registered model carries them as its default; test numbers are
 
 from __future__ import annotations
 
+import copy
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,9 @@ import pyarrow as pa
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers
 from ee_model.exit_risk import ExitRisk
+from ee_model.runtime import FP32, build_layers, resolve_runtime, with_runtime
 from pipelines.config import EvalConfig
-from pipelines.data import evenly_spaced_rows
+from pipelines.data import evenly_spaced_rows, with_label_ids
 from pipelines.evaluation.exit_risk import fit_exit_risk
 from pipelines.evaluation.passes import SplitPass, full_pass, texts_pass
 from pipelines.evaluation.report import (
@@ -29,6 +32,7 @@ from pipelines.evaluation.report import (
     trade_off_table,
 )
 from pipelines.evaluation.results import ChosenSetting, SplitEvaluation, WallclockTiming
+from pipelines.evaluation.runtime_check import checked_in_runtime
 from pipelines.evaluation.sweep import evaluate_split, policy_point
 from pipelines.evaluation.thresholds import choose_knob
 from pipelines.evaluation.wallclock import wallclock_speedups
@@ -63,6 +67,18 @@ def timed_settings(model: EarlyExitClassifier, config: EvalConfig) -> list[ExitS
         if ExitSetting(default.policy, knob) not in settings:
             settings.append(ExitSetting(default.policy, knob))
     return settings
+
+
+def scoring_runtime_model(
+    model: EarlyExitClassifier, config: EvalConfig, scratch: Path
+) -> EarlyExitClassifier:
+    """A copy of `model` with its layers in the runtime scoring will use (`config.precision` / `backend`),
+    or `model` itself for fp32."""
+    runtime, _ = resolve_runtime(config.precision, config.backend, gpu=model.device.type == "cuda")
+    if runtime == FP32:
+        return model
+    copy_of = copy.deepcopy(model)
+    return with_runtime(copy_of, runtime, build_layers(copy_of.cpu(), runtime, scratch / "layers"))
 
 
 def fitted_exit_risk(model: EarlyExitClassifier, texts: list[str], batch_size: int = 64) -> ExitRisk:
@@ -104,15 +120,33 @@ def evaluate_trained_model(
         dev_eval.default_policy = policy_point(model, passes["dev"], model.config.setting())
     test_eval = evaluate_split(model, test, config.thresholds, split=passes["test"], risks=config.risks)
     wallclock = []
-    if config.wallclock_rows > 0:
-        texts = test["text"].to_pylist()[: config.wallclock_rows]
-        wallclock = wallclock_speedups(
-            model,
-            texts,
-            timed_settings(model, config),
-            config.wallclock_batch_sizes,
-            config.wallclock_repeats,
-        )
+    with tempfile.TemporaryDirectory() as scratch:
+        scoring = scoring_runtime_model(model, config, Path(scratch))
+        if chosen is not None and chosen.bound is not None:
+            checked = checked_in_runtime(
+                scoring,
+                with_label_ids(dev, model.config.labels)["text"].to_pylist(),
+                passes["dev"].labels.numpy(),
+                dev_eval.sweep,
+                chosen,
+                config.target_spec(),
+                config.batch_size,
+            )
+            if checked.setting != chosen.setting:
+                set_default_setting(model, checked.setting, model_dir)
+                scoring.config = model.config
+                dev_eval.default_policy = policy_point(model, passes["dev"], model.config.setting())
+                test_eval.default_policy = policy_point(model, passes["test"], model.config.setting())
+            chosen = checked
+        if config.wallclock_rows > 0:
+            texts = test["text"].to_pylist()[: config.wallclock_rows]
+            wallclock = wallclock_speedups(
+                scoring,
+                texts,
+                timed_settings(model, config),
+                config.wallclock_batch_sizes,
+                config.wallclock_repeats,
+            )
     test_eval.wallclock = wallclock
     dev_eval.chosen = test_eval.chosen = chosen
     return FinalEvaluation(dev_eval, test_eval, chosen, wallclock, passes)

@@ -77,6 +77,7 @@ class WallclockTiming:
     full_rows_per_s: float
     early_rows_per_s: float
     wallclock_speedup: float
+    runtime: str = "fp32"  # what ran the layers, both timings (ee_model.runtime)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

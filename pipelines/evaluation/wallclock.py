@@ -55,6 +55,7 @@ def wallclock_speedups(
                     full_rows_per_s=len(texts) / full,
                     early_rows_per_s=len(texts) / early,
                     wallclock_speedup=full / early,
+                    runtime=model.runtime.name,
                 )
             )
     return rows

@@ -284,6 +284,7 @@ def make_summary(
         "layer_speedup": round(point.layer_speedup, 3),
         "flops_speedup": round(point.flops_speedup, 3),
         "wallclock_speedup": timed,
+        "wallclock_runtime": test.wallclock[0].runtime if test.wallclock else None,
         "oracle_layer_speedup": round(oracle.layer_speedup, 3),
         "share_of_oracle_speedup": round(point.layer_speedup / oracle.layer_speedup, 3),
         "dev_accuracy": round(final.dev.default_policy.accuracy, 4),

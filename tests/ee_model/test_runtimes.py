@@ -147,3 +147,19 @@ def test_calibration_measures_a_bf16_knob_in_the_exit_engine(fp32_model):
     engine = model.predict(texts, policy="entropy", threshold=calibration.knob, batch_size=64)
     kept = int((engine.label_id == full).sum())
     assert calibration.agreement_bound == pytest.approx(lower_bound(kept, len(texts), 0.05))
+
+
+def test_a_saved_model_loads_in_a_runtime_building_its_layers_once(fp32_model, tmp_path):
+    from ee_model import load_model
+    from ee_model.openvino_layers import MANIFEST
+
+    saved = fp32_model("distilbert").save_pretrained(tmp_path / "model")
+    loaded = load_model(saved, "bf16", "openvino", threads=1)
+    assert loaded.runtime == Runtime("bf16", "openvino") and (saved / "bf16-openvino" / MANIFEST).is_file()
+    texts = probe_texts()[:100]
+    assert (
+        load_model(saved, "bf16", "openvino", threads=1).predict(texts).label == loaded.predict(texts).label
+    )
+    assert load_model(saved, "fp32").runtime == FP32
+    with pytest.raises(ValueError, match="is not one of"):
+        load_model(saved, "fp16")
