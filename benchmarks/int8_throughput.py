@@ -189,7 +189,7 @@ def run_benchmark(args) -> dict:
         def early_exit(precision: str, setting: ExitSetting) -> dict:
             return {
                 "model": shipped[precision],
-                "precision": precision,
+                "runtime": precision,
                 "setting": setting,
                 "text_column": "text",
                 "cpus": args.cpus_per_actor,

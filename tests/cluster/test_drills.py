@@ -92,6 +92,7 @@ def single_node_scores(ray_local, work, env, corpus, scoring_model) -> pa.Table:
             input=str(corpus),
             output=str(work / "scored-single"),
             batch_size=64,
+            precision="fp32",  # as the drills score: exact at any batching
             tracking_uri=env["MLFLOW_TRACKING_URI"],
         )
     )
@@ -146,6 +147,8 @@ def score_args(model: str, corpus: Path, output: Path, *extra: str) -> list[str]
         "0.5",
         "--batch-size",
         "64",
+        "--precision",  # fp32 is exact at any batching: two nodes must score as one does
+        "fp32",
         "--summary-file",
         f"{output}.json",
         *extra,
