@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from pipelines.errors import UserError
 from pipelines.paths import parquet_files
 from pipelines.scoring.incremental import fingerprint, output_name
-from pipelines.scoring.scorer import OUTPUT_COLUMNS
+from pipelines.scoring.scorer import CALL_SECONDS, OUTPUT_COLUMNS
 from pipelines.text_column import is_text_type
 from pipelines.tokenizing import STAGE_COLUMNS
 
@@ -62,7 +62,7 @@ def checked_schema(path: str, parquet: pq.ParquetFile, text_column: str, prefix:
     if not (is_text_type(text_type) or empty_nulls):
         raise ScoringError(f"{path!r}: text column {text_column!r} holds {text_type}, not strings")
     written = [prefix + c for c in OUTPUT_COLUMNS]
-    clashes = [c for c in (*written, *STAGE_COLUMNS) if c in schema.names]
+    clashes = [c for c in (*written, *STAGE_COLUMNS, CALL_SECONDS) if c in schema.names]
     if clashes:
         raise ScoringError(
             f"{path!r} already has column(s) {clashes} that scoring writes; give "

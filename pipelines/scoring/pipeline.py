@@ -44,7 +44,7 @@ from pipelines.scoring.inputs import (
     restore_reader_path,
     unreadable_texts,
 )
-from pipelines.scoring.scorer import Scorer
+from pipelines.scoring.scorer import CALL_SECONDS, Scorer
 from pipelines.tokenizing import TokenizerFiles, tokenize_batch
 
 if TYPE_CHECKING:
@@ -109,22 +109,12 @@ class Tally:
     labels: collections.Counter = field(default_factory=collections.Counter)
     prefix: str = ""  # of the output columns
     driver_seconds: float = 0.0  # the driver's own work on the stream (score_stream)
-    # when the first scored batch came back (the actors were up and had loaded the model), and the last
-    first_batch: tuple[float, int] | None = None  # (time, its rows)
-    last_batch_at: float = 0.0
+    actor_seconds: float = 0.0  # inside the scorers' calls, summed over actors (`CALL_SECONDS`)
 
-    def arrived(self, rows: int) -> None:
-        now = time.perf_counter()
-        if self.first_batch is None:
-            self.first_batch = (now, rows)
-        self.last_batch_at = now
-
-    @property
-    def steady_rows_per_s(self) -> float | None:
-        """Rows after the first batch over the seconds after it: the rate once the actors are up."""
-        if self.first_batch is None or self.last_batch_at <= self.first_batch[0]:
-            return None
-        return (self.rows - self.first_batch[1]) / (self.last_batch_at - self.first_batch[0])
+    def steady_rows_per_s(self, actors: int) -> float | None:
+        """The pool's rate once its actors are up and have loaded the model: rows over the seconds each actor
+        spent scoring, `actors` of them at once (reading, start-up and the driver's waits left out)."""
+        return self.rows * actors / self.actor_seconds if self.actor_seconds > 0 else None
 
     def add(self, table: pa.Table) -> None:
         column = lambda name: table[self.prefix + name]  # noqa: E731
@@ -154,7 +144,8 @@ def score_stream(
     committed = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         busy_since = time.perf_counter()
-        tally.arrived(batch.num_rows)
+        tally.actor_seconds += float(pa.compute.sum(batch[CALL_SECONDS]).as_py() or 0.0)
+        batch = batch.drop_columns([CALL_SECONDS])
         sources = batch[READER_PATH].to_pylist()
         for source in dict.fromkeys(sources):  # a block may hold rows of several files
             rows = batch.filter(pa.compute.equal(batch[READER_PATH], source)).drop_columns([READER_PATH])
@@ -269,19 +260,22 @@ def spare_cpus_for_tokenizing(config: ScoreConfig) -> bool:
     return False
 
 
-def summarize(tally: Tally, model_config: EarlyExitConfig, seconds: float, counts: dict) -> dict[str, Any]:
+def summarize(
+    tally: Tally, model_config: EarlyExitConfig, seconds: float, counts: dict, actors: int | None
+) -> dict[str, Any]:
     layers = np.concatenate(tally.exit_layers) if tally.exit_layers else np.array([])
     tokens = np.concatenate(tally.tokens).astype(np.int64) if tally.tokens else np.array([], dtype=np.int64)
     flops_model = FlopsModel.from_encoder_config(
         model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
     )
     full = int(flops_model.full_depth_flops(tokens).sum()) if len(tokens) else 0
+    steady = tally.steady_rows_per_s(actors or 1)
     return {
         **counts,
         "rows_scored": tally.rows,
         "errors": tally.errors,
         "rows_per_s": round(tally.rows / seconds, 2) if seconds > 0 else None,
-        "steady_rows_per_s": round(tally.steady_rows_per_s, 2) if tally.steady_rows_per_s else None,
+        "steady_rows_per_s": round(steady, 2) if steady else None,
         "mean_exit_layer": round(float(layers.mean()), 4) if len(layers) else None,
         "layer_speedup": round(flops_model.n_layers / float(layers.mean()), 4) if len(layers) else None,
         "flops_speedup": round(full / tally.flops, 4) if tally.flops else None,
@@ -530,7 +524,7 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
             "orphans_removed": removed,
             "rows_in": sum(f.rows for f in pending.values()),
         }
-        summary = summarize(tally, model_config, time.time() - started, counts)
+        summary = summarize(tally, model_config, time.time() - started, counts, actors)
         summary["tokenize"] = "tasks" if tokenizer is not None else "actor"
         summary["actors"] = actors
         if summary["rows_scored"] != counts["rows_in"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from pipelines.model_source import ModelFiles
 
 OUTPUT_COLUMNS = ("label", "confidence", "exit_layer", "flops", "tokens", "probs", "error")
+# each row's share of the seconds its scorer call took: summed by the driver for the pool's steady rate, then
+# dropped (never written)
+CALL_SECONDS = "__ee_call_seconds"
 
 
 class Scorer:
@@ -53,6 +57,7 @@ class Scorer:
         self.batch_size = batch_size  # None: the whole batch in one model call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         batch_size = self.batch_size or max(batch.num_rows, 1)
         if has_token_ids(batch):
             token_ids, reasons, batch = token_ids_of(batch)
@@ -76,4 +81,5 @@ class Scorer:
         for name, values in columns.items():
             # input columns never clash: checked up front
             batch = batch.append_column(self.column_prefix + name, values)
-        return batch
+        share = (time.perf_counter() - started) / max(batch.num_rows, 1)
+        return batch.append_column(CALL_SECONDS, pa.array(np.full(batch.num_rows, share), pa.float64()))
