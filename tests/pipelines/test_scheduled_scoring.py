@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ee_model.cpu_support import cpu_support
 from pipelines.scoring import pipeline
 from tests.conftest import random_texts
 from tests.pipelines.scoring_helpers import read_outputs, score, write
@@ -179,3 +180,16 @@ def test_no_scored_output_is_lost_when_os_paths_are_relative(ray_local, model_di
     first = score(model_dir, "in/x", "out", tmp_path)
     again = score(model_dir, f"{os.getcwd()}/in/x/a.parquet", "out", tmp_path)
     assert first["files_scored"] == 1 and again["files_scored"] == 0
+
+
+@pytest.mark.skipif(not cpu_support().has_bf16, reason="needs a CPU with bf16 units (AMX-BF16 / AVX512-BF16)")
+def test_each_runtime_scores_into_its_own_output_and_says_why(ray_local, model_dir, tmp_path):
+    write(tmp_path / "in" / "a.parquet", random_texts(20, seed=1))
+    fp32 = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    bf16 = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="bf16")
+    auto = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="auto")
+    assert bf16["output"] == fp32["output"] + "__bf16" and bf16["files_scored"] == 1
+    assert bf16["precision"] == "bf16" and bf16["precision_reason"] == "asked for"
+    assert auto["precision"] == "bf16" and "bf16 matrix units (CPU flags: " in auto["precision_reason"]
+    assert auto["output"] == bf16["output"] and auto["files_skipped"] == 1  # the same runtime: the same key
+    assert read_outputs(bf16)["a.parquet"].num_rows == 20
