@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,19 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from int8_throughput import unseen_bbc  # noqa: E402
-
-
-def timed_job(model: str, inputs: Path, output: Path, scratch: Path) -> tuple[float, dict]:
-    summary = scratch / "summary.json"
-    command = [sys.executable, str(ROOT / "jobs" / "score.py"), "--model", model, "--input", str(inputs)]
-    command += ["--output", str(output), "--summary-file", str(summary)]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch}/mlflow.db", "RAY_AUTH_MODE": "disabled"}
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-3000:])
-    return seconds, json.loads(summary.read_text())
+from score_job import run_score_job  # noqa: E402
 
 
 def main() -> None:
@@ -58,8 +43,8 @@ def main() -> None:
         for f in range(args.files):
             chunk = texts[f * args.rows_per_file : (f + 1) * args.rows_per_file]
             pq.write_table(pa.table({"text": chunk}), inputs / f"part-{f:05d}.parquet")
-        first, scored = timed_job(args.model, inputs, scratch / "out", scratch)
-        again, skipped = timed_job(args.model, inputs, scratch / "out", scratch)
+        first, scored = run_score_job(args.model, inputs, scratch / "out", scratch)
+        again, skipped = run_score_job(args.model, inputs, scratch / "out", scratch)
     result = {
         "files": args.files,
         "rows": args.files * args.rows_per_file,

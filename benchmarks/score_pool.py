@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,23 +26,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from int8_throughput import unseen_bbc  # noqa: E402
+from score_job import run_score_job  # noqa: E402
 
 
 def score(model: str, inputs: Path, output: Path, scratch: Path, *flags: str) -> dict:
-    summary = scratch / "summary.json"
-    command = [sys.executable, str(ROOT / "jobs" / "score.py"), "--model", model, "--input", str(inputs)]
-    command += ["--output", str(output), "--summary-file", str(summary), *flags]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch}/mlflow.db", "RAY_AUTH_MODE": "disabled"}
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-3000:])
-    data = json.loads(summary.read_text())
+    seconds, data = run_score_job(model, inputs, output, scratch, *flags)
     return {
         "flags": " ".join(flags) or "(none)",
         "actors": data["actors"],
         "precision": data["precision"],
-        "process_s": round(time.perf_counter() - start, 1),
+        "process_s": round(seconds, 1),
         "rows_per_s": data["rows_per_s"],
         "steady_rows_per_s": data["steady_rows_per_s"],
     }

@@ -7,6 +7,9 @@ checked against each model's own forward in tests/ee_model/test_encoders.py.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -70,3 +73,15 @@ def attention_mask_for(encoder: PreTrainedModel, hidden: torch.Tensor, attention
 def run_layer(layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:
     out = layer(hidden, attention_mask=mask)
     return out[0] if isinstance(out, tuple) else out  # older transformers returned tuples
+
+
+@contextlib.contextmanager
+def eager_attention(encoder: PreTrainedModel) -> Iterator[None]:
+    """Inside the block the encoder's layers use eager attention, whose mask is a plain additive tensor: what
+    a layer exported or converted on its own (ONNX, OpenVINO) takes op for op."""
+    previous = encoder.config._attn_implementation
+    encoder.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        encoder.set_attn_implementation(previous)

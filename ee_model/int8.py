@@ -136,10 +136,7 @@ def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
     from onnxruntime import __version__ as ort_version
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    encoder = model.encoder
-    previous = encoder.config._attn_implementation
-    encoder.set_attn_implementation("eager")  # a plain additive mask, exported op for op
-    try:
+    with encoders.eager_attention(model.encoder):  # a plain additive mask, exported op for op
         hidden_size = model.flops_model.hidden_size
         example = {"hidden": torch.randn(2, 8, hidden_size), "additive_mask": torch.zeros(2, 1, 1, 8)}
         axes = {"hidden": {0: "batch", 1: "seq"}, "additive_mask": {0: "batch", 3: "seq"}}
@@ -152,8 +149,6 @@ def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
                 quantize_dynamic(plain, quantized, weight_type=QuantType.QInt8, per_channel=True)
             for fp32_file in directory.glob(f"layer_{index}.fp32.onnx*"):  # with external data, if any
                 fp32_file.unlink()
-    finally:
-        encoder.set_attn_implementation(previous)
     layer_cache.write_manifest(
         directory,
         MANIFEST,

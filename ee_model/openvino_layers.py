@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ee_model import layer_cache
+from ee_model import encoders, layer_cache
 
 if TYPE_CHECKING:
     from ee_model.modeling import EarlyExitClassifier
@@ -36,10 +36,7 @@ def _convert(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
 
     from ee_model.int8 import _MaskedLayer
 
-    encoder = model.encoder
-    previous = encoder.config._attn_implementation
-    encoder.set_attn_implementation("eager")  # a plain additive mask, converted op for op
-    try:
+    with encoders.eager_attention(model.encoder):  # a plain additive mask, converted op for op
         hidden = model.flops_model.hidden_size
         example = (torch.randn(2, 8, hidden), torch.zeros(2, 1, 1, 8))
         shapes = [ov.PartialShape([-1, -1, hidden]), ov.PartialShape([-1, 1, 1, -1])]
@@ -47,8 +44,6 @@ def _convert(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
             with torch.no_grad():
                 converted = ov.convert_model(_MaskedLayer(layer).eval(), example_input=example, input=shapes)
             ov.save_model(converted, directory / f"layer_{index}.xml", compress_to_fp16=False)
-    finally:
-        encoder.set_attn_implementation(previous)
     layer_cache.write_manifest(
         directory, MANIFEST, digest, model.n_layers, format=FORMAT, openvino=ov.get_version()
     )
