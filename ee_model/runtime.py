@@ -109,7 +109,8 @@ def resolve_runtime(
     """(the runtime to use, the reason), `auto` resolved for this machine (`support`: its CPU, by default read
     here); ValueError in one line for a runtime this machine cannot run."""
     support = support or cpu_support()
-    if precision == "auto":
+    automatic = precision == "auto"
+    if automatic:
         precision, why = auto_precision(support, gpu)
     elif precision in PRECISIONS:
         why = "asked for"
@@ -127,6 +128,9 @@ def resolve_runtime(
         )
     if backend == "auto":
         installed = [b for b in AUTO_BACKENDS[precision] if missing_backend(b) is None]
+        if not installed and automatic:  # e.g. int8 without the int8 extra: what runs without it
+            why += f"; {missing_backend(AUTO_BACKENDS[precision][-1])}, so fp32"
+            precision, installed = "fp32", ["torch"]
         if not installed:
             raise ValueError(missing_backend(AUTO_BACKENDS[precision][-1]))
         backend = "torch" if gpu else installed[0]

@@ -70,6 +70,21 @@ def test_a_missing_backend_is_named_with_its_extra(monkeypatch):
     assert runtime == BF16  # auto takes the fastest backend that is installed
 
 
+def test_auto_without_the_int8_extra_falls_back_to_fp32(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "onnxruntime" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    runtime, why = resolve_runtime("auto", support=cpu_support(VNNI_ONLY, ""))
+    assert runtime == FP32 and "needs onnxruntime" in why and ", so fp32;" in why
+    with pytest.raises(ValueError, match="backend onnxruntime needs onnxruntime"):
+        resolve_runtime("int8", support=cpu_support(VNNI_ONLY, ""))
+
+
 def test_runtime_names_round_trip():
     for name in ("fp32", "bf16", "int8", "bf16-openvino", "fp32-openvino"):
         assert Runtime.parse(name).name == name
