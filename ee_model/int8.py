@@ -31,31 +31,19 @@ import torch
 from torch import nn
 
 from ee_model import encoders, layer_cache
-from ee_model.runtime import FP32, Runtime
+from ee_model.runtime import FP32, Runtime, missing_backend
 
 if TYPE_CHECKING:
     from ee_model.modeling import EarlyExitClassifier
 
-PRECISIONS = ("fp32", "int8")
 MANIFEST = "int8_layers.json"
 INT8_FOLDER = "int8"  # the layers' folder inside a model directory (`load_int8`'s default, shipped models)
 FORMAT = 2  # of the folder: bump when the export changes, so older folders are rebuilt (2: file digests)
 
 
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
-
-
 def missing_runtime() -> str | None:
     """Why int8 cannot run here (a package of the `int8` extra is missing), else None."""
-    import importlib.util
-
-    packages = ("onnxruntime", "onnx", "onnxscript")
-    missing = [name for name in packages if importlib.util.find_spec(name) is None]
-    if missing:
-        return f"int8 needs {', '.join(missing)}: pip install 'early-exit-pipeline[int8]'"
-    return None
+    return missing_backend("onnxruntime")
 
 
 def layers_digest(model: EarlyExitClassifier) -> str:
@@ -168,9 +156,8 @@ def int8_layers(model: EarlyExitClassifier, directory: str | Path) -> Path:
     if reason:
         raise RuntimeError(reason)
     digest = layers_digest(model)
-    if not is_current(directory, model) and (
-        model.device.type != "cpu" or next(model.layers.parameters()).dtype != torch.float32
-    ):
+    exportable = model.device.type == "cpu" and next(model.layers.parameters()).dtype == torch.float32
+    if not exportable and not is_current(directory, model):  # the files are hashed by ensure_layers anyway
         raise ValueError("int8 layers are exported from an fp32 model on the CPU")
     return layer_cache.ensure_layers(
         directory, MANIFEST, digest, lambda staging: _export(model, staging, digest)

@@ -103,9 +103,8 @@ def ensure_layers(
     staging.mkdir()
     try:
         build(staging)
-        if (
-            directory.exists()
-        ):  # stale layers (other weights, an older format), damaged, or a concurrent build
+        # what is there now: stale layers (other weights, older format), damaged ones, or a concurrent build
+        if directory.exists():
             if is_current(directory, manifest_name, digest):
                 return directory
             shutil.rmtree(directory)

@@ -60,9 +60,8 @@ def openvino_layers(model: EarlyExitClassifier, directory: str | Path, precision
     if precision not in HINTS:
         raise ValueError(f"OpenVINO layers run {list(HINTS)}, not {precision!r}")
     digest = layers_digest(model)
-    if not layer_cache.is_current(Path(directory), MANIFEST, digest) and (
-        next(model.layers.parameters()).dtype != torch.float32
-    ):
+    fp32 = next(model.layers.parameters()).dtype == torch.float32
+    if not fp32 and not layer_cache.is_current(Path(directory), MANIFEST, digest):  # hashed below anyway
         raise ValueError("OpenVINO layers are converted from an fp32 model")
     return layer_cache.ensure_layers(
         directory, MANIFEST, digest, lambda staging: _convert(model.cpu(), staging, digest)

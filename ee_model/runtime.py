@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from ee_model.modeling import EarlyExitClassifier
 
 PRECISIONS = ("fp32", "bf16", "int8")
-BACKENDS = ("torch", "openvino", "onnxruntime")
 RUNS = {"fp32": ("torch", "openvino"), "bf16": ("torch", "openvino"), "int8": ("onnxruntime",)}
 DEFAULT_BACKEND = {precision: backends[0] for precision, backends in RUNS.items()}
 # with early exit on this project's CPU (AMX), fastest first: docs/results.md

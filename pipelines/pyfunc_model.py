@@ -4,8 +4,9 @@ Artifacts: `model_dir`, a directory written by `EarlyExitClassifier.save_pretrai
 config, tokenizer). predict takes a DataFrame with a `text` column (or a list of strings) and runtime params
 `policy`, `threshold`, `patience`, `risk`, `batch_size`; invalid texts get a null label, confidence, exit
 layer and FLOPs and a reason in `error`, as `jobs/score.py` writes them. A knob the policy does not take is
-refused, as the job refuses it (MLflow fills every param absent from a call with the signature's default, the
-model's stored value: a knob that differs from it was given); an empty frame gives an empty frame.
+refused, as the job refuses it (the logged signature's knob defaults are None; models logged before fill
+absent knobs with their stored value, so only a value other than that counts as given); an empty frame gives
+an empty frame.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from ee_model import EarlyExitClassifier, ExitSetting, exit_layers
 from ee_model.exit_risk import ExitRisk
 from ee_model.runtime import FP32, build_layers, resolve_runtime, with_runtime
 from pipelines.config import EvalConfig
-from pipelines.data import evenly_spaced_rows, with_label_ids
+from pipelines.data import evenly_spaced_rows
 from pipelines.evaluation.exit_risk import fit_exit_risk
 from pipelines.evaluation.passes import SplitPass, full_pass, texts_pass
 from pipelines.evaluation.report import (
@@ -125,7 +125,7 @@ def evaluate_trained_model(
         if chosen is not None and chosen.bound is not None:
             checked = checked_in_runtime(
                 scoring,
-                with_label_ids(dev, model.config.labels)["text"].to_pylist(),
+                dev["text"].to_pylist(),
                 passes["dev"].labels.numpy(),
                 dev_eval.sweep,
                 chosen,

@@ -99,6 +99,16 @@ def plan_outputs(mirrored: dict[str, str], records: dict[str, dict]) -> OutputPl
     return OutputPlan(names, apart, orphaned)
 
 
+def record_is_current(record: dict | None, source: dict[str, int]) -> bool | None:
+    """None: never committed (no record); True: committed from an input with this fingerprint; False: the
+    input changed since (a record repaired after a kill knows only the row count, which must still match)."""
+    if record is None:
+        return None
+    if "fingerprint" in record:
+        return record["fingerprint"] == source
+    return record.get("rows") == source["rows"]
+
+
 class OutputLockedError(UserError):
     """Another scoring run is writing to the same output folder."""
 
@@ -180,14 +190,8 @@ class OutputFolder:
         return json.loads(self._record_path(name).read_text())
 
     def is_current(self, name: str, source: dict[str, int]) -> bool | None:
-        """None: never committed; True: committed from an input with this fingerprint; False: the input
-        changed since (a record repaired after a kill knows only the row count, which must still match)."""
-        record = self.record(name)
-        if record is None:
-            return None
-        if "fingerprint" in record:
-            return record["fingerprint"] == source
-        return record.get("rows") == source["rows"]
+        """`record_is_current` of the output `name`'s record."""
+        return record_is_current(self.record(name), source)
 
     def repair_manifest(self) -> None:
         """Write the manifest record of any output committed just before a kill took its record."""

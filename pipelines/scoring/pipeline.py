@@ -34,7 +34,14 @@ from pipelines.errors import UserError
 from pipelines.model_source import ModelFiles, ModelSource, resolve_model
 from pipelines.paths import write_text_atomically
 from pipelines.scoring.calibration import Calibration, calibrate_on_worker, sample_texts
-from pipelines.scoring.incremental import OutputFolder, OutputLock, OutputPlan, PendingOutput, plan_outputs
+from pipelines.scoring.incremental import (
+    OutputFolder,
+    OutputLock,
+    OutputPlan,
+    PendingOutput,
+    plan_outputs,
+    record_is_current,
+)
 from pipelines.scoring.inputs import (
     READER_PATH,
     InputFile,
@@ -83,18 +90,22 @@ def digest_of(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+def text_column_suffix(config: ScoreConfig) -> str:
+    """The key's text-column part: empty for the default column (the keys of earlier runs stay valid)."""
+    default = config.text_column == ScoreConfig.text_column
+    return "" if default else f"__text-{column_part(config.text_column)}"
+
+
 def run_key(source: ModelSource, setting: ExitSetting, config: ScoreConfig, runtime: Runtime) -> str:
     """The output folder of everything that changes what an output holds:
     `<identity>__<policy>[-<knob>][__<runtime>][__text-<column>][__probs][__prefix-<p>]` (the parts in
     brackets only when not the default, so the keys of earlier runs stay valid)."""
-    parts = [f"{source.identity}__{setting}{runtime_suffix(runtime)}"]
-    if config.text_column != ScoreConfig.text_column:
-        parts.append(f"text-{column_part(config.text_column)}")
+    key = f"{source.identity}__{setting}{runtime_suffix(runtime)}{text_column_suffix(config)}"
     if config.include_probs:
-        parts.append("probs")
+        key += "__probs"
     if config.output_prefix:
-        parts.append(f"prefix-{config.output_prefix}")
-    return "__".join(parts)
+        key += f"__prefix-{config.output_prefix}"
+    return key
 
 
 @dataclass
@@ -132,9 +143,9 @@ def score_stream(
     pending: dict[str, InputFile],
     plan: OutputPlan,
     folder: OutputFolder,
-    schema_of,
-    tally,
-    record,
+    schema_of: Callable[[InputFile], pa.Schema],
+    tally: Tally,
+    record: dict[str, Any],
 ) -> int:
     """Drive the Ray Data stream; write each input file's rows to its output (`plan`) and commit it when
     complete. The seconds the driver spends on its own work (splitting, writing, committing, counting; not
@@ -180,9 +191,10 @@ def build_dataset(
     setting: ExitSetting | None = None,
     tokenizer: TokenizerFiles | None = None,
     runtime: Runtime = FP32,
+    actors: int | None = None,
 ):
     """read_parquet -> [map_batches(tokenize_batch), CPU tasks, when `tokenizer` is given] ->
-    map_batches(Scorer), an actor pool."""
+    map_batches(Scorer), an actor pool (`actor_pool`; `actors`: its largest size, default `most_actors`)."""
 
     with streaming_parquet_reader(preserve_order=True):  # outputs in input order, deterministic
         dataset = read_inputs(files)
@@ -206,7 +218,7 @@ def build_dataset(
                 "cpus": config.cpus_per_actor,
                 "batch_size": config.batch_size,
             },
-            compute=actor_pool(config, tokenizer is not None),
+            compute=actor_pool(config, actors or most_actors(config, tokenizer is not None)),
             batch_size=config.rows_per_task,
             batch_format="pyarrow",
             num_cpus=config.cpus_per_actor,
@@ -228,14 +240,13 @@ def most_actors(config: ScoreConfig, tokenizing_tasks: bool) -> int:
     return max(1, math.floor((resources.get("CPU", 1) - spare) / config.cpus_per_actor))
 
 
-def actor_pool(config: ScoreConfig, tokenizing_tasks: bool):
-    """A pool of `--actors`, else an autoscaling one from 1 to `most_actors`, started full (Ray Data shrinks
-    it when the input runs short)."""
+def actor_pool(config: ScoreConfig, most: int):
+    """A pool of `--actors`, else an autoscaling one from 1 to `most` (`most_actors`), started full (Ray Data
+    shrinks it when the input runs short)."""
     import ray.data
 
     if config.actors is not None:
         return ray.data.ActorPoolStrategy(size=config.actors)
-    most = most_actors(config, tokenizing_tasks)
     return ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=most)
 
 
@@ -312,11 +323,9 @@ def ship_model(source: ModelSource, layers: Path | None = None) -> ObjectRef:
 
 
 def calibration_path(config: ScoreConfig, source: ModelSource, policy: str, runtime: Runtime) -> Path:
-    column = (
-        f"__text-{column_part(config.text_column)}" if config.text_column != ScoreConfig.text_column else ""
-    )
     name = (
-        f"{source.identity}__{policy}{runtime_suffix(runtime)}{column}__agree-{config.min_agreement:g}"
+        f"{source.identity}__{policy}{runtime_suffix(runtime)}{text_column_suffix(config)}"
+        f"__agree-{config.min_agreement:g}"
         f"__delta-{config.delta:g}__rows-{config.calibrate_rows}.json"
     )
     return Path(config.output).resolve() / "_calibration" / name
@@ -414,7 +423,7 @@ def remove_orphans(folder: OutputFolder, plan: OutputPlan, remove: bool) -> int:
     return 0
 
 
-def warn_placed_apart(plan: OutputPlan, inputs: list[InputFile]) -> None:
+def warn_placed_apart(plan: OutputPlan) -> None:
     if plan.placed_apart:
         shown = {plan.names[path]: owner for path, owner in list(plan.placed_apart.items())[:5]}
         warnings.warn(
@@ -424,13 +433,14 @@ def warn_placed_apart(plan: OutputPlan, inputs: list[InputFile]) -> None:
         )
 
 
-def files_to_score(inputs: list[InputFile], plan: OutputPlan, folder: OutputFolder) -> tuple[dict, list]:
+def files_to_score(inputs: list[InputFile], plan: OutputPlan, records: dict[str, dict]) -> tuple[dict, list]:
     """({input path: input} to score, paths changed since scored): the inputs without a committed output,
     and those whose file changed (size, mtime or rows) since its output was committed, which are scored
-    again into the same output."""
+    again into the same output. `records`: the committed outputs' records the plan was made from (read
+    once)."""
     pending, changed = {}, []
     for item in inputs:
-        current = folder.is_current(plan.names[item.path], item.fingerprint)
+        current = record_is_current(records.get(plan.names[item.path]), item.fingerprint)
         if current is False:
             changed.append(item.path)
         if not current:
@@ -480,10 +490,11 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
         setting = model_config.setting(config.policy, config.threshold, config.patience, config.risk)
         folder = OutputFolder(output / run_key(source, setting, config, runtime))
         folder.prepare()
-        plan = plan_outputs({f.path: f.mirrored for f in inputs}, folder.records())
-        warn_placed_apart(plan, inputs)
+        records = folder.records()
+        plan = plan_outputs({f.path: f.mirrored for f in inputs}, records)
+        warn_placed_apart(plan)
         removed = remove_orphans(folder, plan, config.remove_orphans)
-        pending, changed = files_to_score(inputs, plan, folder)
+        pending, changed = files_to_score(inputs, plan, records)
         unreadable |= unreadable_texts(pending, config.text_column)
         record = {
             "model": source.reference,
@@ -510,7 +521,7 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
                 tokenizer = TokenizerFiles.from_directory(source.directory)
             actors = most_actors(config, tokenizer is not None)
             dataset = build_dataset(
-                list(pending.values()), config, shipped_model(), setting, tokenizer, runtime
+                list(pending.values()), config, shipped_model(), setting, tokenizer, runtime, actors
             )
             committed += score_stream(dataset, pending, plan, folder, schema_of, tally, record)
         counts = {
