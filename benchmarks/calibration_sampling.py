@@ -39,7 +39,7 @@ def periodic_corpus(model, texts: list[str], period: int) -> tuple[list[str], np
     """`texts` reordered: every `period`-th row one of the easiest (lowest normalised entropy at the first
     exit among rows whose first exit agrees with full depth), the others shuffled between them; and the
     full-depth labels in that order."""
-    from ee_model.policies import normalised_entropy
+    from ee_model.signals import normalised_entropy
     from pipelines.scoring.calibration import agreement_pass
 
     recorded = agreement_pass(model, texts)

@@ -136,7 +136,8 @@ def timed(score, calls, n_rows: int, repeats: int) -> tuple[float, np.ndarray]:
 def early_exit_runs(model_dir: str, runtimes, token_ids, calibration_texts, threads, batch_size, scratch):
     """{name: (model with the runtime, calibration)} for each runtime, calibrated as the scoring job does."""
     from ee_model import EarlyExitClassifier
-    from ee_model.runtime import Runtime, build_layers, with_runtime
+    from ee_model.runtime import Runtime
+    from ee_model.runtime_layers import build_layers, with_runtime
     from pipelines.config import S_GRID
     from pipelines.scoring.calibration import calibrate
 

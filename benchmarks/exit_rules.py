@@ -12,7 +12,7 @@ Reported on test: retention (the promise holds when >= 0.99), layer speed-up and
 
 Rules:
   - entropy S: today's policy (`ee_model.policies.EntropyPolicy`);
-  - risk r: the "risk" policy (`ee_model.exit_risk.RiskPolicy`): per student layer, a logistic fit of "this
+  - risk r: the "risk" policy (`ee_model.policies.RiskPolicy`): per student layer, a logistic fit of "this
     exit disagrees with the last" on its entropy and top-2 margin, without labels, on the training split's
     logits (<= 2,000 rows, as the job); a row leaves where its layer's fitted risk < r. Also fitted on entropy
     only (one entropy threshold per layer) and on the job's unlabeled corpus instead;
@@ -56,9 +56,10 @@ sys.path.insert(0, str(ROOT))
 from stage2_budget import UNLABELED, extract, split_pass, train_students  # noqa: E402
 
 from ee_model import EarlyExitClassifier, encoders, exit_layers  # noqa: E402
-from ee_model.exit_risk import ExitRisk, RiskPolicy  # noqa: E402
+from ee_model.exit_risk import ExitRisk  # noqa: E402
 from ee_model.flops import transformer_layer_flops  # noqa: E402
-from ee_model.policies import EntropyPolicy, normalised_entropy  # noqa: E402
+from ee_model.policies import EntropyPolicy, RiskPolicy  # noqa: E402
+from ee_model.signals import normalised_entropy  # noqa: E402
 from pipelines.config import RISK_GRID, S_GRID, load_train_config  # noqa: E402
 from pipelines.data import default_unlabeled_corpus, evenly_spaced_rows, load_labeled_splits  # noqa: E402
 from pipelines.evaluation.exit_risk import fit_exit_risk  # noqa: E402

@@ -15,11 +15,13 @@ from ee_model.policies import (
     ExitSetting,
     FullDepthPolicy,
     PatiencePolicy,
+    RiskPolicy,
     exit_layers,
     make_policy,
-    normalised_entropy,
 )
-from ee_model.runtime import Runtime, load_model, resolve_runtime, with_runtime
+from ee_model.runtime import Runtime, resolve_runtime
+from ee_model.runtime_layers import load_model, with_runtime
+from ee_model.signals import normalised_entropy
 from ee_model.tokens import TextTokenizer, TokenIds
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "FlopsModel",
     "FullDepthPolicy",
     "PatiencePolicy",
+    "RiskPolicy",
     "Runtime",
     "ModelOptions",
     "Prediction",

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ee_model import encoders
+from ee_model.runtime import BF16, FP32
 
 if TYPE_CHECKING:
     from ee_model.modeling import EarlyExitClassifier
@@ -37,8 +38,6 @@ class Bf16Layer(nn.Module):
 
 def with_bf16_layers(model: EarlyExitClassifier) -> EarlyExitClassifier:
     """`model` with its transformer layers in bf16, in place (see the module doc)."""
-    from ee_model.runtime import BF16, FP32
-
     if model.runtime != FP32:
         raise ValueError(f"this model already runs {model.runtime.name} layers")
     layers = model.layers

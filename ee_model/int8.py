@@ -56,7 +56,7 @@ def is_current(directory: str | Path, model: EarlyExitClassifier) -> bool:
     return layer_cache.is_current(Path(directory), MANIFEST, layers_digest(model))
 
 
-class _MaskedLayer(nn.Module):
+class MaskedLayer(nn.Module):
     """A layer with a plain additive mask input (batch, 1, 1, seq): what the exported graph takes."""
 
     def __init__(self, layer: nn.Module) -> None:
@@ -130,7 +130,7 @@ def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
         axes = {"hidden": {0: "batch", 1: "seq"}, "additive_mask": {0: "batch", 3: "seq"}}
         for index, layer in enumerate(model.layers):
             plain = export_onnx(
-                _MaskedLayer(layer), example, directory / f"layer_{index}.fp32.onnx", "hidden_out", axes
+                MaskedLayer(layer), example, directory / f"layer_{index}.fp32.onnx", "hidden_out", axes
             )
             quantized = directory / f"layer_{index}.onnx"
             with _quiet_export():

@@ -52,7 +52,7 @@ class EarlyExitClassifier(nn.Module):
                 f"exit_risk has {risk.n_students} layers' coefficients for {self.n_layers - 1} student layers"
             )
         self.stage2_frozen = False  # set by freeze_for_stage2; keeps frozen parts in eval mode
-        self.runtime = FP32  # what runs the transformer layers (ee_model.runtime.with_runtime swaps them)
+        self.runtime = FP32  # what runs the transformer layers (runtime_layers.with_runtime swaps them)
         self.layers_folder: Path | None = None  # the built layer files a runtime runs (int8, OpenVINO)
 
     # ---- construction -------------------------------------------------------------------------------

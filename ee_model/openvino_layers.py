@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from ee_model import encoders, layer_cache
+from ee_model.int8 import MaskedLayer, additive_mask
+from ee_model.runtime import FP32, Runtime, missing_backend
 
 if TYPE_CHECKING:
     from ee_model.modeling import EarlyExitClassifier
@@ -34,15 +36,13 @@ def layers_digest(model: EarlyExitClassifier) -> str:
 def _convert(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
     import openvino as ov
 
-    from ee_model.int8 import _MaskedLayer
-
     with encoders.eager_attention(model.encoder):  # a plain additive mask, converted op for op
         hidden = model.flops_model.hidden_size
         example = (torch.randn(2, 8, hidden), torch.zeros(2, 1, 1, 8))
         shapes = [ov.PartialShape([-1, -1, hidden]), ov.PartialShape([-1, 1, 1, -1])]
         for index, layer in enumerate(model.layers):
             with torch.no_grad():
-                converted = ov.convert_model(_MaskedLayer(layer).eval(), example_input=example, input=shapes)
+                converted = ov.convert_model(MaskedLayer(layer).eval(), example_input=example, input=shapes)
             ov.save_model(converted, directory / f"layer_{index}.xml", compress_to_fp16=False)
     layer_cache.write_manifest(
         directory, MANIFEST, digest, model.n_layers, format=FORMAT, openvino=ov.get_version()
@@ -52,8 +52,6 @@ def _convert(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
 def openvino_layers(model: EarlyExitClassifier, directory: str | Path, precision: str = "bf16") -> Path:
     """`directory` holding `model`'s layers as OpenVINO IR (f32 weights; the precision is chosen when they
     are compiled): reused when current and intact, else converted there (about a second per layer)."""
-    from ee_model.runtime import missing_backend
-
     reason = missing_backend("openvino")
     if reason:
         raise RuntimeError(reason)
@@ -76,8 +74,6 @@ class OpenVinoLayer(nn.Module):
         self.request = compiled.create_infer_request()
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
-        from ee_model.int8 import additive_mask
-
         inputs = [
             np.ascontiguousarray(hidden.detach().float().numpy()),
             additive_mask(attention_mask, hidden),
@@ -93,8 +89,6 @@ def with_openvino_layers(
     `directory` (made by `openvino_layers`), compiled to run in `precision` with `threads` threads each
     (default torch's); refused when they were converted from other weights or are damaged."""
     import openvino as ov
-
-    from ee_model.runtime import FP32, Runtime
 
     if model.runtime != FP32:
         raise ValueError(f"this model already runs {model.runtime.name} layers")

@@ -8,29 +8,15 @@ The final (teacher) layer always lets every remaining row out; policies are only
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import torch
 
-if TYPE_CHECKING:
-    from ee_model.exit_risk import ExitRisk
+from ee_model.exit_risk import ExitRisk, log_odds
+from ee_model.signals import normalised_entropy
 
 State = dict[str, torch.Tensor]
-
-
-def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H(softmax(z)) / log N in [0, 1], computed from log_softmax so large logits never overflow.
-
-    logits: (batch, N) -> (batch,)
-    """
-    log_p = torch.log_softmax(logits.float(), dim=-1)  # (batch, N)
-    return entropy_of(log_p, log_p.exp())
-
-
-def entropy_of(log_p: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Normalised entropy from log-probabilities and probabilities (batch, N) -> (batch,)."""
-    return -(p * log_p).sum(dim=-1) / math.log(log_p.shape[-1])
 
 
 class ExitPolicy:
@@ -94,6 +80,29 @@ class PatiencePolicy(_AgreementPolicy):
     patience: int
     name = "patience"
     reset_on_change = True
+
+
+@dataclass(frozen=True)
+class RiskPolicy(ExitPolicy):
+    """The "risk" policy: a row leaves after student layer l when its estimated risk of a changed prediction
+    P_l(signals) < `risk`. Each row carries the index of its next layer."""
+
+    exit_risk: ExitRisk
+    risk: float
+    # the coefficient table per device, made once (no host-to-device copy per step)
+    tables: dict[torch.device, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    name = "risk"
+
+    def init_state(self, batch_size: int, device: torch.device) -> State:
+        return {"layer": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+    def step(self, logits: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        layer = state["layer"]  # (batch,) 0-based index of this student
+        table = self.tables.get(logits.device)
+        if table is None:
+            table = self.tables[logits.device] = self.exit_risk.table(logits.device)
+        leave = self.exit_risk.score(logits, layer, table) < log_odds(self.risk)
+        return leave, {"layer": layer + 1}
 
 
 class FullDepthPolicy(ExitPolicy):
@@ -241,10 +250,8 @@ class ExitSetting:
             if exit_risk is None:
                 raise ValueError(
                     "policy 'risk' needs the model's fitted exit risk, and this model has none (a model "
-                    "trained before it, or with eval.fit_exit_risk off); use policy 'entropy' or retrain"
+                    "trained before it, or with eval.exit_risk_rows=0); use policy 'entropy' or retrain"
                 )
-            from ee_model.exit_risk import RiskPolicy
-
             return RiskPolicy(exit_risk, self.knob)
         if self.policy == "count":
             return CountPolicy(self.knob)

@@ -16,19 +16,15 @@ as in fp32, so rows still leave one by one. The runtimes:
 it has AMX-BF16 or AVX512-BF16, int8 where it has VNNI (or AMX-INT8) but no bf16, fp32 otherwise; and for the
 precision, the backend measured fastest with early exit (`AUTO_BACKENDS`, docs/results.md "Early exit on the
 runtime a CPU user picks"), among those installed. Naming bf16 on a CPU without it is refused in one line.
+Building and swapping in a runtime's layers: `ee_model.runtime_layers`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ee_model.cpu_support import CpuSupport, cpu_support
-
-if TYPE_CHECKING:
-    from ee_model.modeling import EarlyExitClassifier
 
 PRECISIONS = ("fp32", "bf16", "int8")
 RUNS = {"fp32": ("torch", "openvino"), "bf16": ("torch", "openvino"), "int8": ("onnxruntime",)}
@@ -139,65 +135,3 @@ def resolve_runtime(
         if reason:
             raise ValueError(reason)
     return Runtime(precision, backend), why
-
-
-def build_layers(model: EarlyExitClassifier, runtime: Runtime, directory: str | Path) -> Path | None:
-    """The layer files `runtime` runs (built into `directory` once per model version, checked after), or
-    None for a runtime that needs none."""
-    if runtime.backend == "onnxruntime":
-        from ee_model.int8 import int8_layers
-
-        return int8_layers(model, directory)
-    if runtime.backend == "openvino":
-        from ee_model.openvino_layers import openvino_layers
-
-        return openvino_layers(model, directory, runtime.precision)
-    return None
-
-
-def with_runtime(
-    model: EarlyExitClassifier,
-    runtime: Runtime,
-    directory: str | Path | None = None,
-    threads: int | None = None,
-) -> EarlyExitClassifier:
-    """`model` (fp32) with its layers run by `runtime`, in place; `directory`: the files `build_layers` made
-    (for the runtimes that build them); `threads`: the backend's threads per layer call (default torch's)."""
-    if runtime == FP32:
-        return model
-    if runtime == BF16:
-        from ee_model.bf16 import with_bf16_layers
-
-        return with_bf16_layers(model)
-    if directory is None:
-        raise ValueError(f"runtime {runtime.name} runs layers built by build_layers: give their folder")
-    if runtime.backend == "onnxruntime":
-        from ee_model.int8 import with_int8_layers
-
-        return with_int8_layers(model, directory, threads)
-    from ee_model.openvino_layers import with_openvino_layers
-
-    return with_openvino_layers(model, directory, runtime.precision, threads)
-
-
-def load_model(
-    model_dir: str | Path,
-    precision: str = "auto",
-    backend: str = "auto",
-    layers_dir: str | Path | None = None,
-    threads: int | None = None,
-    device: str | None = None,
-) -> EarlyExitClassifier:
-    """A saved model ready for `predict` in the runtime `precision` / `backend` name (`auto`: this machine's
-    fastest), on `device` (default: the CPU). Layers a backend builds go to `layers_dir` (default
-    `<model_dir>/<runtime name>/`), built there on first use and checked after. `model.runtime` says which
-    runtime it got."""
-    from ee_model.modeling import EarlyExitClassifier
-
-    on_gpu = device is not None and device != "cpu"
-    runtime, _ = resolve_runtime(precision, backend, gpu=on_gpu)
-    model = EarlyExitClassifier.from_pretrained(model_dir)
-    if on_gpu:
-        model = model.to(device)
-    folder = build_layers(model, runtime, layers_dir or Path(model_dir) / runtime.name)
-    return with_runtime(model, runtime, folder, threads)

@@ -49,7 +49,11 @@ def parse_value(raw: str) -> Any:
 @app.command()
 def main(
     variant: Annotated[
-        str | None, typer.Option(help="kl (two-stage, entropy exit) or count (joint, count exit)")
+        str | None,
+        typer.Option(
+            help="kl (two-stage; exits by the fitted risk rule, model.policy=entropy for one S) or count "
+            "(joint, count exit)"
+        ),
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML config file (keys of pipelines.config.TrainConfig)")

@@ -154,7 +154,8 @@ def load_shipped_model(
 
     from ee_model import EarlyExitClassifier
     from ee_model.cpu_support import cpu_support
-    from ee_model.runtime import Runtime, with_runtime
+    from ee_model.runtime import Runtime
+    from ee_model.runtime_layers import with_runtime
 
     chosen = Runtime.parse(runtime)
     gpu = torch.cuda.is_available() and not chosen.builds_layers

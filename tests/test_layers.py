@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import graphlib
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,11 @@ def imports_of(path: Path) -> set[str]:
     return {m for m in found if m.split(".")[0] in OURS}
 
 
-def modules() -> list[tuple[str, Path]]:
+def modules(root: Path = ROOT) -> list[tuple[str, Path]]:
     out = []
     for package in ("ee_model", "pipelines", "jobs"):
-        for path in sorted((ROOT / package).rglob("*.py")):
-            out.append((".".join(path.relative_to(ROOT).with_suffix("").parts), path))
+        for path in sorted((root / package).rglob("*.py")):
+            out.append((".".join(path.relative_to(root).with_suffix("").parts), path))
     return out
 
 
@@ -68,3 +69,39 @@ def test_the_rule_sees_an_import_inside_a_function(tmp_path):
     sneaky.write_text("def f():\n    from pipelines.training.steps import train_step\n")
     assert imports_of(sneaky) == {"pipelines.training.steps"}
     assert layer("pipelines.training.steps") not in ALLOWED["pipelines.scoring"]  # scoring may not do this
+
+
+def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """{module: the modules of ours it imports, at any depth}; packages' __init__ files left out (they
+    re-export, so every `from ee_model import X` would meet them)."""
+    names = {name for name, path in modules(root) if path.name != "__init__.py"}
+    graph = {}
+    for name, path in modules(root):
+        if path.name == "__init__.py":
+            continue
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module)
+                found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {m for m in found if m in names and m != name}
+    return graph
+
+
+def test_no_import_cycles():
+    try:
+        order = list(graphlib.TopologicalSorter(module_graph()).static_order())
+    except graphlib.CycleError as error:
+        pytest.fail(f"import cycle: {' -> '.join(error.args[1])}")
+    assert "ee_model.policies" in order and "ee_model.exit_risk" in order
+
+
+def test_the_cycle_check_sees_a_deferred_import(tmp_path):
+    (tmp_path / "ee_model").mkdir()
+    (tmp_path / "ee_model" / "a.py").write_text("from ee_model.b import f\n")
+    (tmp_path / "ee_model" / "b.py").write_text("def f():\n    from ee_model import a\n")
+    assert module_graph(tmp_path) == {"ee_model.a": {"ee_model.b"}, "ee_model.b": {"ee_model.a"}}
+    with pytest.raises(graphlib.CycleError):
+        list(graphlib.TopologicalSorter(module_graph(tmp_path)).static_order())

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from ee_model.exit_risk import SURE, UNSURE, ExitRisk, exit_signals
+from ee_model.exit_risk import ExitRisk
+from ee_model.signals import SURE, UNSURE, exit_signals
 
 RISK_SIGNALS = ("entropy", "margin")  # measured in benchmarks/exit_rules.py (docs/results.md)
 

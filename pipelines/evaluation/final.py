@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers
 from ee_model.exit_risk import ExitRisk
-from ee_model.runtime import FP32, build_layers, resolve_runtime, with_runtime
+from ee_model.runtime import FP32, resolve_runtime
+from ee_model.runtime_layers import build_layers, with_runtime
 from pipelines.config import EvalConfig
 from pipelines.data import evenly_spaced_rows
 from pipelines.evaluation.exit_risk import fit_exit_risk

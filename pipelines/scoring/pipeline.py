@@ -300,12 +300,12 @@ LAYER_CACHES = {"onnxruntime": "_int8", "openvino": "_openvino"}  # below the ou
 
 
 def layers_for(config: ScoreConfig, source: ModelSource, runtime: Runtime) -> Path | None:
-    """The layers `runtime` runs (ee_model.runtime.build_layers: int8, OpenVINO), built by the driver once
+    """The layers `runtime` runs (`build_layers`: int8, OpenVINO), built by the driver once
     per model version into `<output>/_int8/<identity>` or `<output>/_openvino/<identity>` and reused by every
     later run on that output (checked first: weights' digest and every file's); None for the runtimes that
     build none."""
     from ee_model import EarlyExitClassifier
-    from ee_model.runtime import build_layers
+    from ee_model.runtime_layers import build_layers
 
     if not runtime.builds_layers:
         return None

@@ -115,48 +115,42 @@ def test_exit_setting_is_the_one_map_from_policy_to_knob():
 
 
 # ---- the "risk" policy: one risk level r, one fitted boundary per student layer ----------------------------
-def test_exit_risk_thresholds_follow_the_fitted_layers():
+def test_exit_risk_refuses_coefficients_it_cannot_apply():
     from ee_model.exit_risk import ExitRisk
 
-    # the last layer's risk falls with entropy
-    risk = ExitRisk(("entropy",), ((-6.0, 8.0), (-4.0, 8.0), (1.0, -2.0)))
-    at = risk.thresholds(0.05)
-    assert at[0] == pytest.approx((math.log(0.05 / 0.95) + 6) / 8)
-    assert at[1] < at[0]  # layer 2 is riskier at any entropy: the same r gives it a lower S
-    assert at[2] == 0.0  # a layer whose fitted risk does not rise with entropy lets no row out
-    assert risk.thresholds(0.0) == (0.0, 0.0, 0.0) and risk.thresholds(1.0) == (1.0, 1.0, 1.0)
-    previous = (0.0,) * 3
-    for r in torch.linspace(0, 1, 41).tolist():  # a larger r never lowers a threshold
-        current = risk.thresholds(r)
-        assert all(c >= p for c, p in zip(current, previous, strict=True)) and all(
-            0 <= c <= 1 for c in current
-        )
-        previous = current
     for signals, rows, message in (
-        (("entropy",), (), "finite coefficients"),
-        (("entropy",), ((1.0, float("nan")),), "finite coefficients"),
-        (("entropy", "margin"), ((1.0, 2.0),), "3 finite coefficients per student layer"),
+        (("entropy",), (), "finite float32 coefficients"),
+        (("entropy",), ((1.0, float("nan")),), "finite float32 coefficients"),
+        (("entropy",), ((1.0, 1e39),), "finite float32 coefficients"),  # finite in float64, inf in the table
+        (("entropy", "margin"), ((1.0, 2.0),), "3 finite float32 coefficients per student layer"),
         (("loudness",), ((1.0, 2.0),), "signals must be some of"),
     ):
         with pytest.raises(ValueError, match=message):
             ExitRisk(signals, rows)
-    with pytest.raises(ValueError, match="entropy-only fit"):
-        ExitRisk(("entropy", "margin"), ((1.0, 2.0, 3.0),)).thresholds(0.1)
+    assert torch.isfinite(ExitRisk(("entropy",), ((1.0, 3e38),)).table(torch.device("cpu"))).all()
 
 
 def test_risk_policy_leaves_where_each_layers_risk_falls_below_r():
-    from ee_model.exit_risk import ExitRisk, RiskPolicy
+    from ee_model import RiskPolicy
+    from ee_model.exit_risk import ExitRisk
 
     torch.manual_seed(0)
     logits = torch.randn(4, 300, 5) * 2
+    # entropy only, every weight > 0: one entropy threshold per layer, S_l = (logit(r) - a_l) / w_l
     entropy_only = ExitRisk(("entropy",), ((-6.0, 9.0), (-5.0, 7.0), (-3.0, 8.0)))
-    for r in (0.0, 0.01, 0.2, 0.6, 1.0):  # entropy only: the same as per-layer entropy thresholds
-        limits = torch.tensor(entropy_only.thresholds(r)).view(-1, 1)
+    for r in (0.01, 0.2, 0.6):
+        level = math.log(r / (1 - r))
+        limits = torch.tensor([(level - a) / w for a, w in entropy_only.coefficients]).view(-1, 1)
         below = torch.stack([normalised_entropy(layer) for layer in logits[:-1]]) < limits
         expected = torch.cat([below, torch.ones(1, 300, dtype=torch.bool)]).float().argmax(0) + 1
         assert exit_layers(logits, RiskPolicy(entropy_only, r)).tolist() == expected.tolist(), r
     with_margin = ExitRisk(("entropy", "margin"), ((-2.0, 6.0, -4.0), (-3.0, 5.0, -5.0), (-1.0, 4.0, -6.0)))
     risk = with_margin.risk(logits)  # (3, 300): each student's estimated risk from its entropy and margin
+    # a weight <= 0 (risk not rising with entropy) is applied as fitted, not clipped to "no row leaves"
+    falling = ExitRisk(("entropy",), ((-1.0, -3.0), (-2.0, 0.0), (-3.0, 8.0)))
+    for r in (0.05, 0.2, 0.5):
+        below = torch.cat([falling.risk(logits) < r, torch.ones(1, 300, dtype=torch.bool)])
+        assert exit_layers(logits, RiskPolicy(falling, r)).tolist() == (below.float().argmax(0) + 1).tolist()
     for r in (0.05, 0.3):
         below = torch.cat([risk < r, torch.ones(1, 300, dtype=torch.bool)])
         assert (
@@ -172,8 +166,8 @@ def test_risk_policy_leaves_where_each_layers_risk_falls_below_r():
 
 
 def test_risk_policy_needs_a_fitted_model_and_a_risk_in_range():
-    from ee_model import EarlyExitConfig, ExitSetting
-    from ee_model.exit_risk import ExitRisk, RiskPolicy
+    from ee_model import EarlyExitConfig, ExitSetting, RiskPolicy
+    from ee_model.exit_risk import ExitRisk
 
     setting = ExitSetting("risk", 0.02)
     assert str(setting) == "risk-0.02" and setting.kwargs == {"risk": 0.02}

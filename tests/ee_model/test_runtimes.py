@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from ee_model.cpu_support import cpu_support
-from ee_model.runtime import BF16, FP32, Runtime, build_layers, resolve_runtime, with_runtime
+from ee_model.runtime import BF16, FP32, Runtime, resolve_runtime
+from ee_model.runtime_layers import build_layers, with_runtime
 from tests.conftest import FAMILIES, labeled_table, random_texts, trained_tiny
 
 MIN_LABEL_AGREEMENT = 0.99

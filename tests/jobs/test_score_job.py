@@ -112,7 +112,7 @@ def test_registered_model_by_alias_in_a_fresh_process(tmp_path, model_dir, monke
 def test_killed_run_then_rerun_equals_a_clean_run(tmp_path, model_dir):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    files = 16  # with one actor, outputs commit a block (a few files) at a time, seconds apart: the kill lands
+    files = 16  # one actor commits a block (a few files) at a time, seconds apart: the kill lands mid-run
     for f in range(files):
         texts = random_texts(1500, seed=f, max_words=60)
         pq.write_table(

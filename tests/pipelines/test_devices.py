@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ee_model.io import unwrap
-from ee_model.policies import normalised_entropy
+from ee_model.signals import normalised_entropy
 from pipelines.evaluation.passes import exit_logits
 from pipelines.training.stages import STAGES
 from pipelines.training.steps import train_step

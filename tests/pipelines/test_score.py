@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ee_model import EarlyExitClassifier, ExitSetting
-from ee_model.policies import normalised_entropy
+from ee_model.signals import normalised_entropy
 from pipelines.config import ScoreConfig
 from pipelines.errors import UserError
 from pipelines.evaluation.thresholds import lower_bound

@@ -1,0 +1,63 @@
+"""A model's transformer layers swapped for a `Runtime`'s (`ee_model.runtime`): the files a backend builds
+once per model version (`build_layers`), the swap (`with_runtime`), and a saved model loaded in a runtime
+(`load_model`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ee_model.bf16 import with_bf16_layers
+from ee_model.int8 import int8_layers, with_int8_layers
+from ee_model.modeling import EarlyExitClassifier
+from ee_model.openvino_layers import openvino_layers, with_openvino_layers
+from ee_model.runtime import BF16, FP32, Runtime, resolve_runtime
+
+
+def build_layers(model: EarlyExitClassifier, runtime: Runtime, directory: str | Path) -> Path | None:
+    """The layer files `runtime` runs (built into `directory` once per model version, checked after), or
+    None for a runtime that needs none."""
+    if runtime.backend == "onnxruntime":
+        return int8_layers(model, directory)
+    if runtime.backend == "openvino":
+        return openvino_layers(model, directory, runtime.precision)
+    return None
+
+
+def with_runtime(
+    model: EarlyExitClassifier,
+    runtime: Runtime,
+    directory: str | Path | None = None,
+    threads: int | None = None,
+) -> EarlyExitClassifier:
+    """`model` (fp32) with its layers run by `runtime`, in place; `directory`: the files `build_layers` made
+    (for the runtimes that build them); `threads`: the backend's threads per layer call (default torch's)."""
+    if runtime == FP32:
+        return model
+    if runtime == BF16:
+        return with_bf16_layers(model)
+    if directory is None:
+        raise ValueError(f"runtime {runtime.name} runs layers built by build_layers: give their folder")
+    if runtime.backend == "onnxruntime":
+        return with_int8_layers(model, directory, threads)
+    return with_openvino_layers(model, directory, runtime.precision, threads)
+
+
+def load_model(
+    model_dir: str | Path,
+    precision: str = "auto",
+    backend: str = "auto",
+    layers_dir: str | Path | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+) -> EarlyExitClassifier:
+    """A saved model ready for `predict` in the runtime `precision` / `backend` name (`auto`: this machine's
+    fastest), on `device` (default: the CPU). Layers a backend builds go to `layers_dir` (default
+    `<model_dir>/<runtime name>/`), built there on first use and checked after. `model.runtime` says which
+    runtime it got."""
+    on_gpu = device is not None and device != "cpu"
+    runtime, _ = resolve_runtime(precision, backend, gpu=on_gpu)
+    model = EarlyExitClassifier.from_pretrained(model_dir)
+    if on_gpu:
+        model = model.to(device)
+    folder = build_layers(model, runtime, layers_dir or Path(model_dir) / runtime.name)
+    return with_runtime(model, runtime, folder, threads)
