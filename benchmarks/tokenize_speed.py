@@ -79,7 +79,7 @@ def tokenizer_calls(tokenizer_path: str, texts: list[str], max_length: int, chun
 def scoring_modes(model_dir: str, texts: list[str], actors: int, batch_size: int, sort_rows: int) -> dict:
     import ray
 
-    from pipelines.config import ScoreConfig
+    from pipelines.scoring.config import ScoreConfig
     from pipelines.scoring.pipeline import run_scoring
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)

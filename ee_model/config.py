@@ -104,6 +104,15 @@ class ModelOptions:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions)}
 
 
+def default_policy(variant: str, has_exit_risk: bool) -> str:
+    """The one place that decides a variant's default exit policy: count -> "count" (Algorithm 2); kl ->
+    "risk" when the model has a fitted exit risk (the training job fits one unless eval.exit_risk_rows = 0:
+    docs/results.md, "Exit rules beyond one S"), else "entropy" (one S, Algorithm 1)."""
+    if variant == "count":
+        return "count"
+    return "risk" if has_exit_risk else "entropy"
+
+
 @dataclass(frozen=True)
 class EarlyExitConfig(ModelOptions):
     """Everything needed to rebuild an early-exit classifier, apart from its weights: the `ModelOptions` and
@@ -113,7 +122,7 @@ class EarlyExitConfig(ModelOptions):
         encoder_name_or_path: the Hugging Face model id or local path the encoder came from (provenance).
         labels: class names; index i of every exit's logits is labels[i].
         encoder_config: the encoder's `PretrainedConfig.to_dict()`, so loading needs no hub access.
-        variant: "kl" (two-stage, entropy exit) or "count" (joint, count exit); sets the default policy.
+        variant: "kl" (two-stage) or "count" (joint); with the exit risk, sets the default policy.
         policy: default exit policy used by `predict` when none is given.
         encoder_revision: the hub revision of the encoder, when known.
         exit_risk: the "risk" policy's fitted model (`ee_model.exit_risk.ExitRisk`), None until fitted.
@@ -123,7 +132,7 @@ class EarlyExitConfig(ModelOptions):
     labels: tuple[str, ...]
     encoder_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     variant: Variant = "kl"
-    policy: PolicyName | None = None  # None -> "entropy" for kl, "count" for count
+    policy: PolicyName | None = None  # None -> `default_policy` of the variant
     encoder_revision: str | None = None
     exit_risk: ExitRisk | None = None
 
@@ -134,7 +143,7 @@ class EarlyExitConfig(ModelOptions):
         object.__setattr__(self, "labels", check_labels(self.labels))
         _check_choice("variant", self.variant, VARIANTS)
         if self.policy is None:
-            object.__setattr__(self, "policy", "entropy" if self.variant == "kl" else "count")
+            object.__setattr__(self, "policy", default_policy(self.variant, self.exit_risk is not None))
         check_policy(self.policy)
 
     @property

@@ -8,8 +8,9 @@ The final (teacher) layer always lets every remaining row out; policies are only
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
@@ -114,21 +115,42 @@ class FullDepthPolicy(ExitPolicy):
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
 
 
-PolicyName = Literal["entropy", "risk", "count", "patience", "none"]
-POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)  # the choices in messages come from the type
-EXIT_RULES: tuple[str, ...] = (
-    "entropy",
-    "risk",
-    "count",
-    "patience",
-)  # the policies that exit early (they take a knob)
-KNOB_OF_POLICY: dict[str, str | None] = {
-    "entropy": "threshold",
-    "risk": "risk",
-    "count": "patience",
-    "patience": "patience",
-    "none": None,
-}  # the argument each policy takes
+PolicyName = str  # one of POLICY_NAMES
+
+
+@dataclass(frozen=True)
+class PolicyKind:
+    """One exit policy as the rest of the code knows it: its name, the knob it takes (None: none), and how
+    a knob becomes the `ExitPolicy` that runs it (`build(knob, exit_risk)`)."""
+
+    name: str
+    knob: str | None
+    build: Callable[[Any, ExitRisk | None], ExitPolicy]
+
+
+def _risk_policy(risk: float, exit_risk: ExitRisk | None) -> ExitPolicy:
+    if exit_risk is None:
+        raise ValueError(
+            "policy 'risk' needs the model's fitted exit risk, and this model has none (a model trained "
+            "before it, or with eval.exit_risk_rows=0); use policy 'entropy' or retrain"
+        )
+    return RiskPolicy(exit_risk, risk)
+
+
+# The one registry of policies: names, knobs, CLI choices and messages all come from here, in this order.
+POLICIES: dict[str, PolicyKind] = {
+    kind.name: kind
+    for kind in (
+        PolicyKind("entropy", "threshold", lambda s, _: EntropyPolicy(s)),
+        PolicyKind("risk", "risk", _risk_policy),
+        PolicyKind("count", "patience", lambda t, _: CountPolicy(t)),
+        PolicyKind("patience", "patience", lambda t, _: PatiencePolicy(t)),
+        PolicyKind("none", None, lambda _, __: FullDepthPolicy()),
+    )
+}
+POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
+EXIT_RULES: tuple[str, ...] = tuple(n for n, kind in POLICIES.items() if kind.knob)  # those that exit early
+KNOB_OF_POLICY: dict[str, str | None] = {name: kind.knob for name, kind in POLICIES.items()}
 
 
 def check_policy(name: Any) -> str:
@@ -244,20 +266,7 @@ class ExitSetting:
     def exit_policy(self, exit_risk: ExitRisk | None = None) -> ExitPolicy:
         """The policy that runs this setting; "risk" needs the model's fitted `exit_risk`
         (`EarlyExitConfig.exit_risk`), the others ignore it."""
-        if self.policy == "entropy":
-            return EntropyPolicy(self.knob)
-        if self.policy == "risk":
-            if exit_risk is None:
-                raise ValueError(
-                    "policy 'risk' needs the model's fitted exit risk, and this model has none (a model "
-                    "trained before it, or with eval.exit_risk_rows=0); use policy 'entropy' or retrain"
-                )
-            return RiskPolicy(exit_risk, self.knob)
-        if self.policy == "count":
-            return CountPolicy(self.knob)
-        if self.policy == "patience":
-            return PatiencePolicy(self.knob)
-        return FullDepthPolicy()
+        return POLICIES[self.policy].build(self.knob, exit_risk)
 
     def __str__(self) -> str:
         """ "entropy-0.24", "risk-0.01", "count-2", "none": as in output keys."""

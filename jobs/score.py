@@ -28,12 +28,24 @@ choice that meets the target is pinned in the output folder, and every run that 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pipelines.scoring.config import ScoreConfig, score_defaults
+
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
+
+
+DEFAULTS = score_defaults()  # declared once, in ScoreConfig; the help shows them from there
+
+
+def default(name: str) -> str:
+    """The help's "[default: ...]" of a flag, from ScoreConfig."""
+    value = DEFAULTS[name]
+    return '""' if value == "" else str(value)
 
 
 @app.command()
@@ -51,11 +63,19 @@ def main(
     risk: Annotated[
         float | None, typer.Option(help="r for risk (risk of a changed prediction); default the model's")
     ] = None,
-    text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
-    batch_size: Annotated[int, typer.Option(help="rows per model call")] = 64,
+    text_column: Annotated[
+        str | None, typer.Option(help="column holding the text", show_default=default("text_column"))
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="rows per model call", show_default=default("batch_size"))
+    ] = None,
     sort_rows: Annotated[
-        int, typer.Option(help="rows sorted by length together, then cut into model calls")
-    ] = 512,
+        int | None,
+        typer.Option(
+            help="rows sorted by length together, then cut into model calls",
+            show_default=default("sort_rows"),
+        ),
+    ] = None,
     actors: Annotated[
         int | None,
         typer.Option(
@@ -63,99 +83,99 @@ def main(
             "an autoscaling pool"
         ),
     ] = None,
-    cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor; torch threads follow")] = 1.0,
-    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor")] = 0.0,
+    cpus_per_actor: Annotated[
+        float | None,
+        typer.Option(help="CPUs per actor; torch threads follow", show_default=default("cpus_per_actor")),
+    ] = None,
+    gpus_per_actor: Annotated[
+        float | None, typer.Option(help="GPUs per actor", show_default=default("gpus_per_actor"))
+    ] = None,
     tokenize: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="where texts become token ids: actor (in each scoring actor), tasks (a CPU stage of Ray "
-            "Data tasks before the actors, which keeps GPU actors busy), auto (tasks when actors have GPUs)"
+            "Data tasks before the actors, which keeps GPU actors busy), auto (tasks when actors have GPUs)",
+            show_default=default("tokenize"),
         ),
-    ] = "auto",
+    ] = None,
     precision: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="what the transformer layers run in: auto (the fastest this machine has: bf16 on a GPU or a "
-            "CPU with AMX-BF16 / AVX512-BF16, int8 with VNNI only, else fp32), fp32, bf16 or int8"
+            "CPU with AMX-BF16 / AVX512-BF16, int8 with VNNI only, else fp32), fp32, bf16 or int8",
+            show_default=default("precision"),
         ),
-    ] = "auto",
+    ] = None,
     backend: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="what runs them: auto (the fastest measured for the precision, installed), torch, openvino "
             "(the openvino extra) or onnxruntime (int8; the int8 extra); built layers are made once per "
-            "model version into <output>/_int8 or <output>/_openvino"
+            "model version into <output>/_int8 or <output>/_openvino",
+            show_default=default("backend"),
         ),
-    ] = "auto",
-    include_probs: Annotated[bool, typer.Option(help="also write every class probability")] = False,
+    ] = None,
+    include_probs: Annotated[
+        bool | None,
+        typer.Option(help="also write every class probability", show_default=default("include_probs")),
+    ] = None,
     output_prefix: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="prefix of the output columns, e.g. pred_ to score a labeled corpus "
-            "(pred_label beside label)"
+            "(pred_label beside label)",
+            show_default=default("output_prefix"),
         ),
-    ] = "",
+    ] = None,
     calibrate_rows: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="choose S (or r, t) on this many input rows, no labels needed: the fastest agreeing with "
-            "full depth on "
-            ">= --min-agreement of them; pinned in <output>/_calibration for later runs. 0: the model's"
+            "full depth on >= --min-agreement of them; pinned in <output>/_calibration for later runs. "
+            "0: the model's",
+            show_default=default("calibrate_rows"),
         ),
-    ] = 0,
+    ] = None,
     min_agreement: Annotated[
-        float, typer.Option(help="agreement with full depth that --calibrate-rows keeps")
-    ] = 0.99,
-    delta: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="--calibrate-rows keeps --min-agreement on the corpus with probability >= 1 - delta"
+            help="agreement with full depth that --calibrate-rows keeps",
+            show_default=default("min_agreement"),
         ),
-    ] = 0.05,
+    ] = None,
+    delta: Annotated[
+        float | None,
+        typer.Option(
+            help="--calibrate-rows keeps --min-agreement on the corpus with probability >= 1 - delta",
+            show_default=default("delta"),
+        ),
+    ] = None,
     calibration_seed: Annotated[
         int | None,
         typer.Option(help="seed of --calibrate-rows' random sample; default a fresh one, recorded"),
     ] = None,
     remove_orphans: Annotated[
-        bool,
-        typer.Option(help="delete the outputs whose input file no longer exists (default: kept, reported)"),
-    ] = False,
+        bool | None,
+        typer.Option(
+            help="delete the outputs whose input file no longer exists (else kept and reported)",
+            show_default=default("remove_orphans"),
+        ),
+    ] = None,
     address: Annotated[
         str | None, typer.Option(help="Ray address; default $RAY_ADDRESS, else a new local Ray")
     ] = None,
     summary_file: Annotated[Path | None, typer.Option(help="also write the JSON summary here")] = None,
 ) -> None:
     from jobs.cli import one_line_errors
-    from pipelines.config import ScoreConfig
     from pipelines.errors import UserError
     from pipelines.scoring.pipeline import run_scoring
 
+    flags = dict(locals())
+    given = {
+        name: flags[name] for name in (f.name for f in fields(ScoreConfig)) if flags.get(name) is not None
+    }
     with one_line_errors(ValueError):  # every bad flag value is refused here, before Ray starts
-        config = ScoreConfig(
-            model=model,
-            input=input,
-            output=output,
-            policy=policy,
-            threshold=threshold,
-            patience=patience,
-            risk=risk,
-            text_column=text_column,
-            batch_size=batch_size,
-            sort_rows=sort_rows,
-            actors=actors,
-            cpus_per_actor=cpus_per_actor,
-            gpus_per_actor=gpus_per_actor,
-            tokenize=tokenize,
-            precision=precision,
-            backend=backend,
-            include_probs=include_probs,
-            output_prefix=output_prefix,
-            calibrate_rows=calibrate_rows,
-            min_agreement=min_agreement,
-            delta=delta,
-            calibration_seed=calibration_seed,
-            remove_orphans=remove_orphans,
-        )
+        config = ScoreConfig(**given)
     with one_line_errors(UserError):
         summary = run_scoring(config, address)
     text = json.dumps(summary, indent=2, default=str)

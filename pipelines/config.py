@@ -14,16 +14,15 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from ee_model.config import VARIANTS, ModelOptions
+from ee_model.config import VARIANTS, ModelOptions, default_policy
 from ee_model.losses import JointWeighting
-from ee_model.policies import CHECK_OF_KNOB, EXIT_RULES, KNOB_OF_POLICY, check_policy
-from ee_model.runtime import Runtime, resolve_runtime
+from ee_model.policies import EXIT_RULES
+from ee_model.runtime import resolve_runtime
 
 Stage = Literal["stage1", "stage2", "joint"]
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 Sampler = Literal["tpe", "gp"]
 TargetKind = Literal["retention", "flops"]
-Tokenizing = Literal["auto", "actor", "tasks"]
 FeatureDtype = Literal["float16", "float32"]
 
 
@@ -34,7 +33,7 @@ def check_choice(name: str, value: Any, kind: Any) -> None:
         raise ValueError(f"{name}={value!r} is not one of {choices}")
 
 
-def _positive(name: str, value: float) -> None:
+def check_positive(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}={value!r} must be a number")
     if not value > 0:
@@ -110,12 +109,12 @@ class StageConfig:
     checkpoint_every_steps: int = 50  # also at each epoch end; the paper (full profile): 1500
 
     def __post_init__(self) -> None:
-        _positive("learning_rate", self.learning_rate)
-        _positive("epochs", self.epochs)
-        _positive("batch_size_per_worker", self.batch_size_per_worker)
-        _positive("checkpoint_every_steps", self.checkpoint_every_steps)
+        check_positive("learning_rate", self.learning_rate)
+        check_positive("epochs", self.epochs)
+        check_positive("batch_size_per_worker", self.batch_size_per_worker)
+        check_positive("checkpoint_every_steps", self.checkpoint_every_steps)
         if self.max_steps is not None:
-            _positive("max_steps", self.max_steps)
+            check_positive("max_steps", self.max_steps)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
 
@@ -191,7 +190,7 @@ class ResourcesConfig:
         check_choice("placement_strategy", self.placement_strategy, Placement)
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers!r} must be >= 0 (0 = Ray Train local mode)")
-        _positive("cpus_per_worker", self.cpus_per_worker)
+        check_positive("cpus_per_worker", self.cpus_per_worker)
 
 
 @dataclass(frozen=True)
@@ -215,13 +214,13 @@ class TuneSearchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive("num_samples", self.num_samples)
-        _positive("lr_min", self.lr_min)
+        check_positive("num_samples", self.num_samples)
+        check_positive("lr_min", self.lr_min)
         if not self.lr_max > self.lr_min:
             raise ValueError(f"lr_max={self.lr_max!r} must be > lr_min={self.lr_min!r}")
         check_choice("sampler", self.sampler, Sampler)
         if self.max_concurrent_trials is not None:
-            _positive("max_concurrent_trials", self.max_concurrent_trials)
+            check_positive("max_concurrent_trials", self.max_concurrent_trials)
 
 
 @dataclass(frozen=True)
@@ -300,12 +299,12 @@ class EvalConfig:
             raise ValueError(f"exit_risk_rows={self.exit_risk_rows!r} must be >= 0")
         self.target_spec()  # checks target, min_retention, flops_budget, delta
         resolve_runtime(self.precision, self.backend)  # one line for a runtime this machine cannot run
-        _positive("batch_size", self.batch_size)
+        check_positive("batch_size", self.batch_size)
         for size in self.wallclock_batch_sizes:
-            _positive("wallclock_batch_sizes", size)
+            check_positive("wallclock_batch_sizes", size)
         for t in self.timed_patiences:
-            _positive("timed_patiences", t)
-        _positive("wallclock_repeats", self.wallclock_repeats)
+            check_positive("timed_patiences", t)
+        check_positive("wallclock_repeats", self.wallclock_repeats)
         if self.wallclock_rows < 0:
             raise ValueError(f"wallclock_rows={self.wallclock_rows!r} must be >= 0")
 
@@ -344,14 +343,11 @@ class TrainConfig:
 
     @property
     def exit_policy(self) -> str:
-        """The policy the trained model gets: `model.policy`, else for kl "risk" (entropy and margin, measured
-        at least as fast as one S at the same promise on three corpora: docs/results.md, "Exit rules beyond
-        one S"; "entropy" when eval.exit_risk_rows = 0 fits no exit risk), for count "count"."""
+        """The policy the trained model gets: `model.policy`, else the variant's (`ee_model.config.
+        default_policy`: kl gets "risk" when eval.exit_risk_rows > 0 fits an exit risk)."""
         if self.model.policy is not None:
             return self.model.policy
-        if self.variant == "count":
-            return "count"
-        return "risk" if self.eval.exit_risk_rows > 0 else "entropy"
+        return default_policy(self.variant, has_exit_risk=self.eval.exit_risk_rows > 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -452,8 +448,11 @@ def load_train_config(
     if path is not None:
         try:
             from_file = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path} is not valid YAML: {error}") from None
+        except yaml.YAMLError as error:  # one line: the problem and where, without the quoted source
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(f"{path} is not valid YAML: {problem}{where}") from None
         if not isinstance(from_file, dict):
             raise ValueError(f"{path} must hold a YAML mapping, got {type(from_file).__name__}")
     layered = merge(from_file, overrides or {})
@@ -471,106 +470,3 @@ def resolve_tracking_uri(config: TrackingConfig) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"  # workers run in other directories
     return uri
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Offline batch scoring of parquet corpora (jobs/score.py)."""
-
-    model: str  # models:/name@alias, models:/name/version, any MLflow model URI, or a saved model directory
-    input: str  # parquet file, folder, glob (local)
-    output: str  # folder; one sub-folder per (model, policy, knob)
-    policy: str | None = None  # default: the model's stored policy
-    threshold: float | None = None  # default: the model's stored S
-    patience: int | None = None  # default: the model's stored t
-    risk: float | None = None  # default: the model's stored r (policy "risk")
-    text_column: str = "text"
-    batch_size: int = 64  # rows per model call
-    # rows per map_batches call: sorted by length together, then cut into model calls of batch_size, so a
-    # model call holds texts of similar length (less padding); at least batch_size
-    sort_rows: int = 512
-    # scoring actors: None (default) sizes an autoscaling pool from the cluster when the job starts, 1 to as
-    # many as its CPUs (GPUs) hold at cpus_per_actor (gpus_per_actor) each, a CPU left for a tokenising stage
-    actors: int | None = None
-    cpus_per_actor: float = 1.0  # torch threads follow it
-    gpus_per_actor: float = 0.0
-    # where texts become token ids: "actor" (each scoring actor tokenises its batches), "tasks" (a CPU stage
-    # of Ray Data tasks before the actors, on any node's free CPUs: what keeps a GPU actor busy), "auto"
-    # (tasks when the actors have GPUs, else actor: on CPUs tokenising is a few % of the work and a separate
-    # stage only takes CPUs from the actors)
-    tokenize: str = "auto"
-    # what runs the transformer layers (ee_model.runtime): "auto" (what this machine runs fastest: bf16 on
-    # a GPU or a CPU with AMX-BF16 / AVX512-BF16, int8 with VNNI and no bf16, else fp32), "fp32", "bf16",
-    # "int8"; backend "auto" (the fastest measured for the precision, installed), "torch", "openvino",
-    # "onnxruntime". Layers a backend builds (int8, OpenVINO) are built once per model version into
-    # <output>/_int8/ or <output>/_openvino/ and shipped with the model
-    precision: str = "auto"
-    backend: str = "auto"
-    include_probs: bool = False
-    output_prefix: str = ""  # prepended to every output column (label -> pred_label) to keep an input `label`
-    # > 0: choose the knob on this many rows of the input without labels (pipelines.scoring.calibration): the
-    # fastest agreeing with full depth on >= min_agreement of them; pinned in <output>/_calibration so reruns
-    # keep it
-    calibrate_rows: int = 0
-    min_agreement: float = 0.99
-    delta: float = 0.05  # the calibrated knob's agreement promise holds with probability >= 1 - delta
-    # seed of the calibration's uniform random sample of the input rows; None: a fresh one, recorded with the
-    # pinned calibration and in the summary (give it to repeat a calibration)
-    calibration_seed: int | None = None
-    # delete the outputs whose input file no longer exists (else they are kept and reported)
-    remove_orphans: bool = False
-    tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment_name: str = "early-exit-scoring"
-
-    def __post_init__(self) -> None:
-        _positive("batch_size", self.batch_size)
-        _positive("sort_rows", self.sort_rows)
-        if self.actors is not None:
-            _positive("actors", self.actors)
-        _positive("cpus_per_actor", self.cpus_per_actor)
-        if self.gpus_per_actor < 0:
-            raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
-        check_choice("tokenize", self.tokenize, Tokenizing)
-        self.runtime()  # an unknown, unavailable or unsupported precision / backend is refused here
-        if self.policy is not None:
-            check_policy(self.policy)
-        for knob, check in CHECK_OF_KNOB.items():
-            if getattr(self, knob) is not None:
-                check(getattr(self, knob))
-                if self.policy is not None and KNOB_OF_POLICY[self.policy] != knob:
-                    raise ValueError(
-                        f"policy {self.policy!r} does not use {knob}={getattr(self, knob)!r}: drop it"
-                    )
-        if self.output_prefix and not self.output_prefix.replace("_", "").isalnum():
-            raise ValueError(f"output_prefix={self.output_prefix!r} must be letters, digits and '_'")
-        if self.calibrate_rows < 0:
-            raise ValueError(f"calibrate_rows={self.calibrate_rows!r} must be >= 0")
-        if self.calibration_seed is not None and not 0 <= self.calibration_seed < 2**32:
-            raise ValueError(f"calibration_seed={self.calibration_seed!r} must be in [0, 2**32)")
-        if self.calibration_seed is not None and not self.calibrate_rows:
-            raise ValueError("calibration_seed seeds the sample of calibrate_rows: give calibrate_rows too")
-        if not 0 < self.min_agreement <= 1:
-            raise ValueError(f"min_agreement={self.min_agreement!r} must be in (0, 1]")
-        ThresholdTarget(min_retention=self.min_agreement, delta=self.delta)  # checks delta
-        if self.calibrate_rows and self.policy == "none":
-            raise ValueError("calibrate_rows chooses an exit knob; policy 'none' has none")
-        if self.calibrate_rows and any(getattr(self, knob) is not None for knob in CHECK_OF_KNOB):
-            raise ValueError(
-                "calibrate_rows chooses the knob: give a threshold / patience / risk or calibrate_rows, "
-                "not both"
-            )
-
-    def runtime(self) -> tuple[Runtime, str]:
-        """(what runs the layers, why): `precision` and `backend` with "auto" resolved for this machine (the
-        driver's CPU, or a GPU when the actors have one); the actors check their own CPU again."""
-        return resolve_runtime(self.precision, self.backend, gpu=self.gpus_per_actor > 0)
-
-    @property
-    def rows_per_task(self) -> int:
-        """Rows per map_batches call: the sort window, never less than one model call."""
-        return max(self.sort_rows, self.batch_size)
-
-    @property
-    def tokenizes_in_tasks(self) -> bool:
-        """Whether a tokenising stage runs before the scoring actors (`tokenize`, "auto" resolved)."""
-        return self.tokenize == "tasks" or (self.tokenize == "auto" and self.gpus_per_actor > 0)

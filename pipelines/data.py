@@ -175,7 +175,7 @@ def streaming_parquet_reader(preserve_order: bool | None = None) -> Iterator[Non
     Ray 2.60's datasource-V2 parquet reader reads whole groups of files in one task with no backpressure:
     measured here, a 192 MiB corpus through a 100 MiB object store spilled all 192 MiB with it, and peaked at
     39 MiB with the previous reader. The flags are read when a dataset is created, so they are set only inside
-    this block and restored at once. tests/pipelines/test_streaming.py guards the behaviour.
+    this block and restored at once. tests/pipelines/training/test_streaming.py guards the behaviour.
     """
     import ray.data
 

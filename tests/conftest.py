@@ -41,6 +41,31 @@ def _no_tracking_uri_leaks():
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def pytest_collection_modifyitems(config, items):
+    """The `ray` marker comes from the fixture that starts Ray: a test that asks for `ray_local` is a Ray test
+    (tests that run a job in its own process mark themselves)."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_where_marked(request, monkeypatch):
+    """A test without the `ray` marker may not start Ray: it would be left in `-m "not ray"` runs and pay for
+    a cluster there. One that needs Ray asks for `ray_local`."""
+    if request.node.get_closest_marker("ray") is not None:
+        return
+    import ray
+
+    if ray.is_initialized():  # the session's cluster, started by an earlier Ray test: nothing to start
+        return
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts Ray: ask for the ray_local fixture")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 FAMILIES = ["bert", "roberta", "distilbert", "electra"]
 LABELS = ["business", "sport", "tech"]
 

@@ -28,12 +28,13 @@ from ee_model import ExitSetting
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
 from ee_model.runtime import FP32, Runtime
-from pipelines.config import S_GRID, ScoreConfig
+from pipelines.config import S_GRID
 from pipelines.data import streaming_parquet_reader
 from pipelines.errors import UserError
 from pipelines.model_source import ModelFiles, ModelSource, resolve_model
 from pipelines.paths import write_text_atomically
 from pipelines.scoring.calibration import Calibration, calibrate_on_worker, sample_texts
+from pipelines.scoring.config import ScoreConfig
 from pipelines.scoring.incremental import (
     OutputFolder,
     OutputLock,

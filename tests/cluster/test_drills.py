@@ -19,7 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ee_model import EarlyExitClassifier
-from pipelines.config import ScoreConfig
+from pipelines.scoring.config import ScoreConfig
 from pipelines.scoring.pipeline import run_scoring
 from tests.cluster.local_cluster import RAY, ROOT, LocalCluster, committed_outputs, read_summary, wait_until
 from tests.conftest import LABELS, labeled_table, random_texts

@@ -45,7 +45,10 @@ def probe_texts() -> list[str]:
     return random_texts(400, seed=3) + labeled_table(100, seed=5)["text"].to_pylist()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# every family but bert behind the slow marker: each trains a model and exports it (seconds each)
+@pytest.mark.parametrize(
+    "family", [f if f == "bert" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+)
 def test_int8_agrees_with_fp32(family, fp32_and_int8):
     fp32, quantized, _ = fp32_and_int8(family)
     texts = probe_texts()

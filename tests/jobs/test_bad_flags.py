@@ -1,5 +1,7 @@
 """Bad flag and config values end the jobs at once: one line naming the value, exit status 2, and nothing
-started or written (no Ray session, no MLflow store, no ray_results)."""
+started or written (no Ray session, no MLflow store, no ray_results). Each job is run once as users run it (a
+fresh process); the other values are checked in this process through the same CLI (typer's runner), which
+takes milliseconds instead of the seconds a process needs to import Ray, torch and transformers."""
 
 from __future__ import annotations
 
@@ -9,8 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from jobs import score, train
 
 ROOT = Path(__file__).resolve().parents[2]
+APPS = {"score.py": score.app, "train.py": train.app}
 
 
 def run(tmp_path: Path, job: str, *args: str) -> subprocess.CompletedProcess:
@@ -31,11 +37,31 @@ def run(tmp_path: Path, job: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def run_in_process(tmp_path: Path, monkeypatch, job: str, *args: str) -> subprocess.CompletedProcess:
+    """The job's CLI called in this process, in `tmp_path`, as `run` calls it in a fresh one."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    result = CliRunner().invoke(APPS[job], list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def assert_refused(result: subprocess.CompletedProcess, message: str, tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.startswith(f"error: {message}"), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no mlflow.db, ray_results, outputs
+
+
+def test_each_job_refuses_a_bad_value_in_a_fresh_process(tmp_path):
+    score_dir, train_dir = tmp_path / "score", tmp_path / "train"
+    score_dir.mkdir(), train_dir.mkdir()
+    score_args = ("--model", "m", "--input", "in", "--output", "out", "--threshold", "-1")
+    assert_refused(run(score_dir, "score.py", *score_args), "threshold=-1.0 must be a number", score_dir)
+    refused = run(train_dir, "train.py", "--set", "model.threshold=1.5")
+    assert_refused(refused, "threshold=1.5 must be a number in [0, 1]", train_dir)
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
 
 
 @pytest.mark.parametrize(
@@ -60,8 +86,10 @@ def assert_refused(result: subprocess.CompletedProcess, message: str, tmp_path: 
         (["--precision", "int8", "--gpus-per-actor", "1"], "precision 'int8' runs on CPUs"),
     ],
 )
-def test_score_job_refuses_bad_knobs_before_anything_starts(tmp_path, flags, message):
-    result = run(tmp_path, "score.py", "--model", "m", "--input", "in", "--output", "out", *flags)
+def test_score_job_refuses_bad_knobs_before_anything_starts(tmp_path, monkeypatch, flags, message):
+    result = run_in_process(
+        tmp_path, monkeypatch, "score.py", "--model", "m", "--input", "in", "--output", "out", *flags
+    )
     assert_refused(result, message, tmp_path)
 
 
@@ -81,13 +109,13 @@ def test_score_job_refuses_bad_knobs_before_anything_starts(tmp_path, flags, mes
         (["model.max_length=1"], "max_length=1 must be an integer >= 2"),
     ],
 )
-def test_train_job_refuses_bad_config_values_before_anything_starts(tmp_path, sets, message):
-    result = run(tmp_path, "train.py", *[arg for s in sets for arg in ("--set", s)])
+def test_train_job_refuses_bad_config_values_before_anything_starts(tmp_path, monkeypatch, sets, message):
+    result = run_in_process(tmp_path, monkeypatch, "train.py", *[arg for s in sets for arg in ("--set", s)])
     assert_refused(result, message, tmp_path)
 
 
-def test_train_job_names_a_yaml_file_that_does_not_parse(tmp_path):
+def test_train_job_names_a_yaml_file_that_does_not_parse(tmp_path, monkeypatch):
     config = tmp_path.parent / f"{tmp_path.name}-bad.yaml"
     config.write_text("stage1: [1, 2\n")
-    result = run(tmp_path, "train.py", "--config", str(config))
+    result = run_in_process(tmp_path, monkeypatch, "train.py", "--config", str(config))
     assert_refused(result, f"{config} is not valid YAML", tmp_path)

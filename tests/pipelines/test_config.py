@@ -87,7 +87,7 @@ def test_timed_thresholds_join_the_sweep_grid():
 
 
 def test_score_config_sorts_at_least_one_model_call():
-    from pipelines.config import ScoreConfig
+    from pipelines.scoring.config import ScoreConfig
 
     assert ScoreConfig(model="m", input="i", output="o").rows_per_task == 512
     assert ScoreConfig(model="m", input="i", output="o", batch_size=1024, sort_rows=512).rows_per_task == 1024
@@ -106,7 +106,7 @@ def test_score_config_sorts_at_least_one_model_call():
 
 
 def test_score_config_calibration_excludes_a_given_knob():
-    from pipelines.config import ScoreConfig
+    from pipelines.scoring.config import ScoreConfig
 
     assert (
         ScoreConfig(model="m", input="i", output="o", calibrate_rows=100, policy="count").min_agreement

@@ -21,8 +21,6 @@ from pipelines.training.trainer import build_trainer
 from pipelines.training.worker_loop import MODEL_SUBDIR, WorkerConfig
 from tests.conftest import random_texts, unlabeled_table
 
-pytestmark = pytest.mark.ray
-
 
 def mlflow_run(tmp_path):
     """A real sqlite-backed MLflow store and a run the worker logs into; returns (uri, run_id)."""

@@ -15,9 +15,7 @@ import pytest
 from ee_model.cpu_support import cpu_support
 from pipelines.scoring import pipeline
 from tests.conftest import random_texts
-from tests.pipelines.scoring_helpers import read_outputs, score, write
-
-pytestmark = pytest.mark.ray
+from tests.pipelines.scoring.helpers import read_outputs, score, write
 
 
 def outputs_by_input(summary) -> dict[str, int]:

@@ -1,0 +1,121 @@
+"""The scoring job's one typed config (jobs/score.py builds it from its flags; every default is declared here
+and the CLI's help reads it from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from ee_model.policies import CHECK_OF_KNOB, KNOB_OF_POLICY, check_policy
+from ee_model.runtime import Runtime, resolve_runtime
+from pipelines.config import ThresholdTarget, check_choice, check_positive
+
+Tokenizing = Literal["auto", "actor", "tasks"]
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Offline batch scoring of parquet corpora (jobs/score.py)."""
+
+    model: str  # models:/name@alias, models:/name/version, any MLflow model URI, or a saved model directory
+    input: str  # parquet file, folder, glob (local)
+    output: str  # folder; one sub-folder per (model, policy, knob)
+    policy: str | None = None  # default: the model's stored policy
+    threshold: float | None = None  # default: the model's stored S
+    patience: int | None = None  # default: the model's stored t
+    risk: float | None = None  # default: the model's stored r (policy "risk")
+    text_column: str = "text"
+    batch_size: int = 64  # rows per model call
+    # rows per map_batches call: sorted by length together, then cut into model calls of batch_size, so a
+    # model call holds texts of similar length (less padding); at least batch_size
+    sort_rows: int = 512
+    # scoring actors: None (default) sizes an autoscaling pool from the cluster when the job starts, 1 to as
+    # many as its CPUs (GPUs) hold at cpus_per_actor (gpus_per_actor) each, a CPU left for a tokenising stage
+    actors: int | None = None
+    cpus_per_actor: float = 1.0  # torch threads follow it
+    gpus_per_actor: float = 0.0
+    # where texts become token ids: "actor" (each scoring actor tokenises its batches), "tasks" (a CPU stage
+    # of Ray Data tasks before the actors, on any node's free CPUs: what keeps a GPU actor busy), "auto"
+    # (tasks when the actors have GPUs, else actor: on CPUs tokenising is a few % of the work and a separate
+    # stage only takes CPUs from the actors)
+    tokenize: str = "auto"
+    # what runs the transformer layers (ee_model.runtime): "auto" (what this machine runs fastest: bf16 on
+    # a GPU or a CPU with AMX-BF16 / AVX512-BF16, int8 with VNNI and no bf16, else fp32), "fp32", "bf16",
+    # "int8"; backend "auto" (the fastest measured for the precision, installed), "torch", "openvino",
+    # "onnxruntime". Layers a backend builds (int8, OpenVINO) are built once per model version into
+    # <output>/_int8/ or <output>/_openvino/ and shipped with the model
+    precision: str = "auto"
+    backend: str = "auto"
+    include_probs: bool = False
+    output_prefix: str = ""  # prepended to every output column (label -> pred_label) to keep an input `label`
+    # > 0: choose the knob on this many rows of the input without labels (pipelines.scoring.calibration): the
+    # fastest agreeing with full depth on >= min_agreement of them; pinned in <output>/_calibration so reruns
+    # keep it
+    calibrate_rows: int = 0
+    min_agreement: float = 0.99
+    delta: float = 0.05  # the calibrated knob's agreement promise holds with probability >= 1 - delta
+    # seed of the calibration's uniform random sample of the input rows; None: a fresh one, recorded with the
+    # pinned calibration and in the summary (give it to repeat a calibration)
+    calibration_seed: int | None = None
+    # delete the outputs whose input file no longer exists (else they are kept and reported)
+    remove_orphans: bool = False
+    tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment_name: str = "early-exit-scoring"
+
+    def __post_init__(self) -> None:
+        check_positive("batch_size", self.batch_size)
+        check_positive("sort_rows", self.sort_rows)
+        if self.actors is not None:
+            check_positive("actors", self.actors)
+        check_positive("cpus_per_actor", self.cpus_per_actor)
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
+        check_choice("tokenize", self.tokenize, Tokenizing)
+        self.runtime()  # an unknown, unavailable or unsupported precision / backend is refused here
+        if self.policy is not None:
+            check_policy(self.policy)
+        for knob, check in CHECK_OF_KNOB.items():
+            if getattr(self, knob) is not None:
+                check(getattr(self, knob))
+                if self.policy is not None and KNOB_OF_POLICY[self.policy] != knob:
+                    raise ValueError(
+                        f"policy {self.policy!r} does not use {knob}={getattr(self, knob)!r}: drop it"
+                    )
+        if self.output_prefix and not self.output_prefix.replace("_", "").isalnum():
+            raise ValueError(f"output_prefix={self.output_prefix!r} must be letters, digits and '_'")
+        if self.calibrate_rows < 0:
+            raise ValueError(f"calibrate_rows={self.calibrate_rows!r} must be >= 0")
+        if self.calibration_seed is not None and not 0 <= self.calibration_seed < 2**32:
+            raise ValueError(f"calibration_seed={self.calibration_seed!r} must be in [0, 2**32)")
+        if self.calibration_seed is not None and not self.calibrate_rows:
+            raise ValueError("calibration_seed seeds the sample of calibrate_rows: give calibrate_rows too")
+        if not 0 < self.min_agreement <= 1:
+            raise ValueError(f"min_agreement={self.min_agreement!r} must be in (0, 1]")
+        ThresholdTarget(min_retention=self.min_agreement, delta=self.delta)  # checks delta
+        if self.calibrate_rows and self.policy == "none":
+            raise ValueError("calibrate_rows chooses an exit knob; policy 'none' has none")
+        if self.calibrate_rows and any(getattr(self, knob) is not None for knob in CHECK_OF_KNOB):
+            raise ValueError(
+                "calibrate_rows chooses the knob: give a threshold / patience / risk or calibrate_rows, "
+                "not both"
+            )
+
+    def runtime(self) -> tuple[Runtime, str]:
+        """(what runs the layers, why): `precision` and `backend` with "auto" resolved for this machine (the
+        driver's CPU, or a GPU when the actors have one); the actors check their own CPU again."""
+        return resolve_runtime(self.precision, self.backend, gpu=self.gpus_per_actor > 0)
+
+    @property
+    def rows_per_task(self) -> int:
+        """Rows per map_batches call: the sort window, never less than one model call."""
+        return max(self.sort_rows, self.batch_size)
+
+    @property
+    def tokenizes_in_tasks(self) -> bool:
+        """Whether a tokenising stage runs before the scoring actors (`tokenize`, "auto" resolved)."""
+        return self.tokenize == "tasks" or (self.tokenize == "auto" and self.gpus_per_actor > 0)
+
+
+def score_defaults() -> dict[str, Any]:
+    """{field: its default} of `ScoreConfig` (the required fields left out)."""
+    return {f.name: f.default for f in fields(ScoreConfig) if f.default is not f.default_factory}
