@@ -52,7 +52,7 @@ from pipelines.feature_batches import FEATURES_COLUMN, LABEL_COLUMN, TEACHER_COL
 from pipelines.model_source import resolve_model  # noqa: E402
 from pipelines.training.features import PART_COLUMN, FeatureExtractor  # noqa: E402
 from pipelines.training.stages import stage_named  # noqa: E402
-from pipelines.training.steps import optimizer_for, train_step  # noqa: E402
+from pipelines.training.steps import TrainState, run_stage  # noqa: E402
 
 UNLABELED = -100
 
@@ -122,25 +122,25 @@ def train_students(
     stage = stage_named("stage2")
     model = fresh_students(base, head_type, seed)
     n, size = len(train[LABEL_COLUMN]), stage_config.batch_size_per_worker
-    total = math.ceil(n / size) * stage_config.epochs
-    optimizer, scheduler = optimizer_for(model, stage_config, total)
-    loss_fn = stage.loss(stage_config)
-    device = torch.device("cpu")
-    rng, step = np.random.default_rng(seed), 0
-    best: tuple[float, dict] = (-1.0, {})
+    device, rng = torch.device("cpu"), np.random.default_rng(seed)
+    best: list = [-1.0, {}]
 
-    def keep_if_best() -> tuple[float, dict]:
+    def keep_if_best(_: TrainState) -> None:
         recorded = exit_logits(model, batches(dev, np.arange(len(dev[LABEL_COLUMN])), 256), device)
         score = stage.dev_score(per_layer_accuracy(recorded.logits, recorded.labels))
-        return (score, copy.deepcopy(model.state_dict())) if score > best[0] else best
+        if score > best[0]:
+            best[:] = [score, copy.deepcopy(model.state_dict())]
 
-    for _ in range(stage_config.epochs):
-        for batch in batches(train, rng.permutation(n), size):
-            train_step(model, batch, stage, loss_fn, optimizer, scheduler, device)
-            step += 1
-            if step % stage_config.checkpoint_every_steps == 0:
-                best = keep_if_best()
-        best = keep_if_best()
+    total = math.ceil(n / size) * stage_config.epochs
+    run_stage(
+        model,
+        stage,
+        stage_config,
+        lambda _: batches(train, rng.permutation(n), size),
+        total,
+        device,
+        keep_if_best,
+    )
     if select == "best-dev":
         model.load_state_dict(best[1])
     return model.eval(), time.perf_counter() - started

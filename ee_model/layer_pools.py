@@ -14,9 +14,8 @@ remaining row); nothing else leaves the device.
 With `pool_across_batches=False` each input batch drains through every layer before the next one enters:
 per-batch compaction, where later layers run on fewer rows. That is what a CPU wants: a small batch costs a
 CPU no more per row, while a pool's step joins rows from several input batches and so pads to a wider spread
-of lengths (on 2 cores, BBC paragraphs, batch 64: 12 % more padded tokens, 0.88 vs 1.03 of the layer
-speed-up; benchmarks/exit_speed.py). A GPU wants full batches (a layer on 64 rows takes about as long as on
-1,024). `default_pooling` says which.
+of lengths (measured: docs/results.md, "An exit engine and a tokenising stage for GPUs"). A GPU wants full
+batches (a small batch leaves it idle). `default_pooling` says which.
 """
 
 from __future__ import annotations

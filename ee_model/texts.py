@@ -15,9 +15,8 @@ def invalid_text_reason(text: Any) -> str | None:
         return f"not a string: {type(text).__name__}"
     if not text.strip():
         return "empty or whitespace-only text"
-    if all(
-        c.isspace() or unicodedata.category(c).startswith("C") for c in text
-    ):  # stops at the first visible
+    # all() stops at the first visible character
+    if all(c.isspace() or unicodedata.category(c).startswith("C") for c in text):
         return "only control or zero-width characters"  # \u200b, \ufeff, \x00 ...: tokenisers see nothing
     return None
 

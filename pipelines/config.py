@@ -51,7 +51,7 @@ class DataConfig:
     label_column: str = "label"
     # dev is where the automatic knob's promise is tested: keeping >= 99 % of full accuracy with 95 %
     # confidence needs >= 299 dev rows the full model gets right
-    # (pipelines.evaluation.thresholds.rows_needed); 15 % of BBC gives ~325
+    # (pipelines.evaluation.thresholds.rows_needed); 15 % of BBC gives a few more
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: int = 0
     # Stage 2 corpus, streamed: None -> the training articles' paragraphs with the default corpus, else none.
@@ -136,9 +136,8 @@ class Stage2Config(StageConfig):
     """KL stage 2: students distil the frozen teacher (KL), optionally + cross-entropy to gold labels."""
 
     # Heads only, on features the frozen backbone computed once per row (pipelines.training.features): epochs
-    # cost heads, not backbones. Measured on BBC (docs/results.md): 4,000 paragraphs x 3 epochs at 1e-2 let
-    # the dev-chosen S keep 99 % of accuracy at about 0.9 of the oracle's speed-up; 1,000 x 2 at 5e-3 stopped
-    # near 0.65.
+    # cost heads, not backbones. The budget below was measured on BBC (docs/results.md, "How much stage 2 the
+    # students need" and "Stage 2 from cached features").
     learning_rate: float = 1e-2
     epochs: int = 3
     batch_size_per_worker: int = 32

@@ -172,9 +172,9 @@ def default_unlabeled_corpus(train: pa.Table, config: DataConfig) -> str:
 def streaming_parquet_reader(preserve_order: bool | None = None) -> Iterator[None]:
     """Datasets created inside read parquet with the reader that streams under object-store backpressure.
 
-    Ray 2.60's datasource-V2 parquet reader reads whole groups of files in one task with no backpressure:
-    measured here, a 192 MiB corpus through a 100 MiB object store spilled all 192 MiB with it, and peaked at
-    39 MiB with the previous reader. The flags are read when a dataset is created, so they are set only inside
+    Ray 2.60's datasource-V2 parquet reader reads whole groups of files in one task with no backpressure: a
+    corpus larger than the object store spills whole (docs/results.md, "Measurements the code refers to").
+    The flags are read when a dataset is created, so they are set only inside
     this block and restored at once. tests/pipelines/training/test_streaming.py guards the behaviour.
     """
     import ray.data

@@ -22,9 +22,8 @@ class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = EarlyExitClassifier.from_pretrained(context.artifacts["model_dir"])
 
-    def predict(
-        self, context, model_input, params=None
-    ):  # no type hints: MLflow would infer a schema from them
+    # no type hints: MLflow would infer a schema from them
+    def predict(self, context, model_input, params=None):
         from ee_model.policies import KNOB_OF_POLICY
 
         params = params or {}

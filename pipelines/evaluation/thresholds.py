@@ -1,4 +1,4 @@
-"""Automatic choice of the exit knob (S for entropy, t for count / patience) from a sweep.
+"""Automatic choice of the exit knob (S for entropy, r for risk, t for count / patience) from a sweep.
 
 Two targets:
 - "retention": a promise with a stated confidence. The statistic is, among the rows the full model gets right,

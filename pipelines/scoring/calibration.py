@@ -121,8 +121,9 @@ def agreement_pass(model: EarlyExitClassifier, texts: list[str], batch_size: int
 
     Rows run longest first in batches of `batch_size`, as the scorer's exit engine takes them: with int8
     layers a row's result depends on its batch-mates (activations are scaled per call), and unsorted batches
-    (more padding, other mates) disagreed with the scorer's full depth on 0.85 % of BBC rows where sorted
-    ones matched it exactly; fp32 is the same either way. The pass is returned in input order."""
+    (more padding, other mates) disagree with the scorer's full depth where sorted ones match it
+    (docs/results.md, "Measurements the code refers to"); fp32 is the same either way. The pass is returned
+    in input order."""
     order = np.argsort(-model.tokenize(texts).lengths, kind="stable")
     ordered = [texts[i] for i in order]
     recorded = texts_pass(model, ordered, np.zeros(len(texts), np.int64), batch_size, mixed_precision=False)
@@ -181,8 +182,8 @@ def checked_in_the_engine(
 ) -> ChosenSetting:
     """`chosen` re-measured where the scorer runs it, for every runtime but fp32: the sweep replays every exit
     from one full-depth pass, but an int8 row's logits depend on its batch-mates (and a bf16 row's last bits
-    on the shape of its batch), which change as rows leave the engine
-    (the replayed agreement was 99.4 % where the engine's was 98.9 % on BBC text). So the chosen knob runs
+    on the shape of its batch), which change as rows leave the engine (the replay overstates the engine's
+    agreement: docs/results.md, "Measurements the code refers to"). So the chosen knob runs
     through the exit engine on the sample; while its bound misses the target the next safer knob is tried
     (the safest, full depth in the engine's batching, agrees by construction)."""
     if not chosen.met:

@@ -225,6 +225,11 @@ class PendingOutput:
         self.writer.write_table(table)
         self.rows += table.num_rows
 
+    def discard(self) -> None:
+        """Close and delete: the input did not come back whole."""
+        self.writer.close()
+        self.path.unlink(missing_ok=True)
+
     def commit(self, record: dict) -> None:
         """Close, then make the output visible in one atomic rename; the manifest record follows."""
         self.writer.close()

@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import secrets
 import sys
@@ -28,6 +27,8 @@ from ee_model import ExitSetting
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
 from ee_model.runtime import FP32, Runtime
+from pipelines import actor_stream
+from pipelines.actor_stream import actor_pool, commit_each_input
 from pipelines.config import S_GRID
 from pipelines.data import streaming_parquet_reader
 from pipelines.errors import UserError
@@ -148,36 +149,45 @@ def score_stream(
     tally: Tally,
     record: dict[str, Any],
 ) -> int:
-    """Drive the Ray Data stream; write each input file's rows to its output (`plan`) and commit it when
-    complete. The seconds the driver spends on its own work (splitting, writing, committing, counting; not
-    waiting for batches) go to `tally.driver_seconds`: its share of the run says whether one driver keeps
-    up."""
-    open_outputs: dict[str, tuple[PendingOutput, Callable]] = {}
-    committed = 0
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        busy_since = time.perf_counter()
-        tally.actor_seconds += float(pa.compute.sum(batch[CALL_SECONDS]).as_py() or 0.0)
-        batch = batch.drop_columns([CALL_SECONDS])
-        sources = batch[READER_PATH].to_pylist()
-        for source in dict.fromkeys(sources):  # a block may hold rows of several files
-            rows = batch.filter(pa.compute.equal(batch[READER_PATH], source)).drop_columns([READER_PATH])
-            item = pending[source]
-            if source not in open_outputs:
-                writer = folder.writer(plan.names[source], schema_of(item))
-                open_outputs[source] = (writer, restore_reader_path(item))
-            output, restore = open_outputs[source]
-            # a batch that joined files of different columns holds the union of them, null where missing
-            output.write(restore(rows).select(output.writer.schema.names).cast(output.writer.schema))
-            tally.add(rows)
-            if output.rows == item.rows:
-                output.commit(manifest_record(item, record))
-                del open_outputs[source]
-                committed += 1
-        tally.driver_seconds += time.perf_counter() - busy_since
-    if open_outputs:  # rows in must equal rows out: never commit a short file
-        short = {s: f"{o.rows}/{pending[s].rows}" for s, (o, _) in open_outputs.items()}
-        raise RuntimeError(f"scoring ended with incomplete files (rows written/expected): {short}")
-    return committed
+    """Drive the Ray Data stream (`commit_each_input`): each input file's rows go to its output (`plan`),
+    committed with its manifest record when complete. The seconds the driver spends on its
+    own work go to `tally.driver_seconds`: its share of the run says whether one driver keeps up."""
+
+    def batches():
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            tally.actor_seconds += float(pa.compute.sum(batch[CALL_SECONDS]).as_py() or 0.0)
+            yield batch.drop_columns([CALL_SECONDS])
+
+    def open_output(source: str) -> ScoredOutput:
+        item = pending[source]
+        writer = folder.writer(plan.names[source], schema_of(item))
+        return ScoredOutput(writer, restore_reader_path(item), manifest_record(item, record), tally)
+
+    expected = {source: item.rows for source, item in pending.items()}
+    result = commit_each_input(batches(), READER_PATH, expected, open_output)
+    tally.driver_seconds += result.busy_seconds
+    return result.committed
+
+
+@dataclass
+class ScoredOutput:
+    """One input file's output while its scored rows arrive (a `pipelines.actor_stream.StreamedOutput`)."""
+
+    pending: PendingOutput
+    restore: Callable[[pa.Table], pa.Table]  # puts back an input column named like the reader's path column
+    record: dict[str, Any]  # its manifest record
+    tally: Tally
+
+    def write(self, rows: pa.Table) -> None:
+        schema = self.pending.writer.schema  # a batch joining files of different columns holds their union
+        self.pending.write(self.restore(rows).select(schema.names).cast(schema))
+        self.tally.add(rows)
+
+    def commit(self) -> None:
+        self.pending.commit(self.record)
+
+    def discard(self) -> None:
+        self.pending.discard()
 
 
 def manifest_record(item: InputFile, record: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +229,7 @@ def build_dataset(
                 "cpus": config.cpus_per_actor,
                 "batch_size": config.batch_size,
             },
-            compute=actor_pool(config, actors or most_actors(config, tokenizer is not None)),
+            compute=actor_pool(config.actors, actors or most_actors(config, tokenizer is not None)),
             batch_size=config.rows_per_task,
             batch_format="pyarrow",
             num_cpus=config.cpus_per_actor,
@@ -228,27 +238,13 @@ def build_dataset(
 
 
 def most_actors(config: ScoreConfig, tokenizing_tasks: bool) -> int:
-    """`--actors`, else as many actors as the cluster's GPUs (GPU actors) or CPUs hold now, a CPU left for a
-    tokenising stage's tasks."""
-    import ray
-
+    """`--actors`, else as many actors as the cluster holds now (`pipelines.actor_stream.most_actors`), a CPU
+    left for a tokenising stage's tasks."""
     if config.actors is not None:
         return config.actors
-    resources = ray.cluster_resources()
-    if config.gpus_per_actor:
-        return max(1, math.floor(resources.get("GPU", 0) / config.gpus_per_actor))
-    spare = 1 if tokenizing_tasks else 0
-    return max(1, math.floor((resources.get("CPU", 1) - spare) / config.cpus_per_actor))
-
-
-def actor_pool(config: ScoreConfig, most: int):
-    """A pool of `--actors`, else an autoscaling one from 1 to `most` (`most_actors`), started full (Ray Data
-    shrinks it when the input runs short)."""
-    import ray.data
-
-    if config.actors is not None:
-        return ray.data.ActorPoolStrategy(size=config.actors)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=most)
+    return actor_stream.most_actors(
+        config.cpus_per_actor, config.gpus_per_actor, 1 if tokenizing_tasks else 0
+    )
 
 
 def spare_cpus_for_tokenizing(config: ScoreConfig) -> bool:

@@ -18,7 +18,6 @@ parts still missing; a corpus that gains a file extracts that file only.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
@@ -31,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from ee_model.config import EarlyExitConfig
 from ee_model.flops import FlopsModel
 from ee_model.texts import invalid_text_reason, invalid_text_reasons
+from pipelines.actor_stream import actor_pool, commit_each_input
 from pipelines.data import (
     UNLABELED,
     DataError,
@@ -311,35 +310,44 @@ def extraction_dataset(
 
 
 def write_parts(features: ray.data.Dataset, store_path: Path, parts: list[StorePart]) -> None:
-    """Drive the extraction; write each part's rows aside and rename the part into place once all its input
-    rows have come back (`parts` as `extraction_parts` numbers them). Rows in must equal rows out: a part that
-    ends short (or long) is never committed."""
+    """Drive the extraction (`commit_each_input`): each part's rows are written aside and the part renamed
+    into place once all its input rows have come back (`parts` as `extraction_parts` numbers them). A part
+    that ends short (or long) is never committed."""
     staging = store_path / f"_tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
-    seen: collections.Counter[int] = collections.Counter()
-    writers: dict[int, pq.ParquetWriter] = {}
     try:
-        for batch in features.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for index in dict.fromkeys(batch[PART_COLUMN].to_pylist()):
-                part = parts[index]
-                rows = batch.filter(pc.equal(batch[PART_COLUMN], index))
-                seen[index] += rows.num_rows
-                kept = rows.filter(rows[VALID_COLUMN]).drop_columns([PART_COLUMN, VALID_COLUMN])
-                if index not in writers:
-                    writers[index] = pq.ParquetWriter(staging / part.name, kept.schema)
-                writers[index].write_table(kept)
-                if seen[index] == part.rows:
-                    writers.pop(index).close()
-                    replace_atomically(staging / part.name, store_path / part.name)  # the part's commit point
-        wrong = {p.name: f"{seen[i]}/{p.rows}" for i, p in enumerate(parts) if seen[i] != p.rows}
-        if wrong:
-            raise RuntimeError(
-                f"feature extraction ended with incomplete parts (rows seen/expected): {wrong}"
-            )
+        commit_each_input(
+            features.iter_batches(batch_size=None, batch_format="pyarrow"),
+            PART_COLUMN,
+            {index: part.rows for index, part in enumerate(parts)},
+            lambda index: PartOutput(staging / parts[index].name, store_path / parts[index].name),
+        )
     finally:
-        for writer in writers.values():
-            writer.close()
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass
+class PartOutput:
+    """One store part while its feature rows arrive (an `actor_stream.StreamedOutput`): the valid rows are
+    written to `staging`, renamed to `final` when complete."""
+
+    staging: Path
+    final: Path
+    writer: pq.ParquetWriter | None = None
+
+    def write(self, rows: pa.Table) -> None:
+        kept = rows.filter(rows[VALID_COLUMN]).drop_columns([VALID_COLUMN])
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.staging, kept.schema)
+        self.writer.write_table(kept)
+
+    def commit(self) -> None:
+        self.writer.close()
+        replace_atomically(self.staging, self.final)  # the part's commit point
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def extract_features(
@@ -361,7 +369,6 @@ def extract_features(
     """Extract the given parts into `store_path`. Each actor reserves `cpus_per_actor` CPUs and runs
     `threads` torch threads (default as many as it reserves). With `tokenizer`, CPU tasks tokenise before the
     actors (what keeps a GPU actor on the model)."""
-    import ray.data
 
     rows = extraction_dataset(labeled, files, filesystem, column, eval_keys)
     if tokenizer is not None:
@@ -371,7 +378,7 @@ def extract_features(
     features = rows.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs={"model": model, "dtype": dtype, "cpus": threads or cpus_per_actor},
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=actor_pool(actors, actors),
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=cpus_per_actor,

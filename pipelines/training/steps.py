@@ -1,4 +1,5 @@
-"""One optimizer step of a training stage on one worker (no Ray here).
+"""A training stage's loop and its optimizer steps on one worker (no Ray here: the Ray Train worker and the
+benchmarks run the same loop).
 
 A batch is a dict with "text" (sequence of str) and "label_id" (int array; -100 = unlabeled), or, for stage 2
 from cached features (pipelines.training.features), "student_features" and "teacher_logits" instead of "text".
@@ -7,6 +8,8 @@ Ray code only turns dataset shards into such iterables; tests feed plain lists.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,3 +69,52 @@ def train_step(
     optimizer.step()
     scheduler.step()
     return float(loss.detach())
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+
+
+def run_stage(
+    model: torch.nn.Module,
+    stage: TrainingStage,
+    stage_config: StageConfig,
+    batches_of_epoch: Callable[[int], Iterable[dict[str, Any]]],
+    total_steps: int,
+    device: torch.device,
+    checkpoint: Callable[[TrainState], None],
+    state: TrainState | None = None,
+    optimizer_and_scheduler: tuple[torch.optim.Optimizer, Any] | None = None,
+    on_step: Callable[[float, int], None] | None = None,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+) -> TrainState:
+    """Train `model` through `stage_config.epochs` epochs of `batches_of_epoch(epoch)`, at most `total_steps`
+    optimizer steps; `checkpoint(state)` every `checkpoint_every_steps` steps and at each epoch end (once per
+    step). Resumes from `state` (epochs and steps done) with the given optimizer and scheduler (default
+    fresh ones, `optimizer_for`)."""
+    state = state or TrainState()
+    optimizer, scheduler = optimizer_and_scheduler or optimizer_for(model, stage_config, total_steps)
+    loss_fn = stage.loss(stage_config)
+    model.train()
+    while state.epoch < stage_config.epochs and state.step < total_steps:
+        last_checkpoint = -1
+        for batch in batches_of_epoch(state.epoch):
+            loss = train_step(model, batch, stage, loss_fn, optimizer, scheduler, device)
+            if loss is None:
+                continue
+            state.step += 1
+            if on_step is not None:
+                on_step(loss, state.step)
+            if state.step % stage_config.checkpoint_every_steps == 0:
+                checkpoint(state)
+                last_checkpoint = state.step
+            if state.step >= total_steps:
+                break
+        state.epoch += 1
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+        if last_checkpoint != state.step:
+            checkpoint(state)
+    return state

@@ -27,7 +27,7 @@ from ee_model.io import load_weights, unwrap
 from pipelines.evaluation.passes import autocast_dtype, exit_logits, per_layer_accuracy
 from pipelines.tracking import StepLogger
 from pipelines.training.stages import TrainingStage, stage_named
-from pipelines.training.steps import optimizer_for, train_step
+from pipelines.training.steps import TrainState, optimizer_for, run_stage
 
 MODEL_SUBDIR = "model"
 STATE_FILE = "train_state.json"
@@ -51,12 +51,6 @@ class WorkerConfig:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     torch_threads: int | None = None
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
 
 
 def build_model(spec: WorkerConfig) -> EarlyExitClassifier:
@@ -154,35 +148,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     optimizer, scheduler = optimizer_for(model, stage_config, spec.total_steps)
     state = restore(model, optimizer, scheduler)
-    model.train()
-    loss_fn = stage.loss(stage_config)
     logger = StepLogger(spec.tracking_uri, spec.mlflow_run_id) if context.get_world_rank() == 0 else None
     if logger is not None:
         logger.tags(placement_tags(device))
     if logger is not None and state.step > 0:  # a worker group restarted after a failure
         logger.log("resumed_from_step", state.step, state.step, flush=True)
     shard = ray.train.get_dataset_shard("train")
-    while state.epoch < stage_config.epochs and state.step < spec.total_steps:
-        last_report_step = -1
-        for batch in shard.iter_batches(
+
+    def batches_of_epoch(epoch: int):
+        return shard.iter_batches(
             batch_size=stage_config.batch_size_per_worker,
             batch_format="numpy",
             local_shuffle_buffer_size=1024,
-            local_shuffle_seed=spec.seed + state.epoch,
-        ):
-            loss = train_step(model, batch, stage, loss_fn, optimizer, scheduler, device)
-            if loss is None:
-                continue
-            state.step += 1
-            if logger is not None:
-                logger.log(f"{stage.name}_loss", loss, state.step, flush=state.step % LOG_EVERY_STEPS == 0)
-            if state.step % stage_config.checkpoint_every_steps == 0:
-                report(model, optimizer, scheduler, state, stage, device, logger)
-                last_report_step = state.step
-            if state.step >= spec.total_steps:
-                break
-        state.epoch += 1
-        if logger is not None:
-            logger.flush()
-        if last_report_step != state.step:
-            report(model, optimizer, scheduler, state, stage, device, logger)
+            local_shuffle_seed=spec.seed + epoch,
+        )
+
+    def log_loss(loss: float, step: int) -> None:
+        logger.log(f"{stage.name}_loss", loss, step, flush=step % LOG_EVERY_STEPS == 0)
+
+    run_stage(
+        model,
+        stage,
+        stage_config,
+        batches_of_epoch,
+        spec.total_steps,
+        device,
+        checkpoint=lambda state: report(model, optimizer, scheduler, state, stage, device, logger),
+        state=state,
+        optimizer_and_scheduler=(optimizer, scheduler),
+        on_step=log_loss if logger is not None else None,
+        on_epoch_end=(lambda _: logger.flush()) if logger is not None else None,
+    )

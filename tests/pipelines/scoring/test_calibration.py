@@ -51,9 +51,8 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
     encoder = tiny_encoder_dir("bert", num_layers=3)
     torch.manual_seed(3)
     model = EarlyExitClassifier.from_encoder(encoder, labels=LABELS, threshold=0.95)
-    with (
-        torch.no_grad()
-    ):  # sharper heads: entropies spread over [0, 1], so S really trades agreement for speed
+    # sharper heads: entropies spread over [0, 1], so S really trades agreement for speed
+    with torch.no_grad():
         for parameter in model.heads.parameters():
             parameter.mul_(3)
     model_dir = str(model.save_pretrained(tmp_path / "model"))
