@@ -52,7 +52,7 @@ from pipelines.feature_batches import FEATURES_COLUMN, LABEL_COLUMN, TEACHER_COL
 from pipelines.model_source import resolve_model  # noqa: E402
 from pipelines.training.features import PART_COLUMN, FeatureExtractor  # noqa: E402
 from pipelines.training.stages import stage_named  # noqa: E402
-from pipelines.training.steps import TrainState, run_stage  # noqa: E402
+from pipelines.training.steps import TrainState, run_stage_loop  # noqa: E402
 
 UNLABELED = -100
 
@@ -132,7 +132,7 @@ def train_students(
             best[:] = [score, copy.deepcopy(model.state_dict())]
 
     total = math.ceil(n / size) * stage_config.epochs
-    run_stage(
+    run_stage_loop(
         model,
         stage,
         stage_config,

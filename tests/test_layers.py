@@ -105,3 +105,19 @@ def test_the_cycle_check_sees_a_deferred_import(tmp_path):
     assert module_graph(tmp_path) == {"ee_model.a": {"ee_model.b"}, "ee_model.b": {"ee_model.a"}}
     with pytest.raises(graphlib.CycleError):
         list(graphlib.TopologicalSorter(module_graph(tmp_path)).static_order())
+
+
+MOST_LINES = 60  # a function longer than this holds several steps: name them
+
+
+def test_no_library_or_pipeline_function_is_longer_than_a_screen():
+    long = []
+    for name, path in modules():
+        if name.startswith("jobs."):  # a job's main is its CLI's declaration
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MOST_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, long

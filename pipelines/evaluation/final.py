@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -88,6 +89,24 @@ def fitted_exit_risk(model: EarlyExitClassifier, texts: list[str], batch_size: i
     return fit_exit_risk(recorded.logits)
 
 
+def set_policy_and_exit_risk(
+    model: EarlyExitClassifier,
+    model_dir: str | Path,
+    config: EvalConfig,
+    risk_texts: list[str] | None,
+    policy: str | None,
+) -> None:
+    """The model's policy (when given) and its fitted exit risk (on `config.exit_risk_rows` evenly spaced
+    `risk_texts`), in memory and in the saved config."""
+    changes: dict[str, Any] = {} if policy is None else {"policy": policy}
+    if risk_texts and config.exit_risk_rows > 0:
+        sample = evenly_spaced_rows(len(risk_texts), config.exit_risk_rows)
+        changes["exit_risk"] = fitted_exit_risk(model, [risk_texts[i] for i in sample], config.batch_size)
+    if changes:
+        model.config = model.config.replace(**changes)
+        model.config.save(model_dir)
+
+
 def evaluate_trained_model(
     model: EarlyExitClassifier,
     model_dir: str | Path,
@@ -100,13 +119,7 @@ def evaluate_trained_model(
     """`risk_texts`: training text the exit risk is fitted on (`config.exit_risk_rows` of them, evenly
     spaced); None or empty: the model gets no exit risk and the "risk" policy is not swept. `policy`: the
     policy whose knob is chosen and stored (default the model's)."""
-    changes = {} if policy is None else {"policy": policy}
-    if risk_texts and config.exit_risk_rows > 0:
-        sample = evenly_spaced_rows(len(risk_texts), config.exit_risk_rows)
-        changes["exit_risk"] = fitted_exit_risk(model, [risk_texts[i] for i in sample], config.batch_size)
-    if changes:  # in memory and in the saved config
-        model.config = model.config.replace(**changes)
-        model.config.save(model_dir)
+    set_policy_and_exit_risk(model, model_dir, config, risk_texts, policy)
     passes = {
         "dev": full_pass(model, dev, config.batch_size),
         "test": full_pass(model, test, config.batch_size),

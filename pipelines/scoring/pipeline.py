@@ -383,16 +383,6 @@ def pinned_calibration(
     return calibration, False
 
 
-def with_calibrated_knob(config: ScoreConfig, calibration: Calibration) -> ScoreConfig:
-    return dataclasses.replace(
-        config,
-        calibrate_rows=0,
-        calibration_seed=None,
-        policy=calibration.policy,
-        **calibration.setting.kwargs,
-    )
-
-
 def connect_ray(address: str | None) -> None:
     """Join the Ray cluster at `address` ($RAY_ADDRESS, else a new local one), once: only a run with
     something to compute needs it."""
@@ -450,6 +440,52 @@ def files_to_score(inputs: list[InputFile], plan: OutputPlan, records: dict[str,
     return pending, changed
 
 
+@dataclass
+class ScoringRun:
+    """What a scoring run settled before it streams: the model, what runs its layers, the exit setting (a
+    calibrated knob included) and the output folder it writes."""
+
+    config: ScoreConfig  # as requested
+    source: ModelSource
+    model_config: EarlyExitConfig
+    runtime: Runtime
+    runtime_reason: str
+    setting: ExitSetting
+    folder: OutputFolder
+    shipped_model: Callable[[], ObjectRef]  # the model in the object store, put there on first call
+    address: str | None
+    calibration: Calibration | None = None
+    pinned: bool = False
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The settings every manifest record of this run holds."""
+        return {
+            "model": self.source.reference,
+            "model_identity": self.source.identity,
+            "policy": self.setting.policy,
+            "knob": self.setting.knob,
+            "precision": self.runtime.name,
+            "text_column": self.config.text_column,
+            "include_probs": self.config.include_probs,
+            "output_prefix": self.config.output_prefix,
+        }
+
+    def schema_of(self, item: InputFile) -> pa.Schema:
+        return output_schema(item.schema, self.config.include_probs, self.config.output_prefix)
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Which inputs this run scores, and what it found in the output folder."""
+
+    outputs: OutputPlan
+    pending: dict[str, InputFile]  # by input path: not yet scored, or changed since
+    changed: list[str]
+    skipped: int
+    orphans_removed: int
+
+
 def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, Any]:
     """Score every input file not yet scored for this (model, setting, output columns); return the summary.
     Ray (`address`, see `connect_ray`) is joined only when there is something to calibrate or score: a rerun
@@ -461,107 +497,145 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
     if config.tokenize == "tasks":  # a stage that can never run is refused before anything is written
         connect_ray(address)
         spare_cpus_for_tokenizing(config)
-    requested, calibration = config, None
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as held:
         source = resolve_model(config.model, Path(scratch))  # a model that cannot load leaves no output
-        model_config = EarlyExitConfig.load(source.directory)
-        if (config.policy or model_config.policy) == "risk" and model_config.exit_risk is None:
-            raise UserError(
-                f"policy 'risk' needs a model with a fitted exit risk, and {config.model!r} has none "
-                "(trained before the risk policy, or with eval.exit_risk_rows=0): use --policy entropy"
-            )
         held.enter_context(OutputLock(output))  # before calibration writes there too
-        runtime, runtime_reason = config.runtime()
-        layers = layers_for(config, source, runtime)
-
-        def shipped() -> ObjectRef:
-            connect_ray(address)
-            return ship_model(source, layers)
-
-        shipped_model = functools.cache(shipped)
-        if config.calibrate_rows:
-            calibration, pinned = pinned_calibration(
-                config, source, model_config, inputs, shipped_model, runtime
-            )
-            config = with_calibrated_knob(config, calibration)
-        setting = model_config.setting(config.policy, config.threshold, config.patience, config.risk)
-        folder = OutputFolder(output / run_key(source, setting, config, runtime))
-        folder.prepare()
-        records = folder.records()
-        plan = plan_outputs({f.path: f.mirrored for f in inputs}, records)
-        warn_placed_apart(plan)
-        removed = remove_orphans(folder, plan, config.remove_orphans)
-        pending, changed = files_to_score(inputs, plan, records)
-        unreadable |= unreadable_texts(pending, config.text_column)
-        record = {
-            "model": source.reference,
-            "model_identity": source.identity,
-            "policy": setting.policy,
-            "knob": setting.knob,
-            "precision": runtime.name,
-            "text_column": config.text_column,
-            "include_probs": config.include_probs,
-            "output_prefix": config.output_prefix,
-        }
-        schema_of = lambda item: output_schema(item.schema, config.include_probs, config.output_prefix)  # noqa: E731
+        run = settle_run(config, source, inputs, output, address)
+        plan = plan_run(run, inputs)
+        unreadable |= unreadable_texts(plan.pending, config.text_column)
         tally, started = Tally(prefix=config.output_prefix), time.time()
-        skipped = len(inputs) - len(pending)
-        committed, tokenizer, actors = 0, None, config.actors
-        for path, item in list(pending.items()):
-            if item.rows == 0:  # nothing to stream: commit an empty output with the full schema
-                folder.writer(plan.names[path], schema_of(item)).commit(manifest_record(item, record))
-                del pending[path]
-                committed += 1
-        if pending:
-            connect_ray(address)
-            if config.tokenizes_in_tasks and spare_cpus_for_tokenizing(config):
-                tokenizer = TokenizerFiles.from_directory(source.directory)
-            actors = most_actors(config, tokenizer is not None)
-            dataset = build_dataset(
-                list(pending.values()), config, shipped_model(), setting, tokenizer, runtime, actors
-            )
-            committed += score_stream(dataset, pending, plan, folder, schema_of, tally, record)
-        counts = {
-            "input_files": len(inputs) + len(unreadable),
-            "files_scored": committed,
-            "files_skipped": skipped,
-            "files_changed": len(changed),
-            "files_unreadable": len(unreadable),
-            "files_placed_apart": len(plan.placed_apart),
-            "orphaned_outputs": len(plan.orphaned) - removed,
-            "orphans_removed": removed,
-            "rows_in": sum(f.rows for f in pending.values()),
-        }
-        summary = summarize(tally, model_config, time.time() - started, counts, actors)
-        summary["tokenize"] = "tasks" if tokenizer is not None else "actor"
-        summary["actors"] = actors
-        if summary["rows_scored"] != counts["rows_in"]:
-            raise RuntimeError(f"rows in {counts['rows_in']} != rows out {summary['rows_scored']}")
+        rows_in = sum(f.rows for f in plan.pending.values())
+        committed, tokenizing, actors = score_pending(run, plan, tally)
+        summary = run_summary(run, plan, tally, time.time() - started, committed, rows_in, actors)
         summary.update(
-            {
-                "output": str(folder.root),
-                "model": source.reference,
-                "model_version": source.version,
-                "policy": setting.policy,
-                "knob": setting.knob,
-                "precision": runtime.name,
-                "precision_reason": runtime_reason,
-                "started_at": round(started, 3),
-            }
+            started_at=round(started, 3), tokenize=tokenizing, input_files=len(inputs) + len(unreadable)
         )
-        if calibration is not None:
-            summary["calibration"] = {**calibration.to_dict(), "pinned": pinned}
         if unreadable:
-            summary["unreadable"] = unreadable
-        if plan.orphaned and not removed:
-            summary["orphaned"] = plan.orphaned
-    log_scoring_run(summary, requested, source)
+            summary.update(files_unreadable=len(unreadable), unreadable=unreadable)
+    log_scoring_run(summary, config, source)
     if unreadable:  # after the readable files were committed and the run logged; a rerun retries these
         named = "; ".join(f"{path}: {reason}" for path, reason in unreadable.items())
         raise ScoringError(
             f"{len(unreadable)} input file(s) could not be read and were not scored (the other "
             f"{summary['files_scored']} were): {named}"
         )
+    return summary
+
+
+def settle_run(
+    config: ScoreConfig, source: ModelSource, inputs: list[InputFile], output: Path, address: str | None
+) -> ScoringRun:
+    """The run's model, runtime (its layers built once), exit setting (calibrated when asked) and output
+    folder, prepared for writing."""
+    model_config = EarlyExitConfig.load(source.directory)
+    if (config.policy or model_config.policy) == "risk" and model_config.exit_risk is None:
+        raise UserError(
+            f"policy 'risk' needs a model with a fitted exit risk, and {config.model!r} has none "
+            "(trained before the risk policy, or with eval.exit_risk_rows=0): use --policy entropy"
+        )
+    runtime, runtime_reason = config.runtime()
+    layers = layers_for(config, source, runtime)
+
+    def shipped() -> ObjectRef:
+        connect_ray(address)
+        return ship_model(source, layers)
+
+    shipped_model = functools.cache(shipped)
+    calibration, pinned = None, False
+    if config.calibrate_rows:
+        calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model, runtime)
+        setting = calibration.setting
+    else:
+        setting = model_config.setting(config.policy, config.threshold, config.patience, config.risk)
+    folder = OutputFolder(output / run_key(source, setting, config, runtime))
+    folder.prepare()
+    return ScoringRun(
+        config,
+        source,
+        model_config,
+        runtime,
+        runtime_reason,
+        setting,
+        folder,
+        shipped_model,
+        address,
+        calibration,
+        pinned,
+    )
+
+
+def plan_run(run: ScoringRun, inputs: list[InputFile]) -> ScoringPlan:
+    """Each input's output (owned by its input for good, `plan_outputs`), orphans reported or removed, and
+    the inputs left to score."""
+    records = run.folder.records()
+    outputs = plan_outputs({f.path: f.mirrored for f in inputs}, records)
+    warn_placed_apart(outputs)
+    removed = remove_orphans(run.folder, outputs, run.config.remove_orphans)
+    pending, changed = files_to_score(inputs, outputs, records)
+    return ScoringPlan(outputs, pending, changed, len(inputs) - len(pending), removed)
+
+
+def score_pending(run: ScoringRun, plan: ScoringPlan, tally: Tally) -> tuple[int, str, int | None]:
+    """Score the plan's pending inputs: empty ones committed at once, the others streamed through the actor
+    pool. (outputs committed, where texts were tokenised, the pool's largest size)."""
+    config, committed, tokenizer = run.config, 0, None
+    pending = dict(plan.pending)
+    for path, item in list(pending.items()):
+        if item.rows == 0:  # nothing to stream: commit an empty output with the full schema
+            empty = run.folder.writer(plan.outputs.names[path], run.schema_of(item))
+            empty.commit(manifest_record(item, run.record))
+            del pending[path]
+            committed += 1
+    if not pending:
+        return committed, "actor", config.actors
+    connect_ray(run.address)
+    if config.tokenizes_in_tasks and spare_cpus_for_tokenizing(config):
+        tokenizer = TokenizerFiles.from_directory(run.source.directory)
+    actors = most_actors(config, tokenizer is not None)
+    dataset = build_dataset(
+        list(pending.values()), config, run.shipped_model(), run.setting, tokenizer, run.runtime, actors
+    )
+    committed += score_stream(dataset, pending, plan.outputs, run.folder, run.schema_of, tally, run.record)
+    return committed, "tasks" if tokenizer is not None else "actor", actors
+
+
+def run_summary(
+    run: ScoringRun,
+    plan: ScoringPlan,
+    tally: Tally,
+    seconds: float,
+    committed: int,
+    rows_in: int,
+    actors: int | None,
+) -> dict[str, Any]:
+    """The run's summary (JSON, MLflow); refuses a run whose rows out do not equal its rows in."""
+    counts = {
+        "files_scored": committed,
+        "files_skipped": plan.skipped,
+        "files_changed": len(plan.changed),
+        "files_unreadable": 0,
+        "files_placed_apart": len(plan.outputs.placed_apart),
+        "orphaned_outputs": len(plan.outputs.orphaned) - plan.orphans_removed,
+        "orphans_removed": plan.orphans_removed,
+        "rows_in": rows_in,
+    }
+    summary = summarize(tally, run.model_config, seconds, counts, actors)
+    if summary["rows_scored"] != rows_in:
+        raise RuntimeError(f"rows in {rows_in} != rows out {summary['rows_scored']}")
+    summary.update(
+        actors=actors,
+        output=str(run.folder.root),
+        model=run.source.reference,
+        model_version=run.source.version,
+        policy=run.setting.policy,
+        knob=run.setting.knob,
+        precision=run.runtime.name,
+        precision_reason=run.runtime_reason,
+    )
+    if run.calibration is not None:
+        summary["calibration"] = {**run.calibration.to_dict(), "pinned": run.pinned}
+    if plan.outputs.orphaned and not plan.orphans_removed:
+        summary["orphaned"] = plan.outputs.orphaned
     return summary
 
 

@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -408,15 +409,56 @@ def training_features(store: FeatureStore, memory_share: float = 0.25) -> ray.da
     return dataset
 
 
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """What stage 2's features are made of: the labeled splits and corpus files as store parts, the store
+    they belong in, and the stage-1 model that makes them."""
+
+    labeled: dict[str, pa.Table]  # "train" / "dev": text and label ids
+    labeled_parts: dict[str, StorePart]
+    files: list[CorpusFile]
+    filesystem: Any
+    column: str
+    path: Path  # the store folder of this model's features
+    model: ObjectRef  # the stage-1 model's files in the object store
+    tokenizer: TokenizerFiles | None
+    bytes_for: Callable[[int], int]  # bytes the features of n rows take in the store
+
+    @property
+    def stores(self) -> dict[str, FeatureStore]:
+        train_parts = (self.labeled_parts["train"], *(f.part for f in self.files))
+        return {
+            "train": FeatureStore(self.path, train_parts),
+            "dev": FeatureStore(self.path, (self.labeled_parts["dev"],)),
+        }
+
+
 def cached_features(
     splits: LabeledSplits, init: Checkpoint, config: TrainConfig
 ) -> tuple[dict[str, FeatureStore], int, dict[str, float]]:
     """Stage 2's "train" (labeled texts + unlabeled corpus) and "dev" datasets as features of the stage-1
     checkpoint `init`, extracting only the parts not already in the store; (stores by split, training rows,
     {"feature_extraction_seconds": ..., "feature_store_bytes": ...})."""
+    plan = extraction_plan(splits, init, config)
+    stores, started = plan.stores, time.time()
+    missing = {part.name for store in stores.values() for part in store.missing}
+    if missing:
+        extract_missing(plan, missing, config, eval_text_keys(splits))
+    return (
+        stores,
+        stores["train"].rows,
+        {
+            "feature_extraction_seconds": round(time.time() - started, 2),
+            "feature_store_bytes": float(plan.bytes_for(stores["train"].rows + stores["dev"].rows)),
+        },
+    )
+
+
+def extraction_plan(splits: LabeledSplits, init: Checkpoint, config: TrainConfig) -> ExtractionPlan:
+    """The store parts of `splits` and the unlabeled corpus, keyed by the stage-1 checkpoint `init`."""
     import ray
 
-    stage2, resources = config.stage2, config.resources
+    stage2 = config.stage2
     with init.as_directory() as directory:
         model_dir = Path(directory) / MODEL_SUBDIR
         model_config = EarlyExitConfig.load(model_dir)
@@ -431,13 +473,7 @@ def cached_features(
         name: with_label_ids(getattr(splits, name), splits.labels).select(["text", LABEL_COLUMN])
         for name in ("train", "dev")
     }
-    labeled_parts = {name: labeled_part(name, table) for name, table in labeled.items()}
     files, filesystem, column = unlabeled_files(config, splits)
-    path = feature_root(config) / store_key(identity)
-    stores = {
-        "train": FeatureStore(path, (labeled_parts["train"], *(f.part for f in files))),
-        "dev": FeatureStore(path, (labeled_parts["dev"],)),
-    }
     flops = FlopsModel.from_encoder_config(
         model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
     )
@@ -447,44 +483,57 @@ def cached_features(
             rows, flops.n_layers, flops.hidden_size, model_config.num_labels, stage2.feature_dtype
         )
 
-    missing = {part.name for store in stores.values() for part in store.missing}
-    started = time.time()
-    if missing:
-        check_disk(
-            path.parent, size(sum(p.rows for s in stores.values() for p in s.parts if p.name in missing))
-        )
-        todo_labeled = {labeled_parts[n]: t for n, t in labeled.items() if labeled_parts[n].name in missing}
-        todo_files = [f for f in files if f.part.name in missing]
-        rows = sum(p.rows for p in todo_labeled) + sum(f.rows for f in todo_files)
-        print(f"stage2: extracting features of {rows} rows ({len(missing)} parts) into {path}", flush=True)
-        actors = max(resources.num_workers, 1)
-        # Ray reserves a worker's CPUs per actor, so the corpus's read tasks always find a CPU (no deadlock);
-        # no training runs yet, so on CPUs each actor's torch threads may share out every core
-        threads = resources.cpus_per_worker
-        if not resources.use_gpu:
-            threads = max(threads, float(int(ray.cluster_resources().get("CPU", 1) // actors)))
-        extract_features(
-            todo_labeled,
-            todo_files,
-            filesystem,
-            column,
-            model,
-            path,
-            stage2.feature_dtype,
-            actors=actors,
-            cpus_per_actor=resources.cpus_per_worker,
-            gpus_per_actor=1 if resources.use_gpu else 0,
-            threads=threads,
-            tokenizer=tokenizer,
-            eval_keys=eval_text_keys(splits),
-        )
-    return (
-        stores,
-        stores["train"].rows,
-        {
-            "feature_extraction_seconds": round(time.time() - started, 2),
-            "feature_store_bytes": float(size(stores["train"].rows + stores["dev"].rows)),
-        },
+    return ExtractionPlan(
+        labeled,
+        {name: labeled_part(name, table) for name, table in labeled.items()},
+        files,
+        filesystem,
+        column,
+        feature_root(config) / store_key(identity),
+        model,
+        tokenizer,
+        size,
+    )
+
+
+def extract_missing(
+    plan: ExtractionPlan, missing: set[str], config: TrainConfig, eval_keys: frozenset
+) -> None:
+    """Extract the parts named `missing` into the plan's store, after checking the disk can hold them."""
+    import ray
+
+    resources = config.resources
+    stores = plan.stores
+    check_disk(
+        plan.path.parent,
+        plan.bytes_for(sum(p.rows for s in stores.values() for p in s.parts if p.name in missing)),
+    )
+    todo_labeled = {
+        plan.labeled_parts[n]: t for n, t in plan.labeled.items() if plan.labeled_parts[n].name in missing
+    }
+    todo_files = [f for f in plan.files if f.part.name in missing]
+    rows = sum(p.rows for p in todo_labeled) + sum(f.rows for f in todo_files)
+    print(f"stage2: extracting features of {rows} rows ({len(missing)} parts) into {plan.path}", flush=True)
+    actors = max(resources.num_workers, 1)
+    # Ray reserves a worker's CPUs per actor, so the corpus's read tasks always find a CPU (no deadlock);
+    # no training runs yet, so on CPUs each actor's torch threads may share out every core
+    threads = resources.cpus_per_worker
+    if not resources.use_gpu:
+        threads = max(threads, float(int(ray.cluster_resources().get("CPU", 1) // actors)))
+    extract_features(
+        todo_labeled,
+        todo_files,
+        plan.filesystem,
+        plan.column,
+        plan.model,
+        plan.path,
+        config.stage2.feature_dtype,
+        actors=actors,
+        cpus_per_actor=resources.cpus_per_worker,
+        gpus_per_actor=1 if resources.use_gpu else 0,
+        threads=threads,
+        tokenizer=plan.tokenizer,
+        eval_keys=eval_keys,
     )
 
 

@@ -197,18 +197,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     with mlflow.start_run(
         run_name=config.run_name or f"{config.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
     ) as parent:
-        mlflow.log_params(
-            flatten({"config": config.to_dict(), "encoder_path": encoder})
-            | {
-                "rows.train": splits.train.num_rows,
-                "rows.dev": splits.dev.num_rows,
-                "rows.test": splits.test.num_rows,
-                "rows.dropped_invalid_text": splits.dropped_invalid_text,
-                "rows.unlabeled_overlapping_eval": overlap,
-            }
-        )
-        mlflow.log_dict({"labels": list(splits.labels)}, "label_map.json")
-        mlflow.log_dict(config.to_dict(), "config.json")
+        log_run_inputs(config, splits, encoder, overlap)
         checkpoint, stages = None, config.stages()
         if config.tune.enabled:
             checkpoint = run_tuned_first_stage(config, splits, encoder, parent.info.run_id, tracking_uri)
@@ -217,38 +206,61 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             checkpoint = run_stage(
                 stage, config, splits, encoder, checkpoint, parent.info.run_id, tracking_uri
             )
-        with tempfile.TemporaryDirectory() as scratch:
-            model_dir = local_model_dir(checkpoint, Path(scratch) / "model")
-            model = EarlyExitClassifier.from_pretrained(model_dir)
-            final = evaluate_trained_model(
-                model,
-                model_dir,
-                splits.dev,
-                splits.test,
-                config.eval,
-                risk_texts=splits.train["text"].to_pylist(),
-                policy=config.exit_policy,
-            )
-            log_final_evaluation(model, final)
-            info = log_pyfunc_model(model_dir, splits.dev["text"].to_pylist()[:2])
-            registered = None
-            if config.tracking.register:
-                registered = register(
-                    info.model_uri,
-                    config.tracking.registered_model_name,
-                    final.dev.default_policy.accuracy,
-                    {
-                        "variant": config.variant,
-                        "run_id": parent.info.run_id,
-                        "policy": model.config.policy,
-                        "knob": model.config.setting().knob,
-                        "knob_source": "auto" if final.chosen else "config",
-                    },
-                )
+        final, info, registered = finish_model(config, splits, checkpoint, parent.info.run_id)
         summary = make_summary(config, final, info.model_uri, registered, parent.info.run_id, started)
         summary["unlabeled_overlapping_eval"] = overlap
         mlflow.log_dict(summary, "summary.json")
     return summary
+
+
+def log_run_inputs(config: TrainConfig, splits: LabeledSplits, encoder: str, overlap: int) -> None:
+    """The job's parameters, row counts and label map on the parent MLflow run."""
+    mlflow.log_params(
+        flatten({"config": config.to_dict(), "encoder_path": encoder})
+        | {
+            "rows.train": splits.train.num_rows,
+            "rows.dev": splits.dev.num_rows,
+            "rows.test": splits.test.num_rows,
+            "rows.dropped_invalid_text": splits.dropped_invalid_text,
+            "rows.unlabeled_overlapping_eval": overlap,
+        }
+    )
+    mlflow.log_dict({"labels": list(splits.labels)}, "label_map.json")
+    mlflow.log_dict(config.to_dict(), "config.json")
+
+
+def finish_model(config: TrainConfig, splits: LabeledSplits, checkpoint: Any, run_id: str):
+    """The last stage's model evaluated (its exit setting chosen and stored), logged as a pyfunc and, when
+    asked, registered: (final evaluation, logged model info, registered version or None)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = local_model_dir(checkpoint, Path(scratch) / "model")
+        model = EarlyExitClassifier.from_pretrained(model_dir)
+        final = evaluate_trained_model(
+            model,
+            model_dir,
+            splits.dev,
+            splits.test,
+            config.eval,
+            risk_texts=splits.train["text"].to_pylist(),
+            policy=config.exit_policy,
+        )
+        log_final_evaluation(model, final)
+        info = log_pyfunc_model(model_dir, splits.dev["text"].to_pylist()[:2])
+        registered = None
+        if config.tracking.register:
+            registered = register(
+                info.model_uri,
+                config.tracking.registered_model_name,
+                final.dev.default_policy.accuracy,
+                {
+                    "variant": config.variant,
+                    "run_id": run_id,
+                    "policy": model.config.policy,
+                    "knob": model.config.setting().knob,
+                    "knob_source": "auto" if final.chosen else "config",
+                },
+            )
+    return final, info, registered
 
 
 def make_summary(

@@ -77,7 +77,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
 
 
-def run_stage(
+def run_stage_loop(
     model: torch.nn.Module,
     stage: TrainingStage,
     stage_config: StageConfig,

@@ -27,7 +27,7 @@ from ee_model.io import load_weights, unwrap
 from pipelines.evaluation.passes import autocast_dtype, exit_logits, per_layer_accuracy
 from pipelines.tracking import StepLogger
 from pipelines.training.stages import TrainingStage, stage_named
-from pipelines.training.steps import TrainState, optimizer_for, run_stage
+from pipelines.training.steps import TrainState, optimizer_for, run_stage_loop
 
 MODEL_SUBDIR = "model"
 STATE_FILE = "train_state.json"
@@ -166,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def log_loss(loss: float, step: int) -> None:
         logger.log(f"{stage.name}_loss", loss, step, flush=step % LOG_EVERY_STEPS == 0)
 
-    run_stage(
+    run_stage_loop(
         model,
         stage,
         stage_config,
