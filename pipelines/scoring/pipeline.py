@@ -499,8 +499,9 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
         spare_cpus_for_tokenizing(config)
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as held:
         source = resolve_model(config.model, Path(scratch))  # a model that cannot load leaves no output
+        model_config = checked_model_config(config, source)  # nor one that cannot run the policy
         held.enter_context(OutputLock(output))  # before calibration writes there too
-        run = settle_run(config, source, inputs, output, address)
+        run = settle_run(config, source, model_config, inputs, output, address)
         plan = plan_run(run, inputs)
         unreadable |= unreadable_texts(plan.pending, config.text_column)
         tally, started = Tally(prefix=config.output_prefix), time.time()
@@ -522,17 +523,27 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
     return summary
 
 
-def settle_run(
-    config: ScoreConfig, source: ModelSource, inputs: list[InputFile], output: Path, address: str | None
-) -> ScoringRun:
-    """The run's model, runtime (its layers built once), exit setting (calibrated when asked) and output
-    folder, prepared for writing."""
+def checked_model_config(config: ScoreConfig, source: ModelSource) -> EarlyExitConfig:
+    """The model's config; a policy the model cannot run is refused here, before anything is written."""
     model_config = EarlyExitConfig.load(source.directory)
     if (config.policy or model_config.policy) == "risk" and model_config.exit_risk is None:
         raise UserError(
             f"policy 'risk' needs a model with a fitted exit risk, and {config.model!r} has none "
             "(trained before the risk policy, or with eval.exit_risk_rows=0): use --policy entropy"
         )
+    return model_config
+
+
+def settle_run(
+    config: ScoreConfig,
+    source: ModelSource,
+    model_config: EarlyExitConfig,
+    inputs: list[InputFile],
+    output: Path,
+    address: str | None,
+) -> ScoringRun:
+    """The run's runtime (its layers built once), exit setting (calibrated when asked) and output folder,
+    prepared for writing."""
     runtime, runtime_reason = config.runtime()
     layers = layers_for(config, source, runtime)
 
