@@ -16,9 +16,9 @@ then the best of --repeats timed passes, tokenising excluded as it is the same f
     (--calibrate-rows rows of a disjoint sample, min agreement 0.99, delta 0.05, the model's policy)
     ee-fp32, ee-bf16 (PyTorch bf16 layers), ee-bf16-openvino, ee-fp32-openvino, ee-int8 (ONNX Runtime)
 
-Texts: unseen BBC text (`int8_throughput.unseen_bbc`: paragraphs and sentence passages of the dev and test
+Texts: unseen BBC text (`common.unseen_bbc`: paragraphs and sentence passages of the dev and test
 articles, with the article's label as gold), or --corpus a parquet file with a `text` column (and optionally
-`gold`), e.g. the docstrings corpus (benchmarks/docstring_corpus.py). Reports rows/s, the ratio to plain
+`gold`), e.g. a docstrings corpus. Reports rows/s, the ratio to plain
 torch-fp32 and to the fastest plain scorer, label agreement with fp32 at full depth, and accuracy on gold.
 
 --as-cpu-without-bf16 runs as on a CPU with AVX512-VNNI but no bf16 or AMX: the process re-executes
@@ -43,10 +43,43 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from common import unseen_bbc
+from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+
+class PlainClassifier(nn.Module):
+    """The encoder's own full forward + the final classifier over the model's pooling: the plain fine-tuned
+    classifier (a head on `AutoModel`, as `AutoModelForSequenceClassification` is), no exits."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.encoder, self.head, self.pooling = model.encoder, model.teacher, model.config.pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from ee_model.heads import pool
+
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(pool(hidden, attention_mask, self.pooling))
+
+
+def export_plain_int8(model_dir: str, folder: Path) -> dict[str, Path]:
+    """(d): the plain model exported whole, then int8 per-channel and per-tensor."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from ee_model import EarlyExitClassifier
+    from ee_model.int8 import export_onnx
+
+    model = EarlyExitClassifier.from_pretrained(model_dir)
+    model.encoder.set_attn_implementation("eager")
+    plain = PlainClassifier(model).eval()
+    example = model.encode(["a short text", "a somewhat longer text than the first one"])
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    fp32 = export_onnx(plain, example, folder / "plain.onnx", "logits", axes)
+    paths = {"per_channel": folder / "plain.int8pc.onnx", "per_tensor": folder / "plain.int8.onnx"}
+    quantize_dynamic(fp32, paths["per_channel"], weight_type=QuantType.QInt8, per_channel=True)
+    quantize_dynamic(fp32, paths["per_tensor"], weight_type=QuantType.QInt8)
+    return paths
+
 
 CAPPED_ISA = "AVX512_CORE_VNNI"
 
@@ -65,7 +98,6 @@ def batches(token_ids, batch_size: int, pad_id: int) -> list[tuple[np.ndarray, t
 def plain_scorers(model, calls, sample, capped: bool, threads: int, scratch: Path) -> dict:
     """{name: function(input_ids, attention_mask) -> logits (numpy)} for the plain model in each runtime."""
     import openvino as ov
-    from int8_throughput import PlainClassifier, export_plain_int8
 
     plain = PlainClassifier(model).eval()
 
@@ -155,8 +187,6 @@ def early_exit_runs(model_dir: str, runtimes, token_ids, calibration_texts, thre
 
 
 def run(args) -> dict:
-    from int8_throughput import unseen_bbc
-
     from ee_model import EarlyExitClassifier, ExitSetting
 
     torch.set_num_threads(args.threads)

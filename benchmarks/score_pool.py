@@ -1,6 +1,6 @@
 """The scoring job's default actor pool against one actor: `jobs/score.py` with no pool flags vs `--actors 1`.
 
-Writes --rows unseen BBC texts (`int8_throughput.unseen_bbc`) into --files parquet files and scores them with
+Writes --rows unseen BBC texts (`common.unseen_bbc`) into --files parquet files and scores them with
 `jobs/score.py` as a user runs it (a fresh process and a new local Ray each time, the precision `auto` picks),
 once with no pool flags (an autoscaling pool sized from the machine's CPUs) and once with `--actors 1`; then
 with `--actors 1 --cpus-per-actor N` (one wide actor, N = the machine's CPUs), so many narrow actors and one
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,11 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from int8_throughput import unseen_bbc  # noqa: E402
-from score_job import run_score_job  # noqa: E402
+from common import run_score_job, unseen_bbc  # noqa: E402
 
 
 def score(model: str, inputs: Path, output: Path, scratch: Path, *flags: str) -> dict:

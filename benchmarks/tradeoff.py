@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
 TIMED_BATCH_SIZES = (1, 64)
@@ -173,7 +172,8 @@ def main() -> None:
                 r for r in model_rows_ if not (r["setting"] == "oracle" and name in ("deebert", "pabee"))
             ]
         table = pd.DataFrame(rows)
-        columns = ["model", "setting", *COLUMNS, *[f"wallclock_speedup_b{b}" for b in TIMED_BATCH_SIZES]]
+        timed = [f"wallclock_speedup_b{b}" for b in TIMED_BATCH_SIZES if f"wallclock_speedup_b{b}" in table]
+        columns = ["model", "setting", *COLUMNS, *timed]  # none timed with --wallclock-rows 0
         table = table[columns]
         kl_auto = table[(table.model == "kl") & (table.setting == "auto")].iloc[0]
         kl_oracle = table[(table.model == "kl") & (table.setting == "oracle")].iloc[0]

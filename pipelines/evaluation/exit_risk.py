@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from ee_model.exit_risk import ExitRisk
 from ee_model.signals import SURE, UNSURE, exit_signals
 
-RISK_SIGNALS = ("entropy", "margin")  # measured in benchmarks/exit_rules.py (docs/results.md)
+RISK_SIGNALS = ("entropy", "margin")  # measured: docs/results.md, "Exit rules beyond one S"
 
 
 def fit_exit_risk(logits: torch.Tensor, signals: tuple[str, ...] = RISK_SIGNALS) -> ExitRisk:

@@ -33,7 +33,7 @@ def run(tmp_path: Path, job: str, *args: str) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
 
 

@@ -1,0 +1,91 @@
+"""Every benchmark kept in benchmarks/ runs end to end on a tiny model and a small input, as a user runs it
+(`python benchmarks/<name>.py`, a fresh process): a refactor that breaks one fails here. The numbers are not
+checked (a tiny random model on a few rows measures nothing); docs/results.md holds the real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import labeled_table, trained_tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_encoder_dir):
+    """(a trained tiny early-exit model's folder, its encoder's folder)."""
+    encoder = tiny_encoder_dir("bert", num_layers=2)
+    return str(trained_tiny(encoder).save_pretrained(tmp_path_factory.mktemp("bench") / "model")), encoder
+
+
+def run(tmp_path: Path, name: str, *args: str, timeout: int = 600) -> str:
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+    }
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_exit_speed(tmp_path, tiny):
+    out = tmp_path / "exit_speed.json"
+    run(tmp_path, "exit_speed", "--model", tiny[0], "--batch-sizes", "1", "8", "--rows", "16",
+        "--rows-batch-1", "4", "--repeats", "1", "--out", str(out))  # fmt: skip
+    assert json.loads(out.read_text())["rows"]
+
+
+def test_cpu_runtimes(tmp_path, tiny):
+    printed = run(tmp_path, "cpu_runtimes", "--model", tiny[0], "--rows", "64", "--calibrate-rows", "64",
+                  "--repeats", "1")  # fmt: skip
+    assert "| plain torch-fp32 |" in printed and "| ee-fp32 |" in printed
+
+
+@pytest.mark.ray
+def test_score_pool(tmp_path, tiny):
+    printed = run(tmp_path, "score_pool", "--model", tiny[0], "--rows", "100", "--files", "2")
+    assert "default_over_one_actor" in printed
+
+
+@pytest.mark.ray
+def test_score_throughput(tmp_path, tiny):
+    out = tmp_path / "score_throughput.json"
+    run(tmp_path, "score_throughput", "--model", tiny[0], "--rows", "200", "--calibrate-rows", "100",
+        "--out", str(out))  # fmt: skip
+    assert out.is_file()
+
+
+@pytest.mark.ray
+def test_tokenize_speed(tmp_path, tiny):
+    out = tmp_path / "tokenize_speed.json"
+    run(tmp_path, "tokenize_speed", "--tokenizer", tiny[0], "--rows", "64", "--repeats", "1", "--model",
+        tiny[0], "--actors", "2", "--out", str(out))  # fmt: skip
+    assert "tasks_over_actor" in json.loads(out.read_text())["scoring"]
+
+
+@pytest.mark.ray
+def test_tradeoff(tmp_path, tiny):
+    labeled = tmp_path / "labeled.parquet"
+    pq.write_table(labeled_table(240), labeled)
+    sets = [f"model.encoder={tiny[1]}", f"data.train_path={labeled}", "data.unlabeled_path=",
+            "model.max_length=32", "stage1.epochs=1", "stage2.epochs=1", "joint.epochs=1",
+            "eval.wallclock_rows=0", "tracking.register=false"]  # fmt: skip
+    run(tmp_path, "tradeoff", "--wallclock-rows", "8", "--out", str(tmp_path / "tradeoff"),
+        *[arg for s in sets for arg in ("--set", s)], timeout=900)  # fmt: skip
+    assert list(tmp_path.glob("tradeoff*"))
