@@ -48,7 +48,7 @@ def test_exit_speed(tmp_path, tiny):
     out = tmp_path / "exit_speed.json"
     run(tmp_path, "exit_speed", "--model", tiny[0], "--batch-sizes", "1", "8", "--rows", "16",
         "--rows-batch-1", "4", "--repeats", "1", "--out", str(out))  # fmt: skip
-    assert json.loads(out.read_text())["rows"]
+    assert json.loads(out.read_text())["results"]
 
 
 def test_cpu_runtimes(tmp_path, tiny):

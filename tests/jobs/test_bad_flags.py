@@ -61,7 +61,6 @@ def test_each_job_refuses_a_bad_value_in_a_fresh_process(tmp_path):
     assert_refused(run(score_dir, "score.py", *score_args), "threshold=-1.0 must be a number", score_dir)
     refused = run(train_dir, "train.py", "--set", "model.threshold=1.5")
     assert_refused(refused, "threshold=1.5 must be a number in [0, 1]", train_dir)
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
 
 
 @pytest.mark.parametrize(
