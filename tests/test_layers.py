@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,14 +39,22 @@ ALLOWED = {
 OURS = {"ee_model", "pipelines", "jobs"}
 
 
-def imports_of(path: Path) -> set[str]:
+def imported(path: Path, names_may_be_modules: Callable[[str], bool]) -> set[str]:
+    """Every module an import in `path` names, at any depth; for `from m import n`, also `m.n` when
+    `names_may_be_modules(m)` (n may be a submodule)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names if node.module == "pipelines"}
+            if names_may_be_modules(node.module):
+                found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def imports_of(path: Path) -> set[str]:
+    found = imported(path, lambda module: module == "pipelines")
     return {m for m in found if m.split(".")[0] in OURS}
 
 
@@ -79,13 +88,7 @@ def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
     for name, path in modules(root):
         if path.name == "__init__.py":
             continue
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module)
-                found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        found = imported(path, lambda module: True)
         graph[name] = {m for m in found if m in names and m != name}
     return graph
 
