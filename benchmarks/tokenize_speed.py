@@ -98,7 +98,7 @@ def scoring_modes(model_dir: str, texts: list[str], actors: int, batch_size: int
                 sort_rows=sort_rows,
                 tracking_uri=f"sqlite:///{scratch}/mlflow.db",
             )
-            summary = run_scoring(config)
+            summary = run_scoring(config).to_dict()
             results[mode] = {
                 "actors": n_actors,
                 "rows_per_s": summary["rows_per_s"],

@@ -178,7 +178,7 @@ def main(
         config = ScoreConfig(**given)
     with one_line_errors(UserError):
         summary = run_scoring(config, address)
-    text = json.dumps(summary, indent=2, default=str)
+    text = json.dumps(summary.to_dict(), indent=2, default=str)
     print(text)
     if summary_file:
         summary_file.write_text(text)

@@ -3,7 +3,6 @@ output per input file, incremental across runs, rows in == rows out; summary to 
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -16,16 +15,14 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 
 from ee_model import ExitSetting
 from ee_model.config import EarlyExitConfig
-from ee_model.flops import FlopsModel
 from ee_model.runtime import FP32, Runtime
 from pipelines import actor_stream
 from pipelines.actor_stream import actor_pool, commit_each_input
@@ -54,6 +51,7 @@ from pipelines.scoring.inputs import (
     unreadable_texts,
 )
 from pipelines.scoring.scorer import CALL_SECONDS, Scorer
+from pipelines.scoring.summary import ScoringSummary, Tally
 from pipelines.tokenizing import TokenizerFiles, tokenize_batch
 
 if TYPE_CHECKING:
@@ -108,36 +106,6 @@ def run_key(source: ModelSource, setting: ExitSetting, config: ScoreConfig, runt
     if config.output_prefix:
         key += f"__prefix-{config.output_prefix}"
     return key
-
-
-@dataclass
-class Tally:
-    """Running totals over scored rows, for the summary."""
-
-    rows: int = 0
-    errors: int = 0
-    exit_layers: list[np.ndarray] = field(default_factory=list)
-    tokens: list[np.ndarray] = field(default_factory=list)
-    flops: int = 0
-    labels: collections.Counter = field(default_factory=collections.Counter)
-    prefix: str = ""  # of the output columns
-    driver_seconds: float = 0.0  # the driver's own work on the stream (score_stream)
-    actor_seconds: float = 0.0  # inside the scorers' calls, summed over actors (`CALL_SECONDS`)
-
-    def steady_rows_per_s(self, actors: int) -> float | None:
-        """The pool's rate once its actors are up and have loaded the model: rows over the seconds each actor
-        spent scoring, `actors` of them at once (reading, start-up and the driver's waits left out)."""
-        return self.rows * actors / self.actor_seconds if self.actor_seconds > 0 else None
-
-    def add(self, table: pa.Table) -> None:
-        column = lambda name: table[self.prefix + name]  # noqa: E731
-        self.rows += table.num_rows
-        self.errors += table.num_rows - column("error").null_count
-        scored = column("error").is_null()
-        self.exit_layers.append(column("exit_layer").filter(scored).to_numpy())
-        self.tokens.append(column("tokens").filter(scored).to_numpy())
-        self.flops += int(pa.compute.sum(column("flops").filter(scored)).as_py() or 0)
-        self.labels.update(column("label").filter(scored).to_pylist())
 
 
 def score_stream(
@@ -266,31 +234,6 @@ def spare_cpus_for_tokenizing(config: ScoreConfig) -> bool:
         raise ScoringError(f"{problem}; lower --cpus-per-actor or --actors, or use --tokenize actor")
     warnings.warn(f"{problem}: the actors tokenise their own batches", stacklevel=2)
     return False
-
-
-def summarize(
-    tally: Tally, model_config: EarlyExitConfig, seconds: float, counts: dict, actors: int | None
-) -> dict[str, Any]:
-    layers = np.concatenate(tally.exit_layers) if tally.exit_layers else np.array([])
-    tokens = np.concatenate(tally.tokens).astype(np.int64) if tally.tokens else np.array([], dtype=np.int64)
-    flops_model = FlopsModel.from_encoder_config(
-        model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
-    )
-    full = int(flops_model.full_depth_flops(tokens).sum()) if len(tokens) else 0
-    steady = tally.steady_rows_per_s(actors or 1)
-    return {
-        **counts,
-        "rows_scored": tally.rows,
-        "errors": tally.errors,
-        "rows_per_s": round(tally.rows / seconds, 2) if seconds > 0 else None,
-        "steady_rows_per_s": round(steady, 2) if steady else None,
-        "mean_exit_layer": round(float(layers.mean()), 4) if len(layers) else None,
-        "layer_speedup": round(flops_model.n_layers / float(layers.mean()), 4) if len(layers) else None,
-        "flops_speedup": round(full / tally.flops, 4) if tally.flops else None,
-        "label_distribution": dict(sorted(tally.labels.items())),
-        "seconds": round(seconds, 2),
-        "driver_busy_share": round(tally.driver_seconds / seconds, 4) if seconds > 0 else None,
-    }
 
 
 LAYER_CACHES = {"onnxruntime": "_int8", "openvino": "_openvino"}  # below the output folder, per backend
@@ -486,7 +429,7 @@ class ScoringPlan:
     orphans_removed: int
 
 
-def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, Any]:
+def run_scoring(config: ScoreConfig, address: str | None = None) -> ScoringSummary:
     """Score every input file not yet scored for this (model, setting, output columns); return the summary.
     Ray (`address`, see `connect_ray`) is joined only when there is something to calibrate or score: a rerun
     with nothing to do answers from the manifest."""
@@ -504,21 +447,15 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> dict[str, An
         run = settle_run(config, source, model_config, inputs, output, address)
         plan = plan_run(run, inputs)
         unreadable |= unreadable_texts(plan.pending, config.text_column)
-        tally, started = Tally(prefix=config.output_prefix), time.time()
-        rows_in = sum(f.rows for f in plan.pending.values())
-        committed, tokenizing, actors = score_pending(run, plan, tally)
-        summary = run_summary(run, plan, tally, time.time() - started, committed, rows_in, actors)
-        summary.update(
-            started_at=round(started, 3), tokenize=tokenizing, input_files=len(inputs) + len(unreadable)
-        )
-        if unreadable:
-            summary.update(files_unreadable=len(unreadable), unreadable=unreadable)
+        tally = Tally(prefix=config.output_prefix)
+        stream = score_pending(run, plan, tally)
+        summary = run_summary(run, plan, tally, stream, len(inputs), unreadable)
     log_scoring_run(summary, config, source)
     if unreadable:  # after the readable files were committed and the run logged; a rerun retries these
         named = "; ".join(f"{path}: {reason}" for path, reason in unreadable.items())
         raise ScoringError(
             f"{len(unreadable)} input file(s) could not be read and were not scored (the other "
-            f"{summary['files_scored']} were): {named}"
+            f"{summary.files_scored} were): {named}"
         )
     return summary
 
@@ -586,10 +523,21 @@ def plan_run(run: ScoringRun, inputs: list[InputFile]) -> ScoringPlan:
     return ScoringPlan(outputs, pending, changed, len(inputs) - len(pending), removed)
 
 
-def score_pending(run: ScoringRun, plan: ScoringPlan, tally: Tally) -> tuple[int, str, int | None]:
+@dataclass(frozen=True)
+class StreamOutcome:
+    """What scoring the pending inputs did."""
+
+    committed: int  # outputs committed
+    tokenize: str  # where texts became token ids: "actor" or "tasks"
+    actors: int | None  # the pool's largest size
+    started: float  # time.time() when scoring began
+    seconds: float
+
+
+def score_pending(run: ScoringRun, plan: ScoringPlan, tally: Tally) -> StreamOutcome:
     """Score the plan's pending inputs: empty ones committed at once, the others streamed through the actor
-    pool. (outputs committed, where texts were tokenised, the pool's largest size)."""
-    config, committed, tokenizer = run.config, 0, None
+    pool."""
+    config, committed, tokenizer, started = run.config, 0, None, time.time()
     pending = dict(plan.pending)
     for path, item in list(pending.items()):
         if item.rows == 0:  # nothing to stream: commit an empty output with the full schema
@@ -598,7 +546,7 @@ def score_pending(run: ScoringRun, plan: ScoringPlan, tally: Tally) -> tuple[int
             del pending[path]
             committed += 1
     if not pending:
-        return committed, "actor", config.actors
+        return StreamOutcome(committed, "actor", config.actors, started, time.time() - started)
     connect_ray(run.address)
     if config.tokenizes_in_tasks and spare_cpus_for_tokenizing(config):
         tokenizer = TokenizerFiles.from_directory(run.source.directory)
@@ -607,34 +555,36 @@ def score_pending(run: ScoringRun, plan: ScoringPlan, tally: Tally) -> tuple[int
         list(pending.values()), config, run.shipped_model(), run.setting, tokenizer, run.runtime, actors
     )
     committed += score_stream(dataset, pending, plan.outputs, run.folder, run.schema_of, tally, run.record)
-    return committed, "tasks" if tokenizer is not None else "actor", actors
+    tokenize = "tasks" if tokenizer is not None else "actor"
+    return StreamOutcome(committed, tokenize, actors, started, time.time() - started)
 
 
 def run_summary(
     run: ScoringRun,
     plan: ScoringPlan,
     tally: Tally,
-    seconds: float,
-    committed: int,
-    rows_in: int,
-    actors: int | None,
-) -> dict[str, Any]:
-    """The run's summary (JSON, MLflow); refuses a run whose rows out do not equal its rows in."""
-    counts = {
-        "files_scored": committed,
-        "files_skipped": plan.skipped,
-        "files_changed": len(plan.changed),
-        "files_unreadable": 0,
-        "files_placed_apart": len(plan.outputs.placed_apart),
-        "orphaned_outputs": len(plan.outputs.orphaned) - plan.orphans_removed,
-        "orphans_removed": plan.orphans_removed,
-        "rows_in": rows_in,
-    }
-    summary = summarize(tally, run.model_config, seconds, counts, actors)
-    if summary["rows_scored"] != rows_in:
-        raise RuntimeError(f"rows in {rows_in} != rows out {summary['rows_scored']}")
-    summary.update(
-        actors=actors,
+    stream: StreamOutcome,
+    inputs: int,
+    unreadable: dict[str, str],
+) -> ScoringSummary:
+    """The run's summary; refuses a run whose rows out do not equal its rows in."""
+    rows_in = sum(f.rows for f in plan.pending.values())
+    if tally.rows != rows_in:
+        raise RuntimeError(f"rows in {rows_in} != rows out {tally.rows}")
+    calibration = None if run.calibration is None else {**run.calibration.to_dict(), "pinned": run.pinned}
+    return ScoringSummary(
+        input_files=inputs + len(unreadable),
+        files_scored=stream.committed,
+        files_skipped=plan.skipped,
+        files_changed=len(plan.changed),
+        files_unreadable=len(unreadable),
+        files_placed_apart=len(plan.outputs.placed_apart),
+        orphaned_outputs=len(plan.outputs.orphaned) - plan.orphans_removed,
+        orphans_removed=plan.orphans_removed,
+        rows_in=rows_in,
+        **tally.rates(run.model_config, stream.seconds, stream.actors),
+        tokenize=stream.tokenize,
+        actors=stream.actors,
         output=str(run.folder.root),
         model=run.source.reference,
         model_version=run.source.version,
@@ -642,15 +592,14 @@ def run_summary(
         knob=run.setting.knob,
         precision=run.runtime.name,
         precision_reason=run.runtime_reason,
+        started_at=round(stream.started, 3),
+        calibration=calibration,
+        unreadable=unreadable,
+        orphaned=[] if plan.orphans_removed else plan.outputs.orphaned,
     )
-    if run.calibration is not None:
-        summary["calibration"] = {**run.calibration.to_dict(), "pinned": run.pinned}
-    if plan.outputs.orphaned and not plan.orphans_removed:
-        summary["orphaned"] = plan.outputs.orphaned
-    return summary
 
 
-def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelSource) -> None:
+def log_scoring_run(summary: ScoringSummary, config: ScoreConfig, source: ModelSource) -> None:
     """One MLflow `scoring` run per job, tagged with the model version."""
     import mlflow
 
@@ -666,21 +615,21 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
         "model_version": str(source.version),
         "registered_model": str(source.registered_name),
         "input": config.input,
-        "output": summary["output"],
+        "output": summary.output,
     }
     with mlflow.start_run(run_name="scoring", tags=tags):
         mlflow.log_params(
             {
-                "policy": summary["policy"],
-                "knob": summary["knob"],
+                "policy": summary.policy,
+                "knob": summary.knob,
                 "batch_size": config.batch_size,
                 "sort_rows": config.rows_per_task,
-                "actors": summary["actors"],
+                "actors": summary.actors,
                 "cpus_per_actor": config.cpus_per_actor,
                 "gpus_per_actor": config.gpus_per_actor,
-                "tokenize": summary["tokenize"],
-                "precision": summary["precision"],
-                "precision_reason": summary["precision_reason"][:500],
+                "tokenize": summary.tokenize,
+                "precision": summary.precision,
+                "precision_reason": summary.precision_reason[:500],
                 "calibrate_rows": config.calibrate_rows,
                 "text_column": config.text_column,
                 "include_probs": config.include_probs,
@@ -689,8 +638,8 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
                 "delta": config.delta if config.calibrate_rows else None,
             }
         )
-        if "calibration" in summary:
-            calibration = summary["calibration"]
+        if summary.calibration is not None:
+            calibration = summary.calibration
             mlflow.log_metrics(
                 {
                     f"calibration_{k}": float(calibration[k])
@@ -705,8 +654,5 @@ def log_scoring_run(summary: dict[str, Any], config: ScoreConfig, source: ModelS
                     "calibration_seed": calibration["seed"],
                 }
             )
-        numbers = {
-            k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        mlflow.log_metrics({k: float(v) for k, v in numbers.items() if k not in ("knob", "started_at")})
-        mlflow.log_dict(summary, "scoring_summary.json")
+        mlflow.log_metrics(summary.metrics())
+        mlflow.log_dict(summary.to_dict(), "scoring_summary.json")

@@ -6,11 +6,13 @@ Driver side only; the worker loop is `pipelines.training.worker_loop`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +184,7 @@ def local_model_dir(checkpoint: Checkpoint, destination: Path) -> Path:
     return destination
 
 
-def run_training(config: TrainConfig) -> dict[str, Any]:
+def run_training(config: TrainConfig) -> TrainingSummary:
     """Run the whole training job; returns the summary that jobs/train.py prints."""
     started = time.time()
     splits = load_labeled_splits(config.data)  # every data error surfaces here, before any training
@@ -207,9 +209,10 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                 stage, config, splits, encoder, checkpoint, parent.info.run_id, tracking_uri
             )
         final, info, registered = finish_model(config, splits, checkpoint, parent.info.run_id)
-        summary = make_summary(config, final, info.model_uri, registered, parent.info.run_id, started)
-        summary["unlabeled_overlapping_eval"] = overlap
-        mlflow.log_dict(summary, "summary.json")
+        summary = make_summary(
+            config, final, info.model_uri, registered, parent.info.run_id, started, overlap
+        )
+        mlflow.log_dict(summary.to_dict(), "summary.json")
     return summary
 
 
@@ -263,6 +266,38 @@ def finish_model(config: TrainConfig, splits: LabeledSplits, checkpoint: Any, ru
     return final, info, registered
 
 
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What the training job reports (printed as JSON by jobs/train.py, logged as summary.json): the test
+    split at the model's default exit setting, how that setting was chosen, and where the model went."""
+
+    variant: str
+    run_id: str
+    test_accuracy_full_depth: float
+    test_accuracy: float
+    test_macro_f1: float
+    retention: float
+    policy: str
+    knob: float | int | None
+    knob_source: str  # "config", or "auto: <target>" (" (NOT met on dev)" when no knob passed)
+    promise: dict | None  # `promise_summary`
+    mean_exit_layer: float
+    layer_speedup: float
+    flops_speedup: float
+    wallclock_speedup: dict[str, float]  # {"b<batch size>": speed-up} at the default setting
+    wallclock_runtime: str | None
+    oracle_layer_speedup: float
+    share_of_oracle_speedup: float
+    dev_accuracy: float
+    model_uri: str
+    registered: dict | None
+    seconds: float
+    unlabeled_overlapping_eval: int  # unlabeled rows dropped because a dev or test text equals them
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def make_summary(
     config: TrainConfig,
     final: FinalEvaluation,
@@ -270,7 +305,8 @@ def make_summary(
     registered: dict | None,
     run_id: str,
     started: float,
-) -> dict[str, Any]:
+    overlap: int,
+) -> TrainingSummary:
     test, chosen = final.test, final.chosen
     point, oracle = test.default_policy, test.oracle
     timed = {
@@ -281,29 +317,30 @@ def make_summary(
     knob_source = "config"
     if chosen is not None:
         knob_source = f"auto: {chosen.target}" + ("" if chosen.met else " (NOT met on dev)")
-    return {
-        "variant": config.variant,
-        "run_id": run_id,
-        "test_accuracy_full_depth": round(test.layer_accuracy[-1], 4),
-        "test_accuracy": round(point.accuracy, 4),
-        "test_macro_f1": round(point.macro_f1, 4),
-        "retention": round(point.retention, 4),
-        "policy": point.policy,
-        "knob": point.knob,
-        "knob_source": knob_source,
-        "promise": promise_summary(chosen),
-        "mean_exit_layer": round(point.mean_exit_layer, 3),
-        "layer_speedup": round(point.layer_speedup, 3),
-        "flops_speedup": round(point.flops_speedup, 3),
-        "wallclock_speedup": timed,
-        "wallclock_runtime": test.wallclock[0].runtime if test.wallclock else None,
-        "oracle_layer_speedup": round(oracle.layer_speedup, 3),
-        "share_of_oracle_speedup": round(point.layer_speedup / oracle.layer_speedup, 3),
-        "dev_accuracy": round(final.dev.default_policy.accuracy, 4),
-        "model_uri": model_uri,
-        "registered": registered,
-        "seconds": round(time.time() - started, 1),
-    }
+    return TrainingSummary(
+        variant=config.variant,
+        run_id=run_id,
+        test_accuracy_full_depth=round(test.layer_accuracy[-1], 4),
+        test_accuracy=round(point.accuracy, 4),
+        test_macro_f1=round(point.macro_f1, 4),
+        retention=round(point.retention, 4),
+        policy=point.policy,
+        knob=point.knob,
+        knob_source=knob_source,
+        promise=promise_summary(chosen),
+        mean_exit_layer=round(point.mean_exit_layer, 3),
+        layer_speedup=round(point.layer_speedup, 3),
+        flops_speedup=round(point.flops_speedup, 3),
+        wallclock_speedup=timed,
+        wallclock_runtime=test.wallclock[0].runtime if test.wallclock else None,
+        oracle_layer_speedup=round(oracle.layer_speedup, 3),
+        share_of_oracle_speedup=round(point.layer_speedup / oracle.layer_speedup, 3),
+        dev_accuracy=round(final.dev.default_policy.accuracy, 4),
+        model_uri=model_uri,
+        registered=registered,
+        seconds=round(time.time() - started, 1),
+        unlabeled_overlapping_eval=overlap,
+    )
 
 
 def promise_summary(chosen: ChosenSetting | None) -> dict | None:
@@ -321,5 +358,5 @@ def promise_summary(chosen: ChosenSetting | None) -> dict | None:
     }
 
 
-def summary_json(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, indent=2, default=str)
+def summary_json(summary: TrainingSummary) -> str:
+    return json.dumps(summary.to_dict(), indent=2, default=str)

@@ -96,7 +96,7 @@ def single_node_scores(ray_local, work, env, corpus, scoring_model) -> pa.Table:
             tracking_uri=env["MLFLOW_TRACKING_URI"],
         )
     )
-    assert summary["rows_scored"] == FILES * ROWS_PER_FILE
+    assert summary.rows_scored == FILES * ROWS_PER_FILE
     return all_rows_once(work / "scored-single")
 
 

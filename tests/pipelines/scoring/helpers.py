@@ -28,7 +28,7 @@ def score(model_dir, input_path, output, tmp_path, **kw):
     kw.setdefault("precision", "fp32")
     kw.setdefault("tracking_uri", TRACKING_URI or f"sqlite:///{tmp_path}/mlflow.db")
     config = ScoreConfig(model=model_dir, input=str(input_path), output=str(output), batch_size=16, **kw)
-    return run_scoring(config)
+    return run_scoring(config).to_dict()  # as the job prints it
 
 
 def read_outputs(summary) -> dict[str, pa.Table]:
