@@ -3,7 +3,7 @@ and the CLI's help reads it from here)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal
 
 from ee_model.policies import CHECK_OF_KNOB, KNOB_OF_POLICY, check_policy
@@ -118,4 +118,4 @@ class ScoreConfig:
 
 def score_defaults() -> dict[str, Any]:
     """{field: its default} of `ScoreConfig` (the required fields left out)."""
-    return {f.name: f.default for f in fields(ScoreConfig) if f.default is not f.default_factory}
+    return {f.name: f.default for f in fields(ScoreConfig) if f.default is not MISSING}
