@@ -14,7 +14,8 @@ then the best of --repeats timed passes, tokenising excluded as it is the same f
                          TRANSFORMER, 300 calibration rows): the sentence-transformers guide's recipe
   early exit (`ee_model.runtime`), each at the knob `jobs/score.py --calibrate-rows` chooses in that runtime
     (--calibrate-rows rows of a disjoint sample, min agreement 0.99, delta 0.05, the model's policy)
-    ee-fp32, ee-bf16 (PyTorch bf16 layers), ee-bf16-openvino, ee-fp32-openvino, ee-int8 (ONNX Runtime)
+    ee-fp32, ee-bf16 (PyTorch bf16 layers), ee-bf16-openvino, ee-fp32-openvino, ee-int8 (ONNX Runtime),
+    ee-int8-openvino (NNCF int8 per layer, calibrated on the 300 texts the plain model's NNCF run uses)
 
 Texts: unseen BBC text (`common.unseen_bbc`: paragraphs and sentence passages of the dev and test
 articles, with the article's label as gold), or --corpus a parquet file with a `text` column (and optionally
@@ -165,9 +166,13 @@ def timed(score, calls, n_rows: int, repeats: int) -> tuple[float, np.ndarray]:
     return n_rows / best, labels
 
 
-def early_exit_runs(model_dir: str, runtimes, token_ids, calibration_texts, threads, batch_size, scratch):
-    """{name: (model with the runtime, calibration)} for each runtime, calibrated as the scoring job does."""
+def early_exit_runs(
+    model_dir: str, runtimes, token_ids, calibration_texts, threads, batch_size, scratch, capped: bool
+):
+    """{name: (model with the runtime, calibration)} for each runtime, calibrated as the scoring job does;
+    `capped`: OpenVINO int8 runs what its quantiser left in f32, as on a CPU without bf16."""
     from ee_model import EarlyExitClassifier
+    from ee_model.openvino_layers import with_openvino_layers
     from ee_model.runtime import Runtime
     from ee_model.runtime_layers import build_layers, with_runtime
     from pipelines.config import S_GRID
@@ -178,8 +183,12 @@ def early_exit_runs(model_dir: str, runtimes, token_ids, calibration_texts, thre
     for name in runtimes:
         runtime = Runtime.parse(name)
         start = time.perf_counter()
-        folder = build_layers(fp32, runtime, scratch / f"layers-{name}")
-        model = with_runtime(copy.deepcopy(fp32), runtime, folder, threads)
+        texts = calibration_texts[:300] if runtime.needs_calibration_texts else None
+        folder = build_layers(fp32, runtime, scratch / f"layers-{name}", texts)
+        if capped and runtime.needs_calibration_texts:
+            model = with_openvino_layers(copy.deepcopy(fp32), folder, "int8", threads, hint="f32")
+        else:
+            model = with_runtime(copy.deepcopy(fp32), runtime, folder, threads)
         built = time.perf_counter() - start
         calibration = calibrate(model, calibration_texts, model.config.policy, 0.99, 0.05, S_GRID, batch_size)
         out[f"ee-{name}"] = (model, calibration, built)
@@ -234,9 +243,10 @@ def run(args) -> dict:
         for name, score in plain.items():
             rows_per_s, label_ids = timed(score, calls, len(texts), args.repeats)
             record(f"plain {name}", rows_per_s, label_ids)
-        runtimes = ["fp32", "int8", "fp32-openvino"] + ([] if capped else ["bf16", "bf16-openvino"])
+        runtimes = ["fp32", "int8", "int8-openvino", "fp32-openvino"]
+        runtimes += [] if capped else ["bf16", "bf16-openvino"]
         runs = early_exit_runs(
-            args.model, runtimes, token_ids, calibration_texts, args.threads, args.batch_size, scratch
+            args.model, runtimes, token_ids, calibration_texts, args.threads, args.batch_size, scratch, capped
         )
         for name, (ee, calibration, _) in runs.items():
             setting = calibration.setting

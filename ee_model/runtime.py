@@ -11,6 +11,7 @@ as in fp32, so rows still leave one by one. The runtimes:
 | `bf16-openvino` | OpenVINO, bf16 execution (`ee_model.openvino_layers`) | the `openvino` extra, a bf16 CPU |
 | `fp32-openvino` | OpenVINO, f32 execution | the `openvino` extra |
 | `int8` | ONNX Runtime, dynamic int8 (`ee_model.int8`) | the `int8` extra |
+| `int8-openvino` | OpenVINO, NNCF static int8, calibrated on texts like those scored | the `openvino` extra |
 
 `resolve_runtime("auto", "auto", ...)` picks what the machine runs fastest: bf16 on a GPU; on a CPU bf16 where
 it has AMX-BF16 or AVX512-BF16, int8 where it has VNNI (or AMX-INT8) but no bf16, fp32 otherwise; and for the
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from ee_model.cpu_support import CpuSupport, cpu_support
 
 PRECISIONS = ("fp32", "bf16", "int8")
-RUNS = {"fp32": ("torch", "openvino"), "bf16": ("torch", "openvino"), "int8": ("onnxruntime",)}
+RUNS = {"fp32": ("torch", "openvino"), "bf16": ("torch", "openvino"), "int8": ("onnxruntime", "openvino")}
 DEFAULT_BACKEND = {precision: backends[0] for precision, backends in RUNS.items()}
 # with early exit on this project's CPU (AMX), fastest first: docs/results.md
 AUTO_BACKENDS = {"fp32": ("torch",), "bf16": ("torch", "openvino"), "int8": ("onnxruntime",)}
@@ -59,6 +60,11 @@ class Runtime:
     def builds_layers(self) -> bool:
         """Whether the layers are built into files first (exported, quantised), per model version."""
         return self.backend != "torch"
+
+    @property
+    def needs_calibration_texts(self) -> bool:
+        """Whether building the layers needs texts like those to be scored (static int8 scales)."""
+        return self.precision == "int8" and self.backend == "openvino"
 
     @property
     def exact_per_row(self) -> bool:

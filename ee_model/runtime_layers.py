@@ -13,13 +13,19 @@ from ee_model.openvino_layers import openvino_layers, with_openvino_layers
 from ee_model.runtime import BF16, FP32, Runtime, resolve_runtime
 
 
-def build_layers(model: EarlyExitClassifier, runtime: Runtime, directory: str | Path) -> Path | None:
+def build_layers(
+    model: EarlyExitClassifier,
+    runtime: Runtime,
+    directory: str | Path,
+    calibration_texts: list[str] | None = None,
+) -> Path | None:
     """The layer files `runtime` runs (built into `directory` once per model version, checked after), or
-    None for a runtime that needs none."""
+    None for a runtime that needs none. `calibration_texts`: texts like those to be scored, for the runtimes
+    that calibrate while building (`runtime.needs_calibration_texts`: OpenVINO int8)."""
     if runtime.backend == "onnxruntime":
         return int8_layers(model, directory)
     if runtime.backend == "openvino":
-        return openvino_layers(model, directory, runtime.precision)
+        return openvino_layers(model, directory, runtime.precision, calibration_texts)
     return None
 
 
@@ -49,15 +55,16 @@ def load_model(
     layers_dir: str | Path | None = None,
     threads: int | None = None,
     device: str | None = None,
+    calibration_texts: list[str] | None = None,
 ) -> EarlyExitClassifier:
     """A saved model ready for `predict` in the runtime `precision` / `backend` name (`auto`: this machine's
     fastest), on `device` (default: the CPU). Layers a backend builds go to `layers_dir` (default
-    `<model_dir>/<runtime name>/`), built there on first use and checked after. `model.runtime` says which
-    runtime it got."""
+    `<model_dir>/<runtime name>/`), built there on first use (OpenVINO int8: calibrated on
+    `calibration_texts`) and checked after. `model.runtime` says which runtime it got."""
     on_gpu = device is not None and device != "cpu"
     runtime, _ = resolve_runtime(precision, backend, gpu=on_gpu)
     model = EarlyExitClassifier.from_pretrained(model_dir)
     if on_gpu:
         model = model.to(device)
-    folder = build_layers(model, runtime, layers_dir or Path(model_dir) / runtime.name)
+    folder = build_layers(model, runtime, layers_dir or Path(model_dir) / runtime.name, calibration_texts)
     return with_runtime(model, runtime, folder, threads)

@@ -72,15 +72,21 @@ def timed_settings(model: EarlyExitClassifier, config: EvalConfig) -> list[ExitS
 
 
 def scoring_runtime_model(
-    model: EarlyExitClassifier, config: EvalConfig, scratch: Path
+    model: EarlyExitClassifier, config: EvalConfig, scratch: Path, calibration_texts: list[str]
 ) -> EarlyExitClassifier:
     """A copy of `model` with its layers in the runtime scoring will use (`config.precision` / `backend`),
-    or `model` itself for fp32."""
+    or `model` itself for fp32; `calibration_texts`: what OpenVINO int8 is calibrated on (`CALIBRATION_ROWS`
+    of them, evenly spaced)."""
+    from ee_model.openvino_layers import CALIBRATION_ROWS
+
     runtime, _ = resolve_runtime(config.precision, config.backend, gpu=model.device.type == "cuda")
     if runtime == FP32:
         return model
     copy_of = copy.deepcopy(model)
-    return with_runtime(copy_of, runtime, build_layers(copy_of.cpu(), runtime, scratch / "layers"))
+    texts = None
+    if runtime.needs_calibration_texts:
+        texts = [calibration_texts[i] for i in evenly_spaced_rows(len(calibration_texts), CALIBRATION_ROWS)]
+    return with_runtime(copy_of, runtime, build_layers(copy_of.cpu(), runtime, scratch / "layers", texts))
 
 
 def fitted_exit_risk(model: EarlyExitClassifier, texts: list[str], batch_size: int = 64) -> ExitRisk:
@@ -135,7 +141,7 @@ def evaluate_trained_model(
     test_eval = evaluate_split(model, test, config.thresholds, split=passes["test"], risks=config.risks)
     wallclock = []
     with tempfile.TemporaryDirectory() as scratch:
-        scoring = scoring_runtime_model(model, config, Path(scratch))
+        scoring = scoring_runtime_model(model, config, Path(scratch), risk_texts or dev["text"].to_pylist())
         if chosen is not None and chosen.bound is not None:
             checked = checked_in_runtime(
                 scoring,

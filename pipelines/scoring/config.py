@@ -43,7 +43,8 @@ class ScoreConfig:
     # a GPU or a CPU with AMX-BF16 / AVX512-BF16, int8 with VNNI and no bf16, else fp32), "fp32", "bf16",
     # "int8"; backend "auto" (the fastest measured for the precision, installed), "torch", "openvino",
     # "onnxruntime". Layers a backend builds (int8, OpenVINO) are built once per model version into
-    # <output>/_int8/ or <output>/_openvino/ and shipped with the model
+    # <output>/_int8/, <output>/_openvino/ or <output>/_openvino-int8/ (NNCF int8, calibrated on 300 rows of
+    # the inputs) and shipped with the model
     precision: str = "auto"
     backend: str = "auto"
     include_probs: bool = False

@@ -236,21 +236,36 @@ def spare_cpus_for_tokenizing(config: ScoreConfig) -> bool:
     return False
 
 
-LAYER_CACHES = {"onnxruntime": "_int8", "openvino": "_openvino"}  # below the output folder, per backend
+def layer_cache_name(runtime: Runtime) -> str:
+    """The folder below the output that holds `runtime`'s built layers, per model version: `_int8` (ONNX
+    Runtime), `_openvino` (f32 IR, compiled as fp32 or bf16), `_openvino-int8` (NNCF int8)."""
+    if runtime.backend == "onnxruntime":
+        return "_int8"
+    return "_openvino-int8" if runtime.precision == "int8" else "_openvino"
 
 
-def layers_for(config: ScoreConfig, source: ModelSource, runtime: Runtime) -> Path | None:
-    """The layers `runtime` runs (`build_layers`: int8, OpenVINO), built by the driver once
-    per model version into `<output>/_int8/<identity>` or `<output>/_openvino/<identity>` and reused by every
-    later run on that output (checked first: weights' digest and every file's); None for the runtimes that
-    build none."""
+def layers_for(
+    config: ScoreConfig, source: ModelSource, runtime: Runtime, inputs: list[InputFile]
+) -> Path | None:
+    """The layers `runtime` runs (`build_layers`: int8, OpenVINO), built by the driver once per model version
+    into `<output>/<layer_cache_name>/<identity>` and reused by every later run on that output (checked
+    first: weights' digest and every file's); None for the runtimes that build none. OpenVINO int8 is
+    calibrated on `openvino_layers.CALIBRATION_ROWS` rows drawn from `inputs` (seeded by
+    `config.calibration_seed`, else 0) when first built."""
     from ee_model import EarlyExitClassifier
+    from ee_model.openvino_layers import CALIBRATION_ROWS, is_current
     from ee_model.runtime_layers import build_layers
 
     if not runtime.builds_layers:
         return None
-    folder = Path(config.output).resolve() / LAYER_CACHES[runtime.backend] / source.identity
-    return build_layers(EarlyExitClassifier.from_pretrained(source.directory), runtime, folder)
+    folder = Path(config.output).resolve() / layer_cache_name(runtime) / source.identity
+    model = EarlyExitClassifier.from_pretrained(source.directory)
+    texts = None
+    if runtime.needs_calibration_texts and not is_current(folder, model, runtime.precision):
+        seed = config.calibration_seed if config.calibration_seed is not None else 0
+        files = [(f.path, f.rows) for f in inputs]
+        texts = sample_texts(files, config.text_column, CALIBRATION_ROWS, seed)
+    return build_layers(model, runtime, folder, texts)
 
 
 def ship_model(source: ModelSource, layers: Path | None = None) -> ObjectRef:
@@ -482,7 +497,7 @@ def settle_run(
     """The run's runtime (its layers built once), exit setting (calibrated when asked) and output folder,
     prepared for writing."""
     runtime, runtime_reason = config.runtime()
-    layers = layers_for(config, source, runtime)
+    layers = layers_for(config, source, runtime, inputs)
 
     def shipped() -> ObjectRef:
         connect_ray(address)

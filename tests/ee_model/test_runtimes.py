@@ -87,7 +87,7 @@ def test_auto_without_the_int8_extra_falls_back_to_fp32(monkeypatch):
 
 
 def test_runtime_names_round_trip():
-    for name in ("fp32", "bf16", "int8", "bf16-openvino", "fp32-openvino"):
+    for name in ("fp32", "bf16", "int8", "bf16-openvino", "fp32-openvino", "int8-openvino"):
         assert Runtime.parse(name).name == name
     assert Runtime.parse("int8") == Runtime("int8", "onnxruntime") and FP32.name == "fp32"
 
@@ -131,6 +131,53 @@ def test_bf16_runtimes_agree_with_fp32(family, name, fp32_model, tmp_path):
     assert (error > 0).all()  # the reduced-precision layers really ran
     with pytest.raises(ValueError, match="save the fp32 model"):
         model.save_pretrained(tmp_path / "saved")
+
+
+MAX_INT8_HIDDEN_ERROR = 0.15  # as for ONNX Runtime int8 (tests/ee_model/test_int8.py)
+
+
+# every family but bert behind the slow marker: each trains a model and quantises it (seconds each)
+@pytest.mark.parametrize(
+    "family", [f if f == "bert" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+)
+def test_openvino_int8_layers_calibrated_on_texts_agree_with_fp32(family, fp32_model, tmp_path):
+    from ee_model.openvino_layers import MANIFEST, read_manifest
+
+    fp32 = fp32_model(family)
+    runtime = Runtime("int8", "openvino")
+    texts = probe_texts()
+    folder = build_layers(fp32, runtime, tmp_path / "layers", random_texts(200, seed=21))
+    assert read_manifest(folder)["calibration_rows"] == 200
+    model = with_runtime(copy.deepcopy(fp32), runtime, folder, threads=1)
+    for policy in ("none", "entropy"):
+        reference = fp32.predict(texts, policy=policy, batch_size=64)
+        out = model.predict(texts, policy=policy, batch_size=64)
+        assert np.mean(np.array(out.label) == np.array(reference.label)) >= MIN_LABEL_AGREEMENT, policy
+        assert np.mean(out.exit_layer == reference.exit_layer) >= MIN_EXIT_LAYER_AGREEMENT, policy
+    inputs = fp32.encode(texts[:64])  # mixed lengths: padding in the batch
+    with torch.inference_mode():
+        expected, got = fp32.pooled_features(**inputs), model.pooled_features(**inputs)
+    error = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max(dim=-1).values
+    assert (error < MAX_INT8_HIDDEN_ERROR).all(), error.tolist()
+    assert (error > 0).all()  # the int8 layers really ran
+    # static scales: a row's result hardly depends on its batch-mates
+    one, many = model.predict(texts[:100], batch_size=1), model.predict(texts[:100], batch_size=64)
+    assert np.mean(np.array(one.label) == np.array(many.label)) >= MIN_LABEL_AGREEMENT
+    # the f32 IR of bf16 / fp32 and the int8 files are kept apart
+    with pytest.raises(ValueError, match="OpenVINO int8 layers in .* were built from other weights"):
+        with_runtime(copy.deepcopy(fp32), runtime, build_layers(fp32, BF16_OPENVINO, tmp_path / "ir"))
+    assert (folder / MANIFEST).is_file()
+
+
+BF16_OPENVINO = Runtime("bf16", "openvino")
+
+
+def test_openvino_int8_needs_calibration_texts(fp32_model, tmp_path):
+    fp32 = fp32_model("bert")
+    for texts in (None, [], [None, "  "]):
+        with pytest.raises(ValueError, match="give calibration_texts"):
+            build_layers(fp32, Runtime("int8", "openvino"), tmp_path / "layers", texts)
+    assert not (tmp_path / "layers").exists()
 
 
 def test_openvino_layers_of_other_weights_are_refused_and_a_cache_is_reused(fp32_model, tmp_path):
