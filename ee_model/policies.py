@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ee_model.exit_risk import ExitRisk, log_odds
 from ee_model.signals import normalised_entropy
+
+if TYPE_CHECKING:
+    from ee_model.config import EarlyExitConfig
 
 State = dict[str, torch.Tensor]
 
@@ -271,3 +274,39 @@ class ExitSetting:
     def __str__(self) -> str:
         """ "entropy-0.24", "risk-0.01", "count-2", "none": as in output keys."""
         return self.policy if self.knob is None else f"{self.policy}-{self.knob:g}"
+
+
+@dataclass(frozen=True)
+class ExitRequest:
+    """The exit setting a user asks for before knowing the model: a policy (None: the model's stored one) and
+    at most one knob, the one that policy takes (None: the knob stored for the policy, or a calibrated one).
+    Checked when made; `setting(config)` resolves it against a model's stored defaults."""
+
+    policy: str | None = None
+    threshold: float | None = None
+    patience: int | None = None
+    risk: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy is not None:
+            check_policy(self.policy)
+        for knob, value in self.knobs.items():
+            object.__setattr__(self, knob, CHECK_OF_KNOB[knob](value))
+            if self.policy is not None and KNOB_OF_POLICY[self.policy] != knob:
+                raise ValueError(f"policy {self.policy!r} does not use {knob}={value!r}: drop it")
+        if len(self.knobs) > 1:
+            raise ValueError(f"give one knob, for the policy that takes it: got {sorted(self.knobs)}")
+
+    @property
+    def knobs(self) -> dict[str, float | int]:
+        """The knobs given ({name: value}; at most one)."""
+        return {name: getattr(self, name) for name in CHECK_OF_KNOB if getattr(self, name) is not None}
+
+    def policy_of(self, stored: str) -> str:
+        """The policy that runs: the asked one, else the model's `stored` one."""
+        return self.policy or stored
+
+    def setting(self, config: EarlyExitConfig) -> ExitSetting:
+        """The setting that runs on a model of `config`: the asked policy and knob, the stored ones for what
+        was not asked."""
+        return config.setting(self.policy, **self.knobs)

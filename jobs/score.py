@@ -34,7 +34,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.scoring.config import ScoreConfig, score_defaults
+from pipelines.scoring.config import EXIT_FLAGS, ScoreConfig, score_defaults
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
@@ -172,11 +172,10 @@ def main(
     from pipelines.scoring.pipeline import run_scoring
 
     flags = dict(locals())
-    given = {
-        name: flags[name] for name in (f.name for f in fields(ScoreConfig)) if flags.get(name) is not None
-    }
+    names = [f.name for f in fields(ScoreConfig) if f.name != "exit"] + list(EXIT_FLAGS)
+    given = {name: flags[name] for name in names if flags.get(name) is not None}
     with one_line_errors(ValueError):  # every bad flag value is refused here, before Ray starts
-        config = ScoreConfig(**given)
+        config = ScoreConfig.from_flags(**given)
     with one_line_errors(UserError):
         summary = run_scoring(config, address)
     text = json.dumps(summary.to_dict(), indent=2, default=str)

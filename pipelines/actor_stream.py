@@ -35,13 +35,15 @@ def most_actors(cpus_per_actor: float, gpus_per_actor: float, spare_cpus: int = 
 
 
 def actor_pool(size: int | None, most: int):
-    """A pool of `size` actors, else an autoscaling one from 1 to `most`, started full (Ray Data shrinks it
-    when the input runs short)."""
+    """A pool of `size` actors, else an autoscaling one started with `most` actors (what the cluster holds
+    now), shrunk by Ray Data when the input runs short and grown, with no upper bound of ours, within the
+    resources Ray Data's budget gives the stage: nodes that join while the job runs (a cluster autoscaler,
+    `ray start --address`) get actors too."""
     import ray.data
 
     if size is not None:
         return ray.data.ActorPoolStrategy(size=size)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=most, initial_size=most)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=None, initial_size=most)
 
 
 class StreamedOutput(Protocol):

@@ -3,14 +3,15 @@ and the CLI's help reads it from here)."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
-from ee_model.policies import CHECK_OF_KNOB, KNOB_OF_POLICY, check_policy
+from ee_model.policies import ExitRequest
 from ee_model.runtime import Runtime, resolve_runtime
 from pipelines.config import ThresholdTarget, check_choice, check_positive
 
 Tokenizing = Literal["auto", "actor", "tasks"]
+EXIT_FLAGS = ("policy", "threshold", "patience", "risk")  # the CLI's flags that make ScoreConfig.exit
 
 
 @dataclass(frozen=True)
@@ -20,10 +21,9 @@ class ScoreConfig:
     model: str  # models:/name@alias, models:/name/version, any MLflow model URI, or a saved model directory
     input: str  # parquet file, folder, glob (local)
     output: str  # folder; one sub-folder per (model, policy, knob)
-    policy: str | None = None  # default: the model's stored policy
-    threshold: float | None = None  # default: the model's stored S
-    patience: int | None = None  # default: the model's stored t
-    risk: float | None = None  # default: the model's stored r (policy "risk")
+    # the policy and knob asked for; what is not asked: the model's stored policy and its knob (or, with
+    # calibrate_rows, the calibrated knob)
+    exit: ExitRequest = field(default_factory=ExitRequest)
     text_column: str = "text"
     batch_size: int = 64  # rows per model call
     # rows per map_batches call: sorted by length together, then cut into model calls of batch_size, so a
@@ -73,15 +73,6 @@ class ScoreConfig:
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
         check_choice("tokenize", self.tokenize, Tokenizing)
         self.runtime()  # an unknown, unavailable or unsupported precision / backend is refused here
-        if self.policy is not None:
-            check_policy(self.policy)
-        for knob, check in CHECK_OF_KNOB.items():
-            if getattr(self, knob) is not None:
-                check(getattr(self, knob))
-                if self.policy is not None and KNOB_OF_POLICY[self.policy] != knob:
-                    raise ValueError(
-                        f"policy {self.policy!r} does not use {knob}={getattr(self, knob)!r}: drop it"
-                    )
         if self.output_prefix and not self.output_prefix.replace("_", "").isalnum():
             raise ValueError(f"output_prefix={self.output_prefix!r} must be letters, digits and '_'")
         if self.calibrate_rows < 0:
@@ -93,13 +84,20 @@ class ScoreConfig:
         if not 0 < self.min_agreement <= 1:
             raise ValueError(f"min_agreement={self.min_agreement!r} must be in (0, 1]")
         ThresholdTarget(min_retention=self.min_agreement, delta=self.delta)  # checks delta
-        if self.calibrate_rows and self.policy == "none":
+        if self.calibrate_rows and self.exit.policy == "none":
             raise ValueError("calibrate_rows chooses an exit knob; policy 'none' has none")
-        if self.calibrate_rows and any(getattr(self, knob) is not None for knob in CHECK_OF_KNOB):
+        if self.calibrate_rows and self.exit.knobs:
             raise ValueError(
                 "calibrate_rows chooses the knob: give a threshold / patience / risk or calibrate_rows, "
                 "not both"
             )
+
+    @classmethod
+    def from_flags(cls, **flags: Any) -> ScoreConfig:
+        """The config from flat values, as the CLI gives them: `policy`, `threshold`, `patience` and `risk`
+        become the `exit` request, the rest are fields."""
+        asked = {name: flags.pop(name) for name in EXIT_FLAGS if name in flags}
+        return cls(**flags, exit=ExitRequest(**asked))
 
     def runtime(self) -> tuple[Runtime, str]:
         """(what runs the layers, why): `precision` and `backend` with "auto" resolved for this machine (the

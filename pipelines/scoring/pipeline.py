@@ -301,7 +301,7 @@ def pinned_calibration(
     pinned: the next run draws a new sample (give more --calibrate-rows)."""
     import ray
 
-    policy = config.policy or model_config.policy
+    policy = config.exit.policy_of(model_config.policy)
     path = calibration_path(config, source, policy, runtime)
     if path.is_file():
         calibration = Calibration(**json.loads(path.read_text()))
@@ -478,7 +478,7 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> ScoringSumma
 def checked_model_config(config: ScoreConfig, source: ModelSource) -> EarlyExitConfig:
     """The model's config; a policy the model cannot run is refused here, before anything is written."""
     model_config = EarlyExitConfig.load(source.directory)
-    if (config.policy or model_config.policy) == "risk" and model_config.exit_risk is None:
+    if config.exit.policy_of(model_config.policy) == "risk" and model_config.exit_risk is None:
         raise UserError(
             f"policy 'risk' needs a model with a fitted exit risk, and {config.model!r} has none "
             "(trained before the risk policy, or with eval.exit_risk_rows=0): use --policy entropy"
@@ -509,7 +509,7 @@ def settle_run(
         calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model, runtime)
         setting = calibration.setting
     else:
-        setting = model_config.setting(config.policy, config.threshold, config.patience, config.risk)
+        setting = config.exit.setting(model_config)
     folder = OutputFolder(output / run_key(source, setting, config, runtime))
     folder.prepare()
     return ScoringRun(

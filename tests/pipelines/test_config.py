@@ -100,18 +100,17 @@ def test_score_config_sorts_at_least_one_model_call():
         {"precision": "int4"},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            ScoreConfig(model="m", input="i", output="o", **bad)
+            ScoreConfig.from_flags(model="m", input="i", output="o", **bad)
     with pytest.raises(ValueError, match="int8' runs on CPUs"):
         ScoreConfig(model="m", input="i", output="o", precision="int8", gpus_per_actor=1)
 
 
 def test_score_config_calibration_excludes_a_given_knob():
+    from ee_model import ExitRequest
     from pipelines.scoring.config import ScoreConfig
 
-    assert (
-        ScoreConfig(model="m", input="i", output="o", calibrate_rows=100, policy="count").min_agreement
-        == 0.99
-    )
+    config = ScoreConfig.from_flags(model="m", input="i", output="o", calibrate_rows=100, policy="count")
+    assert config.min_agreement == 0.99 and config.exit == ExitRequest("count")
     for bad, message in (
         ({"calibrate_rows": -1}, "calibrate_rows"),
         ({"min_agreement": 0}, "min_agreement"),
@@ -123,9 +122,10 @@ def test_score_config_calibration_excludes_a_given_knob():
         ({"calibrate_rows": 10, "risk": 0.01}, "not both"),
         ({"risk": 2.0}, r"risk=2.0 must be a number in \[0, 1\]"),
         ({"policy": "count", "risk": 0.01}, "policy 'count' does not use risk=0.01"),
+        ({"threshold": 0.3, "risk": 0.01}, "give one knob"),
     ):
         with pytest.raises(ValueError, match=message):
-            ScoreConfig(model="m", input="i", output="o", **bad)
+            ScoreConfig.from_flags(model="m", input="i", output="o", **bad)
 
 
 def test_the_trained_models_policy():

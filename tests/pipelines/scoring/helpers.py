@@ -27,7 +27,9 @@ def score(model_dir, input_path, output, tmp_path, **kw):
     (`auto` is tested on its own)."""
     kw.setdefault("precision", "fp32")
     kw.setdefault("tracking_uri", TRACKING_URI or f"sqlite:///{tmp_path}/mlflow.db")
-    config = ScoreConfig(model=model_dir, input=str(input_path), output=str(output), batch_size=16, **kw)
+    config = ScoreConfig.from_flags(
+        model=model_dir, input=str(input_path), output=str(output), batch_size=16, **kw
+    )
     return run_scoring(config).to_dict()  # as the job prints it
 
 

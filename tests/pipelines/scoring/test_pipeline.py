@@ -200,3 +200,35 @@ def test_int8_scoring_builds_the_layers_once_calibrates_in_int8_and_keys_apart(
     assert fp32["output"] == first["output"].removesuffix("__int8") and fp32["files_scored"] == 2
     runs = scoring_runs(model_dir, order_by=["start_time ASC"])
     assert runs["params.precision"].tolist() == ["int8", "int8", "fp32"]
+
+
+def test_openvino_int8_scoring_calibrates_its_layers_on_the_inputs_once(
+    ray_local, tiny_encoder_dir, tmp_path
+):
+    from ee_model.openvino_layers import read_manifest
+    from ee_model.runtime import Runtime
+    from ee_model.runtime_layers import with_runtime
+    from tests.conftest import trained_tiny
+
+    fp32 = trained_tiny(tiny_encoder_dir("bert", num_layers=3))
+    model_dir = str(fp32.save_pretrained(tmp_path / "model"))
+    texts = random_texts(250, seed=7) + [None, "", "good great"]
+    write(tmp_path / "in" / "a.parquet", texts)
+    int8 = {"precision": "int8", "backend": "openvino", "threshold": 0.3}
+    first = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
+    assert first["precision"] == "int8-openvino" and first["output"].endswith("__int8-openvino")
+    assert first["rows_scored"] == len(texts) and first["errors"] == 2
+    layers = next((tmp_path / "out" / "_openvino-int8").iterdir())
+    manifest = read_manifest(layers)
+    assert manifest["kind"] == "int8" and manifest["calibration_rows"] == len(texts) - 2  # all valid rows
+    # what the actors ran: those layers
+    local = with_runtime(fp32, Runtime("int8", "openvino"), layers, threads=1)
+    expected = local.predict(texts, policy="entropy", threshold=0.3, batch_size=16, invalid="null")
+    out = read_outputs(first)["a.parquet"]
+    assert out["error"].to_pylist() == expected.error
+    assert np.mean(np.array(out["label"].to_pylist()) == np.array(expected.label)) >= 0.99
+
+    write(tmp_path / "in" / "b.parquet", random_texts(40, seed=8))
+    again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
+    assert again["output"] == first["output"] and (again["files_scored"], again["files_skipped"]) == (1, 1)
+    assert read_manifest(layers) == manifest  # reused, not recalibrated on the new inputs
