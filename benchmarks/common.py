@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,3 +96,45 @@ def run_score_job(model: str, inputs: Path, output: Path, scratch: Path, *flags:
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     return seconds, json.loads(summary.read_text())
+
+
+class PlainClassifier(nn.Module):
+    """The encoder's own full forward + the final classifier over the model's pooling: the plain fine-tuned
+    classifier (a head on `AutoModel`, as `AutoModelForSequenceClassification` is), no exits."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.encoder, self.head, self.pooling = model.encoder, model.teacher, model.config.pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from ee_model.heads import pool
+
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(pool(hidden, attention_mask, self.pooling))
+
+
+def plain_openvino(model, example: dict, sample: list[dict] | None = None):
+    """(the plain classifier converted to OpenVINO, batch and sequence dynamic; the same after NNCF's
+    post-training int8 quantisation on `sample`, the recipe a user follows (sentence-transformers' efficiency
+    guide: model_type TRANSFORMER, a few hundred rows of their data, one row per item), or None without a
+    sample). `example`: {"input_ids", "attention_mask"} tensors of two rows."""
+    import copy
+
+    import openvino as ov
+
+    model = copy.deepcopy(model)  # the caller's model keeps its attention
+    model.encoder.set_attn_implementation("eager")  # a plain additive mask, converted op for op
+    with torch.no_grad():
+        converted = ov.convert_model(
+            PlainClassifier(model).eval(),
+            example_input=example,
+            input=[("input_ids", ov.PartialShape([-1, -1])), ("attention_mask", ov.PartialShape([-1, -1]))],
+        )
+    if not sample:
+        return converted, None
+    import nncf
+
+    quantized = nncf.quantize(
+        converted, nncf.Dataset(sample), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(sample)
+    )
+    return converted, quantized

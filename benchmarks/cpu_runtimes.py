@@ -44,23 +44,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from common import unseen_bbc
-from torch import nn
-
-
-class PlainClassifier(nn.Module):
-    """The encoder's own full forward + the final classifier over the model's pooling: the plain fine-tuned
-    classifier (a head on `AutoModel`, as `AutoModelForSequenceClassification` is), no exits."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.encoder, self.head, self.pooling = model.encoder, model.teacher, model.config.pooling
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from ee_model.heads import pool
-
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(pool(hidden, attention_mask, self.pooling))
+from common import PlainClassifier, plain_openvino, unseen_bbc
 
 
 def export_plain_int8(model_dir: str, folder: Path) -> dict[str, Path]:
@@ -125,14 +109,8 @@ def plain_scorers(model, calls, sample, capped: bool, threads: int, scratch: Pat
         None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     )[0]
 
-    model.encoder.set_attn_implementation("eager")
     example = {"input_ids": calls[0][1][:2], "attention_mask": calls[0][2][:2]}
-    with torch.no_grad():
-        converted = ov.convert_model(
-            PlainClassifier(model).eval(),
-            example_input=example,
-            input=[("input_ids", ov.PartialShape([-1, -1])), ("attention_mask", ov.PartialShape([-1, -1]))],
-        )
+    converted, quantized = plain_openvino(model, example, sample)
     core = ov.Core()
     base = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     f32 = {**base, "INFERENCE_PRECISION_HINT": "f32"}
@@ -144,11 +122,6 @@ def plain_scorers(model, calls, sample, capped: bool, threads: int, scratch: Pat
     if not capped:
         scorers["openvino"] = openvino(core.compile_model(converted, "CPU", base))
     scorers["openvino-f32"] = openvino(core.compile_model(converted, "CPU", f32))
-    import nncf
-
-    quantized = nncf.quantize(
-        converted, nncf.Dataset(sample), model_type=nncf.ModelType.TRANSFORMER, subset_size=300
-    )
     scorers["openvino-int8"] = openvino(core.compile_model(quantized, "CPU", f32 if capped else base))
     return scorers
 

@@ -7,6 +7,9 @@ Part 1 (--model, a trained early-exit model dir or MLflow URI): BBC paragraphs s
       call per Ray Data batch of --batch-size rows as they come,
   (c') the same plain model given what (a) and (b) get from jobs/score.py: --sort-rows rows per Ray Data
       batch, sorted by length, model calls of --batch-size (isolates the padding that sorting saves),
+  (d) the plain model (encoder + final classifier, the same weights) in OpenVINO with no settings (bf16 on AMX
+      CPUs), and (d') after NNCF int8 quantisation on 300 rows of the input: the fastest plain scorers a CPU
+      user picks (docs/results.md), given sorted model calls as (c') is,
 each through read_parquet -> map_batches(actor pool) -> consumed rows, same actors, model-call size and
 truncation. Reports rows/s end to end (actor start and model load included) and steady (rows over the seconds
 spent inside the scorer's calls: what a large corpus pays per row once the actors are up), the ratio (a)/(b)
@@ -14,6 +17,9 @@ next to the FLOPs speed-up, (a)/(c), (a)/(c') and agreement of (a) with (b). The
 `jobs/score.py --calibrate-rows N` does (N evenly spaced rows of the input, one full-depth pass, no labels:
 the fastest S whose agreement with full depth clears --min-agreement with 95 % confidence), times that Ray
 task, and times (a) again at that S; its agreement is then measured on every row.
+
+(a) and (b) run in --precision / --backend (default auto: what jobs/score.py picks on this machine; the
+layers a backend builds are built once and shipped as the job ships them), and the calibration runs in it too.
 
 Part 2 (--memory-rows): jobs/score.py on a tiny model over N rows in a subprocess; peak RSS of the job's whole
 process tree (driver + Ray) sampled every 0.5 s. Flat memory = the peak does not grow with N.
@@ -66,8 +72,6 @@ class PlainScorer:
         self.tokenizer, self.max_length, self.batch_size = ee.tokenizer, max_length, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
         texts = batch["text"].to_pylist()
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         if self.batch_size is None:
@@ -81,9 +85,34 @@ class PlainScorer:
             padded = self.tokenizer.pad(
                 [{k: v[i] for k, v in encoded.items()} for i in chunk], return_tensors="pt"
             )
-            with torch.inference_mode():
-                labels[chunk] = self.model(**padded).logits.argmax(-1).numpy()
+            labels[chunk] = self.logits(padded).argmax(-1)
         return batch.append_column("label_id", pa.array(labels, pa.int64()))
+
+    def logits(self, padded) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(**padded).logits.numpy()
+
+
+class PlainOpenVinoScorer(PlainScorer):
+    """Baselines (d) and (d'): the plain model converted to OpenVINO (`common.plain_openvino`, saved as IR at
+    `xml`), compiled with no settings but the actor's threads, as a user runs it; rows tokenised and sorted
+    as (c') does."""
+
+    def __init__(self, xml: str, model_dir: str, max_length: int, cpus: float, batch_size: int) -> None:
+        import openvino as ov
+
+        from ee_model import EarlyExitClassifier
+
+        config = {"INFERENCE_NUM_THREADS": max(1, int(cpus)), "PERFORMANCE_HINT": "LATENCY"}
+        self.request = ov.Core().compile_model(xml, "CPU", config).create_infer_request()
+        self.tokenizer = EarlyExitClassifier.from_pretrained(model_dir).tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+
+    def logits(self, padded) -> np.ndarray:
+        inputs = [padded["input_ids"].numpy(), padded["attention_mask"].numpy()]
+        return np.array(self.request.infer(inputs)[0])
 
 
 def bbc_parquet(directory: Path, rows: int) -> Path:
@@ -162,7 +191,14 @@ def timed_pass(
 
 
 def calibrated_threshold(
-    path: Path, model_dir: str, rows: int, min_agreement: float, batch_size: int, cpus: float
+    path: Path,
+    model,
+    rows: int,
+    min_agreement: float,
+    batch_size: int,
+    cpus: float,
+    runtime: str,
+    policy: str,
 ) -> tuple[dict, float]:
     """What `jobs/score.py --calibrate-rows rows` does before scoring: the same sample of the input, the same
     Ray task with an actor's CPUs. Returns (calibration, seconds)."""
@@ -175,9 +211,50 @@ def calibrated_threshold(
     texts = sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows, seed=0)
     task = ray.remote(calibrate_on_worker).options(num_cpus=cpus)
     calibration = ray.get(
-        task.remote(model_dir, texts, "entropy", min_agreement, 0.05, S_GRID, batch_size, cpus)
+        task.remote(model, texts, policy, min_agreement, 0.05, S_GRID, batch_size, cpus, runtime)
     )
     return calibration.to_dict(), time.perf_counter() - start
+
+
+def sample_rows_of(path: Path, rows: int) -> list[str]:
+    """`rows` texts of the input drawn as jobs/score.py draws its samples (seed 0)."""
+    from pipelines.scoring.calibration import sample_texts
+
+    return sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows, seed=0)
+
+
+def ship_in_runtime(model, directory: Path, runtime, texts: list[str], scratch: Path):
+    """The model as jobs/score.py ships it to its actors: its files, with the layers `runtime` builds (built
+    here once, OpenVINO int8 calibrated on `texts`), in the object store."""
+    import ray
+
+    from ee_model.runtime_layers import build_layers
+    from pipelines.model_source import ModelFiles
+
+    layers = build_layers(
+        model, runtime, scratch / "layers", texts if runtime.needs_calibration_texts else None
+    )
+    return ray.put(ModelFiles.from_directory(directory, layers))
+
+
+def plain_openvino_ir(model, texts: list[str], scratch: Path) -> dict[str, str]:
+    """{"default", "int8"}: the plain model as OpenVINO IR files, as converted and as NNCF quantises it on
+    `texts` (one row per item, as its guide feeds them)."""
+    import openvino as ov
+    from common import plain_openvino
+
+    encoded = [model.encode([text]) for text in texts]
+    sample = [
+        {"input_ids": e["input_ids"].numpy(), "attention_mask": e["attention_mask"].numpy()} for e in encoded
+    ]
+    example = model.encode(texts[:2])
+    converted, quantized = plain_openvino(
+        model, {"input_ids": example["input_ids"], "attention_mask": example["attention_mask"]}, sample
+    )
+    paths = {"default": scratch / "plain.xml", "int8": scratch / "plain-int8.xml"}
+    ov.save_model(converted, paths["default"], compress_to_fp16=False)
+    ov.save_model(quantized, paths["int8"], compress_to_fp16=False)
+    return {name: str(path) for name, path in paths.items()}
 
 
 def throughput(
@@ -189,25 +266,35 @@ def throughput(
     sort_rows: int,
     calibrate_rows: int,
     min_agreement: float,
+    precision: str = "auto",
+    backend: str = "auto",
 ) -> dict:
     import ray
 
     from ee_model import EarlyExitClassifier, ExitSetting
+    from ee_model.runtime import resolve_runtime
     from pipelines.model_source import resolve_model
     from pipelines.scoring.scorer import Scorer
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    runtime, why = resolve_runtime(precision, backend)
+    print(f"early exit runs {runtime.name}: {why}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         source = resolve_model(model_ref, Path(scratch))
         model = EarlyExitClassifier.from_pretrained(source.directory)
         path = bbc_parquet(Path(scratch), rows)
+        sample = sample_rows_of(path, 300)
+        shipped = ship_in_runtime(model, source.directory, runtime, sample, Path(scratch))
         common = {
-            "model": str(source.directory),
+            "model": shipped,
+            "runtime": runtime.name,
             "text_column": "text",
             "cpus": cpus,
             "batch_size": batch_size,
         }
         plain = {"model_dir": str(source.directory), "max_length": model.config.max_length, "cpus": cpus}
+        ir = plain_openvino_ir(model, sample, Path(scratch))
+        sorted_calls = {**plain, "batch_size": batch_size}
         window = max(
             sort_rows, batch_size
         )  # as jobs/score.py: sort this many rows, model calls of batch_size
@@ -226,11 +313,14 @@ def throughput(
             ("a_early_exit", Scorer, {**common, "setting": None}, window),
             ("b_full_depth", Scorer, {**common, "setting": ExitSetting("none")}, window),
             ("c_plain_hf", PlainScorer, plain, batch_size),
-            ("c_plain_hf_sorted", PlainScorer, {**plain, "batch_size": batch_size}, window),
+            ("c_plain_hf_sorted", PlainScorer, sorted_calls, window),
+            ("d_plain_openvino", PlainOpenVinoScorer, {**sorted_calls, "xml": ir["default"]}, window),
+            ("d_plain_openvino_int8", PlainOpenVinoScorer, {**sorted_calls, "xml": ir["int8"]}, window),
         ):
             run(name, scorer, kwargs, rows_per_call)
+        policy = model.config.policy
         calibrated, calibration_s = calibrated_threshold(
-            path, str(source.directory), calibrate_rows, min_agreement, batch_size, cpus
+            path, shipped, calibrate_rows, min_agreement, batch_size, cpus, runtime.name, policy
         )
         print(
             f"S calibrated on {calibrated['rows']} of the rows for >= {min_agreement:.0%} agreement "
@@ -238,11 +328,14 @@ def throughput(
             f"{calibrated['knob']} in {calibration_s:.1f} s",
             flush=True,
         )
-        run("a_calibrated", Scorer, {**common, "setting": ExitSetting("entropy", calibrated["knob"])}, window)
+        run("a_calibrated", Scorer, {**common, "setting": ExitSetting(policy, calibrated["knob"])}, window)
     (a_s, a_ss, a), (b_s, b_ss, b), (c_s, c_ss, _), (cs_s, cs_ss, _), (k_s, k_ss, k) = (
         results[n]
         for n in ("a_early_exit", "b_full_depth", "c_plain_hf", "c_plain_hf_sorted", "a_calibrated")
     )
+    plain_names = ("c_plain_hf", "c_plain_hf_sorted", "d_plain_openvino", "d_plain_openvino_int8")
+    fastest = min(plain_names, key=lambda n: results[n][0])  # end to end
+    fastest_steady = max(plain_names, key=lambda n: results[n][1])
 
     def flops_speedup(table: pa.Table) -> float:
         tokens = table["tokens"].to_numpy().astype(np.int64)
@@ -253,18 +346,22 @@ def throughput(
 
     return {
         "rows": rows,
+        "runtime": runtime.name,
+        "runtime_reason": why,
         "actors": actors,
         "cpus_per_actor": cpus,
         "batch_size": batch_size,
         "sort_rows": window,
         "policy": model.config.policy,
-        "threshold": model.config.threshold,
+        "knob": model.config.setting().knob,
         "max_length": model.config.max_length,
         "rows_per_s": {
             "a_early_exit": rows / a_s,
             "b_full_depth": rows / b_s,
             "c_plain_hf": rows / c_s,
             "c_plain_hf_sorted": rows / cs_s,
+            "d_plain_openvino": rows / results["d_plain_openvino"][0],
+            "d_plain_openvino_int8": rows / results["d_plain_openvino_int8"][0],
             "a_calibrated": rows / k_s,
         },
         "steady_rows_per_s": {
@@ -272,8 +369,11 @@ def throughput(
             "b_full_depth": b_ss,
             "c_plain_hf": c_ss,
             "c_plain_hf_sorted": cs_ss,
+            "d_plain_openvino": results["d_plain_openvino"][1],
+            "d_plain_openvino_int8": results["d_plain_openvino_int8"][1],
             "a_calibrated": k_ss,
         },
+        "fastest_plain": {"end_to_end": fastest, "steady": fastest_steady},
         "a_over_b": b_s / a_s,
         "flops_speedup": flops_speedup(a),
         "a_over_b_per_flops_speedup": (b_s / a_s) / flops_speedup(a),
@@ -291,6 +391,8 @@ def throughput(
             "a_over_c": c_s / k_s,
             "a_over_c_with_calibration": c_s / (k_s + calibration_s),
             "steady_a_over_c": k_ss / c_ss,
+            "over_fastest_plain": results[fastest][0] / k_s,
+            "steady_over_fastest_plain": k_ss / results[fastest_steady][1],
             "steady_a_over_b_per_flops_speedup": (k_ss / b_ss) / flops_speedup(k),
         },
         "mean_exit_layer": float(a["exit_layer"].to_numpy().mean()),
@@ -390,6 +492,8 @@ def main() -> None:
     )
     parser.add_argument("--calibrate-rows", type=int, default=1000, help="as jobs/score.py --calibrate-rows")
     parser.add_argument("--min-agreement", type=float, default=0.99)
+    parser.add_argument("--precision", default="auto", help="early exit's runtime, as jobs/score.py takes it")
+    parser.add_argument("--backend", default="auto")
     parser.add_argument("--memory-rows", type=int, nargs="*", default=[])
     parser.add_argument("--out", default="benchmarks/results/score_throughput.json")
     args = parser.parse_args()
@@ -404,6 +508,8 @@ def main() -> None:
             args.sort_rows,
             args.calibrate_rows,
             args.min_agreement,
+            args.precision,
+            args.backend,
         )
         t = record["throughput"]
         print("\n| scorer | rows/s end to end | rows/s steady |\n|---|---|---|")
@@ -427,6 +533,12 @@ def main() -> None:
             f"({k['a_over_c_with_calibration']:.3f}x counting the calibration), "
             f"{k['steady_a_over_c']:.3f}x steady; "
             f"steady wall/FLOPs {k['steady_a_over_b_per_flops_speedup']:.3f}"
+        )
+        fastest = t["fastest_plain"]
+        print(
+            f"early exit ({t['runtime']}, calibrated) over the fastest plain scorer: "
+            f"{k['over_fastest_plain']:.3f}x end to end ({fastest['end_to_end']}), "
+            f"{k['steady_over_fastest_plain']:.3f}x steady ({fastest['steady']})"
         )
     if args.memory_rows:
         with tempfile.TemporaryDirectory() as scratch:
