@@ -10,7 +10,7 @@ with fp32 on >= 99 % of rows (tests/ee_model/test_runtimes.py).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,11 +29,21 @@ class Bf16Layer(nn.Module):
         super().__init__()
         self.layer = layer.to(torch.bfloat16)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
-        if attention_mask is not None and attention_mask.is_floating_point():  # additive: the layer's dtype
-            attention_mask = attention_mask.to(torch.bfloat16)
-        out = encoders.run_layer(self.layer, hidden.to(torch.bfloat16), attention_mask)
+    def forward(self, hidden: torch.Tensor, **inputs: Any):
+        # floating inputs (an additive mask, rotary or relative embeddings) in the layer's dtype
+        out = encoders.run_layer(self.layer, hidden.to(torch.bfloat16), to_bf16(inputs))
         return out.float()
+
+
+def to_bf16(value: Any) -> Any:
+    """`value` with every floating tensor in it (in dicts, tuples, lists) cast to bf16."""
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.bfloat16) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: to_bf16(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_bf16(item) for item in value)
+    return value
 
 
 def with_bf16_layers(model: EarlyExitClassifier) -> EarlyExitClassifier:

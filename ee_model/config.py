@@ -150,6 +150,11 @@ class EarlyExitConfig(ModelOptions):
     def num_labels(self) -> int:
         return len(self.labels)
 
+    @property
+    def encoder_model_type(self) -> str:
+        """The encoder's `model_type` (bert, modernbert, deberta-v2, ...)."""
+        return self.encoder_config.get("model_type", "bert")
+
     def pretrained_encoder_config(self) -> Any:
         """The encoder's transformers `PretrainedConfig`, rebuilt from the stored dict (no hub access)."""
         from transformers import AutoConfig

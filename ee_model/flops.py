@@ -7,6 +7,12 @@ For BERT-base at 128 tokens this gives 2 * 128 * (4 * 768^2 + 2 * 768 * 3072) = 
 the 1809.8-1809.9M the FastBERT and early-exit papers print. Each exit head that ran is counted once per row
 (it reads one pooled vector). ELECTRA's embedding projection (E -> H per token) counts when present.
 
+Per family: ModernBERT's feed-forward is gated (H -> 2I, then I -> H: 3 H I per token instead of 2 H I; its
+local attention changes only the uncounted score matmuls). DeBERTa-v2/v3 also projects its relative
+embeddings (2 x span rows, span = position_buckets or max_relative_positions) through the query and key
+projections in every layer: 2 x 2 span H^2 MACs per layer, independent of the row's tokens (per row here, as a
+row scored alone pays them; a batch shares them).
+
 `tests/ee_model/test_flops.py` cross-checks these numbers against `torch.utils.flop_counter.FlopCounterMode`.
 """
 
@@ -20,9 +26,27 @@ import numpy as np
 from ee_model.heads import MLP_WIDTH
 
 
-def transformer_layer_flops(hidden_size: int, intermediate_size: int, tokens: int | np.ndarray) -> Any:
-    """2 x MACs of one layer's Linear modules at `tokens` real tokens."""
-    return 2 * tokens * (4 * hidden_size * hidden_size + 2 * hidden_size * intermediate_size)
+def transformer_layer_flops(
+    hidden_size: int, intermediate_size: int, tokens: int | np.ndarray, ffn_matrices: int = 2
+) -> Any:
+    """2 x MACs of one layer's Linear modules at `tokens` real tokens (`ffn_matrices`: H x I matrices in the
+    feed-forward, 3 when it is gated)."""
+    return 2 * tokens * (4 * hidden_size * hidden_size + ffn_matrices * hidden_size * intermediate_size)
+
+
+def relative_position_flops(encoder_config: Any) -> int:
+    """DeBERTa-v2/v3: 2 x MACs of one layer's projections of the relative embeddings (0 for the others)."""
+    if encoder_config.model_type != "deberta-v2" or not getattr(encoder_config, "relative_attention", False):
+        return 0
+    buckets = getattr(encoder_config, "position_buckets", -1)
+    span = buckets if buckets > 0 else encoder_config.max_relative_positions
+    if span < 1:
+        span = encoder_config.max_position_embeddings
+    if getattr(encoder_config, "share_att_key", False):
+        projections = 2  # query and key projections, whatever the attention types
+    else:
+        projections = len({"c2p", "p2c"} & set(encoder_config.pos_att_type or ()))
+    return 2 * projections * 2 * span * encoder_config.hidden_size**2
 
 
 def head_flops(head_type: str, hidden_size: int, num_labels: int) -> int:
@@ -43,6 +67,8 @@ class FlopsModel:
     embedding_size: int  # == hidden_size unless ELECTRA projects embeddings
     n_layers: int
     head_flops: int
+    ffn_matrices: int = 2  # H x I matrices in each feed-forward (3: gated, ModernBERT)
+    layer_constant: int = 0  # per layer and row whatever its tokens (DeBERTa's relative projections)
 
     @classmethod
     def from_encoder_config(cls, encoder_config: Any, head_type: str, num_labels: int) -> FlopsModel:
@@ -57,7 +83,20 @@ class FlopsModel:
             intermediate = encoder_config.intermediate_size
             layers = encoder_config.num_hidden_layers
         embedding = getattr(encoder_config, "embedding_size", hidden) or hidden
-        return cls(hidden, intermediate, embedding, layers, head_flops(head_type, hidden, num_labels))
+        return cls(
+            hidden,
+            intermediate,
+            embedding,
+            layers,
+            head_flops(head_type, hidden, num_labels),
+            ffn_matrices=3 if encoder_config.model_type == "modernbert" else 2,
+            layer_constant=relative_position_flops(encoder_config),
+        )
+
+    def layer_flops(self, tokens: int | np.ndarray) -> Any:
+        """One transformer layer of a row with `tokens` real tokens."""
+        linear = transformer_layer_flops(self.hidden_size, self.intermediate_size, tokens, self.ffn_matrices)
+        return linear + self.layer_constant
 
     def embedding_flops(self, tokens: int | np.ndarray) -> Any:
         if self.embedding_size == self.hidden_size:
@@ -66,15 +105,11 @@ class FlopsModel:
 
     def row_flops(self, tokens: int | np.ndarray, exit_layer: int | np.ndarray) -> Any:
         """FLOPs of rows with `tokens` real tokens that exit after layer `exit_layer` (1-based)."""
-        per_layer = (
-            transformer_layer_flops(self.hidden_size, self.intermediate_size, tokens) + self.head_flops
-        )
-        return self.embedding_flops(tokens) + exit_layer * per_layer
+        return self.embedding_flops(tokens) + exit_layer * (self.layer_flops(tokens) + self.head_flops)
 
     def full_depth_flops(self, tokens: int | np.ndarray) -> Any:
         """FLOPs of the same model run to the teacher only (no student head evaluated): the baseline."""
-        per_layer = transformer_layer_flops(self.hidden_size, self.intermediate_size, tokens)
-        return self.embedding_flops(tokens) + self.n_layers * per_layer + self.head_flops
+        return self.embedding_flops(tokens) + self.n_layers * self.layer_flops(tokens) + self.head_flops
 
 
 def flops_speedup(flops_model: FlopsModel, tokens: np.ndarray, exit_layer: np.ndarray) -> float:

@@ -64,7 +64,7 @@ class MaskedLayer(nn.Module):
         self.layer = layer
 
     def forward(self, hidden: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
-        return encoders.run_layer(self.layer, hidden, additive_mask)
+        return encoders.run_layer(self.layer, hidden, {"attention_mask": additive_mask})
 
 
 def additive_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> np.ndarray:
@@ -152,6 +152,7 @@ def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
 def int8_layers(model: EarlyExitClassifier, directory: str | Path) -> Path:
     """`directory` holding `model`'s int8 layers: reused when its manifest names these layer weights and its
     files are intact, else exported and quantised there (a few seconds per layer; `ee_model.layer_cache`)."""
+    encoders.check_exportable(model.encoder, "int8")
     reason = missing_runtime()
     if reason:
         raise RuntimeError(reason)

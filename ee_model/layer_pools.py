@@ -160,19 +160,17 @@ class ExitEngine:
     def _enter(self, batch: InputRows) -> Waiting:
         encoder = self.model.encoder
         self.tokens[batch.rows] = batch.attention_mask.sum(dim=1)
-        hidden = encoders.embed(encoder, batch.input_ids, batch.token_type_ids)  # (n, width, hidden)
+        hidden = encoders.embed(encoder, batch.input_ids, batch.token_type_ids, batch.attention_mask)
         state = {k: v[batch.rows] for k, v in self.state.items()}
         return Waiting(batch.rows, hidden, batch.attention_mask, state)
 
     def _step(self, index: int, waiting: Waiting, pools: list[LayerPool]) -> None:
         model = self.model
         mask = waiting.mask
-        hidden = encoders.run_layer(
-            model.layers[index],
-            waiting.hidden,
-            encoders.attention_mask_for(model.encoder, waiting.hidden, mask),
-        )
-        logits = model.heads[index](pool(hidden, mask, model.config.pooling)).float()  # (n, N)
+        inputs = encoders.layer_inputs(model.encoder, waiting.hidden, mask).for_layer(index)
+        hidden = encoders.run_layer(model.layers[index], waiting.hidden, inputs)
+        seen = encoders.head_input(model.encoder, hidden)
+        logits = model.heads[index](pool(seen, mask, model.config.pooling)).float()  # (n, N)
         rows = waiting.rows
         if index == model.n_layers - 1:  # the teacher: every row leaves
             self.logits[rows] = logits

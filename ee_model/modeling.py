@@ -34,7 +34,7 @@ class EarlyExitClassifier(nn.Module):
 
     def __init__(self, config: EarlyExitConfig, encoder: PreTrainedModel, tokenizer: Any = None) -> None:
         super().__init__()
-        encoders.check_supported(encoder.config.model_type)
+        encoders.check_supported(encoder.config.model_type, encoder.config)
         encoders.drop_unused_pooler(encoder)
         self.config = config.replace(encoder_config=json.loads(encoder.config.to_json_string()))
         self.encoder = encoder
@@ -69,7 +69,7 @@ class EarlyExitClassifier(nn.Module):
             **options: other `EarlyExitConfig` fields (head_type, pooling, variant, threshold, ...).
         """
         encoder_config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
-        encoders.check_supported(encoder_config.model_type)  # before loading any weights
+        encoders.check_supported(encoder_config.model_type, encoder_config)  # before loading any weights
         config = EarlyExitConfig(
             encoder_name_or_path=str(name_or_path), labels=tuple(labels), encoder_revision=revision, **options
         )
@@ -82,7 +82,7 @@ class EarlyExitClassifier(nn.Module):
         cls, encoder_config: Any, labels: Sequence[str], tokenizer: Any, **options: Any
     ) -> EarlyExitClassifier:
         """Randomly initialised encoder built from a `PretrainedConfig` (tests, from-scratch training)."""
-        encoders.check_supported(encoder_config.model_type)
+        encoders.check_supported(encoder_config.model_type, encoder_config)
         config = EarlyExitConfig(encoder_name_or_path="<from-config>", labels=tuple(labels), **options)
         return cls(config, AutoModel.from_config(encoder_config), tokenizer)
 
@@ -181,12 +181,14 @@ class EarlyExitClassifier(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What each exit head sees: every layer's pooled hidden state, (n_layers, batch, hidden)."""
-        hidden = encoders.embed(self.encoder, input_ids, token_type_ids)  # (batch, seq, hidden)
-        mask = encoders.attention_mask_for(self.encoder, hidden, attention_mask)
+        encoder = self.encoder
+        hidden = encoders.embed(encoder, input_ids, token_type_ids, attention_mask)  # (batch, seq, hidden)
+        inputs = encoders.layer_inputs(encoder, hidden, attention_mask)
         pooled = []
-        for layer in self.layers:
-            hidden = encoders.run_layer(layer, hidden, mask)  # (batch, seq, hidden)
-            pooled.append(pool(hidden, attention_mask, self.config.pooling))  # (batch, hidden)
+        for index, layer in enumerate(self.layers):
+            hidden = encoders.run_layer(layer, hidden, inputs.for_layer(index))  # (batch, seq, hidden)
+            seen = encoders.head_input(encoder, hidden)
+            pooled.append(pool(seen, attention_mask, self.config.pooling))  # (batch, hidden)
         return torch.stack(pooled)
 
     # ---- per-row early exit -------------------------------------------------------------------------

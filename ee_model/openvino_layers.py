@@ -171,6 +171,7 @@ def openvino_layers(
     inputs for `calibration_texts` (required for int8: a few hundred texts like those to be scored, e.g.
     CALIBRATION_ROWS of them; a few seconds per layer). Reused when current and intact (built from these
     weights, for this kind of files), else built there."""
+    encoders.check_exportable(model.encoder, "OpenVINO")
     reason = missing_backend("openvino")
     if reason:
         raise RuntimeError(reason)

@@ -6,11 +6,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ee_model import encoders
 from ee_model.bf16 import with_bf16_layers
 from ee_model.int8 import int8_layers, with_int8_layers
 from ee_model.modeling import EarlyExitClassifier
 from ee_model.openvino_layers import openvino_layers, with_openvino_layers
 from ee_model.runtime import BF16, FP32, Runtime, resolve_runtime
+
+
+def runtime_for_encoder(runtime: Runtime, why: str, model_type: str, automatic: bool) -> tuple[Runtime, str]:
+    """(runtime, why) for an encoder of `model_type`: the runtimes that export the layers one by one (int8,
+    OpenVINO) run BERT-like encoders only (`encoders.Family.exportable`); for the other families an
+    `automatic` choice falls back to fp32 on torch, a named one is refused (ValueError, one line)."""
+    family = encoders.FAMILIES[model_type]
+    if not runtime.builds_layers or family.exportable:
+        return runtime, why
+    if automatic:
+        return FP32, f"{why}; {family.name} layers are not exported one by one, so fp32 on torch"
+    raise ValueError(
+        f"runtime {runtime.name} exports the layers one by one, for BERT-like encoders; {family.name} layers "
+        "take more: use precision fp32 or bf16"
+    )
 
 
 def build_layers(
@@ -62,8 +78,11 @@ def load_model(
     `<model_dir>/<runtime name>/`), built there on first use (OpenVINO int8: calibrated on
     `calibration_texts`) and checked after. `model.runtime` says which runtime it got."""
     on_gpu = device is not None and device != "cpu"
-    runtime, _ = resolve_runtime(precision, backend, gpu=on_gpu)
     model = EarlyExitClassifier.from_pretrained(model_dir)
+    automatic = precision == "auto" and backend == "auto"
+    runtime, _ = runtime_for_encoder(
+        *resolve_runtime(precision, backend, gpu=on_gpu), model.encoder.config.model_type, automatic
+    )
     if on_gpu:
         model = model.to(device)
     folder = build_layers(model, runtime, layers_dir or Path(model_dir) / runtime.name, calibration_texts)

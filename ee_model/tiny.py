@@ -44,8 +44,25 @@ def tiny_encoder_config(
         num_hidden_layers=num_layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
-        type_vocab_size=2,
     )
+    if model_type == "modernbert":  # global attention every 2nd layer, a local window of 8 tokens
+        special = {"cls_token_id": 2, "sep_token_id": 3, "bos_token_id": 2, "eos_token_id": 3}
+        return AutoConfig.for_model(
+            model_type, **sizes, **common, **special, global_attn_every_n_layers=2, local_attention=8
+        )
+    if model_type == "deberta-v2":  # as DeBERTa-v3: bucketed relative attention, no absolute positions
+        deberta = dict(
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            position_buckets=16,
+            max_relative_positions=-1,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            position_biased_input=False,
+            type_vocab_size=0,
+        )
+        return AutoConfig.for_model(model_type, **sizes, **common, **deberta)
+    sizes["type_vocab_size"] = 2
     if model_type == "electra":
         sizes["embedding_size"] = hidden_size // 2  # exercises ELECTRA's embedding projection
     return AutoConfig.for_model(model_type, **sizes, **common)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers
 from ee_model.exit_risk import ExitRisk
 from ee_model.runtime import FP32, resolve_runtime
-from ee_model.runtime_layers import build_layers, with_runtime
+from ee_model.runtime_layers import build_layers, runtime_for_encoder, with_runtime
 from pipelines.config import EvalConfig
 from pipelines.data import evenly_spaced_rows
 from pipelines.evaluation.exit_risk import fit_exit_risk
@@ -79,7 +79,11 @@ def scoring_runtime_model(
     of them, evenly spaced)."""
     from ee_model.openvino_layers import CALIBRATION_ROWS
 
-    runtime, _ = resolve_runtime(config.precision, config.backend, gpu=model.device.type == "cuda")
+    runtime, _ = runtime_for_encoder(
+        *resolve_runtime(config.precision, config.backend, gpu=model.device.type == "cuda"),
+        model.encoder.config.model_type,
+        config.precision == "auto" and config.backend == "auto",
+    )
     if runtime == FP32:
         return model
     copy_of = copy.deepcopy(model)

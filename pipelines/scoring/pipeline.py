@@ -483,7 +483,20 @@ def checked_model_config(config: ScoreConfig, source: ModelSource) -> EarlyExitC
             f"policy 'risk' needs a model with a fitted exit risk, and {config.model!r} has none "
             "(trained before the risk policy, or with eval.exit_risk_rows=0): use --policy entropy"
         )
+    model_runtime(config, model_config)  # a runtime that cannot run this encoder family: refused here
     return model_config
+
+
+def model_runtime(config: ScoreConfig, model_config: EarlyExitConfig) -> tuple[Runtime, str]:
+    """(what runs the layers, why): `config.runtime()` for this model's encoder family
+    (`ee_model.runtime_layers.runtime_for_encoder`); a runtime the family cannot run is refused."""
+    from ee_model.runtime_layers import runtime_for_encoder
+
+    automatic = config.precision == "auto" and config.backend == "auto"
+    try:
+        return runtime_for_encoder(*config.runtime(), model_config.encoder_model_type, automatic)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def settle_run(
@@ -496,7 +509,7 @@ def settle_run(
 ) -> ScoringRun:
     """The run's runtime (its layers built once), exit setting (calibrated when asked) and output folder,
     prepared for writing."""
-    runtime, runtime_reason = config.runtime()
+    runtime, runtime_reason = model_runtime(config, model_config)
     layers = layers_for(config, source, runtime, inputs)
 
     def shipped() -> ObjectRef:

@@ -27,6 +27,7 @@ from pipelines.data import (
     load_labeled_splits,
     with_label_ids,
 )
+from pipelines.errors import UserError
 from pipelines.evaluation.final import FinalEvaluation, evaluate_trained_model, log_final_evaluation
 from pipelines.evaluation.results import ChosenSetting
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
@@ -194,6 +195,7 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         overlap = count_overlap(files, filesystem, column, eval_text_keys(splits))
         warn_overlap(overlap)
     encoder = config.model.encoder or default_encoder()
+    check_encoder(config, encoder)  # an encoder the model or the chosen runtime cannot run: refused here
     tracking_uri = resolve_tracking_uri(config.tracking)
     setup_tracking(tracking_uri, config.tracking.experiment_name)
     with mlflow.start_run(
@@ -214,6 +216,28 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         )
         mlflow.log_dict(summary.to_dict(), "summary.json")
     return summary
+
+
+def check_encoder(config: TrainConfig, encoder: str) -> None:
+    """The encoder's family is supported, and the evaluation's runtime (`eval.precision` / `backend`) can
+    run it; UserError in one line, before anything trains."""
+    from transformers import AutoConfig
+
+    from ee_model.encoders import check_supported
+    from ee_model.runtime import resolve_runtime
+    from ee_model.runtime_layers import runtime_for_encoder
+
+    try:
+        encoder_config = AutoConfig.from_pretrained(encoder, revision=config.model.encoder_revision)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the encoder's config at {encoder!r}: {error}") from None
+    automatic = config.eval.precision == "auto" and config.eval.backend == "auto"
+    try:
+        check_supported(encoder_config.model_type, encoder_config)
+        runtime = resolve_runtime(config.eval.precision, config.eval.backend)
+        runtime_for_encoder(*runtime, encoder_config.model_type, automatic)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def log_run_inputs(config: TrainConfig, splits: LabeledSplits, encoder: str, overlap: int) -> None:

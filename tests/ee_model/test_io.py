@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from ee_model import EarlyExitClassifier, EarlyExitConfig
-from tests.conftest import FAMILIES, random_texts
+from tests.conftest import ALL_FAMILIES, random_texts
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
 def test_round_trip_gives_identical_outputs(tiny_model, tmp_path, model_type):
     model = tiny_model(model_type, head_type="mlp", pooling="cls", variant="count", patience=2, threshold=0.3)
     texts = random_texts(12, seed=8)

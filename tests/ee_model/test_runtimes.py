@@ -16,7 +16,7 @@ import torch
 from ee_model.cpu_support import cpu_support
 from ee_model.runtime import BF16, FP32, Runtime, resolve_runtime
 from ee_model.runtime_layers import build_layers, with_runtime
-from tests.conftest import FAMILIES, labeled_table, random_texts, trained_tiny
+from tests.conftest import FAMILIES, NEWER_FAMILIES, labeled_table, random_texts, trained_tiny
 
 MIN_LABEL_AGREEMENT = 0.99
 MIN_EXIT_LAYER_AGREEMENT = 0.98
@@ -108,8 +108,11 @@ def probe_texts() -> list[str]:
     return random_texts(300, seed=3) + labeled_table(100, seed=5)["text"].to_pylist()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["bf16", "bf16-openvino"])
+@pytest.mark.parametrize(
+    "family, name",
+    [(family, name) for family in FAMILIES for name in ("bf16", "bf16-openvino")]
+    + [(family, "bf16") for family in NEWER_FAMILIES],
+)
 def test_bf16_runtimes_agree_with_fp32(family, name, fp32_model, tmp_path):
     fp32 = fp32_model(family)
     runtime = Runtime.parse(name)
@@ -170,6 +173,18 @@ def test_openvino_int8_layers_calibrated_on_texts_agree_with_fp32(family, fp32_m
 
 
 BF16_OPENVINO = Runtime("bf16", "openvino")
+
+
+def test_runtimes_that_export_layers_run_bert_like_encoders_only():
+    from ee_model.runtime_layers import runtime_for_encoder
+
+    int8, why = Runtime.parse("int8"), "int8 dot products but no bf16"
+    assert runtime_for_encoder(int8, why, "roberta", automatic=True) == (int8, why)
+    runtime, reason = runtime_for_encoder(int8, why, "modernbert", automatic=True)
+    assert runtime == FP32 and "ModernBERT layers are not exported one by one, so fp32" in reason
+    with pytest.raises(ValueError, match="runtime int8-openvino exports the layers .* DeBERTa-v2/v3 layers"):
+        runtime_for_encoder(Runtime("int8", "openvino"), "asked for", "deberta-v2", automatic=False)
+    assert runtime_for_encoder(BF16, "asked for", "deberta-v2", automatic=False) == (BF16, "asked for")
 
 
 def test_openvino_int8_needs_calibration_texts(fp32_model, tmp_path):

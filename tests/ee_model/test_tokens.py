@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from ee_model.tokens import TextTokenizer, TokenIds
-from tests.conftest import FAMILIES, random_texts
+from tests.conftest import ALL_FAMILIES, random_texts
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
 @pytest.mark.parametrize("max_length", [8, 128])
 def test_fast_path_gives_the_tokenizers_own_ids(tiny_model, model_type, max_length):
     model = tiny_model(model_type, num_layers=2)

@@ -194,6 +194,30 @@ def test_count_job_with_default_resources(tmp_path, labeled_parquet, tiny_encode
     assert summary["test_accuracy_full_depth"] > 0.6
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+# kl: stage 1, then stage 2 from cached features; count: joint
+@pytest.mark.parametrize("family, variant", [("modernbert", "kl"), ("deberta-v2", "count")])
+def test_the_job_trains_the_newer_encoder_families(
+    tmp_path, labeled_parquet, tiny_encoder_dir, family, variant
+):
+    """ModernBERT (Ettin) and DeBERTa-v3 through the whole job: training, the automatic knob, registration,
+    and the registered pyfunc scoring in a fresh load."""
+    epochs = "stage1.epochs=3" if variant == "kl" else "joint.epochs=3"
+    rate = "stage1.learning_rate=5e-3" if variant == "kl" else "joint.learning_rate=5e-3"
+    summary = run_job(
+        tmp_path, "--variant", variant, "--encoder", tiny_encoder_dir(family, num_layers=3),
+        "--train-path", labeled_parquet, "--set", epochs, "--set", rate, "--set", "eval.precision=auto",
+    )  # fmt: skip
+    assert summary["registered"]["version"] == 1 and summary["test_accuracy_full_depth"] > 0.6
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    source = resolve_model(f"models:/{MODEL_NAME}@candidate", tmp_path / "download")
+    assert EarlyExitConfig.load(source.directory).encoder_model_type == family
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@candidate")
+    out = pyfunc.predict(pd.DataFrame({"text": random_texts(20, seed=4) + [None]}))
+    assert len(out) == 21 and out["error"].iloc[-1] and out["exit_layer"].iloc[:-1].between(1, 3).all()
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

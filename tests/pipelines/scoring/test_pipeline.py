@@ -232,3 +232,26 @@ def test_openvino_int8_scoring_calibrates_its_layers_on_the_inputs_once(
     again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
     assert again["output"] == first["output"] and (again["files_scored"], again["files_skipped"]) == (1, 1)
     assert read_manifest(layers) == manifest  # reused, not recalibrated on the new inputs
+
+
+@pytest.mark.parametrize("family", ["modernbert", "deberta-v2"])
+def test_the_newer_encoder_families_score_and_refuse_exported_layers(
+    ray_local, tiny_encoder_dir, tmp_path, family
+):
+    from ee_model import EarlyExitClassifier
+    from pipelines.errors import UserError
+    from tests.conftest import trained_tiny
+
+    model_dir = str(trained_tiny(tiny_encoder_dir(family, num_layers=3)).save_pretrained(tmp_path / "model"))
+    texts = random_texts(60, seed=7) + [None, ""]
+    write(tmp_path / "in" / "a.parquet", texts)
+    with pytest.raises(UserError, match="runtime int8 exports the layers one by one.*fp32 or bf16"):
+        score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="int8")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, threshold=0.3)
+    assert summary["rows_scored"] == len(texts) and summary["errors"] == 2
+    local = EarlyExitClassifier.from_pretrained(model_dir)
+    expected = local.predict(texts, policy="entropy", threshold=0.3, batch_size=16, invalid="null")
+    out = read_outputs(summary)["a.parquet"]
+    assert out["label"].to_pylist() == expected.label  # fp32: exact at any batch size
+    assert out["exit_layer"].to_pylist()[:60] == expected.exit_layer[:60].tolist()
