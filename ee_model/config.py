@@ -12,6 +12,7 @@ from ee_model.exit_risk import ExitRisk
 from ee_model.policies import (  # noqa: F401  (POLICY_NAMES: re-exported)
     KNOB_OF_POLICY,
     POLICY_NAMES,
+    ExitRequest,
     ExitSetting,
     PolicyName,
     check_patience,
@@ -177,6 +178,11 @@ class EarlyExitConfig(ModelOptions):
             return ExitSetting(name)
         given = {"threshold": threshold, "patience": patience, "risk": risk}[knob_name]
         return ExitSetting(name, getattr(self, knob_name) if given is None else given)
+
+    def resolve(self, request: ExitRequest) -> ExitSetting:
+        """The setting a model of this config runs for `request`: the asked policy and knob, the stored ones
+        for what was not asked."""
+        return self.setting(request.policy, **request.knobs)
 
     def with_setting(self, setting: ExitSetting) -> EarlyExitConfig:
         """This config with `setting` as the default policy and knob."""

@@ -10,15 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ee_model.exit_risk import ExitRisk, log_odds
 from ee_model.signals import normalised_entropy
-
-if TYPE_CHECKING:
-    from ee_model.config import EarlyExitConfig
 
 State = dict[str, torch.Tensor]
 
@@ -280,7 +277,7 @@ class ExitSetting:
 class ExitRequest:
     """The exit setting a user asks for before knowing the model: a policy (None: the model's stored one) and
     at most one knob, the one that policy takes (None: the knob stored for the policy, or a calibrated one).
-    Checked when made; `setting(config)` resolves it against a model's stored defaults."""
+    Checked when made; `EarlyExitConfig.resolve` turns it into the setting a model runs."""
 
     policy: str | None = None
     threshold: float | None = None
@@ -305,8 +302,3 @@ class ExitRequest:
     def policy_of(self, stored: str) -> str:
         """The policy that runs: the asked one, else the model's `stored` one."""
         return self.policy or stored
-
-    def setting(self, config: EarlyExitConfig) -> ExitSetting:
-        """The setting that runs on a model of `config`: the asked policy and knob, the stored ones for what
-        was not asked."""
-        return config.setting(self.policy, **self.knobs)

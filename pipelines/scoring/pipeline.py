@@ -522,7 +522,7 @@ def settle_run(
         calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model, runtime)
         setting = calibration.setting
     else:
-        setting = config.exit.setting(model_config)
+        setting = model_config.resolve(config.exit)
     folder = OutputFolder(output / run_key(source, setting, config, runtime))
     folder.prepare()
     return ScoringRun(

@@ -89,3 +89,10 @@ def test_tradeoff(tmp_path, tiny):
     run(tmp_path, "tradeoff", "--wallclock-rows", "8", "--out", str(tmp_path / "tradeoff"),
         *[arg for s in sets for arg in ("--set", s)], timeout=900)  # fmt: skip
     assert list(tmp_path.glob("tradeoff*"))
+
+
+def test_encoder_families(tmp_path):
+    out = tmp_path / "encoder_families.json"
+    run(tmp_path, "encoder_families", "--rows", "16", "--repeats", "1", "--out", str(out))
+    families = [r["family"] for r in json.loads(out.read_text())["results"]]
+    assert families == ["bert", "modernbert", "deberta-v2"]
