@@ -71,6 +71,9 @@ FAMILIES = ["bert", "roberta", "distilbert", "electra"]  # BERT-like: every runt
 # runtimes that export layers one by one (int8, OpenVINO) refuse them
 NEWER_FAMILIES = ["modernbert", "deberta-v2"]
 ALL_FAMILIES = FAMILIES + NEWER_FAMILIES
+# the same, the newer families behind the slow marker: for the heavier per-family tests, so the developer loop
+# stays under 3 minutes (the full suite runs them all)
+ALL_FAMILIES_NEWER_SLOW = FAMILIES + [pytest.param(f, marks=pytest.mark.slow) for f in NEWER_FAMILIES]
 LABELS = ["business", "sport", "tech"]
 
 

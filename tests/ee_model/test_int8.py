@@ -107,6 +107,7 @@ def test_layers_are_built_once_and_checked(fp32_and_int8, tmp_path, tiny_encoder
     assert not [p for p in os.listdir(folder.parent) if ".tmp-" in p]  # no staging folder left
 
 
+@pytest.mark.slow  # exports the layers again (15 s)
 def test_stale_layers_are_rebuilt_and_a_saved_model_loads_in_int8(fp32_and_int8, tmp_path):
     fp32, quantized, folder = fp32_and_int8("distilbert")
     saved = fp32.save_pretrained(tmp_path / "model")

@@ -111,7 +111,7 @@ def probe_texts() -> list[str]:
 @pytest.mark.parametrize(
     "family, name",
     [(family, name) for family in FAMILIES for name in ("bf16", "bf16-openvino")]
-    + [(family, "bf16") for family in NEWER_FAMILIES],
+    + [pytest.param(family, "bf16", marks=pytest.mark.slow) for family in NEWER_FAMILIES],
 )
 def test_bf16_runtimes_agree_with_fp32(family, name, fp32_model, tmp_path):
     fp32 = fp32_model(family)
@@ -139,10 +139,9 @@ def test_bf16_runtimes_agree_with_fp32(family, name, fp32_model, tmp_path):
 MAX_INT8_HIDDEN_ERROR = 0.15  # as for ONNX Runtime int8 (tests/ee_model/test_int8.py)
 
 
-# every family but bert behind the slow marker: each trains a model and quantises it (seconds each)
-@pytest.mark.parametrize(
-    "family", [f if f == "bert" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
-)
+# behind the slow marker: each family trains a model and quantises it (10-30 s each)
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
 def test_openvino_int8_layers_calibrated_on_texts_agree_with_fp32(family, fp32_model, tmp_path):
     from ee_model.openvino_layers import MANIFEST, read_manifest
 
