@@ -2,7 +2,7 @@
 
 We load the encoder with `AutoModel` and reuse its own embeddings, mask builders, position encodings and
 layers; nothing of the encoder is copied here. One small adapter per family (`Family`) says where its layers
-are, what each layer takes beside the hidden states (`layer_inputs`), and what an exit head reads
+are, what each layer takes beside the hidden states (`LayerInputs`), and what an exit head reads
 (`head_input`):
 
 - BERT-like (bert, roberta, xlm-roberta, camembert, electra, distilbert): each layer takes the padding mask;
@@ -171,10 +171,6 @@ class LayerInputs:
             "relative_pos": inner.get_rel_pos(self.hidden),
             "rel_embeddings": inner.get_rel_embedding(),
         }
-
-
-def layer_inputs(encoder: PreTrainedModel, hidden: torch.Tensor, attention_mask: torch.Tensor) -> LayerInputs:
-    return LayerInputs(encoder, hidden, attention_mask)
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:

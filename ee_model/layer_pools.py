@@ -167,7 +167,7 @@ class ExitEngine:
     def _step(self, index: int, waiting: Waiting, pools: list[LayerPool]) -> None:
         model = self.model
         mask = waiting.mask
-        inputs = encoders.layer_inputs(model.encoder, waiting.hidden, mask).for_layer(index)
+        inputs = encoders.LayerInputs(model.encoder, waiting.hidden, mask).for_layer(index)
         hidden = encoders.run_layer(model.layers[index], waiting.hidden, inputs)
         seen = encoders.head_input(model.encoder, hidden)
         logits = model.heads[index](pool(seen, mask, model.config.pooling)).float()  # (n, N)

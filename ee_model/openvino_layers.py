@@ -78,7 +78,9 @@ def _converted_layers(model: EarlyExitClassifier) -> list:
     return converted
 
 
-def layer_inputs(model: EarlyExitClassifier, texts: list[str]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+def recorded_inputs(
+    model: EarlyExitClassifier, texts: list[str]
+) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     """Per layer, the (hidden states, additive mask) it receives while `model` (fp32) runs `texts` at full
     depth, CALIBRATION_BATCH rows a call: what the int8 layers are calibrated on."""
     from ee_model.policies import ExitSetting
@@ -110,7 +112,7 @@ def _quantised_layers(model: EarlyExitClassifier, texts: list[str]) -> list:
     import nncf
 
     converted = _converted_layers(model)
-    recorded = layer_inputs(model, texts)
+    recorded = recorded_inputs(model, texts)
     with _quiet_nncf():
         return [
             nncf.quantize(
@@ -178,24 +180,21 @@ def openvino_layers(
     if precision not in HINTS:
         raise ValueError(f"OpenVINO layers run {list(HINTS)}, not {precision!r}")
     digest = layers_digest(model, precision)
-    if is_current(directory, model, precision):
-        return Path(directory)
-    if next(model.layers.parameters()).dtype != torch.float32:
-        raise ValueError("OpenVINO layers are built from an fp32 model")
     texts = [t for t in calibration_texts or [] if isinstance(t, str) and t.strip()]
-    if files_kind(precision) == QUANTISED and importlib.util.find_spec("nncf") is None:
-        raise RuntimeError("int8 OpenVINO layers need nncf: pip install 'early-exit-pipeline[openvino]'")
-    if files_kind(precision) == QUANTISED and not texts:
-        raise ValueError(
-            "int8 OpenVINO layers quantise activations with fixed scales: give calibration_texts (a few "
-            f"hundred texts like those to be scored, e.g. {CALIBRATION_ROWS})"
-        )
-    return layer_cache.ensure_layers(
-        directory,
-        MANIFEST,
-        digest,
-        lambda staging: _build(model.cpu().eval(), staging, precision, digest, texts),
-    )
+
+    def build(staging: Path) -> None:  # only when the folder is not current: what a build needs, checked here
+        if next(model.layers.parameters()).dtype != torch.float32:
+            raise ValueError("OpenVINO layers are built from an fp32 model")
+        if files_kind(precision) == QUANTISED and importlib.util.find_spec("nncf") is None:
+            raise RuntimeError("int8 OpenVINO layers need nncf: pip install 'early-exit-pipeline[openvino]'")
+        if files_kind(precision) == QUANTISED and not texts:
+            raise ValueError(
+                "int8 OpenVINO layers quantise activations with fixed scales: give calibration_texts (a few "
+                f"hundred texts like those to be scored, e.g. {CALIBRATION_ROWS})"
+            )
+        _build(model.cpu().eval(), staging, precision, digest, texts)
+
+    return layer_cache.ensure_layers(directory, MANIFEST, digest, build)
 
 
 class OpenVinoLayer(nn.Module):

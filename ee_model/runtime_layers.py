@@ -8,20 +8,28 @@ from pathlib import Path
 
 from ee_model import encoders
 from ee_model.bf16 import with_bf16_layers
+from ee_model.cpu_support import CpuSupport
 from ee_model.int8 import int8_layers, with_int8_layers
 from ee_model.modeling import EarlyExitClassifier
 from ee_model.openvino_layers import openvino_layers, with_openvino_layers
 from ee_model.runtime import BF16, FP32, Runtime, resolve_runtime
 
 
-def runtime_for_encoder(runtime: Runtime, why: str, model_type: str, automatic: bool) -> tuple[Runtime, str]:
-    """(runtime, why) for an encoder of `model_type`: the runtimes that export the layers one by one (int8,
-    OpenVINO) run BERT-like encoders only (`encoders.Family.exportable`); for the other families an
-    `automatic` choice falls back to fp32 on torch, a named one is refused (ValueError, one line)."""
+def resolve_encoder_runtime(
+    model_type: str,
+    precision: str = "auto",
+    backend: str = "auto",
+    gpu: bool = False,
+    support: CpuSupport | None = None,
+) -> tuple[Runtime, str]:
+    """`resolve_runtime` for an encoder of `model_type`: the runtimes that export the layers one by one (int8,
+    OpenVINO) run BERT-like encoders only (`encoders.Family.exportable`); for the other families a fully
+    automatic choice falls back to fp32 on torch, a named one is refused (ValueError, one line)."""
+    runtime, why = resolve_runtime(precision, backend, gpu=gpu, support=support)
     family = encoders.FAMILIES[model_type]
     if not runtime.builds_layers or family.exportable:
         return runtime, why
-    if automatic:
+    if precision == "auto" and backend == "auto":
         return FP32, f"{why}; {family.name} layers are not exported one by one, so fp32 on torch"
     raise ValueError(
         f"runtime {runtime.name} exports the layers one by one, for BERT-like encoders; {family.name} layers "
@@ -79,10 +87,7 @@ def load_model(
     `calibration_texts`) and checked after. `model.runtime` says which runtime it got."""
     on_gpu = device is not None and device != "cpu"
     model = EarlyExitClassifier.from_pretrained(model_dir)
-    automatic = precision == "auto" and backend == "auto"
-    runtime, _ = runtime_for_encoder(
-        *resolve_runtime(precision, backend, gpu=on_gpu), model.encoder.config.model_type, automatic
-    )
+    runtime, _ = resolve_encoder_runtime(model.encoder.config.model_type, precision, backend, gpu=on_gpu)
     if on_gpu:
         model = model.to(device)
     folder = build_layers(model, runtime, layers_dir or Path(model_dir) / runtime.name, calibration_texts)

@@ -21,8 +21,8 @@ import pyarrow as pa
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers
 from ee_model.exit_risk import ExitRisk
-from ee_model.runtime import FP32, resolve_runtime
-from ee_model.runtime_layers import build_layers, runtime_for_encoder, with_runtime
+from ee_model.runtime import FP32
+from ee_model.runtime_layers import build_layers, resolve_encoder_runtime, with_runtime
 from pipelines.config import EvalConfig
 from pipelines.data import evenly_spaced_rows
 from pipelines.evaluation.exit_risk import fit_exit_risk
@@ -79,10 +79,8 @@ def scoring_runtime_model(
     of them, evenly spaced)."""
     from ee_model.openvino_layers import CALIBRATION_ROWS
 
-    runtime, _ = runtime_for_encoder(
-        *resolve_runtime(config.precision, config.backend, gpu=model.device.type == "cuda"),
-        model.encoder.config.model_type,
-        config.precision == "auto" and config.backend == "auto",
+    runtime, _ = resolve_encoder_runtime(
+        model.encoder.config.model_type, config.precision, config.backend, gpu=model.device.type == "cuda"
     )
     if runtime == FP32:
         return model

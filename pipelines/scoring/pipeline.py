@@ -489,12 +489,12 @@ def checked_model_config(config: ScoreConfig, source: ModelSource) -> EarlyExitC
 
 def model_runtime(config: ScoreConfig, model_config: EarlyExitConfig) -> tuple[Runtime, str]:
     """(what runs the layers, why): `config.runtime()` for this model's encoder family
-    (`ee_model.runtime_layers.runtime_for_encoder`); a runtime the family cannot run is refused."""
-    from ee_model.runtime_layers import runtime_for_encoder
+    (`ee_model.runtime_layers.resolve_encoder_runtime`); a runtime the family cannot run is refused."""
+    from ee_model.runtime_layers import resolve_encoder_runtime
 
-    automatic = config.precision == "auto" and config.backend == "auto"
+    gpu = config.gpus_per_actor > 0  # as config.runtime() resolves it
     try:
-        return runtime_for_encoder(*config.runtime(), model_config.encoder_model_type, automatic)
+        return resolve_encoder_runtime(model_config.encoder_model_type, config.precision, config.backend, gpu)
     except ValueError as error:
         raise UserError(str(error)) from None
 

@@ -224,18 +224,15 @@ def check_encoder(config: TrainConfig, encoder: str) -> None:
     from transformers import AutoConfig
 
     from ee_model.encoders import check_supported
-    from ee_model.runtime import resolve_runtime
-    from ee_model.runtime_layers import runtime_for_encoder
+    from ee_model.runtime_layers import resolve_encoder_runtime
 
     try:
         encoder_config = AutoConfig.from_pretrained(encoder, revision=config.model.encoder_revision)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read the encoder's config at {encoder!r}: {error}") from None
-    automatic = config.eval.precision == "auto" and config.eval.backend == "auto"
     try:
         check_supported(encoder_config.model_type, encoder_config)
-        runtime = resolve_runtime(config.eval.precision, config.eval.backend)
-        runtime_for_encoder(*runtime, encoder_config.model_type, automatic)
+        resolve_encoder_runtime(encoder_config.model_type, config.eval.precision, config.eval.backend)
     except ValueError as error:
         raise UserError(str(error)) from None
 

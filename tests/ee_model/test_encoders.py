@@ -32,7 +32,7 @@ def test_layerwise_run_matches_the_encoders_forward_at_every_layer(tiny_encoder_
         hidden = encoders.embed(
             model.encoder, batch["input_ids"], batch.get("token_type_ids"), batch["attention_mask"]
         )
-        inputs = encoders.layer_inputs(model.encoder, hidden, batch["attention_mask"])
+        inputs = encoders.LayerInputs(model.encoder, hidden, batch["attention_mask"])
         for index, layer in enumerate(model.layers):
             hidden = encoders.run_layer(layer, hidden, inputs.for_layer(index))
             last = index == model.n_layers - 1
@@ -61,7 +61,7 @@ def test_modernbert_local_layers_use_their_window():
     mask = torch.ones_like(ids)
     with torch.no_grad():
         hidden = encoders.embed(encoder, ids, None, mask)
-        inputs = encoders.layer_inputs(encoder, hidden, mask)
+        inputs = encoders.LayerInputs(encoder, hidden, mask)
         local = inputs.for_layer(1)  # layer 1: sliding_attention
         assert encoder.config.layer_types[1] == "sliding_attention"
         windowed = encoders.run_layer(encoder.layers[1], hidden, local)

@@ -175,15 +175,17 @@ BF16_OPENVINO = Runtime("bf16", "openvino")
 
 
 def test_runtimes_that_export_layers_run_bert_like_encoders_only():
-    from ee_model.runtime_layers import runtime_for_encoder
+    from ee_model.runtime_layers import resolve_encoder_runtime
 
-    int8, why = Runtime.parse("int8"), "int8 dot products but no bf16"
-    assert runtime_for_encoder(int8, why, "roberta", automatic=True) == (int8, why)
-    runtime, reason = runtime_for_encoder(int8, why, "modernbert", automatic=True)
+    vnni, amx = cpu_support(VNNI_ONLY, ""), cpu_support(AMX, "")
+    int8, why = resolve_runtime(support=vnni)
+    assert int8 == Runtime.parse("int8") and why.startswith("int8 dot products but no bf16")
+    assert resolve_encoder_runtime("roberta", support=vnni) == (int8, why)
+    runtime, reason = resolve_encoder_runtime("modernbert", support=vnni)
     assert runtime == FP32 and "ModernBERT layers are not exported one by one, so fp32" in reason
     with pytest.raises(ValueError, match="runtime int8-openvino exports the layers .* DeBERTa-v2/v3 layers"):
-        runtime_for_encoder(Runtime("int8", "openvino"), "asked for", "deberta-v2", automatic=False)
-    assert runtime_for_encoder(BF16, "asked for", "deberta-v2", automatic=False) == (BF16, "asked for")
+        resolve_encoder_runtime("deberta-v2", "int8", "openvino", support=vnni)
+    assert resolve_encoder_runtime("deberta-v2", "bf16", "torch", support=amx) == (BF16, "asked for")
 
 
 def test_openvino_int8_needs_calibration_texts(fp32_model, tmp_path):
