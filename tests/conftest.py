@@ -109,6 +109,17 @@ def tiny_model(tiny_encoder_dir):
     return make
 
 
+def pooled_error(reference, model, texts: list[str]):
+    """Per row, the largest relative L2 error over layers of `model`'s pooled hidden states against
+    `reference`'s (the fp32 model), on `texts` in one padded batch (mixed lengths: padding in it)."""
+    import torch
+
+    inputs = reference.encode(texts)
+    with torch.inference_mode():
+        expected, got = reference.pooled_features(**inputs), model.pooled_features(**inputs)
+    return ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max(dim=-1).values
+
+
 def random_texts(n: int, seed: int = 0, max_words: int = 40) -> list[str]:
     """Texts of very different lengths, from the tiny vocabulary plus unknown characters."""
 

@@ -15,10 +15,9 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from ee_model.int8 import MANIFEST, int8_layers, load_int8, with_int8_layers
-from tests.conftest import FAMILIES, labeled_table, random_texts, trained_tiny
+from tests.conftest import FAMILIES, labeled_table, pooled_error, random_texts, trained_tiny
 
 MIN_LABEL_AGREEMENT = 0.99
 MIN_EXIT_LAYER_AGREEMENT = 0.98
@@ -59,10 +58,7 @@ def test_int8_agrees_with_fp32(family, fp32_and_int8):
         assert labels >= MIN_LABEL_AGREEMENT, (policy, labels)
         assert np.mean(out.exit_layer == reference.exit_layer) >= MIN_EXIT_LAYER_AGREEMENT, policy
     assert len(set(reference.exit_layer.tolist())) > 1  # rows leave at different layers: exits are tested
-    inputs = fp32.encode(texts[:64])  # mixed lengths: padding in the batch
-    with torch.inference_mode():
-        expected, got = fp32.pooled_features(**inputs), quantized.pooled_features(**inputs)
-    error = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max(dim=-1).values
+    error = pooled_error(fp32, quantized, texts[:64])
     assert (error < MAX_HIDDEN_ERROR).all(), error.tolist()
     assert (error > 0).all()  # the int8 layers really ran
 

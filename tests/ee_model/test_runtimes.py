@@ -16,7 +16,7 @@ import torch
 from ee_model.cpu_support import cpu_support
 from ee_model.runtime import BF16, FP32, Runtime, resolve_runtime
 from ee_model.runtime_layers import build_layers, with_runtime
-from tests.conftest import FAMILIES, NEWER_FAMILIES, labeled_table, random_texts, trained_tiny
+from tests.conftest import FAMILIES, NEWER_FAMILIES, labeled_table, pooled_error, random_texts, trained_tiny
 
 MIN_LABEL_AGREEMENT = 0.99
 MIN_EXIT_LAYER_AGREEMENT = 0.98
@@ -126,10 +126,7 @@ def test_bf16_runtimes_agree_with_fp32(family, name, fp32_model, tmp_path):
         assert np.mean(np.array(out.label) == np.array(reference.label)) >= MIN_LABEL_AGREEMENT, policy
         assert np.mean(out.exit_layer == reference.exit_layer) >= MIN_EXIT_LAYER_AGREEMENT, policy
     assert len(set(reference.exit_layer.tolist())) > 1  # rows leave at different layers: exits are tested
-    inputs = fp32.encode(texts[:64])  # mixed lengths: padding in the batch
-    with torch.inference_mode():
-        expected, got = fp32.pooled_features(**inputs), model.pooled_features(**inputs)
-    error = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max(dim=-1).values
+    error = pooled_error(fp32, model, texts[:64])
     assert (error < MAX_HIDDEN_ERROR).all(), error.tolist()
     assert (error > 0).all()  # the reduced-precision layers really ran
     with pytest.raises(ValueError, match="save the fp32 model"):
@@ -156,10 +153,7 @@ def test_openvino_int8_layers_calibrated_on_texts_agree_with_fp32(family, fp32_m
         out = model.predict(texts, policy=policy, batch_size=64)
         assert np.mean(np.array(out.label) == np.array(reference.label)) >= MIN_LABEL_AGREEMENT, policy
         assert np.mean(out.exit_layer == reference.exit_layer) >= MIN_EXIT_LAYER_AGREEMENT, policy
-    inputs = fp32.encode(texts[:64])  # mixed lengths: padding in the batch
-    with torch.inference_mode():
-        expected, got = fp32.pooled_features(**inputs), model.pooled_features(**inputs)
-    error = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max(dim=-1).values
+    error = pooled_error(fp32, model, texts[:64])
     assert (error < MAX_INT8_HIDDEN_ERROR).all(), error.tolist()
     assert (error > 0).all()  # the int8 layers really ran
     # static scales: a row's result hardly depends on its batch-mates

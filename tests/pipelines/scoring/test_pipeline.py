@@ -163,6 +163,15 @@ def test_a_tokenizing_stage_without_a_spare_cpu_is_refused_before_scoring(ray_lo
     assert not (tmp_path / "out").exists()
 
 
+def assert_scored_by(summary, local, texts, threshold: float) -> None:
+    """The run's a.parquet is what `local` (the model in the run's runtime) gives at entropy `threshold`:
+    the same errors, >= 99 % of labels (reduced precision moves a few with their batch-mates)."""
+    expected = local.predict(texts, policy="entropy", threshold=threshold, batch_size=16, invalid="null")
+    out = read_outputs(summary)["a.parquet"]
+    assert out["error"].to_pylist() == expected.error
+    assert np.mean(np.array(out["label"].to_pylist()) == np.array(expected.label)) >= 0.99
+
+
 def test_int8_scoring_builds_the_layers_once_calibrates_in_int8_and_keys_apart(
     ray_local, tiny_encoder_dir, tmp_path
 ):
@@ -186,11 +195,7 @@ def test_int8_scoring_builds_the_layers_once_calibrates_in_int8_and_keys_apart(
     assert calibration["agreement"] > calibration["agreement_bound"] >= 0.95
     assert list((tmp_path / "out" / "_calibration").glob("*__entropy__int8__*"))  # its own pinned file
     # what the actors ran: the same int8 layers, the calibrated S
-    local = load_int8(model_dir, layers, threads=1)
-    expected = local.predict(texts, policy="entropy", threshold=first["knob"], batch_size=16, invalid="null")
-    out = read_outputs(first)["a.parquet"]
-    assert out["error"].to_pylist() == expected.error
-    assert np.mean(np.array(out["label"].to_pylist()) == np.array(expected.label)) >= 0.99
+    assert_scored_by(first, load_int8(model_dir, layers, threads=1), texts, first["knob"])
 
     write(tmp_path / "in" / "b.parquet", random_texts(40, seed=8))
     again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
@@ -222,11 +227,7 @@ def test_openvino_int8_scoring_calibrates_its_layers_on_the_inputs_once(
     manifest = read_manifest(layers)
     assert manifest["kind"] == "int8" and manifest["calibration_rows"] == len(texts) - 2  # all valid rows
     # what the actors ran: those layers
-    local = with_runtime(fp32, Runtime("int8", "openvino"), layers, threads=1)
-    expected = local.predict(texts, policy="entropy", threshold=0.3, batch_size=16, invalid="null")
-    out = read_outputs(first)["a.parquet"]
-    assert out["error"].to_pylist() == expected.error
-    assert np.mean(np.array(out["label"].to_pylist()) == np.array(expected.label)) >= 0.99
+    assert_scored_by(first, with_runtime(fp32, Runtime("int8", "openvino"), layers, threads=1), texts, 0.3)
 
     write(tmp_path / "in" / "b.parquet", random_texts(40, seed=8))
     again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
