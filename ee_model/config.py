@@ -22,11 +22,13 @@ from ee_model.policies import (  # noqa: F401  (POLICY_NAMES: re-exported)
 )
 
 HeadType = Literal["linear", "mlp"]
+HeadNorm = Literal["final", "own"]
 Pooling = Literal["cls", "mean"]
 Variant = Literal["kl", "count"]
 
 # the choices in messages come from the types
 HEAD_TYPES: tuple[str, ...] = get_args(HeadType)
+HEAD_NORMS: tuple[str, ...] = get_args(HeadNorm)
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 
@@ -80,6 +82,11 @@ class ModelOptions:
         risk: default r for the "risk" policy (estimated risk of a changed prediction, in [0, 1]).
         max_length: tokens kept per text (truncation); 128 is the paper's FLOPs convention.
         head_dropout: dropout before each exit head while training.
+        head_norm: for encoders whose inner layers leave un-normalised outputs (ModernBERT): "final" (every
+            head reads the layer's tokens through the encoder's final norm, as the final classifier does) or
+            "own" (each student head pools the raw output and normalises the pooled vector with a LayerNorm
+            of its own, initialised from the final norm and trained with the head). Other families: "final"
+            (their layers end in a norm; "own" is refused).
     """
 
     head_type: HeadType = "linear"
@@ -89,9 +96,11 @@ class ModelOptions:
     risk: float = 0.01
     max_length: int = 128
     head_dropout: float = 0.1
+    head_norm: HeadNorm = "final"
 
     def __post_init__(self) -> None:
         _check_choice("head_type", self.head_type, HEAD_TYPES)
+        _check_choice("head_norm", self.head_norm, HEAD_NORMS)
         _check_choice("pooling", self.pooling, POOLINGS)
         check_threshold(self.threshold)
         check_patience(self.patience)

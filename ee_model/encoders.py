@@ -9,7 +9,8 @@ are, what each layer takes beside the hidden states (`LayerInputs`), and what an
   a head reads the layer's output.
 - ModernBERT and the Ettin encoders (modernbert): each layer takes the mask of its kind (global attention, or
   the local window) and the rotary position embeddings of its kind; a head reads the layer's output through
-  the encoder's final norm (applied after the last layer only, so inner layers' outputs are un-normalised).
+  the encoder's final norm (applied after the last layer only, so inner layers' outputs are un-normalised),
+  or, with the model option head_norm="own", a head normalises its pooled vector itself (`check_head_norm`).
 - DeBERTa-v2/v3 (deberta-v2): each layer takes the padding mask, the relative positions and the relative
   embeddings the encoder builds once; a head reads the layer's output.
 
@@ -38,6 +39,7 @@ class Family:
     name: str
     layer_path: tuple[str, ...]  # attribute path of the layer list
     exportable: bool = True  # layers take only (hidden, padding mask): int8 / OpenVINO layers can be built
+    final_norm: str | None = None  # a norm applied after the last layer only (inner outputs lack it)
 
 
 BERT_LIKE = Family("BERT-like", ("encoder", "layer"))
@@ -48,7 +50,7 @@ FAMILIES: dict[str, Family] = {
     "camembert": BERT_LIKE,
     "electra": BERT_LIKE,
     "distilbert": Family("BERT-like", ("transformer", "layer")),
-    "modernbert": Family("ModernBERT", ("layers",), exportable=False),
+    "modernbert": Family("ModernBERT", ("layers",), exportable=False, final_norm="final_norm"),
     "deberta-v2": Family("DeBERTa-v2/v3", ("encoder", "layer"), exportable=False),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
@@ -65,6 +67,15 @@ def check_supported(model_type: str, config: Any = None) -> None:
         raise ValueError(
             "DeBERTa-v2 with a convolution after the first layer (conv_kernel_size > 0, as in "
             "deberta-v2-xlarge) is not supported; DeBERTa-v3 and v2 without it are"
+        )
+
+
+def check_head_norm(model_type: str, head_norm: str) -> None:
+    """ValueError in one line for head_norm="own" on a family whose every layer ends in a norm of its own."""
+    if head_norm == "own" and FAMILIES[model_type].final_norm is None:
+        raise ValueError(
+            f"head_norm='own' is for encoders whose inner layers leave un-normalised outputs (modernbert); "
+            f"{model_type} layers end in a norm of their own: use head_norm='final'"
         )
 
 
@@ -179,13 +190,19 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: dict[str, Any]) ->
     return out[0] if isinstance(out, tuple) else out  # DeBERTa (and older transformers) return tuples
 
 
+def final_norm(encoder: PreTrainedModel) -> nn.Module | None:
+    """The norm `encoder` applies after its last layer only (ModernBERT's `final_norm`), None for families
+    whose layers each end in a norm."""
+    name = family_of(encoder).final_norm
+    return None if name is None else getattr(encoder, name)
+
+
 def head_input(encoder: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """What an exit head pools: ModernBERT's layers leave their output un-normalised (the encoder's final
-    norm runs after the last layer only), so every head reads it through that norm, as the final classifier
-    does; other families' layers end in a norm of their own."""
-    if encoder.config.model_type == "modernbert":
-        return encoder.final_norm(hidden)
-    return hidden
+    """What an exit head pools with head_norm="final": ModernBERT's layers leave their output un-normalised
+    (the encoder's final norm runs after the last layer only), so a head reads it through that norm, as the
+    final classifier does; other families' layers end in a norm of their own."""
+    norm = final_norm(encoder)
+    return hidden if norm is None else norm(hidden)
 
 
 @contextlib.contextmanager

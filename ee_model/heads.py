@@ -45,9 +45,27 @@ class MLPHead(nn.Module):
         return self.out(x)  # (batch, num_labels)
 
 
-def build_head(head_type: str, hidden_size: int, num_labels: int, dropout: float) -> nn.Module:
+class NormedHead(nn.Module):
+    """A head with a norm of its own on the pooled vector (head_norm="own"): for a layer whose output is
+    un-normalised (ModernBERT's inner layers); the norm trains with the head."""
+
+    def __init__(self, norm: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.head = head
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(pooled))
+
+
+def build_head(
+    head_type: str, hidden_size: int, num_labels: int, dropout: float, norm: nn.Module | None = None
+) -> nn.Module:
+    """One exit head; with `norm`, a `NormedHead` that normalises the pooled vector first."""
     if head_type == "linear":
-        return LinearHead(hidden_size, num_labels, dropout)
-    if head_type == "mlp":
-        return MLPHead(hidden_size, num_labels, dropout)
-    raise ValueError(f"head_type={head_type!r} is not one of ['linear', 'mlp']")
+        head: nn.Module = LinearHead(hidden_size, num_labels, dropout)
+    elif head_type == "mlp":
+        head = MLPHead(hidden_size, num_labels, dropout)
+    else:
+        raise ValueError(f"head_type={head_type!r} is not one of ['linear', 'mlp']")
+    return head if norm is None else NormedHead(norm, head)

@@ -169,7 +169,7 @@ class ExitEngine:
         mask = waiting.mask
         inputs = encoders.LayerInputs(model.encoder, waiting.hidden, mask).for_layer(index)
         hidden = encoders.run_layer(model.layers[index], waiting.hidden, inputs)
-        seen = encoders.head_input(model.encoder, hidden)
+        seen = model.head_input(index, hidden)
         logits = model.heads[index](pool(seen, mask, model.config.pooling)).float()  # (n, N)
         rows = waiting.rows
         if index == model.n_layers - 1:  # the teacher: every row leaves

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,9 +43,16 @@ class EarlyExitClassifier(nn.Module):
         if tokenizer is not None:
             tokenizer.padding_side = "right"  # early_exit trims trailing padding columns
         self.flops_model = FlopsModel.from_encoder_config(encoder.config, config.head_type, config.num_labels)
+        encoders.check_head_norm(encoder.config.model_type, config.head_norm)
         self.heads = nn.ModuleList(
-            build_head(config.head_type, self.flops_model.hidden_size, config.num_labels, config.head_dropout)
-            for _ in range(self.n_layers)
+            build_head(
+                config.head_type,
+                self.flops_model.hidden_size,
+                config.num_labels,
+                config.head_dropout,
+                self._own_norm() if config.head_norm == "own" and index < self.n_layers - 1 else None,
+            )
+            for index in range(self.n_layers)
         )
         risk = self.config.exit_risk
         if risk is not None and risk.n_students != self.n_layers - 1:
@@ -54,6 +62,17 @@ class EarlyExitClassifier(nn.Module):
         self.stage2_frozen = False  # set by freeze_for_stage2; keeps frozen parts in eval mode
         self.runtime = FP32  # what runs the transformer layers (runtime_layers.with_runtime swaps them)
         self.layers_folder: Path | None = None  # the built layer files a runtime runs (int8, OpenVINO)
+
+    def _own_norm(self) -> nn.Module:
+        """A student's own norm (head_norm="own"): a copy of the final norm, trained with the head."""
+        return copy.deepcopy(encoders.final_norm(self.encoder)).requires_grad_(True)
+
+    def head_input(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """What layer `index`'s head pools from the layer's output `hidden`: through the encoder's final norm
+        (`encoders.head_input`) unless the head normalises the pooled vector itself (head_norm="own")."""
+        if self.config.head_norm == "own" and index < self.n_layers - 1:
+            return hidden
+        return encoders.head_input(self.encoder, hidden)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -73,6 +92,7 @@ class EarlyExitClassifier(nn.Module):
         config = EarlyExitConfig(
             encoder_name_or_path=str(name_or_path), labels=tuple(labels), encoder_revision=revision, **options
         )
+        encoders.check_head_norm(encoder_config.model_type, config.head_norm)
         encoder = AutoModel.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
         return cls(config, encoder, tokenizer)
@@ -187,7 +207,7 @@ class EarlyExitClassifier(nn.Module):
         pooled = []
         for index, layer in enumerate(self.layers):
             hidden = encoders.run_layer(layer, hidden, inputs.for_layer(index))  # (batch, seq, hidden)
-            seen = encoders.head_input(encoder, hidden)
+            seen = self.head_input(index, hidden)
             pooled.append(pool(seen, attention_mask, self.config.pooling))  # (batch, hidden)
         return torch.stack(pooled)
 

@@ -465,6 +465,8 @@ def extraction_plan(splits: LabeledSplits, init: Checkpoint, config: TrainConfig
         identity = {
             "weights": weights_digest(model_dir),
             "max_length": model_config.max_length,
+            "pooling": model_config.pooling,  # what the students' features are: pooled how,
+            "head_norm": model_config.head_norm,  # through the final norm or not
             "dtype": stage2.feature_dtype,
         }
         model = ray.put(ModelFiles.from_directory(model_dir))

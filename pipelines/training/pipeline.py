@@ -219,11 +219,11 @@ def run_training(config: TrainConfig) -> TrainingSummary:
 
 
 def check_encoder(config: TrainConfig, encoder: str) -> None:
-    """The encoder's family is supported, and the evaluation's runtime (`eval.precision` / `backend`) can
+    """The encoder's family is supported (with the chosen head_norm), and the evaluation's runtime (`eval.precision` / `backend`) can
     run it; UserError in one line, before anything trains."""
     from transformers import AutoConfig
 
-    from ee_model.encoders import check_supported
+    from ee_model.encoders import check_head_norm, check_supported
     from ee_model.runtime_layers import resolve_encoder_runtime
 
     try:
@@ -232,6 +232,7 @@ def check_encoder(config: TrainConfig, encoder: str) -> None:
         raise UserError(f"cannot read the encoder's config at {encoder!r}: {error}") from None
     try:
         check_supported(encoder_config.model_type, encoder_config)
+        check_head_norm(encoder_config.model_type, config.model.head_norm)
         resolve_encoder_runtime(encoder_config.model_type, config.eval.precision, config.eval.backend)
     except ValueError as error:
         raise UserError(str(error)) from None

@@ -106,6 +106,8 @@ def test_score_job_refuses_bad_knobs_before_anything_starts(tmp_path, monkeypatc
         (["stage1.kl_weight=0.5"], "unknown key(s) in stage1: kl_weight=0.5 (a setting of stage2)"),
         (["variant=fast"], "variant='fast' is not one of ['kl', 'count']"),
         (["model.max_length=1"], "max_length=1 must be an integer >= 2"),
+        (["model.head_norm=layer"], "head_norm='layer' is not one of ['final', 'own']"),
+        (["model.head_norm=own"], "head_norm='own' is for encoders whose inner layers leave un-normalised"),
     ],
 )
 def test_train_job_refuses_bad_config_values_before_anything_starts(tmp_path, monkeypatch, sets, message):
