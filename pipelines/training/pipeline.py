@@ -219,8 +219,8 @@ def run_training(config: TrainConfig) -> TrainingSummary:
 
 
 def check_encoder(config: TrainConfig, encoder: str) -> None:
-    """The encoder's family is supported (with the chosen head_norm), and the evaluation's runtime (`eval.precision` / `backend`) can
-    run it; UserError in one line, before anything trains."""
+    """The encoder's family is supported (with the chosen head_norm), and the evaluation's runtime
+    (`eval.precision` / `backend`) can run it; UserError in one line, before anything trains."""
     from transformers import AutoConfig
 
     from ee_model.encoders import check_head_norm, check_supported
