@@ -141,12 +141,16 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
 
 
 def load_shipped_model(
-    model: ModelFiles | ObjectRef | str | Path, runtime: str = "fp32", threads: int | None = None
+    model: ModelFiles | ObjectRef | str | Path, runtime: str = "fp32", cpus: float | None = None
 ) -> EarlyExitClassifier:
     """The model from a `ModelFiles` (or an object-store reference to one, as jobs pass it) or a local
     directory; on the GPU when the worker has one; its layers run by `runtime` (`ee_model.runtime`, by name:
     "fp32", "bf16", "int8", "bf16-openvino", ...), with the built layers it carries in `runtime_layers/` for
-    the runtimes that build them. A bf16 runtime on a CPU without bf16 units is refused, naming the node."""
+    the runtimes that build them. A bf16 runtime on a CPU without bf16 units is refused, naming the node.
+
+    `cpus`: the CPUs of the actor or task loading it; torch, ONNX Runtime and OpenVINO then run that many
+    threads (at least one), not the machine's. None leaves the threads as they are."""
+    import math
     import platform
 
     import ray
@@ -157,6 +161,9 @@ def load_shipped_model(
     from ee_model.runtime import Runtime
     from ee_model.runtime_layers import with_runtime
 
+    threads = None if cpus is None else max(1, math.floor(cpus))
+    if threads is not None:
+        torch.set_num_threads(threads)
     chosen = Runtime.parse(runtime)
     gpu = torch.cuda.is_available() and not chosen.builds_layers
     if chosen.precision == "bf16" and not gpu and not cpu_support().has_bf16:

@@ -19,7 +19,6 @@ calibrating costs one full-depth pass over `rows` texts whatever the corpus size
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
@@ -229,7 +228,5 @@ def calibrate_on_worker(
 ) -> Calibration:
     """`calibrate` where a scoring actor would run (its CPUs, its GPU when it has one) and in the runtime it
     scores in (`ee_model.runtime`), so the knob is chosen on the logits scoring will see: a Ray task body."""
-    threads = max(1, math.floor(cpus))
-    torch.set_num_threads(threads)
-    model = load_shipped_model(model, runtime, threads)
+    model = load_shipped_model(model, runtime, cpus)
     return calibrate(model, texts, policy, min_agreement, delta, thresholds, batch_size)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ee_model import ExitSetting
 from pipelines.model_source import load_shipped_model
@@ -47,9 +45,7 @@ class Scorer:
         column_prefix: str = "",
         runtime: str = "fp32",
     ) -> None:
-        threads = max(1, math.floor(cpus))
-        torch.set_num_threads(threads)  # match the actor's CPUs, not the machine's
-        self.model = load_shipped_model(model, runtime, threads)  # ONNX Runtime's, OpenVINO's threads too
+        self.model = load_shipped_model(model, runtime, cpus)  # threads: the actor's CPUs, not the machine's
         self.text_column = text_column
         self.setting = setting or self.model.config.setting()  # None: the model's stored policy and knob
         self.include_probs = include_probs

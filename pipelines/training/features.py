@@ -79,12 +79,9 @@ class FeatureExtractor:
     """map_batches callable: text + label_id -> label_id, student features and teacher logits per row."""
 
     def __init__(self, model: ModelFiles | ObjectRef | str, dtype: str, cpus: float = 1.0) -> None:
-        import math
-
         from pipelines.model_source import load_shipped_model
 
-        torch.set_num_threads(max(1, math.floor(cpus)))
-        self.model = load_shipped_model(model).eval()
+        self.model = load_shipped_model(model, cpus=cpus).eval()
         self.dtype = FEATURE_DTYPES[dtype]
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ from tests.conftest import LABELS, random_texts
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
+ROWS = 800  # per file of the killed run's input
 
 
 def env_for(tmp_path: Path) -> dict[str, str]:
@@ -112,11 +113,11 @@ def test_registered_model_by_alias_in_a_fresh_process(tmp_path, model_dir, monke
 def test_killed_run_then_rerun_equals_a_clean_run(tmp_path, model_dir):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    files = 16  # one actor commits a block (a few files) at a time, seconds apart: the kill lands mid-run
+    files = 16  # one actor commits a block (a few files) at a time, a second apart: the kill lands mid-run
     for f in range(files):
-        texts = random_texts(1500, seed=f, max_words=60)
+        texts = random_texts(ROWS, seed=f, max_words=40)
         pq.write_table(
-            pa.table({"text": texts, "row": list(range(1500)), "file": [f] * 1500}),
+            pa.table({"text": texts, "row": list(range(ROWS)), "file": [f] * ROWS}),
             inputs / f"part-{f}.parquet",
         )
     clean = subprocess.run(  # the reference: the default pool (the outputs do not depend on it)
@@ -146,7 +147,7 @@ def test_killed_run_then_rerun_equals_a_clean_run(tmp_path, model_dir):
     done = {p.name for p in killed.glob("*/part-*.parquet")}
     assert 1 <= len(done) < files, f"the kill did not land mid-run: {len(done)} files committed"
     for table in outputs_of(killed).values():  # what is visible is complete
-        assert table.num_rows == 1500
+        assert table.num_rows == ROWS
 
     rerun = subprocess.run(
         score_command(str(model_dir), inputs, killed, "--summary-file", str(tmp_path / "s.json")),

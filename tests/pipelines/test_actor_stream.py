@@ -63,3 +63,12 @@ def test_a_failing_stream_discards_what_is_open():
     with pytest.raises(RuntimeError, match="actor died"):
         commit_each_input(stream(), "key", {"a": 2}, lambda k: Recorded(k, log))
     assert log == [("discard", "a", [1])]
+
+
+def test_a_fixed_pool_or_an_autoscaling_one_that_starts_with_what_the_cluster_holds():
+    from pipelines.actor_stream import actor_pool
+
+    fixed = actor_pool(3, most=8)
+    assert (fixed.min_size, fixed.max_size) == (3, 3)
+    grows = actor_pool(None, most=8)  # the scoring job's default (the tests' runs fix 1 actor)
+    assert (grows.min_size, grows.initial_size) == (1, 8) and grows.max_size in (None, float("inf"))

@@ -27,6 +27,7 @@ def test_the_defaults_a_reader_sees_are_the_ones_that_run():
         "risk": 0.01,
         "max_length": 64,
         "head_dropout": 0.1,
+        "head_norm": "final",
     }  # ee_model.ModelOptions' fields and checks; only max_length has a training default of its own
 
 

@@ -24,8 +24,10 @@ def write(path, texts, **extra):
 
 def score(model_dir, input_path, output, tmp_path, **kw):
     """One scoring run; fp32 unless `precision` is given, so results do not depend on the test machine's CPU
-    (`auto` is tested on its own)."""
+    (`auto` is tested on its own); one actor unless `actors` is given (each actor process is seconds of
+    imports on 2 cores; the default pool is run by the job tests and the score_pool smoke test)."""
     kw.setdefault("precision", "fp32")
+    kw.setdefault("actors", 1)
     kw.setdefault("tracking_uri", TRACKING_URI or f"sqlite:///{tmp_path}/mlflow.db")
     config = ScoreConfig.from_flags(
         model=model_dir, input=str(input_path), output=str(output), batch_size=16, **kw
