@@ -26,7 +26,7 @@ from tests.conftest import LABELS, labeled_table, random_texts
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MODEL_NAME = "drill-ee"
-FILES, ROWS_PER_FILE = 6, 4000
+FILES, ROWS_PER_FILE = 6, 2500
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_training_resumes_after_a_train_worker_is_killed(cluster, work, job_env,
             tiny_encoder_dir("bert", num_layers=3),
             "killed-worker",
             "--set",
-            "stage1.epochs=15",
+            "stage1.epochs=10",
             "--set",
             "stage1.checkpoint_every_steps=10",
         ),
