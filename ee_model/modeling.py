@@ -50,7 +50,7 @@ class EarlyExitClassifier(nn.Module):
                 self.flops_model.hidden_size,
                 config.num_labels,
                 config.head_dropout,
-                self._own_norm() if config.head_norm == "own" and index < self.n_layers - 1 else None,
+                self._own_norm() if self.has_own_norm(index) else None,
             )
             for index in range(self.n_layers)
         )
@@ -67,10 +67,15 @@ class EarlyExitClassifier(nn.Module):
         """A student's own norm (head_norm="own"): a copy of the final norm, trained with the head."""
         return copy.deepcopy(encoders.final_norm(self.encoder)).requires_grad_(True)
 
+    def has_own_norm(self, index: int) -> bool:
+        """Whether layer `index`'s head normalises its pooled vector itself: the students with head_norm="own"
+        (the teacher always reads through the encoder's final norm, as the model's own classifier does)."""
+        return self.config.head_norm == "own" and index < self.n_layers - 1
+
     def head_input(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """What layer `index`'s head pools from the layer's output `hidden`: through the encoder's final norm
-        (`encoders.head_input`) unless the head normalises the pooled vector itself (head_norm="own")."""
-        if self.config.head_norm == "own" and index < self.n_layers - 1:
+        (`encoders.head_input`) unless the head normalises the pooled vector itself (`has_own_norm`)."""
+        if self.has_own_norm(index):
             return hidden
         return encoders.head_input(self.encoder, hidden)
 

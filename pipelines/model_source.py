@@ -161,8 +161,9 @@ def load_shipped_model(
     from ee_model.runtime import Runtime
     from ee_model.runtime_layers import with_runtime
 
-    threads = None if cpus is None else max(1, math.floor(cpus))
-    if threads is not None:
+    threads = None
+    if cpus is not None:
+        threads = max(1, math.floor(cpus))
         torch.set_num_threads(threads)
     chosen = Runtime.parse(runtime)
     gpu = torch.cuda.is_available() and not chosen.builds_layers

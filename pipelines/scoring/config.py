@@ -99,10 +99,17 @@ class ScoreConfig:
         asked = {name: flags.pop(name) for name in EXIT_FLAGS if name in flags}
         return cls(**flags, exit=ExitRequest(**asked))
 
-    def runtime(self) -> tuple[Runtime, str]:
+    def runtime(self, model_type: str | None = None) -> tuple[Runtime, str]:
         """(what runs the layers, why): `precision` and `backend` with "auto" resolved for this machine (the
-        driver's CPU, or a GPU when the actors have one); the actors check their own CPU again."""
-        return resolve_runtime(self.precision, self.backend, gpu=self.gpus_per_actor > 0)
+        driver's CPU, or a GPU when the actors have one); the actors check their own CPU again. With the
+        encoder's `model_type`, for its family (`ee_model.runtime_layers.resolve_encoder_runtime`: a runtime
+        the family cannot run is refused, ValueError)."""
+        gpu = self.gpus_per_actor > 0
+        if model_type is None:
+            return resolve_runtime(self.precision, self.backend, gpu=gpu)
+        from ee_model.runtime_layers import resolve_encoder_runtime  # loads the model code: not for the CLI
+
+        return resolve_encoder_runtime(model_type, self.precision, self.backend, gpu=gpu)
 
     @property
     def rows_per_task(self) -> int:

@@ -488,13 +488,10 @@ def checked_model_config(config: ScoreConfig, source: ModelSource) -> EarlyExitC
 
 
 def model_runtime(config: ScoreConfig, model_config: EarlyExitConfig) -> tuple[Runtime, str]:
-    """(what runs the layers, why): `config.runtime()` for this model's encoder family
-    (`ee_model.runtime_layers.resolve_encoder_runtime`); a runtime the family cannot run is refused."""
-    from ee_model.runtime_layers import resolve_encoder_runtime
-
-    gpu = config.gpus_per_actor > 0  # as config.runtime() resolves it
+    """(what runs the layers, why): `config.runtime()` for this model's encoder family; a runtime the family
+    cannot run is refused."""
     try:
-        return resolve_encoder_runtime(model_config.encoder_model_type, config.precision, config.backend, gpu)
+        return config.runtime(model_config.encoder_model_type)
     except ValueError as error:
         raise UserError(str(error)) from None
 
