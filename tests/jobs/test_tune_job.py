@@ -1,5 +1,5 @@
-"""A 2-trial (the quick default) Bayesian learning-rate search on a tiny model with real Ray, feeding stage 2
-without retraining."""
+"""A 3-trial Bayesian learning-rate search on a tiny model with real Ray, feeding stage 2 without
+retraining."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.jobs.test_train_job import run_job
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def test_the_search_picks_the_best_trial_and_stage2_starts_from_it(
+def test_three_trial_search_picks_the_best_trial_and_stage2_starts_from_it(
     tmp_path, labeled_parquet, tiny_encoder_dir
 ):
     summary = run_job(
@@ -26,7 +26,7 @@ def test_the_search_picks_the_best_trial_and_stage2_starts_from_it(
         "--unlabeled-path",
         "",
         "--set",
-        "tune.num_samples=2",
+        "tune.num_samples=3",
         "--set",
         "tune.lr_min=1e-4",
         "--set",
@@ -42,7 +42,7 @@ def test_the_search_picks_the_best_trial_and_stage2_starts_from_it(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     trials = [r for r in children if r.info.run_name.startswith("tune-")]
-    assert len(trials) == 2
+    assert len(trials) == 3
     assert {r.info.run_name for r in children} - {r.info.run_name for r in trials} == {"stage2"}
     best_of = {}
     for run in trials:
@@ -52,7 +52,7 @@ def test_the_search_picks_the_best_trial_and_stage2_starts_from_it(
             max(m.value for m in history),
             float(run.data.params["learning_rate"]),
         )
-    assert len({lr for _, lr in best_of.values()}) == 2  # two different learning rates were tried
+    assert len({lr for _, lr in best_of.values()}) == 3  # three different learning rates were tried
     best_trial = max(best_of, key=lambda t: best_of[t][0])
     assert float(parent.data.params["tune.best_learning_rate"]) == pytest.approx(best_of[best_trial][1])
     stage2 = next(r for r in children if r.info.run_name == "stage2")
