@@ -9,12 +9,13 @@ MLP_WIDTH = 128  # the paper's Table 1 classifier: H -> 128 -> 128 -> N
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(batch, seq, hidden) -> (batch, hidden): first token, or mean over real (mask == 1) tokens."""
+    """(batch, seq, hidden) -> (batch, hidden) in float32 whatever `hidden`'s dtype (layers may pass bf16):
+    first token, or mean over real (mask == 1) tokens, summed in float32."""
     if pooling == "cls":
-        return hidden[:, 0]
+        return hidden[:, 0].float()
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (batch, seq, 1)
-    summed = (hidden * mask).sum(dim=1)  # (batch, hidden)
-    return summed / mask.sum(dim=1).clamp(min=1.0)
+    summed = (hidden * mask).sum(dim=1, dtype=torch.float32)  # (batch, hidden)
+    return summed / mask.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
 
 
 class LinearHead(nn.Module):

@@ -12,10 +12,13 @@ its longest row (right padding). One device->host read per student step (how man
 remaining row); nothing else leaves the device.
 
 With `pool_across_batches=False` each input batch drains through every layer before the next one enters:
-per-batch compaction, where later layers run on fewer rows. That is what a CPU wants: a small batch costs a
-CPU no more per row, while a pool's step joins rows from several input batches and so pads to a wider spread
-of lengths (measured: docs/results.md, "An exit engine and a tokenising stage for GPUs"). A GPU wants full
-batches (a small batch leaves it idle). `default_pooling` says which.
+per-batch compaction, where later layers run on fewer rows. Which is faster depends on what a layer call
+costs besides its rows: a pool's step joins rows from several input batches and so pads to a wider spread
+of lengths, while compaction makes many small calls. A GPU wants full batches (a small batch leaves it
+idle); on a CPU, fp32 layers cost about the same per row whatever the call's size, so compaction's tighter
+padding wins, while reduced-precision layers (bf16, int8, OpenVINO) pay a fixed cost per call that full
+batches spread (measured: docs/results.md, "An exit engine and a tokenising stage for GPUs" and "Early
+exit on the runtime a CPU user picks"). `default_pooling` says which.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ee_model import encoders
 from ee_model.heads import pool
 from ee_model.outputs import EarlyExitBatch
 from ee_model.policies import ExitPolicy, State
+from ee_model.runtime import FP32, Runtime
 
 
 @dataclass
@@ -196,9 +200,10 @@ class ExitEngine:
         pools[index + 1].put(Waiting(rows, hidden, mask, state), n_keep)
 
 
-def default_pooling(device: torch.device) -> bool:
-    """Pool rows across input batches on accelerators, compact per batch on CPUs (see the module's note)."""
-    return torch.device(device).type != "cpu"
+def default_pooling(device: torch.device, runtime: Runtime = FP32) -> bool:
+    """Pool rows across input batches on accelerators and for reduced-precision layers on CPUs; compact per
+    batch for fp32 layers on CPUs (see the module's note)."""
+    return torch.device(device).type != "cpu" or runtime != FP32
 
 
 def sorted_input_rows(

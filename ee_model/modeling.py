@@ -230,10 +230,11 @@ class EarlyExitClassifier(nn.Module):
         """Per-row early exit of padded inputs; rows are returned in input order.
 
         Rows enter sorted by length, `batch_size` at a time (default: all at once). With `layer_pools`
-        (default on accelerators, `ee_model.layer_pools.default_pooling`) every step runs one layer on
-        `batch_size` rows waiting for it, taken across input batches; without, each batch runs layer by layer
-        and the rows the policy lets out leave it (per-batch compaction). Remaining rows carry their policy
-        state with them; padding columns no remaining row needs are trimmed (right padding).
+        (default on accelerators and for reduced-precision layers, `ee_model.layer_pools.default_pooling`)
+        every step runs one layer on `batch_size` rows waiting for it, taken across input batches; without,
+        each batch runs layer by layer and the rows the policy lets out leave it (per-batch compaction).
+        Remaining rows carry their policy state with them; padding columns no remaining row needs are trimmed
+        (right padding).
         """
         n_rows = input_ids.shape[0]
         batch_size = batch_size or max(n_rows, 1)
@@ -276,7 +277,7 @@ class EarlyExitClassifier(nn.Module):
         engine checks `batch_size`."""
         if isinstance(policy, ExitSetting):
             policy = self.exit_policy(policy)
-        pooling = default_pooling(self.device) if layer_pools is None else layer_pools
+        pooling = default_pooling(self.device, self.runtime) if layer_pools is None else layer_pools
         engine = ExitEngine(self, policy, batch_size, right_padded, pool_across_batches=pooling)
         return engine.run(n_rows, inputs, self.device)
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ee_model import encoders, layer_cache
+from ee_model.cpu_support import CpuSupport, cpu_support
 from ee_model.int8 import MaskedLayer, additive_mask
 from ee_model.runtime import FP32, Runtime, missing_backend
 
@@ -198,19 +199,47 @@ def openvino_layers(
 
 
 class OpenVinoLayer(nn.Module):
-    """One compiled OpenVINO layer, called as the encoder's layer is."""
+    """One compiled OpenVINO layer, called as the encoder's layer is. Its hidden states enter and leave in
+    `dtype`: bf16 where the layer computes in bf16 or int8 on a bf16 CPU (no conversion to float32 and back
+    between layers; the exit heads pool in float32), else float32."""
 
-    def __init__(self, compiled) -> None:
+    def __init__(self, compiled, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.request = compiled.create_infer_request()
+        self.dtype = dtype
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
-        inputs = [
-            np.ascontiguousarray(hidden.detach().float().numpy()),
-            additive_mask(attention_mask, hidden),
-        ]
-        out = self.request.infer(inputs, share_inputs=True)
+        import openvino as ov
+
+        mask = ov.Tensor(additive_mask(attention_mask, hidden), shared_memory=True)
+        if self.dtype == torch.bfloat16:
+            bits = hidden.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+            self.request.set_input_tensor(0, ov.Tensor(bits, list(hidden.shape), ov.Type.bf16))
+            self.request.set_input_tensor(1, mask)
+            self.request.infer()
+            out = np.array(self.request.get_output_tensor(0).data, copy=True).view(np.int16)
+            return torch.from_numpy(out).view(torch.bfloat16)
+        hidden32 = ov.Tensor(np.ascontiguousarray(hidden.detach().float().numpy()), shared_memory=True)
+        out = self.request.infer([hidden32, mask])
         return torch.from_numpy(np.array(out[0], copy=True))
+
+
+def boundary_dtype(precision: str, hint: str | None = None, support: CpuSupport | None = None) -> torch.dtype:
+    """The dtype hidden states cross a layer's boundary in: bf16 where the layers compute in bf16 or int8 on a
+    CPU with bf16 (what the quantiser leaves runs in bf16 there), else float32 (measured: docs/results.md)."""
+    support = support or cpu_support()
+    runs_bf16 = precision == "bf16" or (precision == QUANTISED and (hint or "bf16") == "bf16")
+    return torch.bfloat16 if runs_bf16 and support.has_bf16 else torch.float32
+
+
+def _with_bf16_boundaries(layer):
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    steps = PrePostProcessor(layer)
+    steps.input(0).tensor().set_element_type(ov.Type.bf16)
+    steps.output(0).tensor().set_element_type(ov.Type.bf16)
+    return steps.build()
 
 
 def with_openvino_layers(
@@ -240,9 +269,12 @@ def with_openvino_layers(
     config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
     if HINTS[precision] is not None or hint is not None:
         config["INFERENCE_PRECISION_HINT"] = HINTS[precision] or hint
+    dtype = boundary_dtype(precision, hint)
     layers = model.layers
     for index in range(len(layers)):
-        compiled = core.compile_model(str(directory / f"layer_{index}.xml"), "CPU", config)
-        layers[index] = OpenVinoLayer(compiled)
+        layer = core.read_model(str(directory / f"layer_{index}.xml"))
+        if dtype == torch.bfloat16:
+            layer = _with_bf16_boundaries(layer)
+        layers[index] = OpenVinoLayer(core.compile_model(layer, "CPU", config), dtype)
     model.runtime, model.layers_folder = Runtime(precision, "openvino"), directory
     return model.eval()

@@ -31,7 +31,7 @@ PRECISIONS = ("fp32", "bf16", "int8")
 RUNS = {"fp32": ("torch", "openvino"), "bf16": ("torch", "openvino"), "int8": ("onnxruntime", "openvino")}
 DEFAULT_BACKEND = {precision: backends[0] for precision, backends in RUNS.items()}
 # with early exit on this project's CPU (AMX), fastest first: docs/results.md
-AUTO_BACKENDS = {"fp32": ("torch",), "bf16": ("torch", "openvino"), "int8": ("onnxruntime",)}
+AUTO_BACKENDS = {"fp32": ("torch",), "bf16": ("openvino", "torch"), "int8": ("onnxruntime",)}
 EXTRA = {
     "onnxruntime": ("int8", ("onnxruntime", "onnx", "onnxscript")),
     "openvino": ("openvino", ("openvino",)),

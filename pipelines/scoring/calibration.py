@@ -10,6 +10,11 @@ agreement at confidence 1 - delta is >= `min_agreement`; the last to pass is use
 full depth on >= min_agreement of the corpus" holds with probability >= 1 - delta (the sample standing for the
 corpus); with too small a sample no setting can pass and full depth is used.
 
+"Full depth" is the same model at full depth in the runtime that scores (bf16, int8, OpenVINO: the pass runs
+there): the promise bounds what early exit changes. What the runtime itself changes against fp32 is the
+runtime's, the same for a plain model run there, and is measured apart (docs/results.md: bf16 0.05-0.2 % of
+labels, int8 0.5-2 % on BBC, more on text unlike the training data).
+
 The sample is drawn uniformly at random, without replacement, from all the inputs' rows (across files and
 row groups) with a recorded seed: the bound speaks of the corpus only if the sample is random with respect to
 it, and an evenly spaced sample of a corpus in periodic order (fixed-size documents, templated records,

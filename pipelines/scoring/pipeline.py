@@ -51,7 +51,7 @@ from pipelines.scoring.inputs import (
     unreadable_texts,
 )
 from pipelines.scoring.scorer import CALL_SECONDS, Scorer
-from pipelines.scoring.summary import ScoringSummary, Tally
+from pipelines.scoring.summary import ScoringSummary, Tally, little_saved_warning
 from pipelines.tokenizing import TokenizerFiles, tokenize_batch
 
 if TYPE_CHECKING:
@@ -466,6 +466,9 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> ScoringSumma
         stream = score_pending(run, plan, tally)
         summary = run_summary(run, plan, tally, stream, len(inputs), unreadable)
     log_scoring_run(summary, config, source)
+    little_saved = little_saved_warning(summary.policy, summary.flops_speedup)
+    if little_saved:
+        warnings.warn(little_saved, stacklevel=2)
     if unreadable:  # after the readable files were committed and the run logged; a rerun retries these
         named = "; ".join(f"{path}: {reason}" for path, reason in unreadable.items())
         raise ScoringError(

@@ -67,6 +67,25 @@ class Tally:
         }
 
 
+# FLOPs speed-up under which early exit may lose to the plain model in the fastest runtime: on this project's
+# CPU early exit ran at about 0.7x its FLOPs speed-up relative to plain OpenVINO int8 (docs/results.md, "On
+# text the model was not trained for": 1.14x FLOPs, 0.81x plain)
+LITTLE_SAVED = 1.5
+
+
+def little_saved_warning(policy: str, flops_speedup: float | None) -> str | None:
+    """Why early exit may not pay on what was scored (its FLOPs speed-up is under LITTLE_SAVED), else None
+    (also for policy "none": full depth was asked for)."""
+    if policy == "none" or flops_speedup is None or flops_speedup >= LITTLE_SAVED:
+        return None
+    return (
+        f"early exit saved little on these texts (FLOPs speed-up {flops_speedup:.2f}x, under "
+        f"{LITTLE_SAVED}x): few rows were confident early, and the plain model in the fastest runtime "
+        "(e.g. OpenVINO) may score them faster; a model trained on text like this exits earlier "
+        "(docs/results.md)"
+    )
+
+
 @dataclass(frozen=True)
 class ScoringSummary:
     """One scoring run: what it read, scored, skipped and found, how fast, with which model, setting and

@@ -115,11 +115,13 @@ def test_without_pools_each_batch_drains_before_the_next_enters(tiny_model):
     )
 
 
-def test_pools_are_the_accelerator_default():
+def test_pools_are_the_default_but_for_fp32_on_cpus():
     from ee_model.layer_pools import default_pooling
+    from ee_model.runtime import BF16, FP32, Runtime
 
-    assert default_pooling(torch.device("cuda", 0)) and default_pooling("cuda")
-    assert not default_pooling(torch.device("cpu"))
+    assert default_pooling(torch.device("cuda", 0)) and default_pooling("cuda", BF16)
+    assert not default_pooling(torch.device("cpu")) and not default_pooling("cpu", FP32)
+    assert default_pooling("cpu", BF16) and default_pooling("cpu", Runtime.parse("int8-openvino"))
 
 
 def test_rows_of_a_step_have_similar_lengths(tiny_model):
@@ -168,3 +170,16 @@ def test_batch_size_must_be_positive(tiny_model):
         ExitEngine(model, make_policy("none"), 0)
     with pytest.raises(ValueError, match="batch_size=0"):
         model.predict_tokens(model.tokenize(["a"]), batch_size=0)
+
+
+def test_heads_pool_reduced_precision_hidden_states_in_float32():
+    from ee_model.heads import pool
+
+    hidden = torch.randn(4, 9, 16)
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[2, 5:] = 0
+    for pooling in ("cls", "mean"):
+        exact = pool(hidden, mask, pooling)
+        low = pool(hidden.to(torch.bfloat16), mask, pooling)
+        assert exact.dtype == low.dtype == torch.float32
+        torch.testing.assert_close(low, exact, atol=0.02, rtol=0.02)

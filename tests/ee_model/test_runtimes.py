@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from ee_model import encoders
 from ee_model.cpu_support import cpu_support
 from ee_model.runtime import BF16, FP32, Runtime, resolve_runtime
 from ee_model.runtime_layers import build_layers, with_runtime
@@ -41,7 +42,8 @@ OLD = frozenset({"avx2", "fma"})
 def test_auto_picks_the_fastest_precision_for_the_cpus_flags(flags, cap, gpu, expected, why):
     runtime, reason = resolve_runtime("auto", "auto", gpu=gpu, support=cpu_support(flags, cap or ""))
     assert runtime.precision == expected and why in reason
-    assert runtime.backend == ("torch" if gpu or expected != "int8" else "onnxruntime")
+    fastest_installed = {"fp32": "torch", "bf16": "openvino", "int8": "onnxruntime"}  # the extras installed
+    assert runtime.backend == ("torch" if gpu else fastest_installed[expected])
 
 
 def test_runtimes_a_machine_cannot_run_are_refused_in_one_line():
@@ -236,3 +238,37 @@ def test_a_saved_model_loads_in_a_runtime_building_its_layers_once(fp32_model, t
     assert load_model(saved, "fp32").runtime == FP32
     with pytest.raises(ValueError, match="is not one of"):
         load_model(saved, "fp16")
+
+
+@pytest.mark.parametrize(
+    "precision, hint, flags, expected",
+    [
+        ("bf16", None, AMX, torch.bfloat16),
+        ("int8", None, AMX, torch.bfloat16),  # what the quantiser leaves runs in bf16 there
+        ("int8", "f32", AMX, torch.float32),
+        ("int8", None, VNNI_ONLY, torch.float32),
+        ("fp32", None, AMX, torch.float32),
+    ],
+)
+def test_openvino_layers_pass_bf16_between_layers_where_they_compute_in_it(precision, hint, flags, expected):
+    from ee_model.openvino_layers import boundary_dtype
+
+    assert boundary_dtype(precision, hint, cpu_support(flags, "")) == expected
+
+
+def test_openvino_layers_return_hidden_states_in_their_boundary_dtype(fp32_model, tmp_path):
+    from ee_model.openvino_layers import boundary_dtype
+
+    fp32 = fp32_model("bert")
+    hidden = torch.randn(3, 7, fp32.encoder.config.hidden_size)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    for precision in ("bf16", "fp32"):
+        runtime = Runtime(precision, "openvino")
+        folder = build_layers(fp32, runtime, tmp_path / "ir")
+        model = with_runtime(copy.deepcopy(fp32), runtime, folder, threads=1)
+        inputs = encoders.LayerInputs(model.encoder, hidden, mask).for_layer(0)
+        out = encoders.run_layer(model.layers[0], hidden, inputs)
+        assert out.dtype == boundary_dtype(precision) and out.shape == hidden.shape
+        again = encoders.run_layer(model.layers[1], out, inputs)  # a layer takes what the one before gives
+        assert again.dtype == out.dtype and torch.isfinite(again.float()).all()

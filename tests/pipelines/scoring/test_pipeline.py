@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,12 @@ def test_policy_defaults_come_from_the_model(ray_local, model_dir, tmp_path):
     write(tmp_path / "in" / "a.parquet", random_texts(10))
     summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
     assert (summary["policy"], summary["knob"]) == ("entropy", 0.95)
-    full = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, policy="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # full depth asked for: no "saved little" warning
+        full = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, policy="none")
     assert full["mean_exit_layer"] == 3 and full["output"].endswith("__none")
+    with pytest.warns(UserWarning, match=r"early exit saved little on these texts \(FLOPs speed-up"):
+        score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, policy="entropy", threshold=0.0)
 
 
 @pytest.mark.parametrize(

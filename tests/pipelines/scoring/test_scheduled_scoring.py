@@ -184,10 +184,15 @@ def test_no_scored_output_is_lost_when_os_paths_are_relative(ray_local, model_di
 def test_each_runtime_scores_into_its_own_output_and_says_why(ray_local, model_dir, tmp_path):
     write(tmp_path / "in" / "a.parquet", random_texts(20, seed=1))
     fp32 = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
-    bf16 = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="bf16")
+    bf16 = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="bf16", backend="torch")
     auto = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="auto")
     assert bf16["output"] == fp32["output"] + "__bf16" and bf16["files_scored"] == 1
-    assert bf16["precision"] == "bf16" and bf16["precision_reason"].startswith("asked for; backend torch")
-    assert auto["precision"] == "bf16" and "bf16 matrix units (CPU flags: " in auto["precision_reason"]
-    assert auto["output"] == bf16["output"] and auto["files_skipped"] == 1  # the same runtime: the same key
+    assert bf16["precision"] == "bf16" and bf16["precision_reason"] == "asked for"
+    assert (
+        auto["precision"] == "bf16-openvino" and "bf16 matrix units (CPU flags: " in auto["precision_reason"]
+    )
+    assert "backend openvino (the fastest installed for bf16" in auto["precision_reason"]
+    assert auto["output"] == fp32["output"] + "__bf16-openvino" and auto["files_scored"] == 1
+    again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="bf16")
+    assert again["output"] == auto["output"] and again["files_skipped"] == 1  # the same runtime: the same key
     assert read_outputs(bf16)["a.parquet"].num_rows == 20
