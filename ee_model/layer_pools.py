@@ -15,10 +15,11 @@ With `pool_across_batches=False` each input batch drains through every layer bef
 per-batch compaction, where later layers run on fewer rows. Which is faster depends on what a layer call
 costs besides its rows: a pool's step joins rows from several input batches and so pads to a wider spread
 of lengths, while compaction makes many small calls. A GPU wants full batches (a small batch leaves it
-idle); on a CPU, fp32 layers cost about the same per row whatever the call's size, so compaction's tighter
-padding wins, while reduced-precision layers (bf16, int8, OpenVINO) pay a fixed cost per call that full
-batches spread (measured: docs/results.md, "An exit engine and a tokenising stage for GPUs" and "Early
-exit on the runtime a CPU user picks"). `default_pooling` says which.
+idle). On a CPU, fp32 layers cost about the same per row whatever the call's size, so compaction's tighter
+padding wins; bf16 and OpenVINO layers pay a fixed cost per call that full batches spread; ONNX Runtime's
+dynamic int8 gains nothing from pools, and its per-call scales make a row's result move with its batch-mates
+(measured: docs/results.md, "An exit engine and a tokenising stage for GPUs" and "Early exit on the runtime
+a CPU user picks"). `default_pooling` says which.
 """
 
 from __future__ import annotations
@@ -201,9 +202,9 @@ class ExitEngine:
 
 
 def default_pooling(device: torch.device, runtime: Runtime = FP32) -> bool:
-    """Pool rows across input batches on accelerators and for reduced-precision layers on CPUs; compact per
-    batch for fp32 layers on CPUs (see the module's note)."""
-    return torch.device(device).type != "cpu" or runtime != FP32
+    """Pool rows across input batches on accelerators and, on CPUs, for layers that pay a fixed cost per call
+    (`Runtime.pays_per_call`: bf16, OpenVINO); compact per batch otherwise (see the module's note)."""
+    return torch.device(device).type != "cpu" or runtime.pays_per_call
 
 
 def sorted_input_rows(

@@ -30,8 +30,8 @@ from ee_model.cpu_support import CpuSupport, cpu_support
 PRECISIONS = ("fp32", "bf16", "int8")
 RUNS = {"fp32": ("torch", "openvino"), "bf16": ("torch", "openvino"), "int8": ("onnxruntime", "openvino")}
 DEFAULT_BACKEND = {precision: backends[0] for precision, backends in RUNS.items()}
-# with early exit on this project's CPU (AMX), fastest first: docs/results.md
-AUTO_BACKENDS = {"fp32": ("torch",), "bf16": ("openvino", "torch"), "int8": ("onnxruntime",)}
+# with early exit on this project's CPU (AMX; int8 as on a CPU without bf16), fastest first: docs/results.md
+AUTO_BACKENDS = {"fp32": ("torch",), "bf16": ("openvino", "torch"), "int8": ("openvino", "onnxruntime")}
 EXTRA = {
     "onnxruntime": ("int8", ("onnxruntime", "onnx", "onnxscript")),
     "openvino": ("openvino", ("openvino",)),
@@ -65,6 +65,13 @@ class Runtime:
     def needs_calibration_texts(self) -> bool:
         """Whether building the layers needs texts like those to be scored (static int8 scales)."""
         return self.precision == "int8" and self.backend == "openvino"
+
+    @property
+    def pays_per_call(self) -> bool:
+        """Whether a layer call costs a fixed amount besides its rows, so the exit engine fills its calls
+        (`ee_model.layer_pools.default_pooling`): bf16 and every OpenVINO layer (measured, docs/results.md);
+        not fp32 in PyTorch, nor ONNX Runtime's dynamic int8 (its per-call scales move with batch-mates)."""
+        return self.precision == "bf16" or self.backend == "openvino"
 
     @property
     def exact_per_row(self) -> bool:
@@ -104,11 +111,27 @@ def auto_precision(support: CpuSupport, gpu: bool) -> tuple[str, str]:
     return "fp32", f"neither bf16 nor VNNI ({support.describe()})"
 
 
+def auto_backends(precision: str, can_calibrate: bool = True) -> list[str]:
+    """The backends `auto` may pick for `precision`, fastest first, installed here; without texts to calibrate
+    on (`can_calibrate`), not those whose layers are calibrated when built (OpenVINO int8)."""
+    return [
+        backend
+        for backend in AUTO_BACKENDS[precision]
+        if missing_backend(backend) is None
+        and (can_calibrate or not Runtime(precision, backend).needs_calibration_texts)
+    ]
+
+
 def resolve_runtime(
-    precision: str = "auto", backend: str = "auto", gpu: bool = False, support: CpuSupport | None = None
+    precision: str = "auto",
+    backend: str = "auto",
+    gpu: bool = False,
+    support: CpuSupport | None = None,
+    can_calibrate: bool = True,
 ) -> tuple[Runtime, str]:
     """(the runtime to use, the reason), `auto` resolved for this machine (`support`: its CPU, by default read
-    here); ValueError in one line for a runtime this machine cannot run."""
+    here; `can_calibrate`: whether texts like those to be scored are at hand, for the backends that calibrate
+    their layers); ValueError in one line for a runtime this machine cannot run."""
     support = support or cpu_support()
     automatic = precision == "auto"
     if automatic:
@@ -128,7 +151,7 @@ def resolve_runtime(
             f"({support.describe()}): use --precision auto"
         )
     if backend == "auto":
-        installed = [b for b in AUTO_BACKENDS[precision] if missing_backend(b) is None]
+        installed = auto_backends(precision, can_calibrate)
         if not installed and automatic:  # e.g. int8 without the int8 extra: what runs without it
             why += f"; {missing_backend(AUTO_BACKENDS[precision][-1])}, so fp32"
             precision, installed = "fp32", ["torch"]

@@ -12,7 +12,7 @@ from ee_model.cpu_support import CpuSupport
 from ee_model.int8 import int8_layers, with_int8_layers
 from ee_model.modeling import EarlyExitClassifier
 from ee_model.openvino_layers import openvino_layers, with_openvino_layers
-from ee_model.runtime import BF16, FP32, Runtime, resolve_runtime
+from ee_model.runtime import BF16, FP32, RUNS, Runtime, resolve_runtime
 
 
 def resolve_encoder_runtime(
@@ -21,16 +21,21 @@ def resolve_encoder_runtime(
     backend: str = "auto",
     gpu: bool = False,
     support: CpuSupport | None = None,
+    can_calibrate: bool = True,
 ) -> tuple[Runtime, str]:
     """`resolve_runtime` for an encoder of `model_type`: the runtimes that export the layers one by one (int8,
-    OpenVINO) run BERT-like encoders only (`encoders.Family.exportable`); for the other families a fully
-    automatic choice falls back to fp32 on torch, a named one is refused (ValueError, one line)."""
-    runtime, why = resolve_runtime(precision, backend, gpu=gpu, support=support)
+    OpenVINO) run BERT-like encoders only (`encoders.Family.exportable`); for the other families an automatic
+    backend falls back to torch in the same precision (bf16, fp32), else a fully automatic choice to fp32 on
+    torch, and a named one is refused (ValueError, one line)."""
+    runtime, why = resolve_runtime(precision, backend, gpu=gpu, support=support, can_calibrate=can_calibrate)
     family = encoders.FAMILIES[model_type]
     if not runtime.builds_layers or family.exportable:
         return runtime, why
+    not_exported = f"{family.name} layers are not exported one by one"
+    if backend == "auto" and "torch" in RUNS[runtime.precision]:
+        return Runtime(runtime.precision, "torch"), f"{why}; {not_exported}, so torch"
     if precision == "auto" and backend == "auto":
-        return FP32, f"{why}; {family.name} layers are not exported one by one, so fp32 on torch"
+        return FP32, f"{why}; {not_exported}, so fp32 on torch"
     raise ValueError(
         f"runtime {runtime.name} exports the layers one by one, for BERT-like encoders; {family.name} layers "
         "take more: use precision fp32 or bf16"
@@ -84,10 +89,13 @@ def load_model(
     """A saved model ready for `predict` in the runtime `precision` / `backend` name (`auto`: this machine's
     fastest), on `device` (default: the CPU). Layers a backend builds go to `layers_dir` (default
     `<model_dir>/<runtime name>/`), built there on first use (OpenVINO int8: calibrated on
-    `calibration_texts`) and checked after. `model.runtime` says which runtime it got."""
+    `calibration_texts`; `auto` without them picks among the backends that need none) and checked after.
+    `model.runtime` says which runtime it got."""
     on_gpu = device is not None and device != "cpu"
     model = EarlyExitClassifier.from_pretrained(model_dir)
-    runtime, _ = resolve_encoder_runtime(model.encoder.config.model_type, precision, backend, gpu=on_gpu)
+    runtime, _ = resolve_encoder_runtime(
+        model.encoder.config.model_type, precision, backend, gpu=on_gpu, can_calibrate=bool(calibration_texts)
+    )
     if on_gpu:
         model = model.to(device)
     folder = build_layers(model, runtime, layers_dir or Path(model_dir) / runtime.name, calibration_texts)

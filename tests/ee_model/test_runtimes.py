@@ -42,7 +42,7 @@ OLD = frozenset({"avx2", "fma"})
 def test_auto_picks_the_fastest_precision_for_the_cpus_flags(flags, cap, gpu, expected, why):
     runtime, reason = resolve_runtime("auto", "auto", gpu=gpu, support=cpu_support(flags, cap or ""))
     assert runtime.precision == expected and why in reason
-    fastest_installed = {"fp32": "torch", "bf16": "openvino", "int8": "onnxruntime"}  # the extras installed
+    fastest_installed = {"fp32": "torch", "bf16": "openvino", "int8": "openvino"}  # the extras installed
     assert runtime.backend == ("torch" if gpu else fastest_installed[expected])
 
 
@@ -73,19 +73,30 @@ def test_a_missing_backend_is_named_with_its_extra(monkeypatch):
     assert runtime == BF16  # auto takes the fastest backend that is installed
 
 
-def test_auto_without_the_int8_extra_falls_back_to_fp32(monkeypatch):
+def test_auto_without_the_int8_backends_falls_back_to_fp32(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
 
     def find_spec(name, *args):
-        return None if name == "onnxruntime" else real(name, *args)
+        return None if name in ("onnxruntime", "openvino") else real(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     runtime, why = resolve_runtime("auto", support=cpu_support(VNNI_ONLY, ""))
     assert runtime == FP32 and "needs onnxruntime" in why and ", so fp32;" in why
     with pytest.raises(ValueError, match="backend onnxruntime needs onnxruntime"):
         resolve_runtime("int8", support=cpu_support(VNNI_ONLY, ""))
+
+
+def test_auto_without_texts_to_calibrate_on_picks_a_backend_that_needs_none(fp32_model, tmp_path):
+    from ee_model import load_model
+
+    vnni = cpu_support(VNNI_ONLY, "")
+    assert resolve_runtime("auto", support=vnni)[0] == Runtime("int8", "openvino")
+    assert resolve_runtime("auto", support=vnni, can_calibrate=False)[0] == Runtime("int8", "onnxruntime")
+    assert resolve_runtime("int8", "openvino", support=vnni, can_calibrate=False)[0].backend == "openvino"
+    saved = fp32_model("bert").save_pretrained(tmp_path / "model")
+    assert load_model(saved, "int8", threads=1).runtime == Runtime("int8", "onnxruntime")  # no texts given
 
 
 def test_runtime_names_round_trip():
@@ -175,10 +186,13 @@ def test_runtimes_that_export_layers_run_bert_like_encoders_only():
 
     vnni, amx = cpu_support(VNNI_ONLY, ""), cpu_support(AMX, "")
     int8, why = resolve_runtime(support=vnni)
-    assert int8 == Runtime.parse("int8") and why.startswith("int8 dot products but no bf16")
+    assert int8 == Runtime("int8", "openvino") and why.startswith("int8 dot products but no bf16")
     assert resolve_encoder_runtime("roberta", support=vnni) == (int8, why)
     runtime, reason = resolve_encoder_runtime("modernbert", support=vnni)
     assert runtime == FP32 and "ModernBERT layers are not exported one by one, so fp32" in reason
+    runtime, reason = resolve_encoder_runtime("modernbert", support=amx)  # bf16: OpenVINO first, then torch
+    assert runtime == BF16 and "ModernBERT layers are not exported one by one, so torch" in reason
+    assert resolve_encoder_runtime("modernbert", "bf16", support=amx)[0] == BF16
     with pytest.raises(ValueError, match="runtime int8-openvino exports the layers .* DeBERTa-v2/v3 layers"):
         resolve_encoder_runtime("deberta-v2", "int8", "openvino", support=vnni)
     assert resolve_encoder_runtime("deberta-v2", "bf16", "torch", support=amx) == (BF16, "asked for")

@@ -187,7 +187,7 @@ def test_int8_scoring_builds_the_layers_once_calibrates_in_int8_and_keys_apart(
     model_dir = str(trained_tiny(tiny_encoder_dir("bert", num_layers=3)).save_pretrained(tmp_path / "model"))
     texts = random_texts(300, seed=7) + [None, "", "good great"]
     write(tmp_path / "in" / "a.parquet", texts)
-    int8 = {"precision": "int8", "calibrate_rows": 300, "min_agreement": 0.95}
+    int8 = {"precision": "int8", "backend": "onnxruntime", "calibrate_rows": 300, "min_agreement": 0.95}
     first = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
     assert first["precision"] == "int8" and first["output"].endswith(f"__entropy-{first['knob']:g}__int8")
     assert first["rows_scored"] == len(texts) and first["errors"] == 2
@@ -251,7 +251,7 @@ def test_the_newer_encoder_families_score_and_refuse_exported_layers(
     model_dir = str(trained_tiny(tiny_encoder_dir(family, num_layers=3)).save_pretrained(tmp_path / "model"))
     texts = random_texts(60, seed=7) + [None, ""]
     write(tmp_path / "in" / "a.parquet", texts)
-    with pytest.raises(UserError, match="runtime int8 exports the layers one by one.*fp32 or bf16"):
+    with pytest.raises(UserError, match="runtime int8-openvino exports the layers one by one.*fp32 or bf16"):
         score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="int8")
     assert not (tmp_path / "out").exists()  # refused before anything was written
     summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, threshold=0.3)
