@@ -266,7 +266,13 @@ def with_openvino_layers(
     kind = "OpenVINO int8" if files_kind(precision) == QUANTISED else "OpenVINO"
     layer_cache.check_layers(directory, MANIFEST, layers_digest(model, precision), model.n_layers, kind)
     core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    config = {
+        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+        "PERFORMANCE_HINT": "LATENCY",
+        # OpenVINO pins its threads to cores chosen without regard to other processes: two 1-thread actors
+        # on one node ran on the same core, each at half speed (docs/results.md); the OS places them apart
+        "ENABLE_CPU_PINNING": False,
+    }
     if HINTS[precision] is not None or hint is not None:
         config["INFERENCE_PRECISION_HINT"] = HINTS[precision] or hint
     dtype = boundary_dtype(precision, hint)

@@ -286,3 +286,7 @@ def test_openvino_layers_return_hidden_states_in_their_boundary_dtype(fp32_model
         assert out.dtype == boundary_dtype(precision) and out.shape == hidden.shape
         again = encoders.run_layer(model.layers[1], out, inputs)  # a layer takes what the one before gives
         assert again.dtype == out.dtype and torch.isfinite(again.float()).all()
+        # several actors on one node each compile the layers: none pins its threads to cores of its choice
+        compiled = model.layers[0].request.get_compiled_model()
+        assert compiled.get_property("ENABLE_CPU_PINNING") is False
+        assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
