@@ -30,8 +30,9 @@ class Scorer:
     Rows are never dropped: a null, empty or non-string text gets null outputs and its reason in `error`.
     When a tokenising stage ran before (pipelines.tokenizing), the batch carries token ids and the
     scorer only runs the model; else it tokenises the batch itself. Either way the batch's rows are sorted by
-    length and run through the exit engine `batch_size` rows per layer step (layer pools on a GPU, per-batch
-    compaction on a CPU), and come back in input order.
+    length and run through the exit engine `batch_size` rows per layer step (layer pools on a GPU and for bf16
+    and OpenVINO layers, per-batch compaction otherwise: `ee_model.layer_pools.default_pooling`), and come
+    back in input order.
     """
 
     def __init__(
