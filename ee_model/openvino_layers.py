@@ -211,17 +211,16 @@ class OpenVinoLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
         import openvino as ov
 
-        mask = ov.Tensor(additive_mask(attention_mask, hidden), shared_memory=True)
-        if self.dtype == torch.bfloat16:
-            bits = hidden.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-            self.request.set_input_tensor(0, ov.Tensor(bits, list(hidden.shape), ov.Type.bf16))
-            self.request.set_input_tensor(1, mask)
-            self.request.infer()
-            out = np.array(self.request.get_output_tensor(0).data, copy=True).view(np.int16)
-            return torch.from_numpy(out).view(torch.bfloat16)
-        hidden32 = ov.Tensor(np.ascontiguousarray(hidden.detach().float().numpy()), shared_memory=True)
-        out = self.request.infer([hidden32, mask])
-        return torch.from_numpy(np.array(out[0], copy=True))
+        bf16 = self.dtype == torch.bfloat16
+        inside = hidden.detach().to(self.dtype).contiguous()
+        data = inside.view(torch.int16).numpy() if bf16 else inside.numpy()  # bf16 crosses as its bits
+        kind = ov.Type.bf16 if bf16 else ov.Type.f32
+        self.request.set_input_tensor(0, ov.Tensor(data, list(inside.shape), kind))
+        mask = additive_mask(attention_mask, hidden)  # held here: the tensor below shares its memory
+        self.request.set_input_tensor(1, ov.Tensor(mask, shared_memory=True))
+        self.request.infer()
+        out = np.array(self.request.get_output_tensor(0).data, copy=True)  # the request reuses its buffer
+        return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16) if bf16 else torch.from_numpy(out)
 
 
 def boundary_dtype(precision: str, hint: str | None = None, support: CpuSupport | None = None) -> torch.dtype:
