@@ -95,7 +95,7 @@ def main() -> None:
     from pipelines.data import load_labeled_splits
     from pipelines.evaluation.report import COLUMNS
     from pipelines.tracking import setup_tracking
-    from pipelines.training.pipeline import default_encoder, local_model_dir, run_stage
+    from pipelines.training.pipeline import local_model_dir, run_stage, training_encoder
 
     started = time.time()
     from jobs.train import parse_sets
@@ -121,7 +121,7 @@ def main() -> None:
         ),
     }
     splits = load_labeled_splits(kl.data)
-    encoder = kl.model.encoder or default_encoder()
+    encoder = training_encoder(kl)
     tracking_uri = resolve_tracking_uri(kl.tracking)
     setup_tracking(tracking_uri, "early-exit-tradeoff")
     ray.init(ignore_reinit_error=True)

@@ -90,7 +90,7 @@ def main(
     from jobs.cli import one_line_errors
     from pipelines.config import load_train_config
     from pipelines.errors import UserError
-    from pipelines.training.pipeline import check_encoder, default_encoder, run_training, summary_json
+    from pipelines.training.pipeline import check_encoder, run_training, summary_json, training_encoder
 
     overrides: dict[str, Any] = {}
     flat = {
@@ -111,7 +111,7 @@ def main(
     with one_line_errors(ValueError, OSError):  # every config value is checked here, before Ray starts
         train_config = load_train_config(config, overrides, profile)
     with one_line_errors(UserError):  # the encoder's family, head_norm and evaluation runtime, before Ray
-        check_encoder(train_config, train_config.model.encoder or default_encoder())
+        check_encoder(train_config, training_encoder(train_config))
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     with one_line_errors(UserError):
         summary = run_training(train_config)

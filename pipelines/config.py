@@ -332,6 +332,11 @@ class TrainConfig:
             raise ValueError(f"variant={self.variant!r} is not one of {list(VARIANTS)}")
         if self.profile not in PROFILES:
             raise ValueError(f"profile={self.profile!r} is not one of {sorted(PROFILES)}")
+        if self.resources.num_workers == 0:
+            raise ValueError(
+                "resources.num_workers=0 is Ray Train's local mode, which keeps no checkpoints; the job "
+                "trains from them: use 1 or more workers"
+            )
         if self.model.policy == "risk" and self.eval.exit_risk_rows == 0:
             raise ValueError(
                 "model.policy 'risk' needs its exit risk fitted: eval.exit_risk_rows must be > 0"

