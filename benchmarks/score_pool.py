@@ -1,10 +1,11 @@
 """The scoring job's default actor pool against one actor: `jobs/score.py` with no pool flags vs `--actors 1`.
 
 Writes --rows unseen BBC texts (`common.unseen_bbc`) into --files parquet files and scores them with
-`jobs/score.py` as a user runs it (a fresh process and a new local Ray each time, the precision `auto` picks),
-once with no pool flags (an autoscaling pool sized from the machine's CPUs) and once with `--actors 1`; then
-with `--actors 1 --cpus-per-actor N` (one wide actor, N = the machine's CPUs), so many narrow actors and one
-wide one are compared on the same machine. Prints end-to-end and steady rows/s of each and the ratios.
+`jobs/score.py` as a user runs it (a fresh process and a new local Ray each time, --precision as given: `auto`
+by default), once with no pool flags (an autoscaling pool sized from the machine's CPUs) and once with
+`--actors 1`; then with `--actors 1 --cpus-per-actor N` (one wide actor, N = the machine's CPUs), so many
+narrow actors and one wide one are compared on the same machine. Prints end-to-end and steady rows/s of each
+and the ratios.
 
     python benchmarks/score_pool.py --model /path/to/quick/model --rows 10000
 """
@@ -25,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 from common import run_score_job, unseen_bbc  # noqa: E402
 
 
-def score(model: str, inputs: Path, output: Path, scratch: Path, *flags: str) -> dict:
-    seconds, data = run_score_job(model, inputs, output, scratch, *flags)
+def score(model: str, inputs: Path, output: Path, scratch: Path, precision: str, *flags: str) -> dict:
+    seconds, data = run_score_job(model, inputs, output, scratch, "--precision", precision, *flags)
     return {
         "flags": " ".join(flags) or "(none)",
         "actors": data["actors"],
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a saved early-exit model directory or models:/ URI")
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--precision", default="auto", help="as jobs/score.py takes it; every run")
     args = parser.parse_args()
     cpus = str(os.cpu_count())
     with tempfile.TemporaryDirectory() as scratch:
@@ -56,11 +58,12 @@ def main() -> None:
             chunk = texts[f * per_file : (f + 1) * per_file]
             pq.write_table(pa.table({"text": chunk}), inputs / f"part-{f:03d}.parquet")
         runs = [
-            score(args.model, inputs, scratch / "out-default", scratch),
-            score(args.model, inputs, scratch / "out-one", scratch, "--actors", "1"),
+            score(args.model, inputs, scratch / "out-default", scratch, args.precision),
+            score(args.model, inputs, scratch / "out-one", scratch, args.precision, "--actors", "1"),
             score(
-                args.model, inputs, scratch / "out-wide", scratch, "--actors", "1", "--cpus-per-actor", cpus
-            ),
+                args.model, inputs, scratch / "out-wide", scratch, args.precision, "--actors", "1",
+                "--cpus-per-actor", cpus,
+            ),  # fmt: skip
         ]
     for run in runs:
         print(json.dumps(run), flush=True)

@@ -59,7 +59,8 @@ def test_cpu_runtimes(tmp_path, tiny):
 
 @pytest.mark.ray
 def test_score_pool(tmp_path, tiny):
-    printed = run(tmp_path, "score_pool", "--model", tiny[0], "--rows", "100", "--files", "2")
+    printed = run(tmp_path, "score_pool", "--model", tiny[0], "--rows", "100", "--files", "2",
+                  "--precision", "fp32")  # fmt: skip
     assert "default_over_one_actor" in printed
 
 
