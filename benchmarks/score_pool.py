@@ -57,13 +57,12 @@ def main() -> None:
         for f in range(args.files):
             chunk = texts[f * per_file : (f + 1) * per_file]
             pq.write_table(pa.table({"text": chunk}), inputs / f"part-{f:03d}.parquet")
+        job = (args.model, inputs)
+        wide = ("--actors", "1", "--cpus-per-actor", cpus)  # one actor as wide as the machine
         runs = [
-            score(args.model, inputs, scratch / "out-default", scratch, args.precision),
-            score(args.model, inputs, scratch / "out-one", scratch, args.precision, "--actors", "1"),
-            score(
-                args.model, inputs, scratch / "out-wide", scratch, args.precision, "--actors", "1",
-                "--cpus-per-actor", cpus,
-            ),  # fmt: skip
+            score(*job, scratch / "out-default", scratch, args.precision),
+            score(*job, scratch / "out-one", scratch, args.precision, "--actors", "1"),
+            score(*job, scratch / "out-wide", scratch, args.precision, *wide),
         ]
     for run in runs:
         print(json.dumps(run), flush=True)
