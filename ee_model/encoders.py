@@ -135,14 +135,29 @@ def attention_mask_for(encoder: PreTrainedModel, hidden: torch.Tensor, attention
     )
 
 
+def additive_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """A 2-d padding mask (1 = token) as the (batch, 1, 1, seq) additive float32 mask eager attention adds to
+    its scores: what a layer exported on its own (ONNX, OpenVINO) takes."""
+    blocked = 1.0 - attention_mask[:, None, None, :].to(torch.float32)
+    return blocked * torch.finfo(torch.float32).min
+
+
 class LayerInputs:
     """What each layer of `encoder` takes beside the hidden states, for one batch of `hidden` (batch, width,
     hidden) with its 2-d padding `attention_mask`: `for_layer(index)` gives the keyword arguments. Built
-    lazily and once per batch (ModernBERT: once per attention kind)."""
+    lazily and once per batch (ModernBERT: once per attention kind). `exported`: the layers were exported
+    on their own (`Runtime.builds_layers`) and take the additive mask they were exported with."""
 
-    def __init__(self, encoder: PreTrainedModel, hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def __init__(
+        self,
+        encoder: PreTrainedModel,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        exported: bool = False,
+    ) -> None:
         self.encoder, self.hidden, self.attention_mask = encoder, hidden, attention_mask
         self.model_type = encoder.config.model_type
+        self.exported = exported
         self._built: dict[str, dict[str, Any]] = {}  # per layer kind
 
     def for_layer(self, index: int) -> dict[str, Any]:
@@ -155,6 +170,8 @@ class LayerInputs:
         return self._built[kind]
 
     def _build(self, kind: str) -> dict[str, Any]:
+        if self.exported:  # BERT-like families only (`check_exportable`)
+            return {"attention_mask": additive_padding_mask(self.attention_mask)}
         if self.model_type == "modernbert":
             return self._modernbert(kind)
         if self.model_type == "deberta-v2":

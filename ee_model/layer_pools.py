@@ -172,7 +172,8 @@ class ExitEngine:
     def _step(self, index: int, waiting: Waiting, pools: list[LayerPool]) -> None:
         model = self.model
         mask = waiting.mask
-        inputs = encoders.LayerInputs(model.encoder, waiting.hidden, mask).for_layer(index)
+        exported = model.runtime.builds_layers
+        inputs = encoders.LayerInputs(model.encoder, waiting.hidden, mask, exported).for_layer(index)
         hidden = encoders.run_layer(model.layers[index], waiting.hidden, inputs)
         seen = model.head_input(index, hidden)
         logits = model.heads[index](pool(seen, mask, model.config.pooling)).float()  # (n, N)

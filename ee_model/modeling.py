@@ -208,7 +208,7 @@ class EarlyExitClassifier(nn.Module):
         """What each exit head sees: every layer's pooled hidden state, (n_layers, batch, hidden)."""
         encoder = self.encoder
         hidden = encoders.embed(encoder, input_ids, token_type_ids, attention_mask)  # (batch, seq, hidden)
-        inputs = encoders.LayerInputs(encoder, hidden, attention_mask)
+        inputs = encoders.LayerInputs(encoder, hidden, attention_mask, self.runtime.builds_layers)
         pooled = []
         for index, layer in enumerate(self.layers):
             hidden = encoders.run_layer(layer, hidden, inputs.for_layer(index))  # (batch, seq, hidden)

@@ -211,16 +211,22 @@ class OpenVinoLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
         import openvino as ov
 
-        bf16 = self.dtype == torch.bfloat16
         inside = hidden.detach().to(self.dtype).contiguous()
-        data = inside.view(torch.int16).numpy() if bf16 else inside.numpy()  # bf16 crosses as its bits
-        kind = ov.Type.bf16 if bf16 else ov.Type.f32
-        self.request.set_input_tensor(0, ov.Tensor(data, list(inside.shape), kind))
+        out = torch.empty_like(inside)  # written by the request: a layer keeps its shape
+        self.request.set_input_tensor(0, self._shared(inside))
         mask = additive_mask(attention_mask, hidden)  # held here: the tensor below shares its memory
         self.request.set_input_tensor(1, ov.Tensor(mask, shared_memory=True))
+        self.request.set_output_tensor(0, self._shared(out))
         self.request.infer()
-        out = np.array(self.request.get_output_tensor(0).data, copy=True)  # the request reuses its buffer
-        return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16) if bf16 else torch.from_numpy(out)
+        return out
+
+    def _shared(self, tensor: torch.Tensor):
+        """An OpenVINO tensor over `tensor`'s memory (bf16 crosses as its bits)."""
+        import openvino as ov
+
+        if self.dtype == torch.bfloat16:
+            return ov.Tensor(tensor.view(torch.int16).numpy(), list(tensor.shape), ov.Type.bf16)
+        return ov.Tensor(tensor.numpy(), shared_memory=True)
 
 
 def boundary_dtype(precision: str, hint: str | None = None, support: CpuSupport | None = None) -> torch.dtype:

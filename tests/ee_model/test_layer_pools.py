@@ -183,3 +183,13 @@ def test_heads_pool_reduced_precision_hidden_states_in_float32():
         low = pool(hidden.to(torch.bfloat16), mask, pooling)
         assert exact.dtype == low.dtype == torch.float32
         torch.testing.assert_close(low, exact, atol=0.02, rtol=0.02)
+
+
+def test_mean_pooling_is_the_mean_of_the_real_tokens():
+    from ee_model.heads import pool
+
+    hidden = torch.randn(3, 7, 5)
+    mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0] * 7])
+    expected = torch.stack([hidden[0].mean(0), hidden[1, :3].mean(0), torch.zeros(5)])  # no real token: 0
+    torch.testing.assert_close(pool(hidden, mask, "mean"), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pool(hidden, mask, "cls"), hidden[:, 0])
