@@ -22,6 +22,27 @@ from tests.conftest import random_texts
 from tests.pipelines.scoring.helpers import AWKWARD, read_outputs, score, scoring_runs, write
 
 
+def test_shipped_files_go_to_memory_only_where_it_has_room(tmp_path, monkeypatch):
+    """An actor writes a shipped model to /dev/shm for the moment it reads it, when /dev/shm is writable and
+    has room for it twice over plus a margin (containers often mount 64 MB there); else to /tmp."""
+    import shutil
+    from collections import namedtuple
+
+    from pipelines import model_source
+
+    room = tmp_path / "shm"
+    room.mkdir()
+    monkeypatch.setattr(model_source, "MEMORY_SCRATCH", room)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 0, 64 << 20))  # Docker's default
+    assert model_source.memory_scratch(10 << 20) is None  # 10 MB twice + the margin do not fit in 64 MB
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(8 << 30, 0, 8 << 30))
+    assert model_source.memory_scratch(180 << 20) == str(room)
+    assert model_source.memory_scratch(0) is None  # a folder the driver gave: nothing is written
+    monkeypatch.setattr(model_source, "MEMORY_SCRATCH", tmp_path / "absent")
+    assert model_source.memory_scratch(180 << 20) is None
+
+
 def test_policy_defaults_come_from_the_model(ray_local, model_dir, tmp_path):
     write(tmp_path / "in" / "a.parquet", random_texts(10))
     summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
