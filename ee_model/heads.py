@@ -11,9 +11,9 @@ MLP_WIDTH = 128  # the paper's Table 1 classifier: H -> 128 -> 128 -> N
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """(batch, seq, hidden) -> (batch, hidden) in float32 whatever `hidden`'s dtype (layers may pass bf16):
     first token, or mean over real (mask == 1) tokens. The mean is one batched matrix product of each row's
-    token weights (1 / its length on real tokens, 0 on padding) with its hidden states: 3.7x faster on a CPU
-    than masking and summing (docs/results.md), accumulated in float32 by the matmul kernels; bf16 states
-    give their mean rounded to bf16 once, as each layer's output already is."""
+    token weights (1 / its length on real tokens, 0 on padding) with its hidden states, accumulated in
+    float32 by the matmul kernels and faster than masking and summing (docs/results.md, "Measurements the code
+    refers to"); bf16 states give their mean rounded to bf16 once, as each layer's output already is."""
     if pooling == "cls":
         return hidden[:, 0].float()
     mask = attention_mask.to(torch.float32)

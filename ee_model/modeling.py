@@ -114,8 +114,8 @@ class EarlyExitClassifier(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> EarlyExitClassifier:
         """Load a directory written by `save_pretrained` onto CPU (no hub access, no pickle). The modules are
-        built without initialising their weights (every one is then loaded, strictly): MiniLM-L6 loads in
-        0.07 s instead of 0.27, paid by every actor and task that loads the model."""
+        built without initialising their weights (every one is then loaded, strictly), which was most of a
+        load's time (docs/results.md, "Measurements the code refers to")."""
         from transformers.initialization import no_init_weights
 
         config = EarlyExitConfig.load(directory)

@@ -150,11 +150,10 @@ SCRATCH_HEADROOM = 256 << 20  # bytes /dev/shm must keep free beside a model wri
 
 
 def memory_scratch(size: int) -> str | None:
-    """Where an actor writes a shipped model's files for the few seconds it reads them: /dev/shm where it is
-    writable with room for `size` bytes twice over plus a margin (a 180 MB model with its OpenVINO layers:
-    0.08 s there against 0.5-1.0 s to /tmp on this project's VM, paid at every actor start), else the
-    default temporary folder (None). Containers often mount a small /dev/shm (Docker: 64 MB): that is
-    checked, not assumed."""
+    """Where an actor writes a shipped model's files for the moment it reads them: /dev/shm (memory, several
+    times faster to write than a disk-backed /tmp: docs/results.md, "Measurements the code refers to") where
+    it is writable with room for `size` bytes twice over plus a margin, else the default temporary folder
+    (None). Containers often mount a small /dev/shm (Docker: 64 MB): that is checked, not assumed."""
     import os
     import shutil
 
