@@ -147,6 +147,8 @@ def resolve_model(reference: str, download_root: Path) -> ModelSource:
 
 MEMORY_SCRATCH = Path("/dev/shm")  # Linux's shared memory: a filesystem in RAM
 SCRATCH_HEADROOM = 256 << 20  # bytes /dev/shm must keep free beside a model written there (Ray may use it)
+SCRATCH_PREFIX = "ee-model-"
+STALE_SCRATCH_S = 3600  # a load takes seconds: a folder this old was left by a process killed mid-load
 
 
 def memory_scratch(size: int) -> str | None:
@@ -158,9 +160,24 @@ def memory_scratch(size: int) -> str | None:
     import shutil
 
     if size and MEMORY_SCRATCH.is_dir() and os.access(MEMORY_SCRATCH, os.W_OK):
+        remove_stale_scratch()
         if shutil.disk_usage(MEMORY_SCRATCH).free >= 2 * size + SCRATCH_HEADROOM:
             return str(MEMORY_SCRATCH)
     return None
+
+
+def remove_stale_scratch() -> None:
+    """Folders of ours in /dev/shm older than STALE_SCRATCH_S: a process killed while it loaded a model
+    leaves its folder there, holding memory until the machine restarts."""
+    import shutil
+    import time
+
+    for folder in MEMORY_SCRATCH.glob(f"{SCRATCH_PREFIX}*"):
+        try:
+            if time.time() - folder.stat().st_mtime > STALE_SCRATCH_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # another process removed it first
+            continue
 
 
 def load_shipped_model(
@@ -198,7 +215,7 @@ def load_shipped_model(
     if isinstance(model, ray.ObjectRef):
         model = ray.get(model)
     size = model.size if isinstance(model, ModelFiles) else 0
-    with tempfile.TemporaryDirectory(prefix="ee-model-", dir=memory_scratch(size)) as local:
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=memory_scratch(size)) as local:
         directory = model.write_to(local) if isinstance(model, ModelFiles) else Path(model)
         loaded = EarlyExitClassifier.from_pretrained(directory)
         if gpu:

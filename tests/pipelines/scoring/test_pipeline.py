@@ -43,6 +43,25 @@ def test_shipped_files_go_to_memory_only_where_it_has_room(tmp_path, monkeypatch
     assert model_source.memory_scratch(180 << 20) is None
 
 
+def test_a_model_folder_left_in_memory_by_a_killed_load_is_removed_later(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from pipelines import model_source
+
+    monkeypatch.setattr(model_source, "MEMORY_SCRATCH", tmp_path)
+    stale, loading, other = tmp_path / "ee-model-old", tmp_path / "ee-model-now", tmp_path / "someone-else"
+    for folder in (stale, loading, other):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "weights").write_bytes(b"x" * 100)
+    hours_ago = time.time() - 2 * 3600
+    for folder in (stale, other):
+        os.utime(folder, (hours_ago, hours_ago))
+    model_source.memory_scratch(1 << 20)
+    assert not stale.exists()  # left by a process killed mid-load
+    assert loading.exists() and other.exists()  # a load under way; not ours
+
+
 def test_policy_defaults_come_from_the_model(ray_local, model_dir, tmp_path):
     write(tmp_path / "in" / "a.parquet", random_texts(10))
     summary = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
