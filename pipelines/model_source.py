@@ -155,7 +155,8 @@ def memory_scratch(size: int) -> str | None:
     """Where an actor writes a shipped model's files for the moment it reads them: /dev/shm (memory, several
     times faster to write than a disk-backed /tmp: docs/results.md, "Measurements the code refers to") where
     it is writable with room for `size` bytes twice over plus a margin, else the default temporary folder
-    (None). Containers often mount a small /dev/shm (Docker: 64 MB): that is checked, not assumed."""
+    (None). Containers often mount a small /dev/shm (Docker: 64 MB): that is checked, not assumed. Before
+    the check, folders that killed loads left there are removed (`remove_stale_scratch`)."""
     import os
     import shutil
 
