@@ -31,7 +31,7 @@ def machine() -> dict[str, Any]:
 
     support = cpu_support()
     record: dict[str, Any] = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "bf16_flags": list(support.bf16),
         "int8_flags": list(support.int8),
@@ -46,6 +46,18 @@ def machine() -> dict[str, Any]:
         except (ImportError, AttributeError):
             record[package] = None
     return record
+
+
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo` on Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_json(path: str | Path, record: dict[str, Any]) -> Path:

@@ -13,10 +13,12 @@ as in fp32, so rows still leave one by one. The runtimes:
 | `int8` | ONNX Runtime, dynamic int8 (`ee_model.int8`) | the `int8` extra |
 | `int8-openvino` | OpenVINO, NNCF static int8, calibrated on texts like those scored | the `openvino` extra |
 
-`resolve_runtime("auto", "auto", ...)` picks what the machine runs fastest: bf16 on a GPU; on a CPU bf16 where
-it has AMX-BF16 or AVX512-BF16, int8 where it has VNNI (or AMX-INT8) but no bf16, fp32 otherwise; and for the
-precision, the backend measured fastest with early exit (`AUTO_BACKENDS`, docs/results.md "Early exit on the
-runtime a CPU user picks"), among those installed. Naming bf16 on a CPU without it is refused in one line.
+`resolve_runtime("auto", "auto", ...)` picks what the machine runs fastest with early exit (`auto_runtimes`,
+measured: docs/results.md "Early exit on the runtime a CPU user picks"): bf16 on a GPU; on a CPU, bf16 where
+it has AMX-BF16 (matrix tiles); int8 where it has VNNI, also beside AVX512-BF16 without AMX (VNNI's dot
+products are twice as wide as AVX512-BF16's), then bf16 there; fp32 otherwise. The first of these that can
+run is taken: its backend installed and, for OpenVINO int8, texts to calibrate on. Naming a precision picks
+its fastest installed backend (`AUTO_BACKENDS`); naming bf16 on a CPU without it is refused in one line.
 Building and swapping in a runtime's layers: `ee_model.runtime_layers`.
 """
 
@@ -30,7 +32,7 @@ from ee_model.cpu_support import CpuSupport, cpu_support
 PRECISIONS = ("fp32", "bf16", "int8")
 RUNS = {"fp32": ("torch", "openvino"), "bf16": ("torch", "openvino"), "int8": ("onnxruntime", "openvino")}
 DEFAULT_BACKEND = {precision: backends[0] for precision, backends in RUNS.items()}
-# with early exit on this project's CPU (AMX; int8 as on a CPU without bf16), fastest first: docs/results.md
+# for a named precision, fastest first with early exit on the CPUs measured (docs/results.md)
 AUTO_BACKENDS = {"fp32": ("torch",), "bf16": ("openvino", "torch"), "int8": ("openvino", "onnxruntime")}
 EXTRA = {
     "onnxruntime": ("int8", ("onnxruntime", "onnx", "onnxscript")),
@@ -87,6 +89,9 @@ class Runtime:
 
 FP32 = Runtime()
 BF16 = Runtime("bf16")
+INT8 = Runtime("int8", "onnxruntime")
+BF16_OPENVINO = Runtime("bf16", "openvino")
+INT8_OPENVINO = Runtime("int8", "openvino")
 
 
 def missing_backend(backend: str) -> str | None:
@@ -100,15 +105,20 @@ def missing_backend(backend: str) -> str | None:
     return None
 
 
-def auto_precision(support: CpuSupport, gpu: bool) -> tuple[str, str]:
-    """(precision, why) for this machine."""
+def auto_runtimes(support: CpuSupport, gpu: bool) -> tuple[tuple[Runtime, ...], str]:
+    """(the runtimes `auto` may pick on this machine, fastest first as measured with early exit, why)."""
     if gpu:
-        return "bf16", "a GPU: bf16"
+        return (BF16,), "a GPU: bf16"
+    flags = support.describe()
+    if support.has_amx:
+        return (BF16_OPENVINO, BF16), f"bf16 matrix units ({flags})"
+    if support.has_bf16 and support.has_int8:
+        return (INT8_OPENVINO, BF16_OPENVINO, BF16, INT8), f"int8 dot products, bf16 without AMX ({flags})"
     if support.has_bf16:
-        return "bf16", f"bf16 matrix units ({support.describe()})"
+        return (BF16_OPENVINO, BF16), f"bf16 dot products ({flags})"
     if support.has_int8:
-        return "int8", f"int8 dot products but no bf16 ({support.describe()})"
-    return "fp32", f"neither bf16 nor VNNI ({support.describe()})"
+        return (INT8_OPENVINO, INT8), f"int8 dot products but no bf16 ({flags})"
+    return (FP32,), f"neither bf16 nor VNNI ({flags})"
 
 
 def auto_backends(precision: str, can_calibrate: bool = True) -> list[str]:
@@ -133,34 +143,66 @@ def resolve_runtime(
     here; `can_calibrate`: whether texts like those to be scored are at hand, for the backends that calibrate
     their layers); ValueError in one line for a runtime this machine cannot run."""
     support = support or cpu_support()
-    automatic = precision == "auto"
-    if automatic:
-        precision, why = auto_precision(support, gpu)
-    elif precision in PRECISIONS:
-        why = "asked for"
-    else:
+    if precision == "auto":
+        return _automatic(support, backend, gpu, can_calibrate)
+    if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {['auto', *PRECISIONS]}")
     if gpu:
         if precision == "int8":
             raise ValueError("precision 'int8' runs on CPUs (ONNX Runtime): GPU actors use bf16 or fp32")
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"backend {backend!r} runs on CPUs: GPU actors use torch")
+        _check_gpu_backend(backend)
     elif precision == "bf16" and not support.has_bf16:
         raise ValueError(
             "precision 'bf16' needs a CPU with AMX-BF16 or AVX512-BF16 (or a GPU) and this one has neither "
             f"({support.describe()}): use --precision auto"
         )
-    if backend == "auto":
-        installed = auto_backends(precision, can_calibrate)
-        if not installed and automatic:  # e.g. int8 without the int8 extra: what runs without it
-            why += f"; {missing_backend(AUTO_BACKENDS[precision][-1])}, so fp32"
-            precision, installed = "fp32", ["torch"]
-        if not installed:
-            raise ValueError(missing_backend(AUTO_BACKENDS[precision][-1]))
-        backend = "torch" if gpu else installed[0]
-        why += f"; backend {backend} (the fastest installed for {precision}, docs/results.md)"
-    else:
-        reason = missing_backend(backend)
-        if reason:
-            raise ValueError(reason)
+    if backend != "auto":
+        _check_installed(backend)
+        return Runtime(precision, backend), "asked for"
+    installed = auto_backends(precision, can_calibrate)
+    if not installed:
+        raise ValueError(missing_backend(AUTO_BACKENDS[precision][-1]))
+    backend = "torch" if gpu else installed[0]
+    why = f"asked for; backend {backend} (the fastest installed for {precision}, docs/results.md)"
     return Runtime(precision, backend), why
+
+
+def _automatic(support: CpuSupport, backend: str, gpu: bool, can_calibrate: bool) -> tuple[Runtime, str]:
+    """`auto` precision: the first of `auto_runtimes` on `backend` (or any, for "auto") that can run here."""
+    candidates, why = auto_runtimes(support, gpu)
+    if backend != "auto":
+        if gpu:
+            _check_gpu_backend(backend)
+        on_backend = [runtime for runtime in candidates if runtime.backend == backend]
+        if not on_backend:
+            picks = [runtime.name for runtime in candidates]
+            raise ValueError(
+                f"backend {backend!r} runs none of {picks}, what auto picks here ({why}): name a precision"
+            )
+        _check_installed(backend)
+        usable = [r for r in on_backend if can_calibrate or not r.needs_calibration_texts] or on_backend
+        return usable[0], why
+    for runtime in candidates:
+        blocked = _why_not(runtime, can_calibrate)
+        if blocked is None:
+            return runtime, f"{why}; {runtime.name} (the fastest that runs here, docs/results.md)"
+        why += f"; not {runtime.name}: {blocked}"
+    return FP32, f"{why}; so fp32; backend torch"  # e.g. int8 without the int8 extras
+
+
+def _why_not(runtime: Runtime, can_calibrate: bool) -> str | None:
+    """Why `runtime` cannot run here (its backend is missing, or it calibrates with no texts), else None."""
+    if not can_calibrate and runtime.needs_calibration_texts:
+        return "no texts to calibrate its layers on"
+    return missing_backend(runtime.backend)
+
+
+def _check_gpu_backend(backend: str) -> None:
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend {backend!r} runs on CPUs: GPU actors use torch")
+
+
+def _check_installed(backend: str) -> None:
+    reason = missing_backend(backend)
+    if reason:
+        raise ValueError(reason)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from ee_model import encoders
 from ee_model.bf16 import with_bf16_layers
-from ee_model.cpu_support import CpuSupport
+from ee_model.cpu_support import CpuSupport, cpu_support
 from ee_model.int8 import int8_layers, with_int8_layers
 from ee_model.modeling import EarlyExitClassifier
 from ee_model.openvino_layers import openvino_layers, with_openvino_layers
-from ee_model.runtime import BF16, FP32, RUNS, Runtime, resolve_runtime
+from ee_model.runtime import BF16, FP32, RUNS, Runtime, auto_runtimes, resolve_runtime
 
 
 def resolve_encoder_runtime(
@@ -25,17 +25,20 @@ def resolve_encoder_runtime(
 ) -> tuple[Runtime, str]:
     """`resolve_runtime` for an encoder of `model_type`: the runtimes that export the layers one by one (int8,
     OpenVINO) run BERT-like encoders only (`encoders.Family.exportable`); for the other families an automatic
-    backend falls back to torch in the same precision (bf16, fp32), else a fully automatic choice to fp32 on
-    torch, and a named one is refused (ValueError, one line)."""
+    choice falls back to the fastest runtime on torch `auto_runtimes` lists for this machine (else fp32), an
+    automatic backend to torch in the named precision (bf16, fp32), and a named one is refused (ValueError,
+    one line)."""
     runtime, why = resolve_runtime(precision, backend, gpu=gpu, support=support, can_calibrate=can_calibrate)
     family = encoders.FAMILIES[model_type]
     if not runtime.builds_layers or family.exportable:
         return runtime, why
     not_exported = f"{family.name} layers are not exported one by one"
+    if precision == "auto" and backend == "auto":  # the fastest runtime on torch this machine offers
+        candidates, _ = auto_runtimes(support or cpu_support(), gpu)
+        on_torch = next((r for r in candidates if r.backend == "torch"), FP32)
+        return on_torch, f"{why}; {not_exported}, so {on_torch.precision} on torch"
     if backend == "auto" and "torch" in RUNS[runtime.precision]:
         return Runtime(runtime.precision, "torch"), f"{why}; {not_exported}, so torch"
-    if precision == "auto" and backend == "auto":
-        return FP32, f"{why}; {not_exported}, so fp32 on torch"
     raise ValueError(
         f"runtime {runtime.name} exports the layers one by one, for BERT-like encoders; {family.name} layers "
         "take more: use precision fp32 or bf16"

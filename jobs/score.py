@@ -102,7 +102,7 @@ def main(
         str | None,
         typer.Option(
             help="what the transformer layers run in: auto (the fastest this machine has: bf16 on a GPU or a "
-            "CPU with AMX-BF16 / AVX512-BF16, int8 with VNNI only, else fp32), fp32, bf16 or int8",
+            "CPU with AMX-BF16, int8 with VNNI, else fp32), fp32, bf16 or int8",
             show_default=default("precision"),
         ),
     ] = None,

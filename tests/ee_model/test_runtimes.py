@@ -25,6 +25,7 @@ MAX_HIDDEN_ERROR = 0.1  # relative L2 of a layer's pooled hidden state
 
 AMX = frozenset({"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"})
 VNNI_ONLY = frozenset({"avx512f", "avx512_vnni"})
+ZEN4 = frozenset({"avx512f", "avx512_vnni", "avx512_bf16"})  # AVX512-BF16 and VNNI, no AMX (also Cooper Lake)
 OLD = frozenset({"avx2", "fma"})
 
 
@@ -33,6 +34,14 @@ OLD = frozenset({"avx2", "fma"})
     [
         (AMX, None, False, "bf16", "bf16 matrix units (CPU flags: amx_bf16, avx512_bf16"),
         (AMX, "AVX512_CORE_VNNI", False, "int8", "int8 dot products but no bf16"),
+        (
+            ZEN4,
+            None,
+            False,
+            "int8",
+            "int8 dot products, bf16 without AMX (CPU flags: avx512_bf16, avx512_vnni",
+        ),
+        (AMX, "AVX512_CORE_BF16", False, "int8", "int8 dot products, bf16 without AMX"),
         (VNNI_ONLY, None, False, "int8", "int8 dot products but no bf16 (CPU flags: avx512_vnni)"),
         (OLD, None, False, "fp32", "neither bf16 nor VNNI"),
         (AMX, "AVX2", False, "fp32", "ONEDNN_MAX_CPU_ISA=AVX2"),
@@ -83,7 +92,9 @@ def test_auto_without_the_int8_backends_falls_back_to_fp32(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     runtime, why = resolve_runtime("auto", support=cpu_support(VNNI_ONLY, ""))
-    assert runtime == FP32 and "needs onnxruntime" in why and ", so fp32;" in why
+    assert runtime == FP32 and "needs onnxruntime" in why and "; so fp32;" in why
+    runtime, why = resolve_runtime("auto", support=cpu_support(ZEN4, ""))  # bf16 on torch runs without them
+    assert runtime == BF16 and "not int8-openvino: backend openvino needs openvino" in why
     with pytest.raises(ValueError, match="backend onnxruntime needs onnxruntime"):
         resolve_runtime("int8", support=cpu_support(VNNI_ONLY, ""))
 
@@ -95,6 +106,9 @@ def test_auto_without_texts_to_calibrate_on_picks_a_backend_that_needs_none(fp32
     assert resolve_runtime("auto", support=vnni)[0] == Runtime("int8", "openvino")
     assert resolve_runtime("auto", support=vnni, can_calibrate=False)[0] == Runtime("int8", "onnxruntime")
     assert resolve_runtime("int8", "openvino", support=vnni, can_calibrate=False)[0].backend == "openvino"
+    zen4 = cpu_support(ZEN4, "")  # without texts, bf16 comes before ONNX Runtime's dynamic int8 (measured)
+    runtime, why = resolve_runtime("auto", support=zen4, can_calibrate=False)
+    assert runtime == Runtime("bf16", "openvino") and "not int8-openvino: no texts to calibrate" in why
     saved = fp32_model("bert").save_pretrained(tmp_path / "model")
     assert load_model(saved, "int8", threads=1).runtime == Runtime("int8", "onnxruntime")  # no texts given
 
@@ -191,7 +205,10 @@ def test_runtimes_that_export_layers_run_bert_like_encoders_only():
     runtime, reason = resolve_encoder_runtime("modernbert", support=vnni)
     assert runtime == FP32 and "ModernBERT layers are not exported one by one, so fp32" in reason
     runtime, reason = resolve_encoder_runtime("modernbert", support=amx)  # bf16: OpenVINO first, then torch
-    assert runtime == BF16 and "ModernBERT layers are not exported one by one, so torch" in reason
+    assert runtime == BF16 and "ModernBERT layers are not exported one by one, so bf16 on torch" in reason
+    assert (
+        resolve_encoder_runtime("modernbert", support=cpu_support(ZEN4, ""))[0] == BF16
+    )  # int8 only exports
     assert resolve_encoder_runtime("modernbert", "bf16", support=amx)[0] == BF16
     with pytest.raises(ValueError, match="runtime int8-openvino exports the layers .* DeBERTa-v2/v3 layers"):
         resolve_encoder_runtime("deberta-v2", "int8", "openvino", support=vnni)

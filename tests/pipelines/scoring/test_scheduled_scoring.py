@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ee_model.cpu_support import cpu_support
+from ee_model.runtime import resolve_runtime
 from pipelines.scoring import pipeline
 from tests.conftest import random_texts
 from tests.pipelines.scoring.helpers import read_outputs, score, write
@@ -188,11 +189,11 @@ def test_each_runtime_scores_into_its_own_output_and_says_why(ray_local, model_d
     auto = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="auto")
     assert bf16["output"] == fp32["output"] + "__bf16" and bf16["files_scored"] == 1
     assert bf16["precision"] == "bf16" and bf16["precision_reason"] == "asked for"
-    assert (
-        auto["precision"] == "bf16-openvino" and "bf16 matrix units (CPU flags: " in auto["precision_reason"]
-    )
-    assert "backend openvino (the fastest installed for bf16" in auto["precision_reason"]
-    assert auto["output"] == fp32["output"] + "__bf16-openvino" and auto["files_scored"] == 1
-    again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="bf16")
+    expected, why = resolve_runtime("auto")  # this CPU's choice: bf16 on AMX, int8 on VNNI without AMX
+    assert expected.backend == "openvino"  # the extra is installed, and the job has texts to calibrate on
+    assert auto["precision"] == expected.name and auto["precision_reason"] == why
+    assert "(CPU flags: " in why and f"; {expected.name} (the fastest that runs here" in why
+    assert auto["output"] == fp32["output"] + f"__{expected.name}" and auto["files_scored"] == 1
+    again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision=expected.precision)
     assert again["output"] == auto["output"] and again["files_skipped"] == 1  # the same runtime: the same key
     assert read_outputs(bf16)["a.parquet"].num_rows == 20
