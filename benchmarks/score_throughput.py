@@ -67,9 +67,7 @@ class PlainScorer:
         config.num_labels = ee.config.num_labels
         self.model = AutoModelForSequenceClassification.from_config(config).eval()
         base = getattr(self.model, self.model.base_model_prefix)
-        base.load_state_dict(
-            ee.encoder.state_dict(), strict=False
-        )  # same encoder weights; pooler/head its own
+        base.load_state_dict(ee.encoder.state_dict(), strict=False)  # the same encoder; pooler, head its own
         self.tokenizer, self.max_length, self.batch_size = ee.tokenizer, max_length, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -297,9 +295,8 @@ def throughput(
         plain = {"model_dir": str(source.directory), "max_length": model.config.max_length, "cpus": cpus}
         ir = plain_openvino_ir(model, sample, Path(scratch))
         sorted_calls = {**plain, "batch_size": batch_size}
-        window = max(
-            sort_rows, batch_size
-        )  # as jobs/score.py: sort this many rows, model calls of batch_size
+        # as jobs/score.py: sort this many rows, model calls of batch_size
+        window = max(sort_rows, batch_size)
         results = {}
 
         def run(name, scorer, kwargs, rows_per_call):

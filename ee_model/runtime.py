@@ -43,11 +43,13 @@ EXTRA = {
 @dataclass(frozen=True)
 class Runtime:
     precision: str = "fp32"
-    backend: str = "torch"
+    backend: str = ""  # "": the precision's default backend (`DEFAULT_BACKEND`: torch, onnxruntime for int8)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {['auto', *PRECISIONS]}")
+        if not self.backend:
+            object.__setattr__(self, "backend", DEFAULT_BACKEND[self.precision])
         if self.backend not in RUNS[self.precision]:
             runs = list(RUNS[self.precision])
             raise ValueError(f"backend {self.backend!r} does not run {self.precision}; it runs on {runs}")
@@ -84,12 +86,12 @@ class Runtime:
     @classmethod
     def parse(cls, name: str) -> Runtime:
         precision, _, backend = name.partition("-")
-        return cls(precision, backend or DEFAULT_BACKEND.get(precision, "torch"))
+        return cls(precision, backend)
 
 
 FP32 = Runtime()
 BF16 = Runtime("bf16")
-INT8 = Runtime("int8", "onnxruntime")
+INT8 = Runtime("int8")
 BF16_OPENVINO = Runtime("bf16", "openvino")
 INT8_OPENVINO = Runtime("int8", "openvino")
 

@@ -75,9 +75,8 @@ class TextTokenizer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.backend = None
         if getattr(tokenizer, "is_fast", False):
-            self.backend = copy.deepcopy(
-                tokenizer.backend_tokenizer
-            )  # the tokenizer's own keeps its settings
+            # a copy: the tokenizer's own keeps its settings
+            self.backend = copy.deepcopy(tokenizer.backend_tokenizer)
             self.backend.no_padding()
             self.backend.enable_truncation(max_length, direction=tokenizer.truncation_side)
 

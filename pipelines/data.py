@@ -17,9 +17,8 @@ from pipelines.config import DataConfig
 from pipelines.errors import UserError
 from pipelines.paths import parquet_source, write_parquet_atomically
 
-UNLABELED = (
-    -100
-)  # label id of stage-2 rows without a gold label (ignored by every loss term that uses labels)
+# label id of stage-2 rows without a gold label (ignored by every loss term that uses labels)
+UNLABELED = -100
 
 
 class DataError(UserError):
