@@ -50,14 +50,9 @@ def machine() -> dict[str, Any]:
 
 def cpu_model() -> str:
     """The CPU's model name (`/proc/cpuinfo` on Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from ee_model.cpu_support import cpuinfo_field
+
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def write_json(path: str | Path, record: dict[str, Any]) -> Path:

@@ -41,18 +41,25 @@ LOWEST_ISA_OF_FLAG = {
 }
 
 
-def read_cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux); empty where they cannot be read."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first CPU's `name` field of `/proc/cpuinfo` ("flags", "model name"; Linux), None where it cannot
+    be read."""
     if platform.system() != "Linux":
-        return frozenset()
+        return None
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def read_cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux); empty where they cannot be read."""
+    return frozenset((cpuinfo_field("flags") or "").split())
 
 
 def isa_allows(flag: str, cap: str | None) -> bool:

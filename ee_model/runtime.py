@@ -129,8 +129,7 @@ def auto_backends(precision: str, can_calibrate: bool = True) -> list[str]:
     return [
         backend
         for backend in AUTO_BACKENDS[precision]
-        if missing_backend(backend) is None
-        and (can_calibrate or not Runtime(precision, backend).needs_calibration_texts)
+        if _why_not(Runtime(precision, backend), can_calibrate) is None
     ]
 
 

@@ -28,13 +28,14 @@ def resolve_encoder_runtime(
     choice falls back to the fastest runtime on torch `auto_runtimes` lists for this machine (else fp32), an
     automatic backend to torch in the named precision (bf16, fp32), and a named one is refused (ValueError,
     one line)."""
+    support = support or cpu_support()  # read once, for the fallback below too
     runtime, why = resolve_runtime(precision, backend, gpu=gpu, support=support, can_calibrate=can_calibrate)
     family = encoders.FAMILIES[model_type]
     if not runtime.builds_layers or family.exportable:
         return runtime, why
     not_exported = f"{family.name} layers are not exported one by one"
     if precision == "auto" and backend == "auto":  # the fastest runtime on torch this machine offers
-        candidates, _ = auto_runtimes(support or cpu_support(), gpu)
+        candidates, _ = auto_runtimes(support, gpu)
         on_torch = next((r for r in candidates if r.backend == "torch"), FP32)
         return on_torch, f"{why}; {not_exported}, so {on_torch.precision} on torch"
     if backend == "auto" and "torch" in RUNS[runtime.precision]:
