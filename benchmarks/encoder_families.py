@@ -11,10 +11,11 @@ DeBERTa ship offline; random weights cost the same time), all with the packaged 
 
 On --rows unseen BBC texts (`common.unseen_bbc`), rows sorted by length, --batch-size rows per call, padded to
 the longest, --threads threads: the full-depth pass with each layer timed (forward hooks; the best of
---repeats passes after a warm-up), in fp32 and in the bf16 layers `auto` picks on an AMX CPU. Reports per
-family: FLOPs per row per layer and at full depth (the model's `FlopsModel`, at the rows' real token counts),
-milliseconds per layer call and per 1,000 rows per layer, and for ModernBERT what its exits cost beyond the
-layer: the encoder's final norm every exit head reads through (timed alone on the same hidden states).
+--repeats passes after a warm-up), in fp32 and in bf16 layers (what `auto` keeps for these families on a bf16
+CPU). Reports per family: FLOPs per row per layer and at full depth (the model's `FlopsModel`, at the rows'
+real token counts), milliseconds per layer call and per 1,000 rows per layer, and for ModernBERT what its
+exits cost beyond the layer: the encoder's final norm every exit head reads through (timed alone on the same
+hidden states).
 
     python benchmarks/encoder_families.py --rows 1000 --threads 1
 """

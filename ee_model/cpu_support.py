@@ -88,11 +88,6 @@ class CpuSupport:
     def has_int8(self) -> bool:
         return bool(self.int8)
 
-    @property
-    def has_amx(self) -> bool:
-        """Whether bf16 runs on AMX tiles (not only AVX512-BF16's dot products, half as wide as VNNI's)."""
-        return "amx_bf16" in self.bf16
-
     def describe(self) -> str:
         seen = [*self.bf16, *self.int8] or ["no bf16 or VNNI flag"]
         capped = f", ONEDNN_MAX_CPU_ISA={self.cap}" if self.cap else ""

@@ -14,11 +14,11 @@ as in fp32, so rows still leave one by one. The runtimes:
 | `int8-openvino` | OpenVINO, NNCF static int8, calibrated on texts like those scored | the `openvino` extra |
 
 `resolve_runtime("auto", "auto", ...)` picks what the machine runs fastest with early exit (`auto_runtimes`,
-measured: docs/results.md "Early exit on the runtime a CPU user picks"): bf16 on a GPU; on a CPU, bf16 where
-it has AMX-BF16 (matrix tiles); int8 where it has VNNI, also beside AVX512-BF16 without AMX (VNNI's dot
-products are twice as wide as AVX512-BF16's), then bf16 there; fp32 otherwise. The first of these that can
-run is taken: its backend installed and, for OpenVINO int8, texts to calibrate on. Naming a precision picks
-its fastest installed backend (`AUTO_BACKENDS`); naming bf16 on a CPU without it is refused in one line.
+measured: docs/results.md "Early exit on the runtime a CPU user picks"): bf16 on a GPU; on a CPU, the first of
+`CPU_RUNTIMES` it has fast units for and can run (its backend installed and, for OpenVINO int8, texts to
+calibrate on): int8 on OpenVINO where it has VNNI, then bf16 (OpenVINO, PyTorch) where it has AMX-BF16 or
+AVX512-BF16, then ONNX Runtime's int8; fp32 where it has neither. Naming a precision picks its fastest
+installed backend (`AUTO_BACKENDS`); naming bf16 on a CPU without it is refused in one line.
 Building and swapping in a runtime's layers: `ee_model.runtime_layers`.
 """
 
@@ -94,6 +94,10 @@ BF16 = Runtime("bf16")
 INT8 = Runtime("int8")
 BF16_OPENVINO = Runtime("bf16", "openvino")
 INT8_OPENVINO = Runtime("int8", "openvino")
+# What `auto` may run on a CPU, fastest first with early exit on both CPUs measured, a Xeon with AMX and a
+# Zen 4 without (docs/results.md, "Early exit on the runtime a CPU user picks"): OpenVINO's static int8 (VNNI
+# or AMX-INT8), then bf16 on OpenVINO and on PyTorch (AMX-BF16 or AVX512-BF16), then ONNX Runtime's int8.
+CPU_RUNTIMES = (INT8_OPENVINO, BF16_OPENVINO, BF16, INT8)
 
 
 def missing_backend(backend: str) -> str | None:
@@ -108,19 +112,19 @@ def missing_backend(backend: str) -> str | None:
 
 
 def auto_runtimes(support: CpuSupport, gpu: bool) -> tuple[tuple[Runtime, ...], str]:
-    """(the runtimes `auto` may pick on this machine, fastest first as measured with early exit, why)."""
+    """(the runtimes `auto` may pick on this machine, fastest first as measured with early exit, why):
+    `CPU_RUNTIMES` less those whose precision the CPU lacks fast units for, fp32 where it has neither."""
     if gpu:
         return (BF16,), "a GPU: bf16"
-    flags = support.describe()
-    if support.has_amx:
-        return (BF16_OPENVINO, BF16), f"bf16 matrix units ({flags})"
-    if support.has_bf16 and support.has_int8:
-        return (INT8_OPENVINO, BF16_OPENVINO, BF16, INT8), f"int8 dot products, bf16 without AMX ({flags})"
-    if support.has_bf16:
-        return (BF16_OPENVINO, BF16), f"bf16 dot products ({flags})"
-    if support.has_int8:
-        return (INT8_OPENVINO, INT8), f"int8 dot products but no bf16 ({flags})"
-    return (FP32,), f"neither bf16 nor VNNI ({flags})"
+    fast = {"int8": support.has_int8, "bf16": support.has_bf16}
+    runtimes = tuple(runtime for runtime in CPU_RUNTIMES if fast[runtime.precision])
+    has = {
+        (True, True): "int8 dot products and bf16",
+        (True, False): "int8 dot products but no bf16",
+        (False, True): "bf16 but no int8 dot products",
+        (False, False): "neither bf16 nor VNNI",
+    }[fast["int8"], fast["bf16"]]
+    return runtimes or (FP32,), f"{has} ({support.describe()})"
 
 
 def auto_backends(precision: str, can_calibrate: bool = True) -> list[str]:

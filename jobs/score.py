@@ -101,8 +101,8 @@ def main(
     precision: Annotated[
         str | None,
         typer.Option(
-            help="what the transformer layers run in: auto (the fastest this machine has: bf16 on a GPU or a "
-            "CPU with AMX-BF16, int8 with VNNI, else fp32), fp32, bf16 or int8",
+            help="what the transformer layers run in: auto (the fastest this machine has: bf16 on a GPU, "
+            "int8 on a CPU with VNNI, bf16 with bf16 units only, else fp32), fp32, bf16 or int8",
             show_default=default("precision"),
         ),
     ] = None,

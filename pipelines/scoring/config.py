@@ -40,7 +40,7 @@ class ScoreConfig:
     # stage only takes CPUs from the actors)
     tokenize: str = "auto"
     # what runs the transformer layers (ee_model.runtime): "auto" (what this machine runs fastest: bf16 on
-    # a GPU or a CPU with AMX-BF16, int8 with VNNI (also beside AVX512-BF16 without AMX), else fp32), "fp32",
+    # a GPU, int8 on a CPU with VNNI, bf16 on one with bf16 units only, else fp32), "fp32",
     # "bf16", "int8"; backend "auto" (the fastest measured for the precision, installed), "torch", "openvino",
     # "onnxruntime". Layers a backend builds (int8, OpenVINO) are built once per model version into
     # <output>/_int8/, <output>/_openvino/ or <output>/_openvino-int8/ (NNCF int8, calibrated on 300 rows of

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 
 import numpy as np
 import pytest
@@ -22,6 +21,10 @@ from tests.conftest import FAMILIES, labeled_table, pooled_error, random_texts, 
 MIN_LABEL_AGREEMENT = 0.99
 MIN_EXIT_LAYER_AGREEMENT = 0.98
 MAX_HIDDEN_ERROR = 0.15  # relative L2 of a layer's pooled hidden state
+
+
+# one pytest-xdist worker runs the module (`--dist loadgroup`): its tests share the module's exported layers
+pytestmark = pytest.mark.xdist_group("int8-exports")
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +91,8 @@ def test_bad_input_gets_the_same_defined_result(fp32_and_int8):
 def test_layers_are_built_once_and_checked(fp32_and_int8, tmp_path, tiny_encoder_dir):
     fp32, quantized, folder = fp32_and_int8("bert")
     stamp = (folder / MANIFEST).stat().st_mtime_ns
-    start = time.perf_counter()
     assert int8_layers(fp32, folder) == folder  # current: reused, not exported again
-    assert time.perf_counter() - start < 2.0 and (folder / MANIFEST).stat().st_mtime_ns == stamp
+    assert (folder / MANIFEST).stat().st_mtime_ns == stamp
     other = trained_tiny(tiny_encoder_dir("bert", 2), steps=5)  # same shapes, other weights
     with pytest.raises(ValueError, match="other weights"):
         with_int8_layers(other, folder)

@@ -26,23 +26,19 @@ MAX_HIDDEN_ERROR = 0.1  # relative L2 of a layer's pooled hidden state
 AMX = frozenset({"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"})
 VNNI_ONLY = frozenset({"avx512f", "avx512_vnni"})
 ZEN4 = frozenset({"avx512f", "avx512_vnni", "avx512_bf16"})  # AVX512-BF16 and VNNI, no AMX (also Cooper Lake)
+BF16_ONLY = frozenset({"avx512f", "avx512_bf16"})  # no such CPU is sold; the rule still holds
 OLD = frozenset({"avx2", "fma"})
 
 
 @pytest.mark.parametrize(
     "flags, cap, gpu, expected, why",
     [
-        (AMX, None, False, "bf16", "bf16 matrix units (CPU flags: amx_bf16, avx512_bf16"),
+        (AMX, None, False, "int8", "int8 dot products and bf16 (CPU flags: amx_bf16, avx512_bf16"),
         (AMX, "AVX512_CORE_VNNI", False, "int8", "int8 dot products but no bf16"),
-        (
-            ZEN4,
-            None,
-            False,
-            "int8",
-            "int8 dot products, bf16 without AMX (CPU flags: avx512_bf16, avx512_vnni",
-        ),
-        (AMX, "AVX512_CORE_BF16", False, "int8", "int8 dot products, bf16 without AMX"),
+        (ZEN4, None, False, "int8", "int8 dot products and bf16 (CPU flags: avx512_bf16, avx512_vnni"),
+        (AMX, "AVX512_CORE_BF16", False, "int8", "int8 dot products and bf16"),
         (VNNI_ONLY, None, False, "int8", "int8 dot products but no bf16 (CPU flags: avx512_vnni)"),
+        (BF16_ONLY, None, False, "bf16", "bf16 but no int8 dot products (CPU flags: avx512_bf16)"),
         (OLD, None, False, "fp32", "neither bf16 nor VNNI"),
         (AMX, "AVX2", False, "fp32", "ONEDNN_MAX_CPU_ISA=AVX2"),
         (OLD, None, True, "bf16", "a GPU"),
@@ -106,9 +102,9 @@ def test_auto_without_texts_to_calibrate_on_picks_a_backend_that_needs_none(fp32
     assert resolve_runtime("auto", support=vnni)[0] == Runtime("int8", "openvino")
     assert resolve_runtime("auto", support=vnni, can_calibrate=False)[0] == Runtime("int8", "onnxruntime")
     assert resolve_runtime("int8", "openvino", support=vnni, can_calibrate=False)[0].backend == "openvino"
-    zen4 = cpu_support(ZEN4, "")  # without texts, bf16 comes before ONNX Runtime's dynamic int8 (measured)
-    runtime, why = resolve_runtime("auto", support=zen4, can_calibrate=False)
-    assert runtime == Runtime("bf16", "openvino") and "not int8-openvino: no texts to calibrate" in why
+    for flags in (ZEN4, AMX):  # without texts, bf16 comes before ONNX Runtime's dynamic int8 (measured)
+        runtime, why = resolve_runtime("auto", support=cpu_support(flags, ""), can_calibrate=False)
+        assert runtime == Runtime("bf16", "openvino") and "not int8-openvino: no texts to calibrate" in why
     saved = fp32_model("bert").save_pretrained(tmp_path / "model")
     assert load_model(saved, "int8", threads=1).runtime == Runtime("int8", "onnxruntime")  # no texts given
 
@@ -118,6 +114,10 @@ def test_runtime_names_round_trip():
         assert Runtime.parse(name).name == name
     assert Runtime.parse("int8") == Runtime("int8") == Runtime("int8", "onnxruntime") and FP32.name == "fp32"
     assert Runtime("bf16").backend == "torch" and Runtime("int8").name == "int8"
+
+
+# one pytest-xdist worker runs the module (`--dist loadgroup`): its tests share the module's trained models
+pytestmark = pytest.mark.xdist_group("runtime-models")
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_runtimes_that_export_layers_run_bert_like_encoders_only():
     assert resolve_encoder_runtime("roberta", support=vnni) == (int8, why)
     runtime, reason = resolve_encoder_runtime("modernbert", support=vnni)
     assert runtime == FP32 and "ModernBERT layers are not exported one by one, so fp32" in reason
-    runtime, reason = resolve_encoder_runtime("modernbert", support=amx)  # bf16: OpenVINO first, then torch
+    runtime, reason = resolve_encoder_runtime("modernbert", support=amx)  # first torch in auto's list
     assert runtime == BF16 and "ModernBERT layers are not exported one by one, so bf16 on torch" in reason
     zen4 = cpu_support(ZEN4, "")  # int8 here runs exported layers only: the fastest on torch is bf16
     assert resolve_encoder_runtime("modernbert", support=zen4)[0] == BF16

@@ -51,7 +51,7 @@ def score_command(model: str, input_dir: Path, output: Path, *extra: str) -> lis
         str(output),
         "--batch-size",
         "32",
-        "--precision",  # exact labels whatever the CPU (auto picks bf16 on an AMX CPU)
+        "--precision",  # exact labels whatever the CPU (auto picks int8 or bf16 on most)
         "fp32",
         *extra,
     ]

@@ -189,7 +189,7 @@ def test_each_runtime_scores_into_its_own_output_and_says_why(ray_local, model_d
     auto = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision="auto")
     assert bf16["output"] == fp32["output"] + "__bf16" and bf16["files_scored"] == 1
     assert bf16["precision"] == "bf16" and bf16["precision_reason"] == "asked for"
-    expected, why = resolve_runtime("auto")  # this CPU's choice: bf16 on AMX, int8 on VNNI without AMX
+    expected, why = resolve_runtime("auto")  # this CPU's choice (int8 on OpenVINO with VNNI)
     assert expected.backend == "openvino"  # the extra is installed, and the job has texts to calibrate on
     assert auto["precision"] == expected.name and auto["precision_reason"] == why
     assert "(CPU flags: " in why and f"; {expected.name} (the fastest that runs here" in why
