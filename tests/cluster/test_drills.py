@@ -24,8 +24,7 @@ from pipelines.scoring.pipeline import run_scoring
 from tests.cluster.local_cluster import RAY, ROOT, LocalCluster, committed_outputs, read_summary, wait_until
 from tests.conftest import LABELS, labeled_table, random_texts
 
-# one worker runs the module under pytest-xdist (`--dist loadgroup`): its tests share one two-node cluster
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.xdist_group("two-node-cluster")]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MODEL_NAME = "drill-ee"
 FILES, ROWS_PER_FILE = 6, 2500
 

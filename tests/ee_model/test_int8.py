@@ -23,10 +23,6 @@ MIN_EXIT_LAYER_AGREEMENT = 0.98
 MAX_HIDDEN_ERROR = 0.15  # relative L2 of a layer's pooled hidden state
 
 
-# one pytest-xdist worker runs the module (`--dist loadgroup`): its tests share the module's exported layers
-pytestmark = pytest.mark.xdist_group("int8-exports")
-
-
 @pytest.fixture(scope="module")
 def fp32_and_int8(tiny_encoder_dir, tmp_path_factory):
     """Factory: (fp32 model, the same weights with int8 layers, the int8 folder), per family, cached."""

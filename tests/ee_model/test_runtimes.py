@@ -116,10 +116,6 @@ def test_runtime_names_round_trip():
     assert Runtime("bf16").backend == "torch" and Runtime("int8").name == "int8"
 
 
-# one pytest-xdist worker runs the module (`--dist loadgroup`): its tests share the module's trained models
-pytestmark = pytest.mark.xdist_group("runtime-models")
-
-
 @pytest.fixture(scope="module")
 def fp32_model(tiny_encoder_dir):
     cache: dict[str, torch.nn.Module] = {}
