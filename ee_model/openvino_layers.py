@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,11 +56,6 @@ def layers_digest(model: EarlyExitClassifier, precision: str = "bf16") -> str:
 def read_manifest(directory: str | Path) -> dict | None:
     """The folder's manifest (what the layers were built from and how), None when there is none."""
     return layer_cache.read_manifest(Path(directory), MANIFEST)
-
-
-def is_current(directory: str | Path, model: EarlyExitClassifier, precision: str) -> bool:
-    """Whether `directory` holds intact OpenVINO layers of `model`'s weights for `precision`."""
-    return layer_cache.is_current(Path(directory), MANIFEST, layers_digest(model, precision))
 
 
 def _converted_layers(model: EarlyExitClassifier) -> list:
@@ -167,13 +162,14 @@ def openvino_layers(
     model: EarlyExitClassifier,
     directory: str | Path,
     precision: str = "bf16",
-    calibration_texts: list[str] | None = None,
+    calibration_texts: Sequence[str] | Callable[[], Sequence[str]] | None = None,
 ) -> Path:
     """`directory` holding `model`'s layers as OpenVINO IR: f32 weights for fp32 / bf16 (the precision is
     chosen when they are compiled; about a second per layer), or int8 layers quantised by NNCF on the layers'
     inputs for `calibration_texts` (required for int8: a few hundred texts like those to be scored, e.g.
-    CALIBRATION_ROWS of them; a few seconds per layer). Reused when current and intact (built from these
-    weights, for this kind of files), else built there."""
+    CALIBRATION_ROWS of them, or a function that draws them, called only when the layers are built; a few
+    seconds per layer). Reused when current and intact (built from these weights, for this kind of files),
+    else built there."""
     encoders.check_exportable(model.encoder, "OpenVINO")
     reason = missing_backend("openvino")
     if reason:
@@ -181,13 +177,16 @@ def openvino_layers(
     if precision not in HINTS:
         raise ValueError(f"OpenVINO layers run {list(HINTS)}, not {precision!r}")
     digest = layers_digest(model, precision)
-    texts = [t for t in calibration_texts or [] if isinstance(t, str) and t.strip()]
 
     def build(staging: Path) -> None:  # only when the folder is not current: what a build needs, checked here
         if next(model.layers.parameters()).dtype != torch.float32:
             raise ValueError("OpenVINO layers are built from an fp32 model")
         if files_kind(precision) == QUANTISED and importlib.util.find_spec("nncf") is None:
             raise RuntimeError("int8 OpenVINO layers need nncf: pip install 'early-exit-pipeline[openvino]'")
+        texts = []
+        if files_kind(precision) == QUANTISED:  # drawn only here, when int8 layers are built
+            given = calibration_texts() if callable(calibration_texts) else calibration_texts
+            texts = [t for t in given or [] if isinstance(t, str) and t.strip()]
         if files_kind(precision) == QUANTISED and not texts:
             raise ValueError(
                 "int8 OpenVINO layers quantise activations with fixed scales: give calibration_texts (a few "

@@ -4,6 +4,7 @@ once per model version (`build_layers`), the swap (`with_runtime`), and a saved 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ee_model import encoders
@@ -50,11 +51,12 @@ def build_layers(
     model: EarlyExitClassifier,
     runtime: Runtime,
     directory: str | Path,
-    calibration_texts: list[str] | None = None,
+    calibration_texts: Sequence[str] | Callable[[], Sequence[str]] | None = None,
 ) -> Path | None:
     """The layer files `runtime` runs (built into `directory` once per model version, checked after), or
-    None for a runtime that needs none. `calibration_texts`: texts like those to be scored, for the runtimes
-    that calibrate while building (`runtime.needs_calibration_texts`: OpenVINO int8)."""
+    None for a runtime that needs none. `calibration_texts`: texts like those to be scored (or a function
+    drawing them, called only if the layers are built), for the runtimes that calibrate while building
+    (`runtime.needs_calibration_texts`: OpenVINO int8)."""
     if runtime.backend == "onnxruntime":
         return int8_layers(model, directory)
     if runtime.backend == "openvino":

@@ -253,19 +253,20 @@ def layers_for(
     calibrated on `openvino_layers.CALIBRATION_ROWS` rows drawn from `inputs` (seeded by
     `config.calibration_seed`, else 0) when first built."""
     from ee_model import EarlyExitClassifier
-    from ee_model.openvino_layers import CALIBRATION_ROWS, is_current
+    from ee_model.openvino_layers import CALIBRATION_ROWS
     from ee_model.runtime_layers import build_layers
 
     if not runtime.builds_layers:
         return None
     folder = Path(config.output).resolve() / layer_cache_name(runtime) / source.identity
     model = EarlyExitClassifier.from_pretrained(source.directory)
-    texts = None
-    if runtime.needs_calibration_texts and not is_current(folder, model, runtime.precision):
+
+    def calibration_texts() -> list[str]:  # drawn only when the layers are built
         seed = config.calibration_seed if config.calibration_seed is not None else 0
         files = [(f.path, f.rows) for f in inputs]
-        texts = sample_texts(files, config.text_column, CALIBRATION_ROWS, seed)
-    return build_layers(model, runtime, folder, texts)
+        return sample_texts(files, config.text_column, CALIBRATION_ROWS, seed)
+
+    return build_layers(model, runtime, folder, calibration_texts)
 
 
 def ship_model(source: ModelSource, layers: Path | None = None) -> ObjectRef:

@@ -211,12 +211,22 @@ def test_runtimes_that_export_layers_run_bert_like_encoders_only():
     assert resolve_encoder_runtime("deberta-v2", "bf16", "torch", support=amx) == (BF16, "asked for")
 
 
-def test_openvino_int8_needs_calibration_texts(fp32_model, tmp_path):
+def test_openvino_int8_needs_calibration_texts_drawn_only_to_build(fp32_model, tmp_path):
     fp32 = fp32_model("bert")
     for texts in (None, [], [None, "  "]):
         with pytest.raises(ValueError, match="give calibration_texts"):
             build_layers(fp32, Runtime("int8", "openvino"), tmp_path / "layers", texts)
     assert not (tmp_path / "layers").exists()
+    drawn = []  # texts may come from a function (the scoring driver reads its inputs): called to build only
+
+    def draw() -> list[str]:
+        drawn.append(1)
+        return random_texts(64, seed=4)
+
+    folder = build_layers(fp32, Runtime("int8", "openvino"), tmp_path / "layers", draw)
+    assert build_layers(fp32, Runtime("int8", "openvino"), folder, draw) == folder and len(drawn) == 1
+    build_layers(fp32, Runtime("bf16", "openvino"), tmp_path / "bf16", draw)  # calibrates nothing
+    assert len(drawn) == 1
 
 
 def test_openvino_layers_of_other_weights_are_refused_and_a_cache_is_reused(fp32_model, tmp_path):

@@ -178,7 +178,8 @@ def test_choose_knob_with_a_flops_budget():
 
 def test_auto_knob_meets_its_target_on_the_data_it_was_chosen_on(model_and_pass, tmp_path):
     model, table, _ = model_and_pass
-    config = EvalConfig(thresholds=GRID, min_retention=0.8, delta=0.2, wallclock_rows=0)
+    # fp32 as the fixture's pass (the choice in the scoring runtime: test_risk_policy_... and the job tests)
+    config = EvalConfig(thresholds=GRID, min_retention=0.8, delta=0.2, wallclock_rows=0, precision="fp32")
     result = evaluate_trained_model(model, tmp_path, table, table, config)
     chosen = result.chosen
     n = chosen.point.full_correct  # dev rows the full model gets right (about 30 of 90)
@@ -215,7 +216,7 @@ def test_mlflow_run_holds_the_table_and_plots(model_and_pass, tmp_path):
     model, table, _ = model_and_pass
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_experiment("trade-off")  # never the active experiment id another test left behind
-    config = EvalConfig(thresholds=GRID, wallclock_rows=12, wallclock_batch_sizes=(4,))
+    config = EvalConfig(thresholds=GRID, wallclock_rows=12, wallclock_batch_sizes=(4,), precision="fp32")
     model_dir = model.save_pretrained(tmp_path / "model")
     with mlflow.start_run() as run:
         result = evaluate_trained_model(model, model_dir, table, table, config)
@@ -304,6 +305,7 @@ def test_risk_policy_is_fitted_swept_chosen_and_stored(tiny_model, tmp_path):
     table = labeled_table(90).set_column(
         1, "label", __import__("pyarrow").array([LABELS[i % 3] for i in range(90)])
     )
+    # precision auto: the knob is chosen in the runtime this machine scores in (built here, as the job does)
     config = EvalConfig(thresholds=GRID, min_retention=0.8, delta=0.2, wallclock_rows=0, exit_risk_rows=60)
     model_dir = model.save_pretrained(tmp_path / "model")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
