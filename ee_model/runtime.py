@@ -32,8 +32,6 @@ from ee_model.cpu_support import CpuSupport, cpu_support
 PRECISIONS = ("fp32", "bf16", "int8")
 RUNS = {"fp32": ("torch", "openvino"), "bf16": ("torch", "openvino"), "int8": ("onnxruntime", "openvino")}
 DEFAULT_BACKEND = {precision: backends[0] for precision, backends in RUNS.items()}
-# for a named precision, fastest first with early exit on the CPUs measured (docs/results.md)
-AUTO_BACKENDS = {"fp32": ("torch",), "bf16": ("openvino", "torch"), "int8": ("openvino", "onnxruntime")}
 EXTRA = {
     "onnxruntime": ("int8", ("onnxruntime", "onnx", "onnxscript")),
     "openvino": ("openvino", ("openvino",)),
@@ -98,6 +96,11 @@ INT8_OPENVINO = Runtime("int8", "openvino")
 # Zen 4 without (docs/results.md, "Early exit on the runtime a CPU user picks"): OpenVINO's static int8 (VNNI
 # or AMX-INT8), then bf16 on OpenVINO and on PyTorch (AMX-BF16 or AVX512-BF16), then ONNX Runtime's int8.
 CPU_RUNTIMES = (INT8_OPENVINO, BF16_OPENVINO, BF16, INT8)
+# for a named precision, its backends in that order (fp32: torch, whose layers run as trained)
+AUTO_BACKENDS = {
+    precision: tuple(r.backend for r in CPU_RUNTIMES if r.precision == precision) or ("torch",)
+    for precision in PRECISIONS
+}
 
 
 def missing_backend(backend: str) -> str | None:
