@@ -187,11 +187,11 @@ def openvino_layers(
         if files_kind(precision) == QUANTISED:  # drawn only here, when int8 layers are built
             given = calibration_texts() if callable(calibration_texts) else calibration_texts
             texts = [t for t in given or [] if isinstance(t, str) and t.strip()]
-        if files_kind(precision) == QUANTISED and not texts:
-            raise ValueError(
-                "int8 OpenVINO layers quantise activations with fixed scales: give calibration_texts (a few "
-                f"hundred texts like those to be scored, e.g. {CALIBRATION_ROWS})"
-            )
+            if not texts:
+                raise ValueError(
+                    "int8 OpenVINO layers quantise activations with fixed scales: give calibration_texts (a "
+                    f"few hundred texts like those to be scored, e.g. {CALIBRATION_ROWS})"
+                )
         _build(model.cpu().eval(), staging, precision, digest, texts)
 
     return layer_cache.ensure_layers(directory, MANIFEST, digest, build)
