@@ -10,6 +10,13 @@ Dynamic quantisation scales a call's activations by its whole input, so a row's 
 on its batch-mates: int8 labels and exit layers agree with fp32 on most rows (tests/ee_model/test_int8.py
 states the measured tolerance), not bit for bit as fp32 runs do at any batch size.
 
+On a CPU without int8 dot products (no VNNI or AMX-INT8: AVX2 only, e.g. AMD Zen 3) ONNX Runtime multiplies
+u8 x s8 with `vpmaddubsw`, which sums pairs of products in 16 bits and saturates: agreement with fp32 fell
+below 99 % there (measured under an emulated Zen 3, docs/results.md "int8 on a CPU without VNNI"). The layers
+are then quantised with 7-bit weights (`reduce_range`, ONNX Runtime's setting for exactly this), which cannot
+saturate; on a CPU with VNNI they keep 8-bit weights. The setting is part of what the folder's manifest
+vouches for (`quantization_settings`).
+
 The layers are built once per model (`int8_layers`: a few seconds per layer) into a folder whose manifest
 names the digest of the layer weights they come from and the digest of every file it holds; both are checked
 before the layers are used, so stale layers are never used, and a damaged folder (a file truncated,
@@ -31,6 +38,7 @@ import torch
 from torch import nn
 
 from ee_model import encoders, layer_cache
+from ee_model.cpu_support import CpuSupport, cpu_support
 from ee_model.runtime import FP32, Runtime, missing_backend
 
 if TYPE_CHECKING:
@@ -38,7 +46,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "int8_layers.json"
 INT8_FOLDER = "int8"  # the layers' folder inside a model directory (`load_int8`'s default, shipped models)
-FORMAT = 2  # of the folder: bump when the export changes, so older folders are rebuilt (2: file digests)
+FORMAT = 3  # of the folder: bump when the export changes, so older folders are rebuilt (3: settings)
 
 
 def missing_runtime() -> str | None:
@@ -46,13 +54,22 @@ def missing_runtime() -> str | None:
     return missing_backend("onnxruntime")
 
 
-def layers_digest(model: EarlyExitClassifier) -> str:
-    """What the int8 files must come from: the layer weights and this folder's format."""
-    return layer_cache.layers_digest(model, ["int8", FORMAT])
+def quantization_settings(support: CpuSupport | None = None) -> dict:
+    """How the layers are quantised for a CPU (`support`, default this one): 7-bit weights (`reduce_range`)
+    where it has no int8 dot-product units (VNNI, AMX-INT8), whose absence makes 8-bit products saturate."""
+    support = support or cpu_support()
+    return {"reduce_range": not support.has_int8}
+
+
+def layers_digest(model: EarlyExitClassifier, settings: dict | None = None) -> str:
+    """What the int8 files must come from: the layer weights, this folder's format and the quantisation
+    settings (default this CPU's)."""
+    return layer_cache.layers_digest(model, ["int8", FORMAT, settings or quantization_settings()])
 
 
 def is_current(directory: str | Path, model: EarlyExitClassifier) -> bool:
-    """Whether `directory` holds int8 layers exported from `model`'s layer weights, every file intact."""
+    """Whether `directory` holds int8 layers exported from `model`'s layer weights for this CPU, every file
+    intact."""
     return layer_cache.is_current(Path(directory), MANIFEST, layers_digest(model))
 
 
@@ -120,7 +137,7 @@ def export_onnx(
     return path
 
 
-def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
+def _export(model: EarlyExitClassifier, directory: Path, digest: str, settings: dict) -> None:
     from onnxruntime import __version__ as ort_version
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -134,7 +151,7 @@ def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
             )
             quantized = directory / f"layer_{index}.onnx"
             with _quiet_export():
-                quantize_dynamic(plain, quantized, weight_type=QuantType.QInt8, per_channel=True)
+                quantize_dynamic(plain, quantized, weight_type=QuantType.QInt8, per_channel=True, **settings)
             for fp32_file in directory.glob(f"layer_{index}.fp32.onnx*"):  # with external data, if any
                 fp32_file.unlink()
     layer_cache.write_manifest(
@@ -144,24 +161,27 @@ def _export(model: EarlyExitClassifier, directory: Path, digest: str) -> None:
         model.n_layers,
         format=FORMAT,
         quantization="onnxruntime quantize_dynamic, int8 weights per channel, int8 activations per call",
+        settings=settings,
         onnxruntime=ort_version,
         torch=torch.__version__,
     )
 
 
-def int8_layers(model: EarlyExitClassifier, directory: str | Path) -> Path:
-    """`directory` holding `model`'s int8 layers: reused when its manifest names these layer weights and its
-    files are intact, else exported and quantised there (a few seconds per layer; `ee_model.layer_cache`)."""
+def int8_layers(model: EarlyExitClassifier, directory: str | Path, settings: dict | None = None) -> Path:
+    """`directory` holding `model`'s int8 layers: reused when its manifest names these layer weights and
+    quantisation settings (default this CPU's, `quantization_settings`) and its files are intact, else
+    exported and quantised there (a few seconds per layer; `ee_model.layer_cache`)."""
     encoders.check_exportable(model.encoder, "int8")
     reason = missing_runtime()
     if reason:
         raise RuntimeError(reason)
-    digest = layers_digest(model)
+    settings = settings or quantization_settings()
+    digest = layers_digest(model, settings)
     exportable = model.device.type == "cpu" and next(model.layers.parameters()).dtype == torch.float32
-    if not exportable and not is_current(directory, model):  # the files are hashed by ensure_layers anyway
-        raise ValueError("int8 layers are exported from an fp32 model on the CPU")
+    if not exportable and not layer_cache.is_current(Path(directory), MANIFEST, digest):
+        raise ValueError("int8 layers are exported from an fp32 model on the CPU")  # (hashed again below)
     return layer_cache.ensure_layers(
-        directory, MANIFEST, digest, lambda staging: _export(model, staging, digest)
+        directory, MANIFEST, digest, lambda staging: _export(model, staging, digest, settings)
     )
 
 
@@ -199,7 +219,15 @@ def with_int8_layers(
         raise ValueError(f"this model already runs {model.runtime.name} layers")
     if model.device.type != "cpu":
         raise ValueError("int8 layers run on the CPU (ONNX Runtime's CPU provider): move the model there")
-    layer_cache.check_layers(directory, MANIFEST, layers_digest(model), model.n_layers, "int8")
+    built_for = (layer_cache.read_manifest(directory, MANIFEST) or {}).get("settings")
+    settings = built_for if isinstance(built_for, dict) else quantization_settings()
+    layer_cache.check_layers(directory, MANIFEST, layers_digest(model, settings), model.n_layers, "int8")
+    if settings != quantization_settings():  # e.g. built by a driver on another kind of CPU than this node's
+        warnings.warn(
+            f"the int8 layers in {directory} were quantised with {settings}, this CPU's setting is "
+            f"{quantization_settings()} ({cpu_support().describe()}): labels may agree less with fp32",
+            stacklevel=2,
+        )
     layers = model.layers
     threads = threads or torch.get_num_threads()
     for index in range(len(layers)):

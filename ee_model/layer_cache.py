@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -83,12 +84,19 @@ def write_manifest(directory: Path, name: str, digest: str, n_layers: int, **fac
 
 
 def ensure_layers(
-    directory: str | Path, manifest_name: str, digest: str, build: Callable[[Path], None]
+    directory: str | Path,
+    manifest_name: str,
+    digest: str,
+    build: Callable[[Path], None],
+    keep: Callable[[dict], bool] | None = None,
 ) -> Path:
     """`directory` once it holds current, intact files: reused as it is, else built by `build(staging)` (which
-    writes the files and the manifest) aside and renamed into place."""
+    writes the files and the manifest) aside and renamed into place. `keep(manifest)`: whether current files
+    are good enough to keep (e.g. not calibrated on fewer rows than are at hand now); default yes."""
     directory = Path(directory)
-    if is_current(directory, manifest_name, digest):
+    if is_current(directory, manifest_name, digest) and (
+        keep is None or keep(read_manifest(directory, manifest_name) or {})
+    ):
         return directory
     manifest = read_manifest(directory, manifest_name)
     if manifest is not None and manifest.get("weights") == digest:
@@ -98,20 +106,53 @@ def ensure_layers(
             stacklevel=3,
         )
     directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(directory)
     staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         build(staging)
-        # what is there now: stale layers (other weights, older format), damaged ones, or a concurrent build
+        # what is there now: stale layers (other weights, older format), damaged ones, ones not to keep, or a
+        # concurrent build (kept when it is as good as this one)
         if directory.exists():
-            if is_current(directory, manifest_name, digest):
+            if is_current(directory, manifest_name, digest) and (
+                keep is None or keep(read_manifest(directory, manifest_name) or {})
+            ):
                 return directory
             shutil.rmtree(directory)
         staging.rename(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+ABANDONED_AFTER_S = 3600  # a staging folder this old whose builder is not running here was left by a kill
+
+
+def remove_abandoned_staging(directory: Path) -> list[Path]:
+    """Remove the staging folders of `directory` that killed builds left (`.<name>.tmp-<pid>`, older than
+    ABANDONED_AFTER_S and no process of that id running here); the ones removed."""
+    removed = []
+    for staging in directory.parent.glob(f".{directory.name}.tmp-*"):
+        pid = staging.name.rpartition("-")[2]
+        try:
+            old = time.time() - staging.stat().st_mtime > ABANDONED_AFTER_S
+        except OSError:
+            continue
+        if old and not (pid.isdigit() and _running(int(pid))):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_layers(directory: str | Path, manifest_name: str, digest: str, n_layers: int, kind: str) -> dict:

@@ -11,6 +11,16 @@ transformer recipe), calibrated on the layer's own inputs for a few hundred text
 scored (`calibration_texts`): static scales, so a row's result depends far less on its batch-mates than with
 ONNX Runtime's dynamic int8; what the quantiser does not cover runs in OpenVINO's default precision for the
 CPU (bf16 on AMX). Needs the `openvino` extra (openvino, nncf).
+
+Calibration: on CALIBRATION_ROWS texts; layers calibrated on fewer (a first input of a few rows) are built
+with a warning and rebuilt when a later build is given more texts (`calibration_rows` in the manifest is part
+of what decides whether the folder is kept).
+
+On a CPU without int8 dot products (no VNNI or AMX-INT8: AVX2 only) the u8 x s8 products are summed in 16
+bits and saturate: labels agreed with fp32 on 96 % of rows there (an emulated Zen 3, and a real one:
+docs/results.md "int8 on a CPU without VNNI"). The products of two activations (the attention) are what
+saturates; for such a CPU they are left unquantised and the weights get NNCF's overflow fix
+(`quantization_settings`), which brings agreement back to fp32's level. The settings are in the manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +46,7 @@ if TYPE_CHECKING:
     from ee_model.modeling import EarlyExitClassifier
 
 MANIFEST = "openvino_layers.json"
-FORMAT = 1  # of the folder: bump when the conversion changes, so older folders are rebuilt
+FORMAT = 2  # of the folder: bump when the conversion changes, so older folders are rebuilt (2: settings)
 # OpenVINO's INFERENCE_PRECISION_HINT per precision (int8: none, what the quantiser left runs in the CPU's own
 # default, bf16 on AMX, f32 elsewhere)
 HINTS = {"bf16": "bf16", "fp32": "f32", "int8": None}
@@ -49,8 +60,23 @@ def files_kind(precision: str) -> str:
     return QUANTISED if precision == QUANTISED else "ir"
 
 
-def layers_digest(model: EarlyExitClassifier, precision: str = "bf16") -> str:
-    return layer_cache.layers_digest(model, ["openvino", FORMAT, files_kind(precision)])
+def quantization_settings(support: CpuSupport | None = None) -> dict:
+    """How int8 layers are quantised for a CPU (`support`, default this one): as NNCF's transformer recipe has
+    it where the CPU has int8 dot products (VNNI, AMX-INT8); without them, the products of two activations in
+    float and the weights' overflow fix, so that no u8 x s8 sum saturates."""
+    support = support or cpu_support()
+    return {} if support.has_int8 else {"activation_products": "float", "overflow_fix": "enable"}
+
+
+def layers_digest(model: EarlyExitClassifier, precision: str = "bf16", settings: dict | None = None) -> str:
+    """What the files must come from: the layer weights, the folder's format and kind, and for int8 the
+    quantisation settings (default this CPU's)."""
+    kind = files_kind(precision)
+    if kind == QUANTISED:
+        return layer_cache.layers_digest(
+            model, ["openvino", FORMAT, kind, quantization_settings() if settings is None else settings]
+        )
+    return layer_cache.layers_digest(model, ["openvino", FORMAT, kind])
 
 
 def read_manifest(directory: str | Path) -> dict | None:
@@ -104,11 +130,36 @@ def recorded_inputs(
     return recorded
 
 
-def _quantised_layers(model: EarlyExitClassifier, texts: list[str]) -> list:
+def activation_products(layer) -> list[str]:
+    """The names of `layer`'s products of two activations, not of a weight: its attention
+    (`ScaledDotProductAttention`, what the converter makes of scores x values) and any MatMul of two
+    activations. What a CPU without VNNI cannot run in int8 without saturating."""
+
+    def constant(value, depth: int = 0) -> bool:  # a weight, possibly converted or reshaped
+        node = value.get_node()
+        if node.get_type_name() == "Constant":
+            return True
+        inputs = range(node.get_input_size())
+        return len(inputs) > 0 and depth < 4 and all(constant(node.input_value(i), depth + 1) for i in inputs)
+
+    return [
+        op.get_friendly_name()
+        for op in layer.get_ops()
+        if op.get_type_name() == "ScaledDotProductAttention"
+        or (op.get_type_name() == "MatMul" and not any(constant(op.input_value(i)) for i in (0, 1)))
+    ]
+
+
+def _quantised_layers(model: EarlyExitClassifier, texts: list[str], settings: dict) -> list:
     import nncf
 
     converted = _converted_layers(model)
     recorded = recorded_inputs(model, texts)
+    options = {}
+    if settings.get("overflow_fix"):
+        options["advanced_parameters"] = nncf.AdvancedQuantizationParameters(
+            overflow_fix=nncf.OverflowFix(settings["overflow_fix"])
+        )
     with _quiet_nncf():
         return [
             nncf.quantize(
@@ -116,6 +167,10 @@ def _quantised_layers(model: EarlyExitClassifier, texts: list[str]) -> list:
                 nncf.Dataset(inputs),
                 model_type=nncf.ModelType.TRANSFORMER,
                 subset_size=len(inputs),
+                ignored_scope=nncf.IgnoredScope(names=activation_products(layer))
+                if settings.get("activation_products") == "float"
+                else None,
+                **options,
             )
             for layer, inputs in zip(converted, recorded, strict=True)
         ]
@@ -137,15 +192,20 @@ def _quiet_nncf() -> Iterator[None]:
 
 
 def _build(
-    model: EarlyExitClassifier, directory: Path, precision: str, digest: str, texts: list[str] | None
+    model: EarlyExitClassifier,
+    directory: Path,
+    precision: str,
+    digest: str,
+    texts: list[str] | None,
+    settings: dict,
 ) -> None:
     import openvino as ov
 
     quantised = files_kind(precision) == QUANTISED
-    layers = _quantised_layers(model, texts or []) if quantised else _converted_layers(model)
+    layers = _quantised_layers(model, texts or [], settings) if quantised else _converted_layers(model)
     for index, layer in enumerate(layers):
         ov.save_model(layer, directory / f"layer_{index}.xml", compress_to_fp16=False)
-    facts = {"calibration_rows": len(texts or [])} if quantised else {}
+    facts = {"calibration_rows": len(texts or []), "settings": settings} if quantised else {}
     layer_cache.write_manifest(
         directory,
         MANIFEST,
@@ -163,38 +223,58 @@ def openvino_layers(
     directory: str | Path,
     precision: str = "bf16",
     calibration_texts: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+    settings: dict | None = None,
 ) -> Path:
     """`directory` holding `model`'s layers as OpenVINO IR: f32 weights for fp32 / bf16 (the precision is
     chosen when they are compiled; about a second per layer), or int8 layers quantised by NNCF on the layers'
     inputs for `calibration_texts` (required for int8: a few hundred texts like those to be scored, e.g.
     CALIBRATION_ROWS of them, or a function that draws them, called only when the layers are built; a few
-    seconds per layer). Reused when current and intact (built from these weights, for this kind of files),
-    else built there."""
+    seconds per layer). Reused when current and intact (built from these weights, for this kind of files,
+    with this CPU's quantisation settings), else built there. int8 layers calibrated on fewer than
+    CALIBRATION_ROWS texts are built with a warning and rebuilt by a later call given more texts.
+    `settings`: int8's quantisation settings (default this CPU's, `quantization_settings`)."""
     encoders.check_exportable(model.encoder, "OpenVINO")
     reason = missing_backend("openvino")
     if reason:
         raise RuntimeError(reason)
     if precision not in HINTS:
         raise ValueError(f"OpenVINO layers run {list(HINTS)}, not {precision!r}")
-    digest = layers_digest(model, precision)
+    quantised = files_kind(precision) == QUANTISED
+    settings = (quantization_settings() if settings is None else settings) if quantised else {}
+    digest = layers_digest(model, precision, settings)
+    drawn: list[list[str]] = []
 
-    def build(staging: Path) -> None:  # only when the folder is not current: what a build needs, checked here
+    def texts() -> list[str]:  # the valid calibration texts, drawn at most once, only when needed
+        if not drawn:
+            given = calibration_texts() if callable(calibration_texts) else calibration_texts
+            drawn.append([t for t in given or [] if isinstance(t, str) and t.strip()][:CALIBRATION_ROWS])
+        return drawn[0]
+
+    def keep(manifest: dict) -> bool:  # int8 calibrated on fewer rows than wanted: rebuilt when more come
+        rows = manifest.get("calibration_rows", 0)
+        if not quantised or calibration_texts is None or rows >= CALIBRATION_ROWS:
+            return True
+        return len(texts()) <= rows
+
+    def build(staging: Path) -> None:  # only when the folder is not kept: what a build needs, checked here
         if next(model.layers.parameters()).dtype != torch.float32:
             raise ValueError("OpenVINO layers are built from an fp32 model")
-        if files_kind(precision) == QUANTISED and importlib.util.find_spec("nncf") is None:
+        if quantised and importlib.util.find_spec("nncf") is None:
             raise RuntimeError("int8 OpenVINO layers need nncf: pip install 'early-exit-pipeline[openvino]'")
-        texts = []
-        if files_kind(precision) == QUANTISED:  # drawn only here, when int8 layers are built
-            given = calibration_texts() if callable(calibration_texts) else calibration_texts
-            texts = [t for t in given or [] if isinstance(t, str) and t.strip()]
-            if not texts:
-                raise ValueError(
-                    "int8 OpenVINO layers quantise activations with fixed scales: give calibration_texts (a "
-                    f"few hundred texts like those to be scored, e.g. {CALIBRATION_ROWS})"
-                )
-        _build(model.cpu().eval(), staging, precision, digest, texts)
+        if quantised and not texts():
+            raise ValueError(
+                "int8 OpenVINO layers quantise activations with fixed scales: give calibration_texts (a "
+                f"few hundred texts like those to be scored, e.g. {CALIBRATION_ROWS})"
+            )
+        if quantised and len(texts()) < CALIBRATION_ROWS:
+            warnings.warn(
+                f"int8 OpenVINO layers in {directory} calibrated on {len(texts())} rows, fewer than "
+                f"{CALIBRATION_ROWS}: they are rebuilt when a later run has more rows to calibrate on",
+                stacklevel=4,
+            )
+        _build(model.cpu().eval(), staging, precision, digest, texts() if quantised else [], settings)
 
-    return layer_cache.ensure_layers(directory, MANIFEST, digest, build)
+    return layer_cache.ensure_layers(directory, MANIFEST, digest, build, keep)
 
 
 class OpenVinoLayer(nn.Module):
@@ -266,9 +346,27 @@ def with_openvino_layers(
         raise ValueError("OpenVINO layers run on the CPU: move the model there")
     if precision not in HINTS:
         raise ValueError(f"OpenVINO layers run {list(HINTS)}, not {precision!r}")
+    support = cpu_support()
+    if precision == "bf16" and not support.has_bf16:  # OpenVINO would run f32, or fail under a oneDNN cap
+        raise ValueError(
+            "bf16 OpenVINO layers need a CPU with AMX-BF16 or AVX512-BF16 and this one has neither "
+            f"({support.describe()}): run them in fp32"
+        )
     directory = Path(directory)
     kind = "OpenVINO int8" if files_kind(precision) == QUANTISED else "OpenVINO"
-    layer_cache.check_layers(directory, MANIFEST, layers_digest(model, precision), model.n_layers, kind)
+    settings = None
+    if files_kind(precision) == QUANTISED:  # checked against what they were quantised with
+        built_for = (read_manifest(directory) or {}).get("settings")
+        settings = built_for if isinstance(built_for, dict) else quantization_settings(support)
+        if settings != quantization_settings(support):  # e.g. built by a driver on another kind of CPU
+            warnings.warn(
+                f"the int8 OpenVINO layers in {directory} were quantised with {settings or 'the defaults'}, "
+                f"this CPU's settings are {quantization_settings(support) or 'the defaults'} "
+                f"({support.describe()}): labels may agree less with fp32",
+                stacklevel=2,
+            )
+    digest = layers_digest(model, precision, settings)
+    layer_cache.check_layers(directory, MANIFEST, digest, model.n_layers, kind)
     core = ov.Core()
     config = {
         "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
@@ -279,7 +377,7 @@ def with_openvino_layers(
     }
     if HINTS[precision] is not None or hint is not None:
         config["INFERENCE_PRECISION_HINT"] = HINTS[precision] or hint
-    dtype = boundary_dtype(precision, hint)
+    dtype = boundary_dtype(precision, hint, support)
     layers = model.layers
     for index in range(len(layers)):
         layer = core.read_model(str(directory / f"layer_{index}.xml"))

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ee_model.cpu_support import cpu_support
 from ee_model.tiny import WORDS
 
 
@@ -80,6 +81,15 @@ ALL_FAMILIES = FAMILIES + NEWER_FAMILIES
 # stays under 3 minutes (the full suite runs them all)
 ALL_FAMILIES_NEWER_SLOW = FAMILIES + [pytest.param(f, marks=pytest.mark.slow) for f in NEWER_FAMILIES]
 LABELS = ["business", "sport", "tech"]
+
+# Tests that run bf16 OpenVINO layers (or anything that needs bf16 units, not just emulates them) skip on a
+# CPU without them, naming what is missing: an AVX2-only CPU, or any CPU under ONEDNN_MAX_CPU_ISA=AVX2 (which
+# oneDNN and `ee_model.cpu_support` honour). bf16 in PyTorch still runs there (emulated, correct, slow), so
+# its tests run on every CPU.
+needs_bf16_units = pytest.mark.skipif(
+    not cpu_support().has_bf16,
+    reason=f"needs a CPU with bf16 units (AMX-BF16 or AVX512-BF16); here: {cpu_support().describe()}",
+)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ of fp32's. With the padding mask ignored, the same error is 81-188 %, so the bou
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import numpy as np
@@ -134,3 +135,33 @@ def test_a_damaged_layer_file_is_refused_and_rebuilt(fp32_and_int8, tmp_path, da
     rebuilt = with_int8_layers(copy.deepcopy(fp32), copy_of, threads=1)
     texts = probe_texts()[:100]
     assert rebuilt.predict(texts).label == quantized.predict(texts).label
+
+
+NO_VNNI = frozenset({"avx2", "fma"})  # an AVX2-only CPU (AMD Zen 3, Intel before Cascade Lake)
+WITH_VNNI = frozenset({"avx512f", "avx512_vnni"})
+
+
+def test_a_cpu_without_vnni_gets_7_bit_weights_that_hold_agreement(fp32_and_int8, tmp_path):
+    """Without int8 dot products ONNX Runtime sums u8 x s8 pairs in 16 bits and saturates (agreement
+    98.4-98.8 % on an emulated Zen 3, test_int8_without_vnni.py); 7-bit weights cannot saturate. The setting is the
+    CPU's, recorded in the manifest and checked: layers built for another CPU are rebuilt here, and a node
+    handed them warns."""
+    from ee_model.cpu_support import cpu_support
+    from ee_model.int8 import quantization_settings
+
+    assert quantization_settings(cpu_support(NO_VNNI, "")) == {"reduce_range": True}
+    assert quantization_settings(cpu_support(WITH_VNNI, "")) == {"reduce_range": False}
+    assert quantization_settings(cpu_support(WITH_VNNI, "AVX2")) == {"reduce_range": True}  # oneDNN's cap
+    fp32, _, _ = fp32_and_int8("bert")
+    other = {"reduce_range": not quantization_settings()["reduce_range"]}  # the other kind of CPU's
+    folder = int8_layers(fp32, tmp_path / "layers", settings=other)
+    assert json.loads((folder / MANIFEST).read_text())["settings"] == other
+    with pytest.warns(UserWarning, match=r"were quantised with \{'reduce_range': .*labels may agree less"):
+        quantized = with_int8_layers(copy.deepcopy(fp32), folder, threads=1)
+    texts = probe_texts()
+    reference = fp32.predict(texts, batch_size=64)
+    agreement = np.mean(np.array(quantized.predict(texts, batch_size=64).label) == np.array(reference.label))
+    assert agreement >= MIN_LABEL_AGREEMENT  # both settings hold on this CPU
+    stamp = (folder / MANIFEST).stat().st_mtime_ns
+    assert int8_layers(fp32, folder) == folder and (folder / MANIFEST).stat().st_mtime_ns != stamp  # rebuilt
+    assert json.loads((folder / MANIFEST).read_text())["settings"] == quantization_settings()

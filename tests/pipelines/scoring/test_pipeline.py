@@ -255,17 +255,20 @@ def test_int8_scoring_builds_the_layers_once_calibrates_in_int8_and_keys_apart(
 def test_openvino_int8_scoring_calibrates_its_layers_on_the_inputs_once(
     ray_local, tiny_encoder_dir, tmp_path
 ):
-    from ee_model.openvino_layers import read_manifest
+    """Calibrated on the inputs' rows; a first input too small to calibrate on (5 rows) gives layers that
+    are used with a warning and rebuilt once the inputs hold enough rows, then kept."""
+    from ee_model.openvino_layers import CALIBRATION_ROWS, read_manifest
     from ee_model.runtime import Runtime
     from ee_model.runtime_layers import with_runtime
     from tests.conftest import trained_tiny
 
     fp32 = trained_tiny(tiny_encoder_dir("bert", num_layers=3))
     model_dir = str(fp32.save_pretrained(tmp_path / "model"))
-    texts = random_texts(250, seed=7) + [None, "", "good great"]
+    texts = random_texts(5, seed=7) + [None, "", "good great"]
     write(tmp_path / "in" / "a.parquet", texts)
     int8 = {"precision": "int8", "backend": "openvino", "threshold": 0.3}
-    first = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
+    with pytest.warns(UserWarning, match=rf"calibrated on 6 rows, fewer than {CALIBRATION_ROWS}"):
+        first = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
     assert first["precision"] == "int8-openvino" and first["output"].endswith("__int8-openvino")
     assert first["rows_scored"] == len(texts) and first["errors"] == 2
     layers = next((tmp_path / "out" / "_openvino-int8").iterdir())
@@ -274,10 +277,14 @@ def test_openvino_int8_scoring_calibrates_its_layers_on_the_inputs_once(
     # what the actors ran: those layers
     assert_scored_by(first, with_runtime(fp32, Runtime("int8", "openvino"), layers, threads=1), texts, 0.3)
 
-    write(tmp_path / "in" / "b.parquet", random_texts(40, seed=8))
+    write(tmp_path / "in" / "b.parquet", random_texts(CALIBRATION_ROWS + 100, seed=8))
     again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
     assert again["output"] == first["output"] and (again["files_scored"], again["files_skipped"]) == (1, 1)
-    assert read_manifest(layers) == manifest  # reused, not recalibrated on the new inputs
+    manifest = read_manifest(layers)
+    assert manifest["calibration_rows"] == CALIBRATION_ROWS  # rebuilt on enough of the inputs' rows
+    write(tmp_path / "in" / "c.parquet", random_texts(40, seed=9))
+    score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **int8)
+    assert read_manifest(layers) == manifest  # then kept, not recalibrated on new inputs
 
 
 @pytest.mark.parametrize("family", ["modernbert", "deberta-v2"])
