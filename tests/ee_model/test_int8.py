@@ -143,9 +143,9 @@ WITH_VNNI = frozenset({"avx512f", "avx512_vnni"})
 
 def test_a_cpu_without_vnni_gets_7_bit_weights_that_hold_agreement(fp32_and_int8, tmp_path):
     """Without int8 dot products ONNX Runtime sums u8 x s8 pairs in 16 bits and saturates (agreement
-    98.4-98.8 % on an emulated Zen 3, test_int8_without_vnni.py); 7-bit weights cannot saturate. The setting is the
-    CPU's, recorded in the manifest and checked: layers built for another CPU are rebuilt here, and a node
-    handed them warns."""
+    98.4-98.8 % on an emulated Zen 3, test_int8_without_vnni.py); 7-bit weights cannot saturate. The
+    setting is the CPU's, recorded in the manifest and checked: layers built for another CPU are rebuilt
+    here, and a node handed them warns."""
     from ee_model.cpu_support import cpu_support
     from ee_model.int8 import quantization_settings
 
