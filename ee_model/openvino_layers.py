@@ -375,6 +375,10 @@ def with_openvino_layers(
         # on one node ran on the same core, each at half speed (docs/results.md); the OS places them apart
         "ENABLE_CPU_PINNING": False,
     }
+    if precision == QUANTISED and hint is None and not support.has_bf16:
+        # what the quantiser left runs in f32: OpenVINO's default reads the CPU's own flags, past a oneDNN
+        # cap (ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU), whose kernels then refuse its bf16 nodes
+        hint = "f32"
     if HINTS[precision] is not None or hint is not None:
         config["INFERENCE_PRECISION_HINT"] = HINTS[precision] or hint
     dtype = boundary_dtype(precision, hint, support)

@@ -181,15 +181,15 @@ def _automatic(support: CpuSupport, backend: str, gpu: bool, can_calibrate: bool
     if backend != "auto":
         if gpu:
             _check_gpu_backend(backend)
-        on_backend = [runtime for runtime in candidates if runtime.backend == backend]
-        if not on_backend:
-            picks = [runtime.name for runtime in candidates]
-            raise ValueError(
-                f"backend {backend!r} runs none of {picks}, what auto picks here ({why}): name a precision"
-            )
         _check_installed(backend)
+        on_backend = [runtime for runtime in candidates if runtime.backend == backend]
         usable = [r for r in on_backend if can_calibrate or not r.needs_calibration_texts] or on_backend
-        return usable[0], why
+        if usable:
+            return usable[0], why
+        # none of the fast runtimes runs on this backend here: its own fp32 (every backend but ONNX
+        # Runtime's, which runs int8 only, and runs it on any CPU)
+        fallback = Runtime("fp32", backend) if backend in RUNS["fp32"] else Runtime("int8", backend)
+        return fallback, f"{why}; none of {[r.name for r in candidates]} runs on {backend}, so {fallback.name}"
     for runtime in candidates:
         blocked = _why_not(runtime, can_calibrate)
         if blocked is None:

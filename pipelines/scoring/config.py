@@ -4,6 +4,7 @@ and the CLI's help reads it from here)."""
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from ee_model.policies import ExitRequest
@@ -72,6 +73,7 @@ class ScoreConfig:
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
         check_choice("tokenize", self.tokenize, Tokenizing)
+        check_output_folder(self.output)
         self.runtime()  # an unknown, unavailable or unsupported precision / backend is refused here
         if self.output_prefix and not self.output_prefix.replace("_", "").isalnum():
             raise ValueError(f"output_prefix={self.output_prefix!r} must be letters, digits and '_'")
@@ -120,6 +122,16 @@ class ScoreConfig:
     def tokenizes_in_tasks(self) -> bool:
         """Whether a tokenising stage runs before the scoring actors (`tokenize`, "auto" resolved)."""
         return self.tokenize == "tasks" or (self.tokenize == "auto" and self.gpus_per_actor > 0)
+
+
+def check_output_folder(output: str) -> None:
+    """ValueError, one line, where `output` cannot be a folder: it, or the nearest part of it that exists,
+    is a file."""
+    path = Path(output).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"is below {str(existing)!r}, a file"
+        raise ValueError(f"output={output!r} {where}: give a folder (it is created if missing)")
 
 
 def score_defaults() -> dict[str, Any]:

@@ -243,7 +243,7 @@ def test_openvino_layers_of_other_weights_are_refused_and_a_cache_is_reused(fp32
     from ee_model.openvino_layers import MANIFEST
 
     fp32 = fp32_model("bert")
-    runtime = Runtime("bf16", "openvino")
+    runtime = Runtime("fp32", "openvino")  # (bf16's files are the same f32 IR)
     folder = build_layers(fp32, runtime, tmp_path / "ov")
     stamp = (folder / MANIFEST).stat().st_mtime_ns
     assert build_layers(fp32, runtime, folder) == folder and (folder / MANIFEST).stat().st_mtime_ns == stamp
@@ -371,10 +371,11 @@ def test_openvino_int8_on_a_cpu_without_vnni_keeps_the_attention_in_float(fp32_m
     assert quantised_inputs(for_old) < quantised_inputs(default)  # the attention's inputs are not quantised
     built_here = default if quantization_settings() == {} else for_old
     built_elsewhere = for_old if built_here is default else default
-    with_runtime(copy.deepcopy(fp32), Runtime("int8", "openvino"), built_here, threads=1)
+    model = with_runtime(copy.deepcopy(fp32), Runtime("int8", "openvino"), built_here, threads=1)
     with pytest.warns(UserWarning, match="were quantised with .* labels may agree less with fp32"):
-        model = with_runtime(copy.deepcopy(fp32), Runtime("int8", "openvino"), built_elsewhere, threads=1)
-    probe = probe_texts()
+        with_runtime(copy.deepcopy(fp32), Runtime("int8", "openvino"), built_elsewhere, threads=1)
+    probe = probe_texts()  # this CPU's settings hold agreement (under ONEDNN_MAX_CPU_ISA=AVX2 too, where
+    # OpenVINO's kernels take their AVX2 path and the VNNI settings agreed on 96.5 %)
     reference = fp32.predict(probe, batch_size=64)
     assert np.mean(np.array(model.predict(probe, batch_size=64).label) == np.array(reference.label)) >= 0.99
 
@@ -390,3 +391,18 @@ def test_bf16_openvino_layers_are_refused_on_a_cpu_without_bf16_units(fp32_model
         with_runtime(copy.deepcopy(fp32), Runtime("bf16", "openvino"), folder, threads=1)
     assert "\n" not in str(e.value)
     assert with_runtime(copy.deepcopy(fp32), Runtime("fp32", "openvino"), folder, threads=1).runtime.backend
+
+
+@pytest.mark.parametrize(
+    "backend, flags, expected",
+    [
+        ("openvino", OLD, "fp32-openvino"),  # what auto picks here (fp32) does not run on OpenVINO: its fp32
+        ("openvino", ZEN4, "int8-openvino"),
+        ("onnxruntime", OLD, "int8"),  # ONNX Runtime runs int8 only, on any CPU (7-bit weights without VNNI)
+        ("torch", OLD, "fp32"),
+        ("torch", ZEN4, "bf16"),
+    ],
+)
+def test_auto_precision_on_a_named_backend_chooses_among_that_backends_runtimes(backend, flags, expected):
+    runtime, why = resolve_runtime("auto", backend, support=cpu_support(flags, ""))
+    assert runtime.name == expected and runtime.backend == backend and why

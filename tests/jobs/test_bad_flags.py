@@ -92,6 +92,16 @@ def test_score_job_refuses_bad_knobs_before_anything_starts(tmp_path, monkeypatc
     assert_refused(result, message, tmp_path)
 
 
+def test_score_job_refuses_an_output_that_is_a_file_before_anything_starts(tmp_path, monkeypatch):
+    taken = tmp_path.parent / f"{tmp_path.name}-scored.parquet"  # outside tmp_path: nothing may appear there
+    taken.write_bytes(b"PAR1")
+    for output, where in ((taken, "is a file"), (taken / "day-1", f"is below {str(taken)!r}, a file")):
+        result = run_in_process(
+            tmp_path, monkeypatch, "score.py", "--model", "m", "--input", "in", "--output", str(output)
+        )
+        assert_refused(result, f"output={str(output)!r} {where}: give a folder", tmp_path)
+
+
 @pytest.mark.parametrize(
     "sets, message",
     [
