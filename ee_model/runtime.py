@@ -189,7 +189,8 @@ def _automatic(support: CpuSupport, backend: str, gpu: bool, can_calibrate: bool
         # none of the fast runtimes runs on this backend here: its own fp32 (every backend but ONNX
         # Runtime's, which runs int8 only, and runs it on any CPU)
         fallback = Runtime("fp32", backend) if backend in RUNS["fp32"] else Runtime("int8", backend)
-        return fallback, f"{why}; none of {[r.name for r in candidates]} runs on {backend}, so {fallback.name}"
+        names = [r.name for r in candidates]
+        return fallback, f"{why}; none of {names} runs on {backend}, so {fallback.name}"
     for runtime in candidates:
         blocked = _why_not(runtime, can_calibrate)
         if blocked is None:
