@@ -168,7 +168,7 @@ def main(
     summary_file: Annotated[Path | None, typer.Option(help="also write the JSON summary here")] = None,
 ) -> None:
     from jobs.cli import one_line_errors
-    from pipelines.errors import UserError
+    from pipelines.errors import IncompleteRun, UserError
     from pipelines.scoring.pipeline import run_scoring
 
     flags = dict(locals())
@@ -176,12 +176,19 @@ def main(
     given = {name: flags[name] for name in names if flags.get(name) is not None}
     with one_line_errors(ValueError):  # every bad flag value is refused here, before Ray starts
         config = ScoreConfig.from_flags(**given)
+    incomplete = None
     with one_line_errors(UserError):
-        summary = run_scoring(config, address)
-    text = json.dumps(summary.to_dict(), indent=2, default=str)
+        try:
+            summary = run_scoring(config, address).to_dict()
+        except IncompleteRun as error:  # started, committed what it could: its summary too, then the line
+            summary, incomplete = error.summary, error
+    text = json.dumps(summary, indent=2, default=str)
     print(text)
     if summary_file:
         summary_file.write_text(text)
+    if incomplete is not None:
+        typer.echo(f"error: {incomplete}", err=True)
+        raise typer.Exit(incomplete.exit_code)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from ee_model.texts import invalid_text_reason
 from pipelines.config import DataConfig
 from pipelines.errors import UserError
 from pipelines.paths import parquet_source, write_parquet_atomically
+from pipelines.text_column import is_binary_text, is_text_type
 
 # label id of stage-2 rows without a gold label (ignored by every loss term that uses labels)
 UNLABELED = -100
@@ -64,7 +65,7 @@ def read_labeled(path: str, text_column: str, label_column: str) -> pa.Table:
             f"{path!r}: {labels.null_count} row(s) have a null {label_column!r} (first rows {rows})"
         )
     texts = table[text_column]
-    if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
+    if not is_text_type(texts.type) or is_binary_text(texts.type):
         raise DataError(f"{path!r}: column {text_column!r} must hold strings, it holds {texts.type}")
     return pa.table({"text": texts.cast(pa.string()), "label": labels.cast(pa.string())})
 

@@ -32,6 +32,10 @@ class ScoringError(UserError):
     """Input that cannot be scored: named file or column; raised before any row is scored."""
 
 
+class NotTextError(ScoringError):
+    """A file whose text column holds no text (numbers, lists): set aside, named, the others scored."""
+
+
 @dataclass(frozen=True)
 class InputFile:
     path: str  # absolute
@@ -60,7 +64,7 @@ def checked_schema(path: str, parquet: pq.ParquetFile, text_column: str, prefix:
     text_type = schema.field(text_column).type
     empty_nulls = pa.types.is_null(text_type) and parquet.metadata.num_rows == 0
     if not (is_text_type(text_type) or empty_nulls):
-        raise ScoringError(f"{path!r}: text column {text_column!r} holds {text_type}, not strings")
+        raise NotTextError(f"{path!r}: text column {text_column!r} holds {text_type}, not strings")
     written = [prefix + c for c in OUTPUT_COLUMNS]
     clashes = [c for c in (*written, *STAGE_COLUMNS, CALL_SECONDS) if c in schema.names]
     if clashes:
@@ -75,9 +79,10 @@ def inspect_inputs(
     input_path: str, output: Path, text_column: str, prefix: str
 ) -> tuple[list[InputFile], dict[str, str]]:
     """(the input files whose footer reads, {path: reason} of those whose footer does not). A file without
-    a footer is still being written (or is damaged): it is set aside, named at the end of the run and tried
-    again by the next, while the others are scored. A missing text column, a text column of another type and a
-    column clash refuse the whole run, by name, before anything is scored."""
+    a footer is still being written (or is damaged), and one whose text column holds no text (numbers,
+    lists): it is set aside, named at the end of the run and tried again by the next, while the others are
+    scored. A missing text column and a column clash refuse the whole run, by name, before anything is
+    scored."""
     files, root = parquet_files(input_path, skip=output, error=ScoringError)
     if not files:
         raise ScoringError(f"no parquet files found at {input_path!r}")
@@ -89,7 +94,11 @@ def inspect_inputs(
         except (OSError, pa.ArrowException) as error:
             unreadable[absolute] = f"no readable parquet footer (still being written, or damaged): {error}"
             continue
-        schema = checked_schema(path, parquet, text_column, prefix)
+        try:
+            schema = checked_schema(path, parquet, text_column, prefix)
+        except NotTextError as error:
+            unreadable[absolute] = str(error)
+            continue
         rows = parquet.metadata.num_rows
         inputs.append(InputFile(absolute, rows, schema, output_name(path, root), fingerprint(path, rows)))
     return inputs, unreadable
@@ -115,10 +124,10 @@ def read_inputs(files: list[InputFile]) -> ray.data.Dataset:
     their own are read without it (one read per column set), so the reader's column never overwrites it."""
     import ray.data
 
-    groups: dict[tuple[str, ...] | None, list[str]] = collections.defaultdict(list)
+    groups: dict[tuple, list[str]] = collections.defaultdict(list)
     for item in files:
         columns = tuple(c for c in item.schema.names if c != READER_PATH) if item.has_reader_path else None
-        groups[columns].append(item.path)
+        groups[columns, plain_schema(item.schema, columns)].append(item.path)
     # Reading reserves no CPU: on a shared cluster whose CPUs the scoring actors of running jobs hold, read
     # tasks that wait for a CPU never run and every job hangs. Parquet reading is light next to the model.
     reads = [
@@ -128,10 +137,32 @@ def read_inputs(files: list[InputFile]) -> ray.data.Dataset:
             num_cpus=0,
             columns=list(columns) if columns is not None else None,
             file_extensions=None,  # every file was opened already: a name without .parquet is read too
+            **({"schema": schema} if schema is not None else {}),
         )
-        for columns, paths in groups.items()
+        for (columns, schema), paths in groups.items()
     ]
     return reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
+
+
+VIEW_TYPES = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
+
+
+def plain_type(column_type: pa.DataType) -> pa.DataType:
+    """A column's type as Ray Data's blocks carry it and merge it across files: views as string / binary, a
+    dictionary as its values (a pandas categorical column is a dictionary in one file, strings in the
+    next)."""
+    if pa.types.is_dictionary(column_type):
+        return plain_type(column_type.value_type)
+    return VIEW_TYPES.get(column_type, column_type)
+
+
+def plain_schema(schema: pa.Schema, columns: tuple[str, ...] | None) -> pa.Schema | None:
+    """The schema to read a file with where it has view or dictionary columns (read as `plain_type`, the
+    output casts them back to the file's own types); None where it has none."""
+    if all(plain_type(field.type) == field.type for field in schema):
+        return None
+    kept = [field for field in schema if columns is None or field.name in columns]
+    return pa.schema([field.with_type(plain_type(field.type)) for field in kept])
 
 
 class ReaderPath:

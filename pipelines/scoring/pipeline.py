@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -28,7 +30,7 @@ from pipelines import actor_stream
 from pipelines.actor_stream import actor_pool, commit_each_input
 from pipelines.config import S_GRID
 from pipelines.data import streaming_parquet_reader
-from pipelines.errors import UserError
+from pipelines.errors import IncompleteRun, UserError
 from pipelines.model_source import ModelFiles, ModelSource, resolve_model
 from pipelines.paths import write_text_atomically
 from pipelines.scoring.calibration import Calibration, calibrate_on_worker, sample_texts
@@ -464,7 +466,12 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> ScoringSumma
         plan = plan_run(run, inputs)
         unreadable |= unreadable_texts(plan.pending, config.text_column)
         tally = Tally(prefix=config.output_prefix)
-        stream = score_pending(run, plan, tally)
+        try:
+            stream = score_pending(run, plan, tally)
+        except OSError as error:
+            if not output_full(error):
+                raise
+            raise output_full_summary(run, plan, inputs) from None
         summary = run_summary(run, plan, tally, stream, len(inputs), unreadable)
     log_scoring_run(summary, config, source)
     little_saved = little_saved_warning(summary.policy, summary.flops_speedup)
@@ -472,11 +479,48 @@ def run_scoring(config: ScoreConfig, address: str | None = None) -> ScoringSumma
         warnings.warn(little_saved, stacklevel=2)
     if unreadable:  # after the readable files were committed and the run logged; a rerun retries these
         named = "; ".join(f"{path}: {reason}" for path, reason in unreadable.items())
-        raise ScoringError(
+        raise IncompleteRun(
             f"{len(unreadable)} input file(s) could not be read and were not scored (the other "
-            f"{summary.files_scored} were): {named}"
+            f"{summary.files_scored} were): {named}",
+            summary.to_dict(),
         )
     return summary
+
+
+def output_full(error: OSError) -> bool:
+    """Whether `error` says the output's storage is full (no space, or over a quota)."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def output_full_summary(run: ScoringRun, plan: ScoringPlan, inputs: list[InputFile]) -> IncompleteRun:
+    """What a run stopped by a full output tells: what it committed (read back from the output's manifest),
+    what is left, the free space."""
+    records = run.folder.records()
+    done = [item for path, item in plan.pending.items() if plan.outputs.names[path] in records]
+    free = shutil.disk_usage(run.folder.root).free
+    summary = {
+        "status": "output_full",
+        "output": str(run.folder.root),
+        "free_bytes": free,
+        "input_files": len(inputs),
+        "files_skipped": plan.skipped,
+        "files_scored": len(done),
+        "rows_scored": sum(item.rows for item in done),
+        "files_left": len(plan.pending) - len(done),
+        "rows_left": sum(item.rows for item in plan.pending.values()) - sum(item.rows for item in done),
+        "model": run.source.reference,
+        "model_version": run.source.version,
+        "policy": run.setting.policy,
+        "knob": run.setting.knob,
+        "precision": run.runtime.name,
+    }
+    return IncompleteRun(
+        f"the output {run.folder.root} is full ({free / 2**20:.1f} MiB free): {len(done)} of "
+        f"{len(plan.pending)} file(s) were scored and committed, {summary['files_left']} were not; free "
+        "space and run again to score the rest",
+        summary,
+        IncompleteRun.OUTPUT_FULL,
+    )
 
 
 def checked_model_config(config: ScoreConfig, source: ModelSource) -> EarlyExitConfig:
@@ -625,6 +669,7 @@ def run_summary(
         calibration=calibration,
         unreadable=unreadable,
         orphaned=[] if plan.orphans_removed else plan.outputs.orphaned,
+        status="files_set_aside" if unreadable else "complete",
     )
 
 

@@ -123,6 +123,8 @@ class ScoringSummary:
     calibration: dict | None = None
     unreadable: dict[str, str] = field(default_factory=dict)
     orphaned: list[str] = field(default_factory=list)
+    # "complete", or "files_set_aside" (inputs named in `unreadable` were not scored; the job exits 2)
+    status: str = "complete"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ee_model import EarlyExitClassifier
+from pipelines.errors import IncompleteRun
 from pipelines.scoring.pipeline import ScoringError
 from tests.conftest import random_texts
 from tests.pipelines.scoring.helpers import AWKWARD, read_outputs, rows_by_output, score, write
@@ -68,7 +69,9 @@ def test_a_file_without_a_footer_is_set_aside_and_the_others_commit(ray_local, m
     (tmp_path / "in" / "bad.parquet").write_bytes(b"not parquet at all")
     whole = write(tmp_path / "tmp.parquet", random_texts(30, seed=1)).read_bytes()
     (tmp_path / "in" / "writing.parquet").write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(ScoringError, match=r"2 input file\(s\) could not be read .*bad.parquet: no readable"):
+    with pytest.raises(
+        IncompleteRun, match=r"2 input file\(s\) could not be read .*bad.parquet: no readable"
+    ):
         score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
     out = next((tmp_path / "out").glob("dir-*"))
     assert [p.name for p in out.glob("*.parquet")] == ["good.parquet"]
@@ -126,6 +129,31 @@ def test_text_column_of_another_type_is_refused_up_front(model_dir, tmp_path, va
         score(model_dir, tmp_path / "x.parquet", tmp_path / "out", tmp_path)
 
 
+def test_text_in_any_string_layout_is_scored_and_a_file_without_text_is_set_aside(
+    ray_local, model_dir, tmp_path
+):
+    """A pandas categorical column (written as dictionary<string>) and string_view are strings; a file whose
+    text column holds numbers is set aside, named, while the others are scored and committed."""
+    import pandas as pd
+
+    texts = random_texts(30, seed=2) + [None]
+    write(tmp_path / "in" / "plain.parquet", texts)
+    pd.DataFrame({"text": pd.Categorical(texts)}).to_parquet(tmp_path / "in" / "categorical.parquet")
+    assert pa.types.is_dictionary(pq.read_schema(tmp_path / "in" / "categorical.parquet").field("text").type)
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string_view())}), tmp_path / "in" / "view.parquet")
+    pq.write_table(pa.table({"text": list(range(30))}), tmp_path / "in" / "numbers.parquet")
+    with pytest.raises(
+        IncompleteRun, match=r"1 input file\(s\) .*numbers.parquet': text column 'text' holds int64"
+    ) as incomplete:
+        score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    outputs = read_outputs(incomplete.value.summary)
+    assert sorted(outputs) == ["categorical.parquet", "plain.parquet", "view.parquet"]
+    expected = EarlyExitClassifier.from_pretrained(model_dir).predict(texts, invalid="null")
+    for name, table in outputs.items():
+        assert table["label"].to_pylist() == expected.label, name
+        assert table["text"].to_pylist() == texts, name  # passed through as it was
+
+
 def test_binary_text_column_is_decoded_as_utf8(ray_local, model_dir, tmp_path):
     texts = random_texts(20, seed=4)
     values = [t.encode() for t in texts] + [b"\xff\xfe not utf-8", None]
@@ -176,11 +204,16 @@ def test_a_corrupt_data_page_names_its_file_and_the_good_files_still_commit(ray_
     data[1000:1064] = b"\xff" * 64  # inside a data page; the footer stays intact
     (tmp_path / "in" / "bad.parquet").write_bytes(bytes(data))
     with pytest.raises(
-        ScoringError,
+        IncompleteRun,
         match=r"1 input file\(s\) could not be read and were not scored \(the other 1 "
         r"were\): .*bad.parquet: .*[Cc]orrupt",
-    ):
+    ) as incomplete:
         score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path)
+    summary = incomplete.value.summary  # what the job prints and writes to --summary-file, exit status 2
+    assert summary["status"] == "files_set_aside" and incomplete.value.exit_code == 2
+    assert summary["files_scored"] == 1 and list(summary["unreadable"]) == [
+        str(tmp_path / "in" / "bad.parquet")
+    ]
     (key,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
     assert (key / "good.parquet").is_file() and not (key / "bad.parquet").exists()
     assert pq.read_table(key / "good.parquet").num_rows == 25
