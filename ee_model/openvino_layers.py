@@ -326,6 +326,22 @@ def _with_bf16_boundaries(layer):
     return steps.build()
 
 
+def built_settings(directory: Path, support: CpuSupport) -> dict:
+    """The quantisation settings the int8 layers in `directory` were built with (their manifest's; this
+    CPU's when it names none), with a warning when they are not this CPU's (e.g. built by a driver on
+    another kind of CPU): their digest is checked against them."""
+    built_for = (read_manifest(directory) or {}).get("settings")
+    settings = built_for if isinstance(built_for, dict) else quantization_settings(support)
+    if settings != quantization_settings(support):
+        warnings.warn(
+            f"the int8 OpenVINO layers in {directory} were quantised with {settings or 'the defaults'}, "
+            f"this CPU's settings are {quantization_settings(support) or 'the defaults'} "
+            f"({support.describe()}): labels may agree less with fp32",
+            stacklevel=3,
+        )
+    return settings
+
+
 def with_openvino_layers(
     model: EarlyExitClassifier,
     directory: str | Path,
@@ -354,17 +370,7 @@ def with_openvino_layers(
         )
     directory = Path(directory)
     kind = "OpenVINO int8" if files_kind(precision) == QUANTISED else "OpenVINO"
-    settings = None
-    if files_kind(precision) == QUANTISED:  # checked against what they were quantised with
-        built_for = (read_manifest(directory) or {}).get("settings")
-        settings = built_for if isinstance(built_for, dict) else quantization_settings(support)
-        if settings != quantization_settings(support):  # e.g. built by a driver on another kind of CPU
-            warnings.warn(
-                f"the int8 OpenVINO layers in {directory} were quantised with {settings or 'the defaults'}, "
-                f"this CPU's settings are {quantization_settings(support) or 'the defaults'} "
-                f"({support.describe()}): labels may agree less with fp32",
-                stacklevel=2,
-            )
+    settings = built_settings(directory, support) if files_kind(precision) == QUANTISED else None
     digest = layers_digest(model, precision, settings)
     layer_cache.check_layers(directory, MANIFEST, digest, model.n_layers, kind)
     core = ov.Core()

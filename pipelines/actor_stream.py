@@ -76,12 +76,13 @@ def commit_each_input(
 ) -> StreamResult:
     """Drive `batches`; write each input's rows (without `key_column`) to `open_output(key)` and commit it
     when `expected_rows[key]` rows have come back. Raises `IncompleteInputsError` naming the inputs whose
-    row counts do not reconcile; outputs left open are discarded."""
+    row counts do not reconcile; outputs left open are discarded and a stream left early is closed."""
     open_outputs: dict[Hashable, StreamedOutput] = {}
     seen: collections.Counter = collections.Counter()
     committed, busy = 0, 0.0
+    stream = iter(batches)
     try:
-        for batch in batches:
+        for batch in stream:
             started = time.perf_counter()
             keys = batch[key_column]
             for key in dict.fromkeys(keys.to_pylist()):
@@ -104,4 +105,6 @@ def commit_each_input(
     finally:
         for output in open_outputs.values():
             output.discard()
+        if hasattr(stream, "close"):  # a stream left early stops now, while Ray still runs (not at exit)
+            stream.close()
     return StreamResult(committed, busy)

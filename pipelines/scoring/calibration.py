@@ -91,12 +91,41 @@ def sample_rows(total: int, rows: int, seed: int) -> np.ndarray:
 
 
 def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int, seed: int) -> list[str]:
-    """The texts of `rows` rows drawn uniformly at random from all rows of `files` ((path, row count) in
-    order), with `seed`; null, empty and non-string texts are left out (they are never scored). Only the row
-    groups holding sampled rows are read."""
+    """The texts of `rows` rows drawn uniformly at random, with `seed`, from the scorable rows of `files`
+    ((path, row count) in order): null, empty and non-string texts are never scored, so rows drawn on them
+    are replaced by further draws from the rows not drawn yet (fewer only when the files hold fewer). Only
+    the row groups holding drawn rows are read."""
     counts = np.array([n for _, n in files], dtype=np.int64)
+    total = int(counts.sum())
+    wanted = sample_rows(total, rows, seed)
+    drawn, texts = wanted, valid_texts(read_rows(files, counts, wanted, text_column))
+    rng = np.random.default_rng([seed, 1])
+    while len(texts) < rows and len(drawn) < total:
+        left = total - len(drawn)
+        if left <= 4 * len(drawn):  # few rows left: draw among them directly
+            remaining = np.setdiff1d(np.arange(total), drawn, assume_unique=True)
+            more = np.sort(rng.choice(remaining, size=min(left, len(drawn)), replace=False))
+        else:  # many: draw afresh (as many as drawn so far) and keep the ones not drawn before
+            more = np.setdiff1d(np.unique(rng.integers(total, size=len(drawn))), drawn)
+        drawn = np.union1d(drawn, more)
+        found, need = valid_texts(read_rows(files, counts, more, text_column)), rows - len(texts)
+        if len(found) > need:  # the ones needed, drawn among those found
+            found = [found[i] for i in np.sort(rng.choice(len(found), size=need, replace=False))]
+        texts += found
+    return texts
+
+
+def valid_texts(texts: list) -> list[str]:
+    """The scorable ones of `texts`, in order."""
+    return [t for t, reason in zip(texts, invalid_text_reasons(texts), strict=True) if reason is None]
+
+
+def read_rows(
+    files: Sequence[tuple[str, int]], counts: np.ndarray, wanted: np.ndarray, text_column: str
+) -> list:
+    """The `text_column` values of the rows numbered `wanted` (sorted, over all rows of `files` in order),
+    reading only the row groups that hold them."""
     starts = np.concatenate([[0], np.cumsum(counts)])
-    wanted = sample_rows(int(counts.sum()), rows, seed)
     texts: list = []
     for f, (path, _) in enumerate(files):
         local = wanted[(wanted >= starts[f]) & (wanted < starts[f + 1])] - starts[f]
@@ -115,8 +144,7 @@ def sample_texts(files: Sequence[tuple[str, int]], text_column: str, rows: int, 
         read_starts = np.cumsum(np.concatenate([[0], np.diff(group_starts)[groups]]))[:-1]  # in `column`
         positions = read_starts[np.searchsorted(groups, group_of)] + (local - group_starts[group_of])
         texts.extend(column_texts(column.take(positions)))
-    reasons = invalid_text_reasons(texts)
-    return [t for t, reason in zip(texts, reasons, strict=True) if reason is None]
+    return texts
 
 
 def agreement_pass(model: EarlyExitClassifier, texts: list[str], batch_size: int = 64) -> SplitPass:

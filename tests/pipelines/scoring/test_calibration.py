@@ -34,9 +34,16 @@ def test_calibration_sample_is_uniform_over_files_and_row_groups_and_seeded(tmp_
         (str(tmp_path / "b.parquet"), 25),
     ]
     every = [f"a{i}" for i in range(10)] + b_texts
-    for seed in range(5):
-        expected = [every[i] for i in sample_rows(35, 7, seed)]
-        assert sample_texts(files, "text", 7, seed) == [t for t in expected if t and t.strip()]
+    replaced = 0
+    for seed in range(12):
+        first = [every[i] for i in sample_rows(35, 7, seed)]
+        kept = [t for t in first if t and t.strip()]
+        got = sample_texts(files, "text", 7, seed)
+        assert len(got) == 7 == len(set(got)) and all(t and t.strip() for t in got)
+        assert set(kept) <= set(got)  # rows drawn on a null or blank text are replaced by further draws
+        replaced += len(kept) < 7
+    assert replaced  # (some of these seeds draw one)
+    assert sorted(sample_texts(files, "text", 33, 0)) == sorted(t for t in every if t and t.strip())
     assert sample_texts(files, "text", 20, 1) == sample_texts(files, "text", 20, 1)
     assert sample_texts(files, "text", 20, 1) != sample_texts(files, "text", 20, 2)
     assert sample_texts(files, "text", 1000, 0) == [f"a{i}" for i in range(10)] + [
@@ -65,11 +72,11 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
     assert calibration["met"] and not calibration["pinned"] and 0 < knob < 1 and calibration["knob"] == knob
     assert 0.9 <= calibration["agreement"] < 1 and 1 < calibration["mean_exit_layer"] < 3  # rows exit early
     assert first["policy"] == "entropy" and first["output"].endswith(f"__entropy-{knob:g}")
-    # the sample: 200 of the 302 rows drawn with the recorded seed; check S with the model's own early exit
-    from pipelines.scoring.calibration import sample_rows
+    # the sample: 200 scorable rows of the 302 drawn with the recorded seed; check S with the model's own
+    # early exit
+    from pipelines.scoring.calibration import sample_texts
 
-    sample = [texts[i] for i in sample_rows(302, 200, calibration["seed"])]
-    sample = [t for t in sample if t]
+    sample = sample_texts([(str(tmp_path / "in" / "a.parquet"), 302)], "text", 200, calibration["seed"])
     model = EarlyExitClassifier.from_pretrained(model_dir)  # the saved weights, as the Ray task loaded them
     full = model.predict(sample, policy="none").label
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import string
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +199,52 @@ def test_each_runtime_scores_into_its_own_output_and_says_why(ray_local, model_d
     again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, precision=expected.precision)
     assert again["output"] == auto["output"] and again["files_skipped"] == 1  # the same runtime: the same key
     assert read_outputs(bf16)["a.parquet"].num_rows == 20
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB filesystem of its own (tmpfs; needs root, as CI and the developers' machines run)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode
+    ):
+        pytest.skip("mounting a small filesystem needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_output_ends_in_one_line_with_what_was_committed_and_the_next_run_finishes(
+    ray_local, model_dir, tmp_path, small_disk
+):
+    """The disk fills while writing: committed outputs stay whole, the run ends with a one-line reason (the
+    output, its free space) and the summary of what it committed, exit status 3 (not 2: nothing to fix in
+    the input); once there is room the next run scores the rest, every row once."""
+    import subprocess
+
+    from pipelines.errors import IncompleteRun
+
+    def words(rows: int, seed: int) -> list[str]:  # texts that compress little: ~0.4 MB of output per file
+        rng = random.Random(seed)
+        return [
+            " ".join("".join(rng.choices(string.ascii_lowercase, k=6)) for _ in range(6)) for _ in range(rows)
+        ]
+
+    files = [write(tmp_path / "in" / f"part-{i}.parquet", words(8000, seed=i)) for i in range(4)]
+    with pytest.raises(
+        IncompleteRun, match=rf"the output {small_disk}/.* is full \(\d+\.\d MiB free\): "
+    ) as full:
+        score(model_dir, tmp_path / "in", small_disk, tmp_path)
+    summary = full.value.summary
+    assert full.value.exit_code == 3 and summary["status"] == "output_full" and "\n" not in str(full.value)
+    assert summary["files_scored"] + summary["files_left"] == 4 and summary["files_left"] >= 1
+    committed = outputs_by_input({"output": summary["output"]})
+    assert len(committed) == summary["files_scored"] and all(rows == 8000 for rows in committed.values())
+    assert not [p for p in Path(summary["output"]).rglob("*") if ".tmp" in p.name or "staging" in p.name]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    rest = score(model_dir, tmp_path / "in", small_disk, tmp_path)
+    assert rest["files_scored"] == summary["files_left"] and rest["files_skipped"] == summary["files_scored"]
+    assert outputs_by_input(rest) == input_rows(*files)
