@@ -21,11 +21,14 @@ task, and times (a) again at that S; its agreement is then measured on every row
 (a) and (b) run in --precision / --backend (default auto: what jobs/score.py picks on this machine; the
 layers a backend builds are built once and shipped as the job ships them), and the calibration runs in it too.
 
-Part 2 (--memory-rows): jobs/score.py on a tiny model over N rows in a subprocess; peak RSS of the job's whole
-process tree (driver + Ray) sampled every 0.5 s. Flat memory = the peak does not grow with N.
+Part 2 (--memory-rows, --memory-long-rows): jobs/score.py on a tiny model (or --memory-model) over N rows in a
+subprocess, short rows (12 words) or rows of --row-bytes each (1 MB); peaks of the job's whole process tree
+(driver + Ray; RSS and PSS), of the driver and of the largest Ray worker (PSS), sampled every 0.2 s. Flat
+memory = the peaks do not grow with N, nor (past the tokens kept) with the length of a row.
 
     python benchmarks/score_throughput.py --model /path/to/model --rows 5000
     python benchmarks/score_throughput.py --memory-rows 100000 1000000
+    python benchmarks/score_throughput.py --memory-rows 300000 --memory-long-rows 40
 """
 
 from __future__ import annotations
@@ -399,80 +402,80 @@ def throughput(
     }
 
 
-def process_tree_rss(pid: int) -> int:
-    return process_tree_memory(pid)[0]
-
-
-def process_tree_memory(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) summed over a process and its descendants. RSS counts a shared page (Ray's object store is
-    mapped into every worker that reads it) once per process; PSS splits it between them, so its sum is the
-    tree's real footprint."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0
-    rss = pss = 0
-    for process in processes:
-        try:
-            info = process.memory_full_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        rss, pss = rss + info.rss, pss + info.pss
-    return rss, pss
-
-
-def memory_run(rows: int, scratch: Path) -> dict:
-    from ee_model import EarlyExitClassifier
-    from ee_model.tiny import write_tiny_encoder
-
-    model_dir = scratch / "model"
+def memory_run(rows: int, scratch: Path, row_bytes: int | None = None, model: str | None = None) -> dict:
+    """jobs/score.py over `rows` rows (12-word texts, or texts of `row_bytes` bytes) on `model` (default a
+    tiny one) in a subprocess: peaks of the whole tree (RSS, PSS), of the driver and of the largest Ray
+    worker (PSS: its own pages, and its share of the object store it maps)."""
+    model_dir = Path(model) if model else scratch / "model"
     if not model_dir.exists():
+        from ee_model import EarlyExitClassifier
+        from ee_model.tiny import write_tiny_encoder
+
         EarlyExitClassifier.from_encoder(
             str(write_tiny_encoder(scratch / "enc", "bert", 2, 32)), labels=["a", "b", "c"], threshold=0.9
         ).save_pretrained(model_dir)
-    inputs = scratch / f"in-{rows}"
+    name = f"{rows}x{row_bytes or 'short'}"
+    inputs = scratch / f"in-{name}"
     inputs.mkdir(exist_ok=True)
     per_file = 50_000
     words = np.array(["money", "sport", "film", "good", "bad", "the", "a", "of", "market", "vote"])
     rng = np.random.default_rng(0)
+    long_text = " ".join(words[rng.integers(0, 10, (row_bytes or 0) // 4)])[: row_bytes or 0]
     for f in range((rows + per_file - 1) // per_file):
         n = min(per_file, rows - f * per_file)
-        texts = [" ".join(words[rng.integers(0, 10, 12)]) for _ in range(n)]
+        if row_bytes:  # each row its own text: a rotation of one long text
+            texts = [long_text[i * 7 :] + long_text[: i * 7] for i in range(n)]
+        else:
+            texts = [" ".join(words[rng.integers(0, 10, 12)]) for _ in range(n)]
         pq.write_table(pa.table({"text": texts, "id": np.arange(n)}), inputs / f"part-{f:04d}.parquet")
-    command = [
-        sys.executable,
-        str(ROOT / "jobs" / "score.py"),
-        "--model",
-        str(model_dir),
-        "--input",
-        str(inputs),
-        "--output",
-        str(scratch / f"out-{rows}"),
-        "--batch-size",
-        "512",
-        "--summary-file",
-        str(scratch / f"summary-{rows}.json"),
-    ]
+    summary_file = scratch / f"summary-{name}.json"
+    command = [sys.executable, str(ROOT / "jobs" / "score.py"), "--model", str(model_dir), "--input"]
+    command += [str(inputs), "--output", str(scratch / f"out-{name}"), "--summary-file", str(summary_file)]
+    command += [] if row_bytes else ["--batch-size", "512"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch}/mlflow.db", "RAY_AUTH_MODE": "disabled"}
     start = time.perf_counter()
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    peak = 0
+    peaks = {"tree_rss": 0, "tree_pss": 0, "driver_pss": 0, "worker_pss": 0}
     while process.poll() is None:
-        peak = max(peak, process_tree_rss(process.pid))
-        time.sleep(0.5)
-    summary = json.loads((scratch / f"summary-{rows}.json").read_text())
+        tree_rss, tree_pss, driver, worker = process_tree_peaks(process.pid)
+        for key, value in zip(peaks, (tree_rss, tree_pss, driver, worker), strict=True):
+            peaks[key] = max(peaks[key], value)
+        time.sleep(0.2)
+    summary = json.loads(summary_file.read_text())
     return {
         "rows": rows,
-        "peak_rss_mib": round(peak / 2**20, 1),
+        "row_bytes": row_bytes or round(float(np.mean([len(t) for t in texts])), 1),
+        **{f"peak_{key}_mib": round(value / 2**20, 1) for key, value in peaks.items()},
+        "peak_rss_mib": round(peaks["tree_rss"] / 2**20, 1),
         "seconds": round(time.perf_counter() - start, 1),
         "rows_scored": summary["rows_scored"],
         "rows_per_s": summary["rows_per_s"],
     }
+
+
+def process_tree_peaks(pid: int) -> tuple[int, int, int, int]:
+    """(tree RSS, tree PSS, the driver's PSS, the largest Ray worker's PSS) now."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        children = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0, 0, 0, 0
+    rss = pss = driver = worker = 0
+    for process in [root, *children]:
+        try:
+            info, title = process.memory_full_info(), " ".join(process.cmdline()[:1])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss, pss = rss + info.rss, pss + info.pss
+        if process.pid == pid:
+            driver = info.pss
+        elif title.startswith("ray::") and "IDLE" not in title:  # a task or actor worker (setproctitle)
+            worker = max(worker, info.pss)
+    return rss, pss, driver, worker
 
 
 def main() -> None:
@@ -498,7 +501,12 @@ def main() -> None:
         action="store_true",
         help="score text of the dev and test articles only (common.unseen_bbc), none the model trained on",
     )
-    parser.add_argument("--memory-rows", type=int, nargs="*", default=[])
+    parser.add_argument("--memory-rows", type=int, nargs="*", default=[], help="short-row runs of part 2")
+    parser.add_argument(
+        "--memory-long-rows", type=int, default=0, help="part 2 also over this many rows of --row-bytes each"
+    )
+    parser.add_argument("--row-bytes", type=int, default=1_000_000)
+    parser.add_argument("--memory-model", help="part 2's model (default a tiny random one)")
     parser.add_argument("--out", default="benchmarks/results/score_throughput.json")
     args = parser.parse_args()
     record: dict = {"device": "cpu", "cpus": os.cpu_count()}
@@ -545,12 +553,20 @@ def main() -> None:
             f"{k['over_fastest_plain']:.3f}x end to end ({fastest['end_to_end']}), "
             f"{k['steady_over_fastest_plain']:.3f}x steady ({fastest['steady']})"
         )
-    if args.memory_rows:
+    if args.memory_rows or args.memory_long_rows:
+        runs = [(rows, None) for rows in args.memory_rows]
+        runs += [(args.memory_long_rows, args.row_bytes)] if args.memory_long_rows else []
         with tempfile.TemporaryDirectory() as scratch:
-            record["memory"] = [memory_run(rows, Path(scratch)) for rows in args.memory_rows]
-        print("\n| rows | peak RSS of the job (MiB) | seconds | rows/s |\n|---|---|---|---|")
+            record["memory"] = [memory_run(n, Path(scratch), size, args.memory_model) for n, size in runs]
+        print(
+            "\n| rows | bytes per row | peak PSS of the job / driver / largest worker (MiB) "
+            "| peak RSS of the job (MiB) | seconds | rows/s |\n|---|---|---|---|---|---|"
+        )
         for m in record["memory"]:
-            print(f"| {m['rows']} | {m['peak_rss_mib']} | {m['seconds']} | {m['rows_per_s']} |")
+            print(
+                f"| {m['rows']} | {m['row_bytes']} | {m['peak_tree_pss_mib']} / {m['peak_driver_pss_mib']} / "
+                f"{m['peak_worker_pss_mib']} | {m['peak_rss_mib']} | {m['seconds']} | {m['rows_per_s']} |"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,10 @@ class TokenIds:
         return torch.from_numpy(ids).to(device), torch.from_numpy(mask.astype(np.int64)).to(device)
 
 
+CHARS_PER_TOKEN = 8  # a long text's first cut keeps this many characters per token wanted (doubled as needed)
+MARGIN_TOKENS = 8  # a cut is kept only when it yields this many tokens past what truncation keeps
+
+
 class TextTokenizer:
     """Texts -> `TokenIds` with the model's special tokens, truncated to `max_length`, unpadded.
 
@@ -67,25 +72,70 @@ class TextTokenizer:
     `encode_batch_fast`: the same ids as `tokenizer(texts, truncation=True, max_length=...)` without building
     a Python `BatchEncoding` per call (tests/ee_model/test_tokens.py checks both agree; benchmarks/
     tokenize_speed.py measures the gain). Other tokenizers go through their `__call__`.
+
+    A tokenizer reads a whole text before it truncates, so a 1 MB row would cost a second and gigabytes for
+    the `max_length` tokens kept. Long texts are therefore cut first, at a whitespace boundary, to
+    CHARS_PER_TOKEN characters per token wanted; a cut is kept when it still yields MARGIN_TOKENS tokens
+    more than truncation keeps (the cut's edge lies among tokens that are dropped anyway), else it is
+    retried at twice the length, up to the whole text. The ids are the uncut text's (tested on WordPiece,
+    byte-level BPE and Unigram tokenizers); a row costs what its kept tokens cost, at most about twice.
     """
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.backend = None
+        self.side = getattr(tokenizer, "truncation_side", "right")
+        self.backend = self.counter = None
         if getattr(tokenizer, "is_fast", False):
-            # a copy: the tokenizer's own keeps its settings
+            # copies: the tokenizer's own keeps its settings
             self.backend = copy.deepcopy(tokenizer.backend_tokenizer)
             self.backend.no_padding()
-            self.backend.enable_truncation(max_length, direction=tokenizer.truncation_side)
+            self.backend.enable_truncation(max_length, direction=self.side)
+            self.counter = copy.deepcopy(self.backend)
+            self.counter.enable_truncation(max_length + MARGIN_TOKENS, direction=self.side)
 
     def __call__(self, texts: Sequence[str]) -> TokenIds:
+        return TokenIds.from_lists(self._ids(self.cut_long(list(texts)), self.max_length))
+
+    def _ids(self, texts: list[str], max_length: int) -> list[list[int]]:
         if self.backend is None:
-            encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
-            return TokenIds.from_lists(encoded["input_ids"])
-        encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=True)
-        return TokenIds.from_lists([e.ids for e in encodings])
+            return self.tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+        backend = self.backend if max_length == self.max_length else self.counter
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+
+    def cut_long(self, texts: list[str]) -> list[str]:
+        """`texts` with each long one replaced by its shortest cut (see the class) that keeps its ids."""
+        wanted = self.max_length + MARGIN_TOKENS
+        budget = CHARS_PER_TOKEN * wanted
+        long = [i for i, text in enumerate(texts) if len(text) > budget]
+        texts = list(texts) if long else texts
+        while long:
+            cuts = {i: cut_at_whitespace(texts[i], budget, self.side) for i in long}
+            tried = [i for i in long if cuts[i] is not None]
+            counts = [len(ids) for ids in self._ids([cuts[i] for i in tried], wanted)]
+            enough = {i for i, n in zip(tried, counts, strict=True) if n >= wanted}
+            for i in enough:
+                texts[i] = cuts[i]
+            budget *= 2
+            long = [i for i in long if i not in enough and len(texts[i]) > budget]
+        return texts
+
+
+def cut_at_whitespace(text: str, chars: int, side: str = "right") -> str | None:
+    """At most `chars` characters of `text` from the side truncation keeps, ending (or, from the left,
+    starting) at a whitespace boundary, so that no word is split; None where that part holds none."""
+    if side == "left":
+        window = text[len(text) - chars :]
+        found = _WORD_AFTER_SPACE.search(window)
+        return window[found.start() :] if found else None
+    window = text[: chars + 1]  # the character after the cut tells whether it ends a word
+    ends = [found.end() for found in _WORD_BEFORE_SPACE.finditer(window)]
+    return window[: ends[-1]] if ends else None
+
+
+_WORD_BEFORE_SPACE = re.compile(r"\S(?=\s)")
+_WORD_AFTER_SPACE = re.compile(r"(?<=\s)\S")
 
 
 def single_threaded_tokenizers() -> None:

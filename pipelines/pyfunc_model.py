@@ -2,11 +2,12 @@
 
 Artifacts: `model_dir`, a directory written by `EarlyExitClassifier.save_pretrained` (safetensors, JSON
 config, tokenizer). predict takes a DataFrame with a `text` column (or a list of strings) and runtime params
-`policy`, `threshold`, `patience`, `risk`, `batch_size`; invalid texts get a null label, confidence, exit
-layer and FLOPs and a reason in `error`, as `jobs/score.py` writes them. A knob the policy does not take is
-refused, as the job refuses it (the logged signature's knob defaults are None; models logged before fill
-absent knobs with their stored value, so only a value other than that counts as given); an empty frame gives
-an empty frame.
+`policy`, `threshold`, `patience`, `risk`, `batch_size`. Every missing value is null (None or pd.NA: `null`
+in a served model's JSON, never NaN); invalid texts get a null label, confidence, exit layer and FLOPs and a
+reason in `error`, as `jobs/score.py` writes them. A knob the policy does not take is refused, as the job
+refuses it, and a frame without `text`, each with its one-line reason (`mlflow models serve` answers 400
+with it; the logged signature's knob defaults are None; models logged before fill absent knobs with their
+stored value, so only a value other than that counts as given); an empty frame gives an empty frame.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 
 class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
@@ -29,7 +32,10 @@ class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
         params = params or {}
         if isinstance(model_input, pd.DataFrame):
             if "text" not in model_input.columns:
-                raise ValueError(f"input needs a 'text' column; got columns {list(model_input.columns)}")
+                raise MlflowException(
+                    f"input needs a 'text' column; got columns {list(model_input.columns)}",
+                    INVALID_PARAMETER_VALUE,
+                )
             texts = model_input["text"].tolist()
         else:
             texts = list(model_input)
@@ -38,7 +44,11 @@ class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
         for knob in ("threshold", "patience", "risk"):
             value = params.get(knob)
             if knob != KNOB_OF_POLICY.get(policy) and value is not None and value != getattr(config, knob):
-                raise ValueError(f"policy {policy!r} does not use {knob}={value!r}: drop it")
+                # an MlflowException keeps its message through `mlflow models serve` (HTTP 400); any other
+                # exception is answered there with a generic one, the reason only in the stack trace
+                raise MlflowException(
+                    f"policy {policy!r} does not use {knob}={value!r}: drop it", INVALID_PARAMETER_VALUE
+                )
         if not texts:
             return empty_output()
         out = self.model.predict(
@@ -53,11 +63,13 @@ class EarlyExitPyfunc(mlflow.pyfunc.PythonModel):
         scored = np.array([e is None for e in out.error], dtype=bool)
         return pd.DataFrame(
             {
-                "label": out.label,
+                # object columns hold None where a value is missing (pandas' default for strings holds
+                # NaN, which a served model's JSON would carry as a bare NaN token)
+                "label": pd.Series(out.label, dtype=object),
                 "confidence": pd.Series(out.confidence, dtype="Float32").where(scored, pd.NA),
                 "exit_layer": pd.Series(out.exit_layer, dtype="Int32").where(scored, pd.NA),
                 "flops": pd.Series(out.flops, dtype="Int64").where(scored, pd.NA),
-                "error": out.error,
+                "error": pd.Series(out.error, dtype=object),
             }
         )
 

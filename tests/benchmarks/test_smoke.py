@@ -68,8 +68,9 @@ def test_score_pool(tmp_path, tiny):
 def test_score_throughput(tmp_path, tiny):
     out = tmp_path / "score_throughput.json"
     run(tmp_path, "score_throughput", "--model", tiny[0], "--rows", "200", "--calibrate-rows", "100",
-        "--out", str(out))  # fmt: skip
-    assert out.is_file()
+        "--memory-long-rows", "3", "--row-bytes", "200000", "--out", str(out))  # fmt: skip
+    memory = json.loads(out.read_text())["memory"]
+    assert memory[0]["rows_scored"] == 3 and memory[0]["peak_worker_pss_mib"] > 0
 
 
 @pytest.mark.ray
