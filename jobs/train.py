@@ -90,7 +90,7 @@ def main(
     from jobs.cli import one_line_errors
     from pipelines.config import load_train_config
     from pipelines.errors import UserError
-    from pipelines.training.pipeline import check_encoder, run_training, summary_json, training_encoder
+    from pipelines.training.pipeline import check_inputs, run_training, summary_json
 
     overrides: dict[str, Any] = {}
     flat = {
@@ -110,11 +110,11 @@ def main(
     overrides = merge(overrides, parse_sets(set_ or []))
     with one_line_errors(ValueError, OSError):  # every config value is checked here, before Ray starts
         train_config = load_train_config(config, overrides, profile)
-    with one_line_errors(UserError):  # the encoder's family, head_norm and evaluation runtime, before Ray
-        check_encoder(train_config, training_encoder(train_config))
+    with one_line_errors(UserError):  # the data, the unlabeled corpus and the encoder, before Ray starts
+        inputs = check_inputs(train_config)
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     with one_line_errors(UserError):
-        summary = run_training(train_config)
+        summary = run_training(train_config, inputs)
     text = summary_json(summary)
     print(text)
     if output:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +53,8 @@ def require_columns(dataset: pds.Dataset, columns: list[str], path: str) -> None
 
 
 def read_labeled(path: str, text_column: str, label_column: str) -> pa.Table:
-    """Read text + label columns, as (text, label) with labels cast to strings; null labels refused."""
+    """Read text + label columns, as (text, label) with labels as strings (numbers as they print: 3 -> "3");
+    null or blank labels, and labels that are not strings or numbers, refused."""
     dataset = parquet_dataset(path)
     require_columns(dataset, [text_column, label_column], path)
     try:
@@ -67,7 +70,29 @@ def read_labeled(path: str, text_column: str, label_column: str) -> pa.Table:
     texts = table[text_column]
     if not is_text_type(texts.type) or is_binary_text(texts.type):
         raise DataError(f"{path!r}: column {text_column!r} must hold strings, it holds {texts.type}")
-    return pa.table({"text": texts.cast(pa.string()), "label": labels.cast(pa.string())})
+    names = label_names(labels, path, label_column)
+    return pa.table({"text": texts.cast(pa.string()), "label": names})
+
+
+def label_names(labels: pa.ChunkedArray, path: str, label_column: str) -> pa.ChunkedArray:
+    """The labels as class names (strings); DataError for a type that names no class, or blank names."""
+    kind = labels.type.value_type if pa.types.is_dictionary(labels.type) else labels.type
+    names_a_class = (is_text_type(kind) and not is_binary_text(kind)) or any(
+        test(kind) for test in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
+    )
+    if not names_a_class:
+        raise DataError(
+            f"{path!r}: column {label_column!r} must hold class names (strings or numbers), it holds "
+            f"{labels.type}"
+        )
+    names = labels.cast(pa.string())
+    blank = pc.equal(pc.utf8_trim_whitespace(names), "").to_numpy(zero_copy_only=False)
+    if blank.any():
+        rows = np.flatnonzero(blank)[:5].tolist()
+        raise DataError(
+            f"{path!r}: {int(blank.sum())} row(s) have an empty {label_column!r} (first rows {rows})"
+        )
+    return names
 
 
 def drop_invalid_texts(table: pa.Table) -> tuple[pa.Table, int]:
@@ -103,7 +128,27 @@ def check_splits(train: pa.Table, dev: pa.Table, test: pa.Table) -> tuple[str, .
         unknown = sorted(set(split["label"].to_pylist()) - set(labels))
         if unknown:
             raise DataError(f"{name} labels {unknown} never occur in train (train labels: {list(labels)})")
+    warn_unevaluated_labels(train, dev, test)
     return labels
+
+
+def warn_unevaluated_labels(train: pa.Table, dev: pa.Table, test: pa.Table) -> None:
+    """A warning naming each label that has training rows but no dev or no test rows (a class of one or
+    two rows, which a 70/15/15 split leaves in train): the model learns it, but the knob's promise is not
+    checked on it (dev) and its accuracy is not measured (test)."""
+    counts = collections.Counter(train["label"].to_pylist())
+    for name, split, consequence in (
+        ("dev", dev, "the exit knob is chosen without them"),
+        ("test", test, "the reported accuracy does not cover them"),
+    ):
+        missing = sorted(set(counts) - set(split["label"].to_pylist()))
+        if missing:
+            rows = ", ".join(f"{label!r}: {counts[label]}" for label in missing)
+            warnings.warn(
+                f"{len(missing)} label(s) have training rows but no {name} rows ({rows} training rows): "
+                f"{consequence}",
+                stacklevel=3,
+            )
 
 
 def load_labeled_splits(config: DataConfig) -> LabeledSplits:

@@ -16,6 +16,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 SELECTION_TAG = "dev_accuracy"  # version tag compared when promoting to champion
+CLAIM_ATTEMPTS, CLAIM_SETTLE_SECONDS = 5, 0.5  # `claim_champion`: re-reads after setting the alias
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 EE_MODEL_DIR = Path(__file__).resolve().parent.parent / "ee_model"
 
@@ -115,7 +116,10 @@ def log_pyfunc_model(model_dir: str | Path, example_texts: list[str]) -> Any:
 
 
 def register(model_uri: str, name: str, dev_accuracy: float, tags: dict[str, str]) -> dict[str, Any]:
-    """Register a version, alias it `candidate`, and `champion` if its dev accuracy >= the champion's."""
+    """Register a version, alias it `candidate`, and `champion` if its dev accuracy >= the champion's.
+
+    Trainings that register one name at once each get their own version (MLflow numbers them); `candidate`
+    ends on one of them, and `champion` on the most accurate (`claim_champion`)."""
     client = MlflowClient()
     version = mlflow.register_model(model_uri, name).version
     client.set_model_version_tag(name, version, SELECTION_TAG, f"{dev_accuracy:.6f}")
@@ -123,9 +127,7 @@ def register(model_uri: str, name: str, dev_accuracy: float, tags: dict[str, str
         client.set_model_version_tag(name, version, key, str(value))
     client.set_registered_model_alias(name, CANDIDATE, version)
     champion_accuracy = current_champion_accuracy(client, name)
-    promoted = champion_accuracy is None or dev_accuracy >= champion_accuracy
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    promoted = claim_champion(client, name, version, dev_accuracy)
     return {
         "name": name,
         "version": int(version),
@@ -136,10 +138,42 @@ def register(model_uri: str, name: str, dev_accuracy: float, tags: dict[str, str
     }
 
 
-def current_champion_accuracy(client: MlflowClient, name: str) -> float | None:
+def claim_champion(client: MlflowClient, name: str, version: str, dev_accuracy: float) -> bool:
+    """Point `champion` at `version` unless the champion beats it (more accurate on dev, or as accurate and
+    newer), and re-read until that holds. MLflow sets an alias without comparing first, so of two trainings
+    that compare at once the worse could set it last: each re-reads after setting and takes it back if it
+    is the better, so the alias settles on the best of them. Whether `version` is the champion at the end."""
+    for _ in range(CLAIM_ATTEMPTS):
+        holder = champion_version(client, name)
+        if holder is not None and str(holder.version) == str(version):
+            return True
+        if holder is not None and beats(holder, dev_accuracy, version):
+            return False
+        client.set_registered_model_alias(name, CHAMPION, version)
+        time.sleep(CLAIM_SETTLE_SECONDS)  # another registration's set lands in this window, or after it
+    holder = champion_version(client, name)
+    return holder is not None and str(holder.version) == str(version)
+
+
+def beats(holder, dev_accuracy: float, version: str) -> bool:
+    """Whether the champion `holder` (a ModelVersion) keeps the title against `version` of `dev_accuracy`:
+    more accurate, or as accurate and registered later. A holder without the tag never does."""
+    held = holder.tags.get(SELECTION_TAG)
+    if held is None:
+        return False
+    mine = float(f"{dev_accuracy:.6f}")  # as the tag holds it
+    return (float(held), int(holder.version)) > (mine, int(version))
+
+
+def champion_version(client: MlflowClient, name: str):
+    """The version `champion` points at (a ModelVersion), or None when there is none yet."""
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:
-        return None  # no champion yet
-    value = champion.tags.get(SELECTION_TAG)
+        return None
+
+
+def current_champion_accuracy(client: MlflowClient, name: str) -> float | None:
+    champion = champion_version(client, name)
+    value = champion.tags.get(SELECTION_TAG) if champion is not None else None
     return float(value) if value is not None else None

@@ -1,4 +1,5 @@
-"""Unlabeled text that is also dev or test text: left out of stage 2 and counted.
+"""Unlabeled text that is also dev or test text: left out of stage 2 and counted; dev or test text that is
+also training text: counted, with a warning.
 
 Stage 2 distils the teacher into the students on the unlabeled corpus; the exit knob is then chosen on dev and
 the model reported on test. A dev or test text inside the corpus would make both a measurement on text the
@@ -64,5 +65,27 @@ def warn_overlap(count: int) -> None:
         warnings.warn(
             f"{count} row(s) of the unlabeled corpus are dev or test texts: left out of stage 2, so the knob "
             "chosen on dev and the test numbers are not measured on text the students were distilled on",
+            stacklevel=2,
+        )
+
+
+def eval_rows_in_train(splits: LabeledSplits) -> dict[str, int]:
+    """Dev and test rows whose text is (exactly) a training text: {"dev": n, "test": n}."""
+    train = frozenset(map(text_key, splits.train["text"].to_pylist()))
+    return {
+        name: sum(overlapping(split["text"].to_pylist(), train))
+        for name, split in (("dev", splits.dev), ("test", splits.test))
+    }
+
+
+def warn_eval_in_train(counts: dict[str, int], splits: LabeledSplits) -> None:
+    """A warning with the counts when dev or test rows repeat training texts (duplicates in the labeled
+    data): the model is measured, and the knob chosen, partly on texts it was trained on."""
+    sizes = {"dev": splits.dev.num_rows, "test": splits.test.num_rows}
+    named = [f"{counts[name]} of {sizes[name]} {name} rows" for name in ("dev", "test") if counts[name]]
+    if named:
+        warnings.warn(
+            f"{' and '.join(named)} have a text that is also a training text: the test accuracy and the "
+            "knob chosen on dev partly measure texts the model was trained on (deduplicate the labeled data)",
             stacklevel=2,
         )

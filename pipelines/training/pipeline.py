@@ -31,7 +31,13 @@ from pipelines.errors import UserError
 from pipelines.evaluation.final import FinalEvaluation, evaluate_trained_model, log_final_evaluation
 from pipelines.evaluation.results import ChosenSetting
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
-from pipelines.training.eval_overlap import count_overlap, eval_text_keys, warn_overlap
+from pipelines.training.eval_overlap import (
+    count_overlap,
+    eval_rows_in_train,
+    eval_text_keys,
+    warn_eval_in_train,
+    warn_overlap,
+)
 from pipelines.training.features import cached_features, training_features, unlabeled_files
 from pipelines.training.stages import stage_named
 from pipelines.training.trainer import build_trainer
@@ -194,23 +200,45 @@ def local_model_dir(checkpoint: Checkpoint, destination: Path) -> Path:
     return destination
 
 
-def run_training(config: TrainConfig) -> TrainingSummary:
-    """Run the whole training job; returns the summary that jobs/train.py prints."""
-    started = time.time()
-    splits = load_labeled_splits(config.data)  # every data error surfaces here, before any training
+@dataclasses.dataclass(frozen=True)
+class TrainingInputs:
+    """What the job trains on, read and checked before Ray starts (`check_inputs`)."""
+
+    splits: LabeledSplits
+    encoder: str
+    overlap: int  # unlabeled rows dropped because a dev or test text equals them
+    in_train: dict[str, int]  # dev and test rows whose text is also a training text
+
+
+def check_inputs(config: TrainConfig) -> TrainingInputs:
+    """Read and check every input (the encoder, the labeled splits, the unlabeled corpus's files, columns
+    and footers) without Ray: a bad one raises UserError before anything starts; overlaps are counted and
+    warned about."""
+    encoder = training_encoder(config)
+    check_encoder(config, encoder)  # an encoder the model or the chosen runtime cannot run: refused first
+    splits = load_labeled_splits(config.data)
+    in_train = eval_rows_in_train(splits)
+    warn_eval_in_train(in_train, splits)
     overlap = 0
     if any(stage_named(stage).learns_from_unlabeled for stage in config.stages()):
-        files, filesystem, column = unlabeled_files(config, splits)  # its files, columns and footers too
+        files, filesystem, column = unlabeled_files(config, splits)
         overlap = count_overlap(files, filesystem, column, eval_text_keys(splits))
         warn_overlap(overlap)
-    encoder = training_encoder(config)
-    check_encoder(config, encoder)  # an encoder the model or the chosen runtime cannot run: refused here
+    return TrainingInputs(splits, encoder, overlap, in_train)
+
+
+def run_training(config: TrainConfig, inputs: TrainingInputs | None = None) -> TrainingSummary:
+    """Run the whole training job on `inputs` (default: checked here); returns the summary that
+    jobs/train.py prints."""
+    started = time.time()
+    inputs = inputs or check_inputs(config)  # every data error surfaces here, before any training
+    splits, encoder = inputs.splits, inputs.encoder
     tracking_uri = resolve_tracking_uri(config.tracking)
     setup_tracking(tracking_uri, config.tracking.experiment_name)
     with mlflow.start_run(
         run_name=config.run_name or f"{config.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
     ) as parent:
-        log_run_inputs(config, splits, encoder, overlap)
+        log_run_inputs(config, splits, encoder, inputs.overlap, inputs.in_train)
         checkpoint, stages = None, config.stages()
         if config.tune.enabled:
             checkpoint = run_tuned_first_stage(config, splits, encoder, parent.info.run_id, tracking_uri)
@@ -220,9 +248,7 @@ def run_training(config: TrainConfig) -> TrainingSummary:
                 stage, config, splits, encoder, checkpoint, parent.info.run_id, tracking_uri
             )
         final, info, registered = finish_model(config, splits, checkpoint, parent.info.run_id)
-        summary = make_summary(
-            config, final, info.model_uri, registered, parent.info.run_id, started, overlap
-        )
+        summary = make_summary(config, final, info.model_uri, registered, parent.info.run_id, started, inputs)
         mlflow.log_dict(summary.to_dict(), "summary.json")
     return summary
 
@@ -247,7 +273,9 @@ def check_encoder(config: TrainConfig, encoder: str) -> None:
         raise UserError(str(error)) from None
 
 
-def log_run_inputs(config: TrainConfig, splits: LabeledSplits, encoder: str, overlap: int) -> None:
+def log_run_inputs(
+    config: TrainConfig, splits: LabeledSplits, encoder: str, overlap: int, in_train: dict[str, int]
+) -> None:
     """The job's parameters, row counts and label map on the parent MLflow run."""
     mlflow.log_params(
         flatten({"config": config.to_dict(), "encoder_path": encoder})
@@ -257,6 +285,8 @@ def log_run_inputs(config: TrainConfig, splits: LabeledSplits, encoder: str, ove
             "rows.test": splits.test.num_rows,
             "rows.dropped_invalid_text": splits.dropped_invalid_text,
             "rows.unlabeled_overlapping_eval": overlap,
+            "rows.dev_texts_in_train": in_train["dev"],
+            "rows.test_texts_in_train": in_train["test"],
         }
     )
     mlflow.log_dict({"labels": list(splits.labels)}, "label_map.json")
@@ -324,6 +354,7 @@ class TrainingSummary:
     registered: dict | None
     seconds: float
     unlabeled_overlapping_eval: int  # unlabeled rows dropped because a dev or test text equals them
+    eval_texts_in_train: dict[str, int]  # {"dev": n, "test": n}: rows whose text is also a training text
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -336,7 +367,7 @@ def make_summary(
     registered: dict | None,
     run_id: str,
     started: float,
-    overlap: int,
+    inputs: TrainingInputs,
 ) -> TrainingSummary:
     test, chosen = final.test, final.chosen
     point, oracle = test.default_policy, test.oracle
@@ -370,7 +401,8 @@ def make_summary(
         model_uri=model_uri,
         registered=registered,
         seconds=round(time.time() - started, 1),
-        unlabeled_overlapping_eval=overlap,
+        unlabeled_overlapping_eval=inputs.overlap,
+        eval_texts_in_train=inputs.in_train,
     )
 
 

@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from jobs import score, train
+from tests.conftest import labeled_table
 
 ROOT = Path(__file__).resolve().parents[2]
 APPS = {"score.py": score.app, "train.py": train.app}
@@ -61,6 +64,12 @@ def test_each_job_refuses_a_bad_value_in_a_fresh_process(tmp_path):
     assert_refused(run(score_dir, "score.py", *score_args), "threshold=-1.0 must be a number", score_dir)
     refused = run(train_dir, "train.py", "--set", "model.threshold=1.5")
     assert_refused(refused, "threshold=1.5 must be a number in [0, 1]", train_dir)
+    data_dir, run_dir = tmp_path / "data", tmp_path / "run"
+    data_dir.mkdir(), run_dir.mkdir()
+    table = labeled_table()
+    pq.write_table(table.set_column(1, "label", pa.array([""] * table.num_rows)), data_dir / "blank.parquet")
+    refused = run(run_dir, "train.py", "--train-path", str(data_dir / "blank.parquet"))
+    assert_refused(refused, f"{str(data_dir / 'blank.parquet')!r}: 240 row(s) have an empty 'label'", run_dir)
 
 
 @pytest.mark.parametrize(

@@ -122,3 +122,68 @@ def test_default_unlabeled_corpus_holds_only_training_paragraphs_shuffled(tmp_pa
     assert not list(tmp_path.rglob("*.tmp"))
     assert unlabeled_path(DataConfig(cache_dir=str(tmp_path), train_path="x.parquet"), splits) is None
     assert unlabeled_path(DataConfig(train_path="x.parquet", unlabeled_path="c/"), splits) == "c/"
+
+
+def test_numeric_and_categorical_labels_are_class_names(tmp_path):
+    table = labeled_table()
+    numbers = pa.array([{"neg": 0, "mid": 1, "pos": 2}[x] for x in table["label"].to_pylist()])
+    path = write(tmp_path, "n.parquet", table.set_column(1, "label", numbers))
+    assert load_labeled_splits(DataConfig(train_path=path)).labels == ("0", "1", "2")
+    categorical = write(
+        tmp_path, "c.parquet", table.set_column(1, "label", table["label"].dictionary_encode())
+    )
+    assert load_labeled_splits(DataConfig(train_path=categorical)).labels == ("mid", "neg", "pos")
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (lambda n: pa.array([""] * 3 + ["pos"] * (n - 3)),
+         r"3 row\(s\) have an empty 'label' \(first rows \[0, 1, 2\]\)"),
+        (lambda n: pa.array(["  "] * n), rf"{240} row\(s\) have an empty 'label'"),
+        (lambda n: pa.array([None] * n, pa.string()), rf"{240} row\(s\) have a null 'label'"),
+        (lambda n: pa.array([["a"]] * n),
+         r"column 'label' must hold class names \(strings or numbers\), it holds list"),
+    ],
+)  # fmt: skip
+def test_labels_that_name_no_class_are_refused(tmp_path, labels, message):
+    table = labeled_table()
+    path = write(tmp_path, "x.parquet", table.set_column(1, "label", labels(table.num_rows)))
+    with pytest.raises(DataError, match=message):
+        load_labeled_splits(DataConfig(train_path=path))
+
+
+def test_a_label_with_no_dev_or_test_rows_is_trained_with_a_warning(tmp_path):
+    table = labeled_table()
+    labels = table["label"].to_pylist()
+    labels[7] = "rare"  # one row: a 70/15/15 split leaves it in train
+    path = write(tmp_path, "x.parquet", table.set_column(1, "label", pa.array(labels)))
+    with pytest.warns(
+        UserWarning, match=r"1 label\(s\) have training rows but no dev rows \('rare': 1"
+    ) as seen:
+        splits = load_labeled_splits(DataConfig(train_path=path))
+    assert any(
+        "no test rows ('rare': 1 training rows): the reported accuracy" in str(w.message) for w in seen
+    )
+    assert "rare" in splits.labels
+
+
+def test_dev_and_test_rows_repeating_training_texts_are_counted_with_a_warning(tmp_path):
+    from pipelines.training.eval_overlap import eval_rows_in_train, warn_eval_in_train
+
+    table = labeled_table()
+    repeated = pa.concat_tables([table, table.slice(0, 40)])  # 40 texts twice: some land in dev and test
+    splits = load_labeled_splits(DataConfig(train_path=write(tmp_path, "x.parquet", repeated)))
+    counts = eval_rows_in_train(splits)
+    train = set(splits.train["text"].to_pylist())
+    assert counts == {
+        name: sum(t in train for t in split["text"].to_pylist())
+        for name, split in (("dev", splits.dev), ("test", splits.test))
+    }
+    assert counts["dev"] + counts["test"] > 0
+    with pytest.warns(
+        UserWarning, match=rf"{counts['test']} of {splits.test.num_rows} test rows have a text"
+    ):
+        warn_eval_in_train(counts, splits)
+    clean = load_labeled_splits(DataConfig(train_path=write(tmp_path, "y.parquet", table)))
+    assert eval_rows_in_train(clean) == {"dev": 0, "test": 0}

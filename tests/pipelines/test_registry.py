@@ -1,0 +1,79 @@
+"""Registering: trainings that register one name at once (separate processes, one real sqlite store) each
+get their own version; `candidate` ends on one of them and `champion` on the most accurate."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking import CANDIDATE, CHAMPION, log_pyfunc_model, register
+
+
+def register_at_once(uri: str, model_uri: str, accuracy: float, barrier, results) -> None:
+    mlflow.set_tracking_uri(uri)
+    barrier.wait()  # every process registers at the same moment
+    results.put(register(model_uri, "shared", accuracy, {}))
+
+
+@pytest.mark.slow
+def test_trainings_registering_one_name_at_once_get_distinct_versions_and_one_champion(tmp_path, model_dir):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("registry")
+    with mlflow.start_run():
+        model_uri = log_pyfunc_model(model_dir, ["a text", "another"]).model_uri
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(3), context.Queue()
+    accuracies = [0.7, 0.9, 0.8]
+    processes = [
+        context.Process(target=register_at_once, args=(uri, model_uri, a, barrier, results))
+        for a in accuracies
+    ]
+    for process in processes:
+        process.start()
+    registered = [results.get(timeout=300) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    versions = sorted(r["version"] for r in registered)
+    assert versions == [1, 2, 3]  # one version each, none lost
+    client = MlflowClient(uri)
+    champion = client.get_model_version_by_alias("shared", CHAMPION)
+    best = next(r for r in registered if r["version"] == int(champion.version))
+    assert champion.tags["dev_accuracy"] == "0.900000"
+    assert [r["champion"] for r in registered].count(True) == 1 and best["champion"]
+    assert int(client.get_model_version_by_alias("shared", CANDIDATE).version) in versions
+    # later, one at a time: as accurate as the champion takes it over; less accurate does not
+    assert register(model_uri, "shared", 0.9, {})["champion"]
+    assert not register(model_uri, "shared", 0.85, {})["champion"]
+    assert str(client.get_model_version_by_alias("shared", CHAMPION).version) == "4"
+
+
+def test_a_worse_version_that_sets_champion_last_does_not_keep_it(tmp_path, model_dir):
+    """The race itself, forced: a worse version that compared before and sets `champion` just after the
+    better one did (what a second training does when both compare at once) loses it again."""
+    import threading
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("registry")
+    with mlflow.start_run():
+        model_uri = log_pyfunc_model(model_dir, ["a text", "another"]).model_uri
+    client = MlflowClient(uri)
+    worse = mlflow.register_model(model_uri, "shared").version
+    client.set_model_version_tag("shared", worse, "dev_accuracy", "0.800000")
+
+    def set_late() -> None:  # the worse training's set, after it saw no champion
+        time.sleep(0.2)
+        client.set_registered_model_alias("shared", CHAMPION, worse)
+
+    late = threading.Thread(target=set_late)
+    late.start()
+    better = register(model_uri, "shared", 0.9, {})
+    late.join()
+    assert better["champion"]
+    assert str(client.get_model_version_by_alias("shared", CHAMPION).version) == str(better["version"])
