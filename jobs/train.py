@@ -115,6 +115,7 @@ def main(
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     with one_line_errors(UserError):
         summary = run_training(train_config, inputs)
+    ray.shutdown()  # Ray Data's progress lines and the workers' last logs come out now, not after the summary
     text = summary_json(summary)
     print(text)
     if output:

@@ -16,7 +16,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 SELECTION_TAG = "dev_accuracy"  # version tag compared when promoting to champion
-CLAIM_ATTEMPTS, CLAIM_SETTLE_SECONDS = 5, 0.5  # `claim_champion`: re-reads after setting the alias
+CLAIM_ATTEMPTS, CLAIM_SETTLE_SECONDS = 5, 0.2  # `claim_champion`: re-reads after setting the alias
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 EE_MODEL_DIR = Path(__file__).resolve().parent.parent / "ee_model"
 

@@ -141,6 +141,7 @@ NO_VNNI = frozenset({"avx2", "fma"})  # an AVX2-only CPU (AMD Zen 3, Intel befor
 WITH_VNNI = frozenset({"avx512f", "avx512_vnni"})
 
 
+@pytest.mark.slow  # an accuracy measurement: CI and the capped CI step run it
 def test_a_cpu_without_vnni_gets_7_bit_weights_that_hold_agreement(fp32_and_int8, tmp_path):
     """Without int8 dot products ONNX Runtime sums u8 x s8 pairs in 16 bits and saturates (agreement
     98.4-98.8 % on an emulated Zen 3, test_int8_without_vnni.py); 7-bit weights cannot saturate. The

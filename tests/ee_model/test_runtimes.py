@@ -328,6 +328,7 @@ def test_openvino_layers_return_hidden_states_in_their_boundary_dtype(fp32_model
         assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
 
 
+@pytest.mark.slow  # an accuracy measurement: CI and the capped CI step run it
 def test_openvino_int8_calibrated_on_too_few_rows_is_rebuilt_when_more_come(fp32_model, tmp_path):
     """Layers calibrated on fewer than CALIBRATION_ROWS texts (a first input of 5 rows) are built, with a
     warning, and kept only until a build is given more: the calibration is part of what the cache checks."""
@@ -350,6 +351,7 @@ def test_openvino_int8_calibrated_on_too_few_rows_is_rebuilt_when_more_come(fp32
     with_runtime(copy.deepcopy(fp32), runtime, folder, threads=1)
 
 
+@pytest.mark.slow  # an accuracy measurement: CI and the capped CI step run it
 def test_openvino_int8_on_a_cpu_without_vnni_keeps_the_attention_in_float(fp32_model, tmp_path):
     """Without int8 dot products the attention's activation x activation products saturate (96 % agreement on
     an emulated Zen 3, test_int8_without_vnni.py): for such a CPU they stay unquantised and the weights get

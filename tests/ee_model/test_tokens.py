@@ -1,6 +1,8 @@
 """Token ids as flat arrays: the fast tokenizer call gives the ids `tokenizer(...)` gives; padding and taking
 rows are exact."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,7 @@ def test_encode_pads_with_the_pad_id_on_the_right(tiny_model):
     assert batch["attention_mask"].tolist() == expected["attention_mask"]
 
 
+@functools.cache
 def trained_tokenizer(kind: str):
     """A fast tokenizer of `kind` (byte-level BPE as RoBERTa's, Unigram over Metaspace as
     SentencePiece's), trained here on the tests' texts: no hub."""
@@ -125,6 +128,7 @@ def test_long_texts_are_cut_before_tokenizing_and_keep_their_ids(tiny_model, kin
     assert all(c == t for c, t in zip(cut, texts, strict=True) if len(t) <= budget)
 
 
+@pytest.mark.slow  # an accuracy measurement: CI and the capped CI step run it
 def test_a_10_mb_row_costs_what_its_kept_tokens_cost(tiny_model, tmp_path):
     """Time and memory bounded by the tokens kept: a 1 MB and a 10 MB row tokenize to the ids of their
     first 2 KB, within twice a 2 KB row's time, and the 10 MB row adds under 64 MB to the process (whole,

@@ -67,8 +67,15 @@ def test_a_worse_version_that_sets_champion_last_does_not_keep_it(tmp_path, mode
     worse = mlflow.register_model(model_uri, "shared").version
     client.set_model_version_tag("shared", worse, "dev_accuracy", "0.800000")
 
-    def set_late() -> None:  # the worse training's set, after it saw no champion
-        time.sleep(0.2)
+    def set_late() -> None:  # the worse training's set, after it saw no champion, just after the better's
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if str(client.get_model_version_by_alias("shared", CHAMPION).version) != str(worse):
+                    break
+            except mlflow.exceptions.MlflowException:
+                pass  # no champion yet
+            time.sleep(0.01)
         client.set_registered_model_alias("shared", CHAMPION, worse)
 
     late = threading.Thread(target=set_late)
@@ -77,3 +84,29 @@ def test_a_worse_version_that_sets_champion_last_does_not_keep_it(tmp_path, mode
     late.join()
     assert better["champion"]
     assert str(client.get_model_version_by_alias("shared", CHAMPION).version) == str(better["version"])
+
+
+def test_a_store_path_with_spaces_logs_registers_and_resolves(tmp_path, model_dir, monkeypatch):
+    """An MLflow store (sqlite) and artifacts under a folder named with spaces and non-ASCII characters,
+    given as the relative sqlite URI users write: the model logs, registers, resolves by alias for scoring
+    and loads as a pyfunc."""
+    import pandas as pd
+
+    from pipelines.config import TrackingConfig, resolve_tracking_uri
+    from pipelines.model_source import resolve_model
+
+    folder = tmp_path / "my mlflow störe"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    uri = resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:///mlflow db.sqlite"))
+    assert uri == f"sqlite:///{folder}/mlflow db.sqlite"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("spaced")
+    with mlflow.start_run():
+        model_uri = log_pyfunc_model(model_dir, ["a text", "another"]).model_uri
+    registered = register(model_uri, "spaced", 0.5, {})
+    assert registered["champion"] and (folder / "mlflow db.sqlite").is_file()
+    source = resolve_model("models:/spaced@champion", tmp_path / "download here")
+    assert source.version == "1" and (source.directory / "ee_config.json").is_file()
+    out = mlflow.pyfunc.load_model("models:/spaced@champion").predict(pd.DataFrame({"text": ["a", None]}))
+    assert out["error"].tolist() == [None, "null text"]
