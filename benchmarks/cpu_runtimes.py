@@ -25,7 +25,7 @@ torch-fp32 and to the fastest plain scorer, label agreement with fp32 at full de
 --as-cpu-without-bf16 runs as on a CPU with AVX512-VNNI but no bf16 or AMX: the process re-executes
 itself with ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI (PyTorch's oneDNN kernels), OpenVINO is set as it would run on
 such a CPU (f32 hint: it reads the CPU's flags itself and ignores the oneDNN cap), and the bf16 scorers are
-left out.
+left out. A CPU without bf16 units, or capped below them (ONEDNN_MAX_CPU_ISA=AVX2), is run the same way.
 
     python benchmarks/cpu_runtimes.py --model /path/to/quick/model --rows 2000 --threads 1
 """
@@ -172,7 +172,11 @@ def run(args) -> dict:
     from ee_model import EarlyExitClassifier, ExitSetting
 
     torch.set_num_threads(args.threads)
-    capped = args.as_cpu_without_bf16
+    from ee_model.cpu_support import cpu_support
+
+    # without bf16 units (this CPU's, or as capped by ONEDNN_MAX_CPU_ISA): no bf16 scorer (it would only be
+    # emulated), and OpenVINO told to run f32 (its default reads the CPU's own flags, past a oneDNN cap)
+    capped = args.as_cpu_without_bf16 or not cpu_support().has_bf16
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         if args.corpus:
