@@ -99,15 +99,17 @@ class PlainScorer:
 
 class PlainOpenVinoScorer(PlainScorer):
     """Baselines (d) and (d'): the plain model converted to OpenVINO (`common.plain_openvino`, saved as IR at
-    `xml`), compiled with no settings but the actor's threads, as a user runs it; rows tokenised and sorted
+    `xml`), compiled with no settings but the actor's threads (and f32 where the CPU has no bf16 units:
+    `openvino_layers.plain_config`), as a user runs it; rows tokenised and sorted
     as (c') does."""
 
     def __init__(self, xml: str, model_dir: str, max_length: int, cpus: float, batch_size: int) -> None:
         import openvino as ov
 
         from ee_model import EarlyExitClassifier
+        from ee_model.openvino_layers import plain_config
 
-        config = {"INFERENCE_NUM_THREADS": max(1, int(cpus)), "PERFORMANCE_HINT": "LATENCY"}
+        config = {"INFERENCE_NUM_THREADS": max(1, int(cpus)), "PERFORMANCE_HINT": "LATENCY", **plain_config()}
         self.request = ov.Core().compile_model(xml, "CPU", config).create_infer_request()
         self.tokenizer = EarlyExitClassifier.from_pretrained(model_dir).tokenizer
         self.max_length, self.batch_size = max_length, batch_size

@@ -308,6 +308,14 @@ class OpenVinoLayer(nn.Module):
         return ov.Tensor(tensor.numpy(), shared_memory=True)
 
 
+def plain_config(support: CpuSupport | None = None) -> dict:
+    """What an OpenVINO model compiled with its defaults must be told on this CPU to run at all: f32 where
+    the CPU (as oneDNN is capped) has no bf16 units. OpenVINO reads the CPU's own flags, past a
+    ONEDNN_MAX_CPU_ISA cap, picks bf16 on a bf16 CPU, and its capped kernels then refuse those nodes; on a CPU
+    without bf16 its default is f32 anyway. Nothing elsewhere."""
+    return {} if (support or cpu_support()).has_bf16 else {"INFERENCE_PRECISION_HINT": "f32"}
+
+
 def boundary_dtype(precision: str, hint: str | None = None, support: CpuSupport | None = None) -> torch.dtype:
     """The dtype hidden states cross a layer's boundary in: bf16 where the layers compute in bf16 or int8 on a
     CPU with bf16 (what the quantiser leaves runs in bf16 there), else float32 (measured: docs/results.md)."""
