@@ -450,7 +450,6 @@ def memory_run(rows: int, scratch: Path, row_bytes: int | None = None, model: st
         "rows": rows,
         "row_bytes": row_bytes or round(float(np.mean([len(t) for t in texts])), 1),
         **{f"peak_{key}_mib": round(value / 2**20, 1) for key, value in peaks.items()},
-        "peak_rss_mib": round(peaks["tree_rss"] / 2**20, 1),
         "seconds": round(time.perf_counter() - start, 1),
         "rows_scored": summary["rows_scored"],
         "rows_per_s": summary["rows_per_s"],
@@ -469,13 +468,15 @@ def process_tree_peaks(pid: int) -> tuple[int, int, int, int]:
     rss = pss = driver = worker = 0
     for process in [root, *children]:
         try:
-            info, title = process.memory_full_info(), " ".join(process.cmdline()[:1])
+            info, command = process.memory_full_info(), process.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         rss, pss = rss + info.rss, pss + info.pss
         if process.pid == pid:
             driver = info.pss
-        elif title.startswith("ray::") and "IDLE" not in title:  # a task or actor worker (setproctitle)
+        elif (
+            command and command[0].startswith("ray::") and "IDLE" not in command[0]
+        ):  # a task or actor worker (setproctitle)
             worker = max(worker, info.pss)
     return rss, pss, driver, worker
 
@@ -566,8 +567,9 @@ def main() -> None:
         )
         for m in record["memory"]:
             print(
-                f"| {m['rows']} | {m['row_bytes']} | {m['peak_tree_pss_mib']} / {m['peak_driver_pss_mib']} / "
-                f"{m['peak_worker_pss_mib']} | {m['peak_rss_mib']} | {m['seconds']} | {m['rows_per_s']} |"
+                f"| {m['rows']} | {m['row_bytes']} | {m['peak_tree_pss_mib']} / {m['peak_driver_pss_mib']} "
+                f"/ {m['peak_worker_pss_mib']} | {m['peak_tree_rss_mib']} | {m['seconds']} "
+                f"| {m['rows_per_s']} |"
             )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))

@@ -62,11 +62,7 @@ def read_labeled(path: str, text_column: str, label_column: str) -> pa.Table:
     except (OSError, pa.ArrowException) as error:
         raise DataError(f"cannot read parquet at {path!r}: {error}") from error
     labels = table[label_column]
-    if labels.null_count:
-        rows = np.flatnonzero(pc.is_null(labels).to_numpy(zero_copy_only=False))[:5].tolist()
-        raise DataError(
-            f"{path!r}: {labels.null_count} row(s) have a null {label_column!r} (first rows {rows})"
-        )
+    refuse_rows(pc.is_null(labels), path, f"a null {label_column!r}")
     texts = table[text_column]
     if not is_text_type(texts.type) or is_binary_text(texts.type):
         raise DataError(f"{path!r}: column {text_column!r} must hold strings, it holds {texts.type}")
@@ -86,13 +82,15 @@ def label_names(labels: pa.ChunkedArray, path: str, label_column: str) -> pa.Chu
             f"{labels.type}"
         )
     names = labels.cast(pa.string())
-    blank = pc.equal(pc.utf8_trim_whitespace(names), "").to_numpy(zero_copy_only=False)
-    if blank.any():
-        rows = np.flatnonzero(blank)[:5].tolist()
-        raise DataError(
-            f"{path!r}: {int(blank.sum())} row(s) have an empty {label_column!r} (first rows {rows})"
-        )
+    refuse_rows(pc.equal(pc.utf8_trim_whitespace(names), ""), path, f"an empty {label_column!r}")
     return names
+
+
+def refuse_rows(mask: pa.ChunkedArray, path: str, what: str) -> None:
+    """DataError naming how many rows of `path` have `what` (where `mask` is true) and the first of them."""
+    rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+    if len(rows):
+        raise DataError(f"{path!r}: {len(rows)} row(s) have {what} (first rows {rows[:5].tolist()})")
 
 
 def drop_invalid_texts(table: pa.Table) -> tuple[pa.Table, int]:

@@ -238,7 +238,7 @@ def run_training(config: TrainConfig, inputs: TrainingInputs | None = None) -> T
     with mlflow.start_run(
         run_name=config.run_name or f"{config.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
     ) as parent:
-        log_run_inputs(config, splits, encoder, inputs.overlap, inputs.in_train)
+        log_run_inputs(config, inputs)
         checkpoint, stages = None, config.stages()
         if config.tune.enabled:
             checkpoint = run_tuned_first_stage(config, splits, encoder, parent.info.run_id, tracking_uri)
@@ -273,20 +273,19 @@ def check_encoder(config: TrainConfig, encoder: str) -> None:
         raise UserError(str(error)) from None
 
 
-def log_run_inputs(
-    config: TrainConfig, splits: LabeledSplits, encoder: str, overlap: int, in_train: dict[str, int]
-) -> None:
+def log_run_inputs(config: TrainConfig, inputs: TrainingInputs) -> None:
     """The job's parameters, row counts and label map on the parent MLflow run."""
+    splits = inputs.splits
     mlflow.log_params(
-        flatten({"config": config.to_dict(), "encoder_path": encoder})
+        flatten({"config": config.to_dict(), "encoder_path": inputs.encoder})
         | {
             "rows.train": splits.train.num_rows,
             "rows.dev": splits.dev.num_rows,
             "rows.test": splits.test.num_rows,
             "rows.dropped_invalid_text": splits.dropped_invalid_text,
-            "rows.unlabeled_overlapping_eval": overlap,
-            "rows.dev_texts_in_train": in_train["dev"],
-            "rows.test_texts_in_train": in_train["test"],
+            "rows.unlabeled_overlapping_eval": inputs.overlap,
+            "rows.dev_texts_in_train": inputs.in_train["dev"],
+            "rows.test_texts_in_train": inputs.in_train["test"],
         }
     )
     mlflow.log_dict({"labels": list(splits.labels)}, "label_map.json")
