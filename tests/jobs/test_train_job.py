@@ -80,6 +80,8 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
         "stage1.learning_rate=5e-3",
         "--set",
         "stage2.learning_rate=1e-2",
+        "--set",  # timed in the default-resources job and the newer families' (eval.precision=auto)
+        "eval.wallclock_rows=0",
     )
     assert summary["registered"]["version"] == 1 and summary["registered"]["champion"] is True
     assert summary["test_accuracy_full_depth"] > 0.6
