@@ -17,12 +17,13 @@ starting Ray), new files are scored, and a file keeps the output it was first sc
 glob names it later; outputs whose input file is gone are reported (--remove-orphans deletes them). Prints a
 JSON summary.
 
-The threshold stored with the model was chosen on its labeled dev split. For a corpus of another kind,
---calibrate-rows N chooses it on N rows drawn at random from this input instead (one full-depth pass, no
-labels; --calibration-seed to repeat a draw) so that
-early-exit labels agree with the full model's on >= --min-agreement of the corpus with probability
->= 1 - --delta (a one-sided Clopper-Pearson bound on the sample; with N too small for that, full depth); a
-choice that meets the target is pinned in the output folder, and every run that uses it prints its promise.
+The knob stored with the model was certified by its training run on that run's rows. By default
+(--calibrate-rows auto) an input of >= 20,000 rows has it chosen on itself instead: on 5% of its rows drawn at
+random (at most 4,000; --calibrate-rows N for N of them, --calibration-seed to repeat a draw), one full-depth
+pass, no labels, so that early-exit labels agree with the full model's on >= --min-agreement of the corpus
+with probability >= 1 - --delta (a one-sided Clopper-Pearson bound on the sample; with too few rows for that,
+full depth). A smaller input keeps the stored knob (--calibrate-rows 0 always does). The choice is pinned in
+the output folder for its later runs, and the summary's `promise` says which rows it stands on.
 """
 
 from __future__ import annotations
@@ -129,11 +130,11 @@ def main(
         ),
     ] = None,
     calibrate_rows: Annotated[
-        int | None,
+        str | None,
         typer.Option(
             help="choose S (or r, t) on this many input rows, no labels needed: the fastest agreeing with "
             "full depth on >= --min-agreement of them; pinned in <output>/_calibration for later runs. "
-            "0: the model's",
+            "auto: on 5% of an input of >= 20,000 rows (at most 4,000), else the model's; 0: the model's",
             show_default=default("calibrate_rows"),
         ),
     ] = None,

@@ -22,13 +22,35 @@ EE_MODEL_DIR = Path(__file__).resolve().parent.parent / "ee_model"
 
 
 def setup_tracking(tracking_uri: str, experiment_name: str) -> str:
-    """Point MLflow at the store and create the experiment once, in the driver, before workers start.
+    """Point MLflow at the store and create the experiment once, in the driver, before workers start; a new
+    experiment in a local sqlite store keeps its artifacts beside the database (`local_artifact_root`).
 
     Returns the experiment id.
     """
+    from mlflow.exceptions import MlflowException
+
     mlflow.set_tracking_uri(tracking_uri)
+    root = local_artifact_root(tracking_uri)
+    if root is not None and mlflow.get_experiment_by_name(experiment_name) is None:
+        try:
+            mlflow.create_experiment(experiment_name, artifact_location=root)
+        except MlflowException:  # created meanwhile by a run beside this one: use it
+            pass
     experiment = mlflow.set_experiment(experiment_name)
     return experiment.experiment_id
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """`<the database's folder>/mlruns` for a local sqlite store (MLflow's own default is `./mlruns` below
+    whatever folder the process runs in, so runs started from two folders against one store would keep
+    their artifacts in two places); None for any other store (a server gives its own)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = Path(tracking_uri[len(prefix) :])
+    if not database.is_absolute():
+        database = Path.cwd() / database
+    return (database.parent / "mlruns").as_uri()
 
 
 def start_child_run(parent_run_id: str, name: str) -> str:

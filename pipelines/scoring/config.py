@@ -52,8 +52,10 @@ class ScoreConfig:
     output_prefix: str = ""  # prepended to every output column (label -> pred_label) to keep an input `label`
     # > 0: choose the knob on this many rows of the input without labels (pipelines.scoring.calibration): the
     # fastest agreeing with full depth on >= min_agreement of them; pinned in <output>/_calibration so reruns
-    # keep it
-    calibrate_rows: int = 0
+    # keep it. "auto": so where the input is large enough to pay for it (`auto_calibration_rows`), else the
+    # model's stored knob (that choice pinned too); 0: the model's stored knob. An explicit knob (threshold,
+    # patience, risk) or policy "none" is scored as asked, never calibrated
+    calibrate_rows: int | Literal["auto"] = "auto"
     min_agreement: float = 0.99
     delta: float = 0.05  # the calibrated knob's agreement promise holds with probability >= 1 - delta
     # seed of the calibration's uniform random sample of the input rows; None: a fresh one, recorded with the
@@ -77,8 +79,7 @@ class ScoreConfig:
         self.runtime()  # an unknown, unavailable or unsupported precision / backend is refused here
         if self.output_prefix and not self.output_prefix.replace("_", "").isalnum():
             raise ValueError(f"output_prefix={self.output_prefix!r} must be letters, digits and '_'")
-        if self.calibrate_rows < 0:
-            raise ValueError(f"calibrate_rows={self.calibrate_rows!r} must be >= 0")
+        check_calibrate_rows(self.calibrate_rows)
         if self.calibration_seed is not None and not 0 <= self.calibration_seed < 2**32:
             raise ValueError(f"calibration_seed={self.calibration_seed!r} must be in [0, 2**32)")
         if self.calibration_seed is not None and not self.calibrate_rows:
@@ -86,9 +87,10 @@ class ScoreConfig:
         if not 0 < self.min_agreement <= 1:
             raise ValueError(f"min_agreement={self.min_agreement!r} must be in (0, 1]")
         ThresholdTarget(min_retention=self.min_agreement, delta=self.delta)  # checks delta
-        if self.calibrate_rows and self.exit.policy == "none":
+        asked = self.calibrate_rows != "auto" and self.calibrate_rows > 0
+        if asked and self.exit.policy == "none":
             raise ValueError("calibrate_rows chooses an exit knob; policy 'none' has none")
-        if self.calibrate_rows and self.exit.knobs:
+        if asked and self.exit.knobs:
             raise ValueError(
                 "calibrate_rows chooses the knob: give a threshold / patience / risk or calibrate_rows, "
                 "not both"
@@ -99,6 +101,9 @@ class ScoreConfig:
         """The config from flat values, as the CLI gives them: `policy`, `threshold`, `patience` and `risk`
         become the `exit` request, the rest are fields."""
         asked = {name: flags.pop(name) for name in EXIT_FLAGS if name in flags}
+        if isinstance(flags.get("calibrate_rows"), str) and flags["calibrate_rows"] != "auto":
+            text = flags["calibrate_rows"]
+            flags["calibrate_rows"] = int(text) if text.strip().isdigit() else text  # else refused as it is
         return cls(**flags, exit=ExitRequest(**asked))
 
     def runtime(self, model_type: str | None = None) -> tuple[Runtime, str]:
@@ -114,6 +119,12 @@ class ScoreConfig:
         return resolve_encoder_runtime(model_type, self.precision, self.backend, gpu=gpu)
 
     @property
+    def calibrates(self) -> bool:
+        """Whether the knob may be calibrated on the input: `calibrate_rows` given or "auto", no knob asked,
+        a policy that exits early (an "auto" on a small input then keeps the stored knob)."""
+        return bool(self.calibrate_rows) and not self.exit.knobs and self.exit.policy != "none"
+
+    @property
     def rows_per_task(self) -> int:
         """Rows per map_batches call: the sort window, never less than one model call."""
         return max(self.sort_rows, self.batch_size)
@@ -122,6 +133,14 @@ class ScoreConfig:
     def tokenizes_in_tasks(self) -> bool:
         """Whether a tokenising stage runs before the scoring actors (`tokenize`, "auto" resolved)."""
         return self.tokenize == "tasks" or (self.tokenize == "auto" and self.gpus_per_actor > 0)
+
+
+def check_calibrate_rows(rows: Any) -> None:
+    """calibrate_rows is "auto" or an int >= 0 (ValueError, one line)."""
+    if rows == "auto":
+        return
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"calibrate_rows={rows!r} must be 'auto' or a whole number >= 0")
 
 
 def check_output_folder(output: str) -> None:

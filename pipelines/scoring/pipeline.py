@@ -33,7 +33,13 @@ from pipelines.data import streaming_parquet_reader
 from pipelines.errors import IncompleteRun, UserError
 from pipelines.model_source import ModelFiles, ModelSource, resolve_model
 from pipelines.paths import write_text_atomically
-from pipelines.scoring.calibration import Calibration, calibrate_on_worker, sample_texts
+from pipelines.scoring.calibration import (
+    Calibration,
+    auto_calibration_rows,
+    auto_kept_reason,
+    calibrate_on_worker,
+    sample_texts,
+)
 from pipelines.scoring.config import ScoreConfig
 from pipelines.scoring.incremental import (
     OutputFolder,
@@ -296,22 +302,41 @@ def pinned_calibration(
     inputs: list[InputFile],
     shipped_model: Callable[[], ObjectRef],
     runtime: Runtime,
-) -> tuple[Calibration, bool]:
-    """(calibration, whether it was pinned by an earlier run). The first run on an output folder calibrates on
-    a uniform random sample of the inputs' rows (`config.calibration_seed`, else a fresh seed, recorded), in a
-    Ray task with an actor's resources, and pins the result when it met its target; later runs reuse it, so
-    new files are scored with the same knob into the same output key. A calibration that met nothing is not
-    pinned: the next run draws a new sample (give more --calibrate-rows)."""
+) -> tuple[Calibration | None, bool, str | None]:
+    """(calibration, whether it was pinned by an earlier run, why the stored knob was kept); calibration None:
+    `--calibrate-rows auto` kept the model's stored knob, for the reason given. The first run on an output
+    folder calibrates on a uniform random sample of the inputs' rows (`config.calibration_seed`, else a fresh
+    seed, recorded), in a Ray task with an actor's resources, and pins the result when it met its target;
+    later runs reuse it, so new files are scored with the same knob into the same output key. A calibration
+    that met nothing is not pinned: the next run draws a new sample (give more --calibrate-rows). "auto" on an
+    input too small to pay for a calibration pins that it kept the stored knob, so the folder's later, larger
+    runs keep it too (and their outputs' key)."""
     import ray
 
     policy = config.exit.policy_of(model_config.policy)
     path = calibration_path(config, source, policy, runtime)
     if path.is_file():
-        calibration = Calibration(**json.loads(path.read_text()))
+        record = json.loads(path.read_text())
+        if "kept" in record:
+            print(
+                f"scoring with the model's stored knob, as pinned in {path}: {record['kept']}",
+                file=sys.stderr,
+            )
+            return None, True, record["kept"]
+        calibration = Calibration(**record)
         print(f"scoring with the calibration pinned in {path}: {calibration.promise}", file=sys.stderr)
-        return calibration, True
+        return calibration, True, None
+    input_rows = sum(f.rows for f in inputs)
+    rows = config.calibrate_rows
+    if rows == "auto":
+        rows = auto_calibration_rows(input_rows)
+        if not rows:
+            kept = auto_kept_reason(input_rows)
+            write_text_atomically(path, json.dumps({"kept": kept, "input_rows": input_rows}, indent=2))
+            print(kept, file=sys.stderr)
+            return None, False, kept
     seed = config.calibration_seed if config.calibration_seed is not None else secrets.randbits(32)
-    texts = sample_texts([(f.path, f.rows) for f in inputs], config.text_column, config.calibrate_rows, seed)
+    texts = sample_texts([(f.path, f.rows) for f in inputs], config.text_column, rows, seed)
     if not texts:
         raise ScoringError(
             f"no valid text to calibrate on in column {config.text_column!r} of {config.input!r}"
@@ -341,7 +366,23 @@ def pinned_calibration(
             f"calibration of {policy} (not pinned; the next run calibrates again): {calibration.reason}",
             stacklevel=2,
         )
-    return calibration, False
+    return calibration, False, None
+
+
+def stated_promise(
+    config: ScoreConfig, setting: ExitSetting, calibration: Calibration | None, kept: str | None
+):
+    """Which rows the run's promise stands on, in one line (the summary's `promise`)."""
+    if calibration is not None:
+        return calibration.promise
+    if setting.policy == "none":
+        return "full depth, as asked: every row's label is the full model's"
+    if config.exit.knobs:
+        return f"{setting} as asked: no promise about this corpus (--calibrate-rows N certifies one on it)"
+    stored = (
+        f"the model's stored {setting}, certified by its training run on that run's rows, not on this corpus"
+    )
+    return f"{stored} ({kept})" if kept else f"{stored} (--calibrate-rows 0)"
 
 
 def connect_ray(address: str | None) -> None:
@@ -417,6 +458,7 @@ class ScoringRun:
     address: str | None
     calibration: Calibration | None = None
     pinned: bool = False
+    promise: str = ""  # `stated_promise`
 
     @property
     def record(self) -> dict[str, Any]:
@@ -562,12 +604,12 @@ def settle_run(
         return ship_model(source, layers)
 
     shipped_model = functools.cache(shipped)
-    calibration, pinned = None, False
-    if config.calibrate_rows:
-        calibration, pinned = pinned_calibration(config, source, model_config, inputs, shipped_model, runtime)
-        setting = calibration.setting
-    else:
-        setting = model_config.resolve(config.exit)
+    calibration, pinned, kept = None, False, None
+    if config.calibrates:
+        calibration, pinned, kept = pinned_calibration(
+            config, source, model_config, inputs, shipped_model, runtime
+        )
+    setting = model_config.resolve(config.exit) if calibration is None else calibration.setting
     folder = OutputFolder(output / run_key(source, setting, config, runtime))
     folder.prepare()
     return ScoringRun(
@@ -582,6 +624,7 @@ def settle_run(
         address,
         calibration,
         pinned,
+        stated_promise(config, setting, calibration, kept),
     )
 
 
@@ -667,6 +710,7 @@ def run_summary(
         precision_reason=run.runtime_reason,
         started_at=round(stream.started, 3),
         calibration=calibration,
+        promise=run.promise,
         unreadable=unreadable,
         orphaned=[] if plan.orphans_removed else plan.outputs.orphaned,
         status="files_set_aside" if unreadable else "complete",
@@ -704,12 +748,13 @@ def log_scoring_run(summary: ScoringSummary, config: ScoreConfig, source: ModelS
                 "tokenize": summary.tokenize,
                 "precision": summary.precision,
                 "precision_reason": summary.precision_reason[:500],
-                "calibrate_rows": config.calibrate_rows,
+                "calibrate_rows": config.calibrate_rows if config.calibrates else 0,  # 0: not applied
                 "text_column": config.text_column,
                 "include_probs": config.include_probs,
                 "remove_orphans": config.remove_orphans,
-                "min_agreement": config.min_agreement if config.calibrate_rows else None,
-                "delta": config.delta if config.calibrate_rows else None,
+                "min_agreement": config.min_agreement if summary.calibration else None,
+                "delta": config.delta if summary.calibration else None,
+                "promise": summary.promise[:500],
             }
         )
         if summary.calibration is not None:

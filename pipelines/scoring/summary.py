@@ -121,6 +121,7 @@ class ScoringSummary:
     precision_reason: str
     started_at: float
     calibration: dict | None = None
+    promise: str = ""  # which rows the run's promise stands on (`pipelines.scoring.pipeline.stated_promise`)
     unreadable: dict[str, str] = field(default_factory=dict)
     orphaned: list[str] = field(default_factory=list)
     # "complete", or "files_set_aside" (inputs named in `unreadable` were not scored; the job exits 2)

@@ -83,6 +83,7 @@ def test_each_job_refuses_a_bad_value_in_a_fresh_process(tmp_path):
         (["--policy", "entropy", "--risk", "0.1"], "policy 'entropy' does not use risk=0.1"),
         (["--calibrate-rows", "500", "--risk", "0.1"], "calibrate_rows chooses the knob"),
         (["--calibrate-rows", "500", "--delta", "0"], "delta=0.0 must be a number in (0, 1)"),
+        (["--calibrate-rows", "lots"], "calibrate_rows='lots' must be 'auto' or a whole number >= 0"),
         (["--precision", "int4"], "precision='int4' is not one of ['auto', 'fp32', 'bf16', 'int8']"),
         (["--precision", "int8", "--backend", "torch"], "backend 'torch' does not run int8"),
         (["--precision", "int8", "--gpus-per-actor", "1"], "precision 'int8' runs on CPUs"),

@@ -67,7 +67,7 @@ def model_dir(tmp_path, tiny_encoder_dir):
 
 
 def outputs_of(folder: Path) -> dict[str, pa.Table]:
-    (key,) = [p for p in folder.iterdir() if p.is_dir()]
+    (key,) = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("_")]  # not _calibration
     return {p.name: pq.read_table(p) for p in sorted(key.glob("*.parquet"))}
 
 

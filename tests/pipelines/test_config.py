@@ -131,6 +131,26 @@ def test_score_config_calibration_excludes_a_given_knob():
             ScoreConfig.from_flags(model="m", input="i", output="o", **bad)
 
 
+def test_score_config_calibrates_by_default_unless_a_knob_or_full_depth_is_asked():
+    from pipelines.scoring.calibration import auto_calibration_rows
+    from pipelines.scoring.config import ScoreConfig
+
+    def config(**flags):
+        return ScoreConfig.from_flags(model="m", input="i", output="o", **flags)
+
+    assert config().calibrate_rows == "auto" and config().calibrates
+    assert not config(threshold=0.3).calibrates and not config(policy="none").calibrates  # as asked
+    assert not config(calibrate_rows="0").calibrates and config(calibrate_rows="250").calibrate_rows == 250
+    assert config(policy="entropy").calibrates  # a policy without a knob: its knob is calibrated
+    for bad in ("many", "-5", "1.5", -1, True, 2.5):
+        with pytest.raises(ValueError, match="calibrate_rows=.* must be 'auto' or a whole number >= 0"):
+            config(calibrate_rows=bad)
+    # auto: 5 % of an input of >= 20,000 rows, at most 4,000; fewer rows keep the stored knob
+    assert [auto_calibration_rows(n) for n in (0, 19_999, 20_000, 50_000, 80_000, 10**7)] == [
+        0, 0, 1000, 2500, 4000, 4000
+    ]  # fmt: skip
+
+
 def test_the_trained_models_policy():
     assert load_train_config().exit_policy == "risk"  # kl: entropy and margin, the exit risk fitted
     assert load_train_config(overrides={"eval": {"exit_risk_rows": 0}}).exit_policy == "entropy"

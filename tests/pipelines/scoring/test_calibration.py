@@ -179,3 +179,46 @@ def test_int8_calibration_measures_its_knob_in_the_exit_engine(tiny_encoder_dir,
     assert calibration.agreement_bound == pytest.approx(lower_bound(kept, len(texts), 0.05))
     assert calibration.agreement_bound >= 0.95 and calibration.mean_exit_layer < 3
     assert calibration.mean_exit_layer == pytest.approx(engine.exit_layer.mean())
+
+
+def test_auto_keeps_the_stored_knob_on_a_small_input_and_calibrates_a_large_one(
+    ray_local, tiny_encoder_dir, tmp_path, monkeypatch, capsys
+):
+    """`--calibrate-rows auto` (the default) at a test's scale: AUTO_MIN_ROWS 100, so an input of >= 2,000
+    rows is calibrated on 5 % of them; the choice, either way, pinned per output folder and stated in the
+    summary's `promise` and in MLflow."""
+    from pipelines.scoring import calibration
+
+    monkeypatch.setattr(calibration, "AUTO_MIN_ROWS", 100)
+    encoder = tiny_encoder_dir("bert", num_layers=3)
+    torch.manual_seed(3)
+    model = EarlyExitClassifier.from_encoder(encoder, labels=LABELS, threshold=0.95)
+    with torch.no_grad():
+        for parameter in model.heads.parameters():
+            parameter.mul_(3)
+    model_dir = str(model.save_pretrained(tmp_path / "model"))
+    write(tmp_path / "small" / "a.parquet", random_texts(300, seed=7))
+    small = score(model_dir, tmp_path / "small", tmp_path / "out", tmp_path)
+    assert small["knob"] == 0.95 and "calibration" not in small
+    assert "kept the model's stored knob: the input's 300 rows are too few" in small["promise"]
+    assert "kept the model's stored knob" in capsys.readouterr().err
+    (pinned,) = (tmp_path / "out" / "_calibration").glob("*rows-auto.json")
+    assert json.loads(pinned.read_text())["input_rows"] == 300
+    write(
+        tmp_path / "small" / "b.parquet", random_texts(2000, seed=8)
+    )  # now large: the folder keeps its knob
+    grown = score(model_dir, tmp_path / "small", tmp_path / "out", tmp_path)
+    assert grown["knob"] == 0.95 and grown["output"] == small["output"] and grown["files_skipped"] == 1
+    assert "as pinned in" in capsys.readouterr().err
+
+    write(tmp_path / "large" / "a.parquet", random_texts(2400, seed=9))
+    large = score(model_dir, tmp_path / "large", tmp_path / "out2", tmp_path, min_agreement=0.8)
+    assert large["calibration"]["rows"] == 120 and large["knob"] == large["calibration"]["knob"]
+    assert (
+        large["calibration"]["met"]
+        and f"on 120 rows drawn with seed {large['calibration']['seed']}" in (large["promise"])
+    )
+    logged = scoring_runs(model_dir).set_index("params.promise")
+    assert {small["promise"], large["promise"]} <= set(logged.index)
+    asked = score(model_dir, tmp_path / "large", tmp_path / "out3", tmp_path, threshold=0.5)
+    assert "calibration" not in asked and asked["promise"].startswith("entropy-0.5 as asked: no promise")
