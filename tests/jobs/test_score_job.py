@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from ee_model import EarlyExitClassifier
 from pipelines.model_source import weights_digest
-from pipelines.tracking import log_pyfunc_model, register
+from pipelines.tracking import log_pyfunc_model, register, setup_tracking
 from tests.conftest import LABELS, random_texts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,7 @@ def outputs_of(folder: Path) -> dict[str, pa.Table]:
 
 def test_registered_model_by_alias_in_a_fresh_process(tmp_path, model_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("registry")
+    setup_tracking(f"sqlite:///{tmp_path}/mlflow.db", "registry")
     with mlflow.start_run():
         info = log_pyfunc_model(model_dir, ["a text", "another"])
     register(info.model_uri, "tiny-scorer", dev_accuracy=0.5, tags={})

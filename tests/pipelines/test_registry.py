@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import CANDIDATE, CHAMPION, log_pyfunc_model, register
+from pipelines.tracking import CANDIDATE, CHAMPION, log_pyfunc_model, register, setup_tracking
 
 
 def register_at_once(uri: str, model_uri: str, accuracy: float, barrier, results) -> None:
@@ -21,8 +21,7 @@ def register_at_once(uri: str, model_uri: str, accuracy: float, barrier, results
 @pytest.mark.slow
 def test_trainings_registering_one_name_at_once_get_distinct_versions_and_one_champion(tmp_path, model_dir):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("registry")
+    setup_tracking(uri, "registry")
     with mlflow.start_run():
         model_uri = log_pyfunc_model(model_dir, ["a text", "another"]).model_uri
     context = multiprocessing.get_context("spawn")
@@ -59,8 +58,7 @@ def test_a_worse_version_that_sets_champion_last_does_not_keep_it(tmp_path, mode
     import time
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("registry")
+    setup_tracking(uri, "registry")
     with mlflow.start_run():
         model_uri = log_pyfunc_model(model_dir, ["a text", "another"]).model_uri
     client = MlflowClient(uri)
@@ -100,8 +98,7 @@ def test_a_store_path_with_spaces_logs_registers_and_resolves(tmp_path, model_di
     monkeypatch.chdir(folder)
     uri = resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:///mlflow db.sqlite"))
     assert uri == f"sqlite:///{folder}/mlflow db.sqlite"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("spaced")
+    setup_tracking(uri, "spaced")
     with mlflow.start_run():
         model_uri = log_pyfunc_model(model_dir, ["a text", "another"]).model_uri
     registered = register(model_uri, "spaced", 0.5, {})

@@ -17,6 +17,7 @@ from pipelines.evaluation.results import SweepPoint
 from pipelines.evaluation.sweep import evaluate_split, oracle_layers, point_from_layers, sweep
 from pipelines.evaluation.thresholds import choose_knob, lower_bound, rows_needed
 from pipelines.evaluation.wallclock import wallclock_speedups
+from pipelines.tracking import setup_tracking
 from tests.conftest import LABELS, labeled_table
 
 GRID = tuple(np.round(np.linspace(0, 1, 26), 2))
@@ -214,8 +215,8 @@ def test_mlflow_run_holds_the_table_and_plots(model_and_pass, tmp_path):
     import mlflow
 
     model, table, _ = model_and_pass
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("trade-off")  # never the active experiment id another test left behind
+    # never the active experiment id another test left behind; artifacts beside the store
+    setup_tracking(f"sqlite:///{tmp_path}/mlflow.db", "trade-off")
     config = EvalConfig(thresholds=GRID, wallclock_rows=12, wallclock_batch_sizes=(4,), precision="fp32")
     model_dir = model.save_pretrained(tmp_path / "model")
     with mlflow.start_run() as run:
@@ -308,8 +309,7 @@ def test_risk_policy_is_fitted_swept_chosen_and_stored(tiny_model, tmp_path):
     # precision auto: the knob is chosen in the runtime this machine scores in (built here, as the job does)
     config = EvalConfig(thresholds=GRID, min_retention=0.8, delta=0.2, wallclock_rows=0, exit_risk_rows=60)
     model_dir = model.save_pretrained(tmp_path / "model")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("risk")
+    setup_tracking(f"sqlite:///{tmp_path}/mlflow.db", "risk")
     with mlflow.start_run() as run:
         result = evaluate_trained_model(
             model, model_dir, table, table, config, random_texts(150, seed=4), policy="risk"
