@@ -311,21 +311,11 @@ def pinned_calibration(
     that met nothing is not pinned: the next run draws a new sample (give more --calibrate-rows). "auto" on an
     input too small to pay for a calibration pins that it kept the stored knob, so the folder's later, larger
     runs keep it too (and their outputs' key)."""
-    import ray
-
     policy = config.exit.policy_of(model_config.policy)
     path = calibration_path(config, source, policy, runtime)
     if path.is_file():
-        record = json.loads(path.read_text())
-        if "kept" in record:
-            print(
-                f"scoring with the model's stored knob, as pinned in {path}: {record['kept']}",
-                file=sys.stderr,
-            )
-            return None, True, record["kept"]
-        calibration = Calibration(**record)
-        print(f"scoring with the calibration pinned in {path}: {calibration.promise}", file=sys.stderr)
-        return calibration, True, None
+        calibration, kept = read_pinned(path)
+        return calibration, True, kept
     input_rows = sum(f.rows for f in inputs)
     rows = config.calibrate_rows
     if rows == "auto":
@@ -335,6 +325,41 @@ def pinned_calibration(
             write_text_atomically(path, json.dumps({"kept": kept, "input_rows": input_rows}, indent=2))
             print(kept, file=sys.stderr)
             return None, False, kept
+    calibration = calibrated_on_sample(config, inputs, rows, policy, shipped_model, runtime)
+    if calibration.met:
+        write_text_atomically(path, json.dumps(calibration.to_dict(), indent=2))  # a kill pins nothing or all
+        print(f"calibrated and pinned in {path}: {calibration.promise}", file=sys.stderr)
+    else:
+        warnings.warn(
+            f"calibration of {policy} (not pinned; the next run calibrates again): {calibration.reason}",
+            stacklevel=2,
+        )
+    return calibration, False, None
+
+
+def read_pinned(path: Path) -> tuple[Calibration | None, str | None]:
+    """A pinned choice, said on stderr: (its calibration, None), or (None, why the stored knob was kept)."""
+    record = json.loads(path.read_text())
+    if "kept" in record:
+        print(f"scoring with the model's stored knob, as pinned in {path}: {record['kept']}", file=sys.stderr)
+        return None, record["kept"]
+    calibration = Calibration(**record)
+    print(f"scoring with the calibration pinned in {path}: {calibration.promise}", file=sys.stderr)
+    return calibration, None
+
+
+def calibrated_on_sample(
+    config: ScoreConfig,
+    inputs: list[InputFile],
+    rows: int,
+    policy: str,
+    shipped_model: Callable[[], ObjectRef],
+    runtime: Runtime,
+) -> Calibration:
+    """The knob calibrated on `rows` rows drawn at random from `inputs` (`config.calibration_seed`, else a
+    fresh seed, recorded in the result), in a Ray task with an actor's resources and runtime."""
+    import ray
+
     seed = config.calibration_seed if config.calibration_seed is not None else secrets.randbits(32)
     texts = sample_texts([(f.path, f.rows) for f in inputs], config.text_column, rows, seed)
     if not texts:
@@ -357,16 +382,7 @@ def pinned_calibration(
             runtime.name,
         )
     )
-    calibration = dataclasses.replace(calibration, seed=seed)
-    if calibration.met:
-        write_text_atomically(path, json.dumps(calibration.to_dict(), indent=2))  # a kill pins nothing or all
-        print(f"calibrated and pinned in {path}: {calibration.promise}", file=sys.stderr)
-    else:
-        warnings.warn(
-            f"calibration of {policy} (not pinned; the next run calibrates again): {calibration.reason}",
-            stacklevel=2,
-        )
-    return calibration, False, None
+    return dataclasses.replace(calibration, seed=seed)
 
 
 def stated_promise(
