@@ -468,15 +468,13 @@ def process_tree_peaks(pid: int) -> tuple[int, int, int, int]:
     rss = pss = driver = worker = 0
     for process in [root, *children]:
         try:
-            info, command = process.memory_full_info(), process.cmdline()
+            info, title = process.memory_full_info(), (process.cmdline() or [""])[0]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         rss, pss = rss + info.rss, pss + info.pss
         if process.pid == pid:
             driver = info.pss
-        elif (
-            command and command[0].startswith("ray::") and "IDLE" not in command[0]
-        ):  # a task or actor worker (setproctitle)
+        elif title.startswith("ray::") and "IDLE" not in title:  # a task or actor worker (setproctitle)
             worker = max(worker, info.pss)
     return rss, pss, driver, worker
 

@@ -316,9 +316,9 @@ def pinned_calibration(
     if path.is_file():
         calibration, kept = read_pinned(path)
         return calibration, True, kept
-    input_rows = sum(f.rows for f in inputs)
     rows = config.calibrate_rows
     if rows == "auto":
+        input_rows = sum(f.rows for f in inputs)
         rows = auto_calibration_rows(input_rows)
         if not rows:
             kept = auto_kept_reason(input_rows)
@@ -387,7 +387,7 @@ def calibrated_on_sample(
 
 def stated_promise(
     config: ScoreConfig, setting: ExitSetting, calibration: Calibration | None, kept: str | None
-):
+) -> str:
     """Which rows the run's promise stands on, in one line (the summary's `promise`)."""
     if calibration is not None:
         return calibration.promise

@@ -54,15 +54,21 @@ def test_calibration_sample_is_uniform_over_files_and_row_groups_and_seeded(tmp_
     assert counts.min() > 520 and counts.max() < 680  # 600 each expected; 4.4 standard deviations
 
 
-def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_encoder_dir, tmp_path):
-    encoder = tiny_encoder_dir("bert", num_layers=3)
+def sharp_model(tiny_encoder_dir, tmp_path) -> str:
+    """A saved 3-layer entropy model (S = 0.95) with sharper heads: entropies spread over [0, 1], so S really
+    trades agreement for speed."""
     torch.manual_seed(3)
-    model = EarlyExitClassifier.from_encoder(encoder, labels=LABELS, threshold=0.95)
-    # sharper heads: entropies spread over [0, 1], so S really trades agreement for speed
+    model = EarlyExitClassifier.from_encoder(
+        tiny_encoder_dir("bert", num_layers=3), labels=LABELS, threshold=0.95
+    )
     with torch.no_grad():
         for parameter in model.heads.parameters():
             parameter.mul_(3)
-    model_dir = str(model.save_pretrained(tmp_path / "model"))
+    return str(model.save_pretrained(tmp_path / "model"))
+
+
+def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_encoder_dir, tmp_path):
+    model_dir = sharp_model(tiny_encoder_dir, tmp_path)
     texts = random_texts(300, seed=7) + [None, ""]
     write(tmp_path / "in" / "a.parquet", texts)
     first = score(
@@ -190,13 +196,7 @@ def test_auto_keeps_the_stored_knob_on_a_small_input_and_calibrates_a_large_one(
     from pipelines.scoring import calibration
 
     monkeypatch.setattr(calibration, "AUTO_MIN_ROWS", 100)
-    encoder = tiny_encoder_dir("bert", num_layers=3)
-    torch.manual_seed(3)
-    model = EarlyExitClassifier.from_encoder(encoder, labels=LABELS, threshold=0.95)
-    with torch.no_grad():
-        for parameter in model.heads.parameters():
-            parameter.mul_(3)
-    model_dir = str(model.save_pretrained(tmp_path / "model"))
+    model_dir = sharp_model(tiny_encoder_dir, tmp_path)
     write(tmp_path / "small" / "a.parquet", random_texts(300, seed=7))
     small = score(model_dir, tmp_path / "small", tmp_path / "out", tmp_path)
     assert small["knob"] == 0.95 and "calibration" not in small
