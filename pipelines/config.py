@@ -262,6 +262,11 @@ class EvalConfig:
     risks: tuple[float, ...] = RISK_GRID  # r grid in [0, 1] of the "risk" policy, swept the same way
     # training rows (evenly spaced) the "risk" policy's exit risk is fitted on, no labels used; 0: no fit
     exit_risk_rows: int = 2000
+    # unlabeled rows like the text to be scored that the automatic knob is certified on, label-free (agreement
+    # with full depth; `pipelines.training.certification`: the default corpus's dev articles' paragraphs and
+    # passages, else a random slice of the unlabeled corpus held out of stage 2), dev's labels the check
+    # beside it; 0, or no such rows: certified on dev's labels
+    certify_rows: int = 4000
     batch_size: int = 64
     # Automatic knob of the model's policy (`TrainConfig.exit_policy`), chosen on dev and stored as its
     # default: r (risk, the KL default), S (entropy) or t (count, patience)
@@ -296,6 +301,8 @@ class EvalConfig:
         object.__setattr__(self, "risks", risks)
         if self.exit_risk_rows < 0:
             raise ValueError(f"exit_risk_rows={self.exit_risk_rows!r} must be >= 0")
+        if self.certify_rows < 0:
+            raise ValueError(f"certify_rows={self.certify_rows!r} must be >= 0")
         self.target_spec()  # checks target, min_retention, flops_budget, delta
         resolve_runtime(self.precision, self.backend)  # one line for a runtime this machine cannot run
         check_positive("batch_size", self.batch_size)

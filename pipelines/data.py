@@ -37,6 +37,8 @@ class LabeledSplits:
     test: pa.Table
     labels: tuple[str, ...]
     dropped_invalid_text: int  # rows whose text was null, empty or not a string (reported, not trained on)
+    # unlabeled texts held out of stage 2 (the knob is certified on them: pipelines.training.certification)
+    held_out: tuple[str, ...] = ()
 
 
 def parquet_dataset(path: str) -> pds.Dataset:

@@ -35,7 +35,7 @@ from pipelines.evaluation.report import (
 )
 from pipelines.evaluation.results import ChosenSetting, SplitEvaluation, WallclockTiming
 from pipelines.evaluation.runtime_check import checked_in_runtime
-from pipelines.evaluation.sweep import evaluate_split, policy_point
+from pipelines.evaluation.sweep import evaluate_split, policy_point, sweep
 from pipelines.evaluation.thresholds import choose_knob
 from pipelines.evaluation.wallclock import wallclock_speedups
 
@@ -123,43 +123,38 @@ def evaluate_trained_model(
     config: EvalConfig,
     risk_texts: list[str] | None = None,
     policy: str | None = None,
+    certify_texts: list[str] | None = None,
 ) -> FinalEvaluation:
     """`risk_texts`: training text the exit risk is fitted on (`config.exit_risk_rows` of them, evenly
     spaced); None or empty: the model gets no exit risk and the "risk" policy is not swept. `policy`: the
-    policy whose knob is chosen and stored (default the model's)."""
+    policy whose knob is chosen and stored (default the model's). `certify_texts`: unlabeled rows like the
+    text to be scored (`pipelines.training.certification`): the knob is certified on them label-free
+    (agreement with full depth, in the runtime that scores) and dev's labels are the check beside it; None:
+    certified on dev's labels."""
     set_policy_and_exit_risk(model, model_dir, config, risk_texts, policy)
     passes = {
         "dev": full_pass(model, dev, config.batch_size),
         "test": full_pass(model, test, config.batch_size),
     }
     dev_eval = evaluate_split(model, dev, config.thresholds, split=passes["dev"], risks=config.risks)
-    chosen = None
-    if config.auto_threshold:
-        chosen = choose_knob(dev_eval.sweep, model.config.policy, config.target_spec())
-        if not chosen.met:
-            warnings.warn(f"automatic {model.config.policy} knob on dev: {chosen.reason}", stacklevel=2)
-        set_default_setting(model, chosen.setting, model_dir)
-        dev_eval.default_policy = policy_point(model, passes["dev"], model.config.setting())
     test_eval = evaluate_split(model, test, config.thresholds, split=passes["test"], risks=config.risks)
-    wallclock = []
+    chosen, wallclock = None, []
     with tempfile.TemporaryDirectory() as scratch:
         scoring = scoring_runtime_model(model, config, Path(scratch), risk_texts or dev["text"].to_pylist())
-        if chosen is not None and chosen.bound is not None:
-            checked = checked_in_runtime(
-                scoring,
-                dev["text"].to_pylist(),
-                passes["dev"].labels.numpy(),
-                dev_eval.sweep,
-                chosen,
-                config.target_spec(),
-                config.batch_size,
-            )
-            if checked.setting != chosen.setting:
-                set_default_setting(model, checked.setting, model_dir)
-                scoring.config = model.config
-                dev_eval.default_policy = policy_point(model, passes["dev"], model.config.setting())
-                test_eval.default_policy = policy_point(model, passes["test"], model.config.setting())
-            chosen = checked
+        if config.auto_threshold:
+            if certify_texts:
+                chosen = certified_knob(scoring, certify_texts, model.config.policy, config)
+            else:
+                chosen = dev_knob(scoring, dev, passes["dev"], dev_eval, model.config.policy, config)
+            if not chosen.met:
+                where = "the certification rows" if certify_texts else "dev"
+                warnings.warn(
+                    f"automatic {model.config.policy} knob on {where}: {chosen.reason}", stacklevel=2
+                )
+            set_default_setting(model, chosen.setting, model_dir)
+            scoring.config = model.config
+            for evaluation, split in ((dev_eval, passes["dev"]), (test_eval, passes["test"])):
+                evaluation.default_policy = policy_point(model, split, model.config.setting())
         if config.wallclock_rows > 0:
             texts = test["text"].to_pylist()[: config.wallclock_rows]
             wallclock = wallclock_speedups(
@@ -172,6 +167,47 @@ def evaluate_trained_model(
     test_eval.wallclock = wallclock
     dev_eval.chosen = test_eval.chosen = chosen
     return FinalEvaluation(dev_eval, test_eval, chosen, wallclock, passes)
+
+
+def dev_knob(
+    scoring: EarlyExitClassifier,
+    dev: pa.Table,
+    dev_pass: SplitPass,
+    dev_eval: SplitEvaluation,
+    policy: str,
+    config: EvalConfig,
+) -> ChosenSetting:
+    """The knob chosen on dev's labels (kept share of the rows full depth gets right), re-measured in the
+    runtime that scores where that is not fp32."""
+    chosen = choose_knob(dev_eval.sweep, policy, config.target_spec())
+    if chosen.bound is None:  # a FLOPs budget: nothing to re-measure
+        return chosen
+    return checked_in_runtime(
+        scoring,
+        dev["text"].to_pylist(),
+        dev_pass.labels.numpy(),
+        dev_eval.sweep,
+        chosen,
+        config.target_spec(),
+        config.batch_size,
+    )
+
+
+def certified_knob(
+    scoring: EarlyExitClassifier, texts: list[str], policy: str, config: EvalConfig
+) -> ChosenSetting:
+    """The knob certified label-free on `texts` as `jobs/score.py --calibrate-rows` certifies one: the fastest
+    setting whose agreement with full depth (in the runtime that scores, through the exit engine where that
+    is not exact per row) clears `config.min_retention` at confidence 1 - `config.delta`."""
+    from pipelines.scoring.calibration import agreement_pass, checked_in_the_engine
+
+    split = agreement_pass(scoring, texts, config.batch_size)
+    points = [p for p in sweep(scoring, split, config.thresholds, config.risks) if p.policy == policy]
+    target = config.target_spec()
+    chosen = choose_knob(points, policy, target)
+    if not scoring.runtime.exact_per_row:
+        chosen = checked_in_the_engine(scoring, texts, split, points, chosen, target, config.batch_size)
+    return chosen
 
 
 def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) -> None:

@@ -27,8 +27,8 @@ def text_key(text: Any) -> bytes | None:
 
 
 def eval_text_keys(splits: LabeledSplits) -> frozenset[bytes]:
-    """Digests of every dev and test text."""
-    texts = [*splits.dev["text"].to_pylist(), *splits.test["text"].to_pylist()]
+    """Digests of every dev and test text and of the held-out certification rows: what stage 2 never reads."""
+    texts = [*splits.dev["text"].to_pylist(), *splits.test["text"].to_pylist(), *splits.held_out]
     return frozenset(key for key in map(text_key, texts) if key is not None)
 
 

@@ -29,8 +29,10 @@ from pipelines.data import (
 )
 from pipelines.errors import UserError
 from pipelines.evaluation.final import FinalEvaluation, evaluate_trained_model, log_final_evaluation
-from pipelines.evaluation.results import ChosenSetting
+from pipelines.evaluation.results import ChosenSetting, SweepPoint
+from pipelines.evaluation.thresholds import lower_bound
 from pipelines.tracking import flatten, log_pyfunc_model, register, setup_tracking, start_child_run
+from pipelines.training.certification import CertificationRows, certification_rows
 from pipelines.training.eval_overlap import (
     count_overlap,
     eval_rows_in_train,
@@ -204,10 +206,11 @@ def local_model_dir(checkpoint: Checkpoint, destination: Path) -> Path:
 class TrainingInputs:
     """What the job trains on, read and checked before Ray starts (`check_inputs`)."""
 
-    splits: LabeledSplits
+    splits: LabeledSplits  # with the certification rows held out of stage 2 (`LabeledSplits.held_out`)
     encoder: str
     overlap: int  # unlabeled rows dropped because a dev or test text equals them
     in_train: dict[str, int]  # dev and test rows whose text is also a training text
+    certification: CertificationRows | None = None  # what the automatic knob is certified on; None: dev
 
 
 def check_inputs(config: TrainConfig) -> TrainingInputs:
@@ -224,7 +227,10 @@ def check_inputs(config: TrainConfig) -> TrainingInputs:
         files, filesystem, column = unlabeled_files(config, splits)
         overlap = count_overlap(files, filesystem, column, eval_text_keys(splits))
         warn_overlap(overlap)
-    return TrainingInputs(splits, encoder, overlap, in_train)
+    certification = certification_rows(config, splits)
+    if certification is not None and config.data.train_path is not None:  # drawn from the unlabeled corpus
+        splits = dataclasses.replace(splits, held_out=certification.texts)
+    return TrainingInputs(splits, encoder, overlap, in_train, certification)
 
 
 def run_training(config: TrainConfig, inputs: TrainingInputs | None = None) -> TrainingSummary:
@@ -247,8 +253,12 @@ def run_training(config: TrainConfig, inputs: TrainingInputs | None = None) -> T
             checkpoint = run_stage(
                 stage, config, splits, encoder, checkpoint, parent.info.run_id, tracking_uri
             )
-        final, info, registered = finish_model(config, splits, checkpoint, parent.info.run_id)
+        final, info, registered = finish_model(
+            config, splits, checkpoint, parent.info.run_id, inputs.certification
+        )
         summary = make_summary(config, final, info.model_uri, registered, parent.info.run_id, started, inputs)
+        if summary.promise is not None:  # which rows the promise stands on, beside auto_threshold.*
+            mlflow.log_params({f"promise.{k}": str(summary.promise[k])[:500] for k in ("of", "rows_source")})
         mlflow.log_dict(summary.to_dict(), "summary.json")
     return summary
 
@@ -292,7 +302,13 @@ def log_run_inputs(config: TrainConfig, inputs: TrainingInputs) -> None:
     mlflow.log_dict(config.to_dict(), "config.json")
 
 
-def finish_model(config: TrainConfig, splits: LabeledSplits, checkpoint: Any, run_id: str):
+def finish_model(
+    config: TrainConfig,
+    splits: LabeledSplits,
+    checkpoint: Any,
+    run_id: str,
+    certification: CertificationRows | None = None,
+):
     """The last stage's model evaluated (its exit setting chosen and stored), logged as a pyfunc and, when
     asked, registered: (final evaluation, logged model info, registered version or None)."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -306,6 +322,7 @@ def finish_model(config: TrainConfig, splits: LabeledSplits, checkpoint: Any, ru
             config.eval,
             risk_texts=splits.train["text"].to_pylist(),
             policy=config.exit_policy,
+            certify_texts=None if certification is None else list(certification.texts),
         )
         log_final_evaluation(model, final)
         info = log_pyfunc_model(model_dir, splits.dev["text"].to_pylist()[:2])
@@ -377,7 +394,8 @@ def make_summary(
     }
     knob_source = "config"
     if chosen is not None:
-        knob_source = f"auto: {chosen.target}" + ("" if chosen.met else " (NOT met on dev)")
+        where = "dev" if inputs.certification is None else "the certification rows"
+        knob_source = f"auto: {chosen.target}" + ("" if chosen.met else f" (NOT met on {where})")
     return TrainingSummary(
         variant=config.variant,
         run_id=run_id,
@@ -388,7 +406,7 @@ def make_summary(
         policy=point.policy,
         knob=point.knob,
         knob_source=knob_source,
-        promise=promise_summary(chosen),
+        promise=promise_summary(chosen, inputs.certification, final.dev.default_policy),
         mean_exit_layer=round(point.mean_exit_layer, 3),
         layer_speedup=round(point.layer_speedup, 3),
         flops_speedup=round(point.flops_speedup, 3),
@@ -405,18 +423,36 @@ def make_summary(
     )
 
 
-def promise_summary(chosen: ChosenSetting | None) -> dict | None:
-    """What the automatic knob promises and on what evidence (None when the knob came from the config or a
-    FLOPs budget, which promises no accuracy)."""
+def promise_summary(
+    chosen: ChosenSetting | None, certification: CertificationRows | None, dev_point: SweepPoint
+) -> dict | None:
+    """What the automatic knob promises and on what evidence, which rows it stands on, and (when certified on
+    unlabeled rows) dev's labels as the check beside it; None when the knob came from the config or a FLOPs
+    budget, which promises no accuracy."""
     if chosen is None or chosen.bound is None:
         return None
-    return {
+    promise = {
         "min_retention": chosen.min_retention,
         "delta": chosen.delta,
         "met": chosen.met,
         "bound": round(chosen.bound, 4),
         "rows": chosen.rows,
         "reason": chosen.reason,
+    }
+    if certification is None:
+        return promise | {
+            "of": "kept share of the dev rows full depth gets right (labels)",
+            "rows_source": f"the labeled dev split ({dev_point.rows} rows)",
+        }
+    dev_bound = lower_bound(dev_point.kept, dev_point.full_correct, chosen.delta)
+    return promise | {
+        "of": "agreement with full depth (no labels)",
+        "rows_source": certification.source,
+        "dev_check": {  # dev's labels at the certified knob: a few hundred rows rarely bound it at the target
+            "retention": round(dev_point.retention, 4),
+            "bound": round(dev_bound, 4),
+            "rows": dev_point.full_correct,
+        },
     }
 
 

@@ -85,6 +85,12 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
     )
     assert summary["registered"]["version"] == 1 and summary["registered"]["champion"] is True
     assert summary["test_accuracy_full_depth"] > 0.6
+    promise = summary["promise"]  # certified label-free on a slice of the unlabeled corpus, dev beside it
+    assert (
+        promise["of"] == "agreement with full depth (no labels)"
+        and "held out of stage 2" in promise["rows_source"]
+    )
+    assert set(promise["dev_check"]) == {"retention", "bound", "rows"}
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent = client.get_run(summary["run_id"])
@@ -119,6 +125,7 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
     # the knob chosen on dev is the registered model's default
     assert summary["knob_source"].startswith("auto") and version.tags["knob"] == str(summary["knob"])
     assert parent.data.params["auto_threshold.knob"] == str(summary["knob"])
+    assert parent.data.params["promise.rows_source"] == summary["promise"]["rows_source"]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     source = resolve_model(f"models:/{MODEL_NAME}@candidate", tmp_path / "download")
     stored = EarlyExitConfig.load(source.directory)
@@ -194,6 +201,7 @@ def test_count_job_with_default_resources(tmp_path, labeled_parquet, tiny_encode
     )
     assert summary["policy"] == "count" and summary["registered"]["version"] == 1
     assert summary["test_accuracy_full_depth"] > 0.6
+    assert summary["promise"]["rows_source"].startswith("the labeled dev split")  # no unlabeled corpus
 
 
 @pytest.mark.slow
