@@ -98,3 +98,17 @@ def test_encoder_families(tmp_path):
     run(tmp_path, "encoder_families", "--rows", "16", "--repeats", "1", "--out", str(out))
     families = [r["family"] for r in json.loads(out.read_text())["results"]]
     assert families == ["bert", "modernbert", "deberta-v2"]
+
+
+def test_exit_promise(tmp_path, tiny):
+    import pyarrow as pa
+
+    table = labeled_table(200, seed=3)
+    pq.write_table(pa.table({"text": table["text"], "gold": table["label"]}), tmp_path / "unseen.parquet")
+    out = tmp_path / "promise"
+    printed = run(tmp_path, "exit_promise", "--corpus", f"tiny={tiny[0]}@{tmp_path / 'unseen.parquet'}",
+                  "--sizes", "50", "150", "--draws", "2", "--out", str(out))  # fmt: skip
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["calibrated_on"] for r in rows] == ["stored knob 0.5", "all 200 rows, no bound", "50 rows"]
+    assert rows[-1]["draws"] == 2 and 0 <= rows[-1]["share_of_gold_oracle"] <= 1
+    assert "over half the 200 rows; skipped" in printed
