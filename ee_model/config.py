@@ -124,6 +124,27 @@ def default_policy(variant: str, has_exit_risk: bool) -> str:
 
 
 @dataclass(frozen=True)
+class KnobPromise:
+    """What the stored knob was certified to keep, and on which rows: `statistic` ("agreement": the share of
+    rows whose label equals full depth's, no labels needed; "retention": the share of the rows full depth
+    gets right that the early exit keeps, on labels) is >= `min_value` with confidence 1 - `delta`, judged on
+    `rows` rows, described by `rows_source`."""
+
+    statistic: Literal["agreement", "retention"]
+    min_value: float
+    delta: float
+    rows: int
+    rows_source: str
+
+    def describe(self) -> str:
+        of = "agreement with full depth" if self.statistic == "agreement" else "retention of full accuracy"
+        return (
+            f"{of} >= {self.min_value:g} at confidence {1 - self.delta:g}, certified on {self.rows} rows: "
+            f"{self.rows_source}"
+        )
+
+
+@dataclass(frozen=True)
 class EarlyExitConfig(ModelOptions):
     """Everything needed to rebuild an early-exit classifier, apart from its weights: the `ModelOptions` and
     the fields below.
@@ -136,6 +157,7 @@ class EarlyExitConfig(ModelOptions):
         policy: default exit policy used by `predict` when none is given.
         encoder_revision: the hub revision of the encoder, when known.
         exit_risk: the "risk" policy's fitted model (`ee_model.exit_risk.ExitRisk`), None until fitted.
+        knob_promise: what the stored knob was certified on (`KnobPromise`), None when it was not.
     """
 
     encoder_name_or_path: str
@@ -145,11 +167,14 @@ class EarlyExitConfig(ModelOptions):
     policy: PolicyName | None = None  # None -> `default_policy` of the variant
     encoder_revision: str | None = None
     exit_risk: ExitRisk | None = None
+    knob_promise: KnobPromise | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.exit_risk, dict):  # from to_dict / JSON
             object.__setattr__(self, "exit_risk", ExitRisk.from_dict(self.exit_risk))
+        if isinstance(self.knob_promise, dict):
+            object.__setattr__(self, "knob_promise", KnobPromise(**self.knob_promise))
         object.__setattr__(self, "labels", check_labels(self.labels))
         _check_choice("variant", self.variant, VARIANTS)
         if self.policy is None:
@@ -193,9 +218,10 @@ class EarlyExitConfig(ModelOptions):
         for what was not asked."""
         return self.setting(request.policy, **request.knobs)
 
-    def with_setting(self, setting: ExitSetting) -> EarlyExitConfig:
-        """This config with `setting` as the default policy and knob."""
-        return self.replace(policy=setting.policy, **setting.kwargs)
+    def with_setting(self, setting: ExitSetting, promise: KnobPromise | None = None) -> EarlyExitConfig:
+        """This config with `setting` as the default policy and knob, and what it was certified on (None: not
+        certified; a promise of the knob it replaces never carries over)."""
+        return self.replace(policy=setting.policy, knob_promise=promise, **setting.kwargs)
 
     def replace(self, **changes: Any) -> EarlyExitConfig:
         return dataclasses.replace(self, **changes)

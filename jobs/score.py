@@ -17,13 +17,15 @@ starting Ray), new files are scored, and a file keeps the output it was first sc
 glob names it later; outputs whose input file is gone are reported (--remove-orphans deletes them). Prints a
 JSON summary.
 
-The knob stored with the model was certified by its training run on that run's rows. By default
-(--calibrate-rows auto) an input of >= 20,000 rows has it chosen on itself instead: on 5% of its rows drawn at
-random (at most 4,000; --calibrate-rows N for N of them, --calibration-seed to repeat a draw), one full-depth
-pass, no labels, so that early-exit labels agree with the full model's on >= --min-agreement of the corpus
-with probability >= 1 - --delta (a one-sided Clopper-Pearson bound on the sample; with too few rows for that,
-full depth). A smaller input keeps the stored knob (--calibrate-rows 0 always does). The choice is pinned in
-the output folder for its later runs, and the summary's `promise` says which rows it stands on.
+The knob stored with the model was certified by its training run on that run's rows (the model says which:
+the summary's `promise`). By default (--calibrate-rows auto) an input of >= 20,000 rows has it chosen on
+itself instead: on 5% of its rows drawn at random (at most 4,000; --calibrate-rows N for N of them,
+--calibration-seed to repeat a draw), one full-depth pass, no labels, so that early-exit labels agree with
+the full model's on >= --min-agreement of the corpus with probability >= 1 - --delta (a one-sided
+Clopper-Pearson bound on the sample; with too few rows for that, full depth). A smaller input, or a sample
+smaller than the rows the stored knob was certified on, keeps the stored knob (--calibrate-rows 0 always
+does). The choice is pinned in the output folder for its later runs, and the summary's `promise` says which
+rows it stands on.
 """
 
 from __future__ import annotations

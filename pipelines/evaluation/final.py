@@ -20,10 +20,11 @@ import numpy as np
 import pyarrow as pa
 
 from ee_model import EarlyExitClassifier, ExitSetting, exit_layers
+from ee_model.config import KnobPromise
 from ee_model.exit_risk import ExitRisk
 from ee_model.runtime import FP32
 from ee_model.runtime_layers import build_layers, resolve_encoder_runtime, with_runtime
-from pipelines.config import EvalConfig
+from pipelines.config import EvalConfig, ThresholdTarget
 from pipelines.data import evenly_spaced_rows
 from pipelines.evaluation.exit_risk import fit_exit_risk
 from pipelines.evaluation.passes import SplitPass, full_pass, texts_pass
@@ -49,10 +50,30 @@ class FinalEvaluation:
     passes: dict[str, SplitPass]
 
 
-def set_default_setting(model: EarlyExitClassifier, setting: ExitSetting, model_dir: str | Path) -> None:
-    """Store `setting` as the model's default, in memory and in the saved config."""
-    model.config = model.config.with_setting(setting)
+def set_default_setting(
+    model: EarlyExitClassifier,
+    setting: ExitSetting,
+    model_dir: str | Path,
+    promise: KnobPromise | None = None,
+) -> None:
+    """Store `setting` as the model's default, with what it was certified on, in memory and in the saved
+    config."""
+    model.config = model.config.with_setting(setting, promise)
     model.config.save(model_dir)
+
+
+def knob_promise(
+    chosen: ChosenSetting, target: ThresholdTarget, certified_on: str | None, dev_rows: int
+) -> KnobPromise | None:
+    """What a met retention target certified (`certified_on`: the label-free certification rows' source;
+    None: dev's labels, judged on the rows full depth gets right); None for a FLOPs budget or a miss."""
+    if not chosen.met or chosen.bound is None:
+        return None
+    if certified_on is not None:
+        return KnobPromise("agreement", target.min_retention, target.delta, chosen.point.rows, certified_on)
+    rows = chosen.point.full_correct
+    source = f"the {rows} of the {dev_rows} labeled dev rows that full depth gets right"
+    return KnobPromise("retention", target.min_retention, target.delta, rows, source)
 
 
 def timed_settings(model: EarlyExitClassifier, config: EvalConfig) -> list[ExitSetting]:
@@ -124,13 +145,14 @@ def evaluate_trained_model(
     risk_texts: list[str] | None = None,
     policy: str | None = None,
     certify_texts: list[str] | None = None,
+    certified_on: str = "",
 ) -> FinalEvaluation:
     """`risk_texts`: training text the exit risk is fitted on (`config.exit_risk_rows` of them, evenly
     spaced); None or empty: the model gets no exit risk and the "risk" policy is not swept. `policy`: the
     policy whose knob is chosen and stored (default the model's). `certify_texts`: unlabeled rows like the
     text to be scored (`pipelines.training.certification`): the knob is certified on them label-free
     (agreement with full depth, in the runtime that scores) and dev's labels are the check beside it; None:
-    certified on dev's labels."""
+    certified on dev's labels. `certified_on` says which rows `certify_texts` are (stored with the knob)."""
     set_policy_and_exit_risk(model, model_dir, config, risk_texts, policy)
     passes = {
         "dev": full_pass(model, dev, config.batch_size),
@@ -151,7 +173,9 @@ def evaluate_trained_model(
                 warnings.warn(
                     f"automatic {model.config.policy} knob on {where}: {chosen.reason}", stacklevel=2
                 )
-            set_default_setting(model, chosen.setting, model_dir)
+            certified = certified_on if certify_texts else None
+            promise = knob_promise(chosen, config.target_spec(), certified, dev.num_rows)
+            set_default_setting(model, chosen.setting, model_dir, promise)
             scoring.config = model.config
             for evaluation, split in ((dev_eval, passes["dev"]), (test_eval, passes["test"])):
                 evaluation.default_policy = policy_point(model, split, model.config.setting())

@@ -319,9 +319,11 @@ def pinned_calibration(
     rows = config.calibrate_rows
     if rows == "auto":
         input_rows = sum(f.rows for f in inputs)
-        rows = auto_calibration_rows(input_rows)
+        promise = model_config.knob_promise if policy == model_config.policy else None
+        stored_rows = 0 if promise is None else promise.rows
+        rows = auto_calibration_rows(input_rows, stored_rows)
         if not rows:
-            kept = auto_kept_reason(input_rows)
+            kept = auto_kept_reason(input_rows, stored_rows)
             write_text_atomically(path, json.dumps({"kept": kept, "input_rows": input_rows}, indent=2))
             print(kept, file=sys.stderr)
             return None, False, kept
@@ -386,7 +388,11 @@ def calibrated_on_sample(
 
 
 def stated_promise(
-    config: ScoreConfig, setting: ExitSetting, calibration: Calibration | None, kept: str | None
+    config: ScoreConfig,
+    model_config: EarlyExitConfig,
+    setting: ExitSetting,
+    calibration: Calibration | None,
+    kept: str | None,
 ) -> str:
     """Which rows the run's promise stands on, in one line (the summary's `promise`)."""
     if calibration is not None:
@@ -395,9 +401,12 @@ def stated_promise(
         return "full depth, as asked: every row's label is the full model's"
     if config.exit.knobs:
         return f"{setting} as asked: no promise about this corpus (--calibrate-rows N certifies one on it)"
+    promise = model_config.knob_promise if setting == model_config.setting() else None
     stored = (
-        f"the model's stored {setting}, certified by its training run on that run's rows, not on this corpus"
-    )
+        f"the model's stored {setting}, not certified"
+        if promise is None
+        else f"the model's stored {setting}: {promise.describe()}"
+    ) + ", not on this corpus"
     return f"{stored} ({kept})" if kept else f"{stored} (--calibrate-rows 0)"
 
 
@@ -640,7 +649,7 @@ def settle_run(
         address,
         calibration,
         pinned,
-        stated_promise(config, setting, calibration, kept),
+        stated_promise(config, model_config, setting, calibration, kept),
     )
 
 

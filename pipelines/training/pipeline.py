@@ -323,6 +323,7 @@ def finish_model(
             risk_texts=splits.train["text"].to_pylist(),
             policy=config.exit_policy,
             certify_texts=None if certification is None else list(certification.texts),
+            certified_on="" if certification is None else certification.source,
         )
         log_final_evaluation(model, final)
         info = log_pyfunc_model(model_dir, splits.dev["text"].to_pylist()[:2])

@@ -114,6 +114,23 @@ def test_exit_setting_is_the_one_map_from_policy_to_knob():
     assert (stored.policy, stored.patience, stored.threshold) == ("patience", 4, 0.4)
 
 
+def test_a_stored_knob_keeps_what_it_was_certified_on_through_save_and_load_and_loses_it_when_replaced(
+    tmp_path,
+):
+    from ee_model import EarlyExitConfig, ExitSetting
+    from ee_model.config import KnobPromise
+
+    promise = KnobPromise("agreement", 0.99, 0.05, 4000, "4000 passages of unseen articles")
+    config = EarlyExitConfig("enc", labels=("a", "b")).with_setting(ExitSetting("entropy", 0.3), promise)
+    loaded = EarlyExitConfig.load(config.save(tmp_path).parent)
+    assert loaded.knob_promise == promise and loaded.threshold == 0.3
+    assert promise.describe() == (
+        "agreement with full depth >= 0.99 at confidence 0.95, certified on 4000 rows: 4000 passages of "
+        "unseen articles"
+    )
+    assert loaded.with_setting(ExitSetting("entropy", 0.5)).knob_promise is None  # another knob: no promise
+
+
 # ---- the "risk" policy: one risk level r, one fitted boundary per student layer ----------------------------
 def test_exit_risk_refuses_coefficients_it_cannot_apply():
     from ee_model.exit_risk import ExitRisk

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from ee_model import EarlyExitClassifier, EarlyExitConfig, ExitSetting
+from ee_model.config import KnobPromise
 from pipelines.config import load_train_config
 from pipelines.data import DataError
 from pipelines.model_source import resolve_model
@@ -130,6 +131,8 @@ def test_kl_job_with_two_workers_end_to_end(tmp_path, labeled_parquet, unlabeled
     source = resolve_model(f"models:/{MODEL_NAME}@candidate", tmp_path / "download")
     stored = EarlyExitConfig.load(source.directory)
     assert summary["policy"] == "risk" and stored.setting() == ExitSetting("risk", summary["knob"])
+    certified = KnobPromise("agreement", 0.99, 0.05, promise["rows"], promise["rows_source"])
+    assert stored.knob_promise == (certified if promise["met"] else None)  # the model says what it promises
 
     # stage 2 started from stage 1's best checkpoint and left backbone + teacher untouched
     stage1_ckpt = Path(by_name["stage1"].data.tags["best_checkpoint"]) / "model" / "model.safetensors"

@@ -149,6 +149,9 @@ def test_score_config_calibrates_by_default_unless_a_knob_or_full_depth_is_asked
     assert [auto_calibration_rows(n) for n in (0, 19_999, 20_000, 50_000, 80_000, 10**7)] == [
         0, 0, 1000, 2500, 4000, 4000
     ]  # fmt: skip
+    # a stored knob certified on 4,000 rows: only a sample at least as large pays (inputs of >= 80,000)
+    assert [auto_calibration_rows(n, 4000) for n in (20_000, 79_999, 80_000)] == [0, 0, 4000]
+    assert auto_calibration_rows(20_000, 325) == 1000  # a dev-certified knob: 1,000 rows beat it
 
 
 def test_the_trained_models_policy():

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ee_model import EarlyExitClassifier
+from ee_model import EarlyExitClassifier, EarlyExitConfig, ExitSetting
+from ee_model.config import KnobPromise
 from pipelines.errors import UserError
 from pipelines.evaluation.thresholds import lower_bound
 from tests.conftest import LABELS, random_texts
@@ -222,3 +223,17 @@ def test_auto_keeps_the_stored_knob_on_a_small_input_and_calibrates_a_large_one(
     assert {small["promise"], large["promise"]} <= set(logged.index)
     asked = score(model_dir, tmp_path / "large", tmp_path / "out3", tmp_path, threshold=0.5)
     assert "calibration" not in asked and asked["promise"].startswith("entropy-0.5 as asked: no promise")
+
+    # a stored knob certified on more rows than auto's sample (150 > 120) is kept, and its promise stated
+    certified = EarlyExitConfig.load(model_dir).with_setting(
+        ExitSetting("entropy", 0.95), KnobPromise("agreement", 0.99, 0.05, 150, "150 held-out rows")
+    )
+    certified.save(model_dir)
+    kept = score(model_dir, tmp_path / "large", tmp_path / "out4", tmp_path)
+    assert kept["knob"] == 0.95 and "calibration" not in kept
+    assert kept["promise"].startswith(
+        "the model's stored entropy-0.95: agreement with full depth >= 0.99 at confidence 0.95, certified "
+        "on 150 rows: 150 held-out rows, not on this corpus (--calibrate-rows auto kept the model's stored "
+        "knob: a sample of 120 rows (5% of the input's 2,400) would certify less tightly than the stored "
+        "knob's 150"
+    )
