@@ -209,7 +209,8 @@ def calibrated_threshold(
     import ray
 
     from pipelines.config import S_GRID
-    from pipelines.scoring.calibration import calibrate_on_worker, sample_texts
+    from pipelines.row_sample import sample_texts
+    from pipelines.scoring.calibration import calibrate_on_worker
 
     start = time.perf_counter()
     texts = sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows, seed=0)
@@ -222,7 +223,7 @@ def calibrated_threshold(
 
 def sample_rows_of(path: Path, rows: int) -> list[str]:
     """`rows` texts of the input drawn as jobs/score.py draws its samples (seed 0)."""
-    from pipelines.scoring.calibration import sample_texts
+    from pipelines.row_sample import sample_texts
 
     return sample_texts([(str(path), pq.ParquetFile(path).metadata.num_rows)], "text", rows, seed=0)
 

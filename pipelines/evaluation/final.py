@@ -26,6 +26,7 @@ from ee_model.runtime import FP32
 from ee_model.runtime_layers import build_layers, resolve_encoder_runtime, with_runtime
 from pipelines.config import EvalConfig, ThresholdTarget
 from pipelines.data import evenly_spaced_rows
+from pipelines.evaluation.agreement import certified_setting
 from pipelines.evaluation.exit_risk import fit_exit_risk
 from pipelines.evaluation.passes import SplitPass, full_pass, texts_pass
 from pipelines.evaluation.report import (
@@ -36,7 +37,7 @@ from pipelines.evaluation.report import (
 )
 from pipelines.evaluation.results import ChosenSetting, SplitEvaluation, WallclockTiming
 from pipelines.evaluation.runtime_check import checked_in_runtime
-from pipelines.evaluation.sweep import evaluate_split, policy_point, sweep
+from pipelines.evaluation.sweep import evaluate_split, policy_point
 from pipelines.evaluation.thresholds import choose_knob
 from pipelines.evaluation.wallclock import wallclock_speedups
 
@@ -223,15 +224,9 @@ def certified_knob(
     """The knob certified label-free on `texts` as `jobs/score.py --calibrate-rows` certifies one: the fastest
     setting whose agreement with full depth (in the runtime that scores, through the exit engine where that
     is not exact per row) clears `config.min_retention` at confidence 1 - `config.delta`."""
-    from pipelines.scoring.calibration import agreement_pass, checked_in_the_engine
-
-    split = agreement_pass(scoring, texts, config.batch_size)
-    points = [p for p in sweep(scoring, split, config.thresholds, config.risks) if p.policy == policy]
-    target = config.target_spec()
-    chosen = choose_knob(points, policy, target)
-    if not scoring.runtime.exact_per_row:
-        chosen = checked_in_the_engine(scoring, texts, split, points, chosen, target, config.batch_size)
-    return chosen
+    return certified_setting(
+        scoring, texts, policy, config.target_spec(), config.thresholds, config.risks, config.batch_size
+    )
 
 
 def log_final_evaluation(model: EarlyExitClassifier, result: FinalEvaluation) -> None:

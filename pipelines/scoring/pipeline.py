@@ -33,12 +33,12 @@ from pipelines.data import streaming_parquet_reader
 from pipelines.errors import IncompleteRun, UserError
 from pipelines.model_source import ModelFiles, ModelSource, resolve_model
 from pipelines.paths import write_text_atomically
+from pipelines.row_sample import sample_texts
 from pipelines.scoring.calibration import (
     Calibration,
     auto_calibration_rows,
     auto_kept_reason,
     calibrate_on_worker,
-    sample_texts,
 )
 from pipelines.scoring.config import ScoreConfig
 from pipelines.scoring.incremental import (

@@ -21,7 +21,7 @@ import pyarrow as pa
 from pipelines.bbc import sentence_passages, split_paragraphs
 from pipelines.config import TrainConfig
 from pipelines.data import DataError, LabeledSplits, parquet_dataset, unlabeled_path
-from pipelines.scoring.calibration import sample_texts
+from pipelines.row_sample import sample_texts
 from pipelines.training.eval_overlap import text_key
 
 

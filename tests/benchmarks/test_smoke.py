@@ -112,3 +112,13 @@ def test_exit_promise(tmp_path, tiny):
     assert [r["calibrated_on"] for r in rows] == ["stored knob 0.5", "all 200 rows, no bound", "50 rows"]
     assert rows[-1]["draws"] == 2 and 0 <= rows[-1]["share_of_gold_oracle"] <= 1
     assert "over half the 200 rows; skipped" in printed
+
+
+@pytest.mark.ray
+def test_default_scoring(tmp_path, tiny):
+    out = tmp_path / "default"
+    printed = run(tmp_path, "default_scoring", "--scorer", f"tiny={tiny[0]}:--policy=none", "--rows", "40",
+                  "--repeats", "1", "--out", str(out))  # fmt: skip
+    (row,) = json.loads(out.with_suffix(".json").read_text())["scorers"]
+    assert row["agreement_with_reference"] == 1.0 and row["promise"].startswith("full depth, as asked")
+    assert "| tiny | --policy none |" in printed

@@ -258,8 +258,9 @@ def test_openvino_layers_of_other_weights_are_refused_and_a_cache_is_reused(fp32
 
 def test_calibration_measures_a_bf16_knob_in_the_exit_engine(fp32_model):
     from pipelines.config import S_GRID
+    from pipelines.evaluation.agreement import agreement_pass
     from pipelines.evaluation.thresholds import lower_bound
-    from pipelines.scoring.calibration import agreement_pass, calibrate
+    from pipelines.scoring.calibration import calibrate
 
     model = with_runtime(copy.deepcopy(fp32_model("bert")), BF16)
     texts = random_texts(400, seed=11)

@@ -20,7 +20,7 @@ from tests.pipelines.scoring.helpers import read_outputs, score, scoring_runs, w
 
 
 def test_calibration_sample_is_uniform_over_files_and_row_groups_and_seeded(tmp_path):
-    from pipelines.scoring.calibration import sample_rows, sample_texts
+    from pipelines.row_sample import sample_rows, sample_texts
 
     pq.write_table(pa.table({"text": [f"a{i}" for i in range(10)]}), tmp_path / "a.parquet", row_group_size=3)
     b_texts = [f"b{i}" for i in range(25)]
@@ -81,7 +81,7 @@ def test_calibrated_knob_agrees_with_full_depth_and_is_pinned(ray_local, tiny_en
     assert first["policy"] == "entropy" and first["output"].endswith(f"__entropy-{knob:g}")
     # the sample: 200 scorable rows of the 302 drawn with the recorded seed; check S with the model's own
     # early exit
-    from pipelines.scoring.calibration import sample_texts
+    from pipelines.row_sample import sample_texts
 
     sample = sample_texts([(str(tmp_path / "in" / "a.parquet"), 302)], "text", 200, calibration["seed"])
     model = EarlyExitClassifier.from_pretrained(model_dir)  # the saved weights, as the Ray task loaded them
@@ -169,8 +169,9 @@ def test_int8_calibration_measures_its_knob_in_the_exit_engine(tiny_encoder_dir,
     """The replayed sweep is only a guide for int8: the kept knob's agreement is what the engine gave."""
     from ee_model import int8_layers, with_int8_layers
     from pipelines.config import S_GRID
+    from pipelines.evaluation.agreement import agreement_pass
     from pipelines.evaluation.thresholds import lower_bound
-    from pipelines.scoring.calibration import agreement_pass, calibrate
+    from pipelines.scoring.calibration import calibrate
     from tests.conftest import trained_tiny
 
     fp32 = trained_tiny(tiny_encoder_dir("bert", num_layers=3))

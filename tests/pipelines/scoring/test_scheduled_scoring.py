@@ -163,7 +163,7 @@ def test_a_failed_calibration_is_not_pinned_and_a_pinned_one_states_its_promise(
 
 def test_a_periodic_corpus_is_sampled_at_random_not_at_its_period(tmp_path):
     """Every 5th row easy: an evenly spaced sample of 1 in 5 held only those; a random one holds ~20 %."""
-    from pipelines.scoring.calibration import sample_texts
+    from pipelines.row_sample import sample_texts
 
     texts = ["easy" if i % 5 == 0 else f"hard {i}" for i in range(1000)]
     pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet", row_group_size=64)
