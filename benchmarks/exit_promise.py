@@ -19,6 +19,10 @@ earliest layer whose label equals full depth's) that the speed-up reaches (layer
         --corpus fortunes=<fortunes model>@/tmp/corpora/fortunes/unseen.parquet \\
         --corpus spam=<spam model>@/tmp/corpora/spam/unseen.parquet
 
+`--refit-risk NAME=PARQUET` refits that corpus's exit risk first, on 2,000 evenly spaced texts of the
+file (as the training job fits it on its training articles), to compare what the risk is fitted on; the
+stored knob's row is then left out (it was certified with the other fit).
+
 A model is a saved model folder or an MLflow model URI (`models:/<name>@champion` with MLFLOW_TRACKING_URI
 set). `bbc` without a file: every distinct paragraph and sentence passage of the test articles (stage 1,
 stage 2, the exit risk and the training job's certification saw none of them). Writes
@@ -164,15 +168,34 @@ def mean_of(draws: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def corpus_rows(recorded: Recorded, rules: list[str], sizes: list[int], draws: int, target: ThresholdTarget):
+def refit_risk(model: EarlyExitClassifier, path: str) -> None:
+    """`model`'s exit risk fitted anew on `EvalConfig().exit_risk_rows` evenly spaced texts of `path`."""
+    from pipelines.data import evenly_spaced_rows
+    from pipelines.evaluation.final import fitted_exit_risk
+
+    texts = pq.read_table(path, columns=["text"])["text"].to_pylist()
+    chosen = [texts[i] for i in evenly_spaced_rows(len(texts), EvalConfig().exit_risk_rows)]
+    model.config = model.config.replace(exit_risk=fitted_exit_risk(model, chosen))
+
+
+def corpus_rows(
+    recorded: Recorded,
+    rules: list[str],
+    sizes: list[int],
+    draws: int,
+    target: ThresholdTarget,
+    stored_row: bool = True,
+):
     n = recorded.exits.shape[1]
     everything = np.arange(n)
-    stored = recorded.model.config.setting()
-    stored_layers = exit_layers(recorded.gold.logits, recorded.model.exit_policy(stored)).numpy()
-    rows = [
-        {"corpus": recorded.name, "rule": stored.policy, "calibrated_on": f"stored knob {stored.knob:g}",
-         **mean_of([scored(recorded, stored_layers, everything, target.min_retention)])}
-    ]  # fmt: skip
+    rows = []
+    if stored_row:
+        stored = recorded.model.config.setting()
+        stored_layers = exit_layers(recorded.gold.logits, recorded.model.exit_policy(stored)).numpy()
+        rows.append(
+            {"corpus": recorded.name, "rule": stored.policy, "calibrated_on": f"stored knob {stored.knob:g}",
+             **mean_of([scored(recorded, stored_layers, everything, target.min_retention)])}
+        )  # fmt: skip
     for rule in rules:
         perfect = perfectly_calibrated(recorded, rule, target.min_retention)
         rows.append(
@@ -215,6 +238,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--corpus", action="append", required=True, help="NAME=MODEL[@PARQUET] (text, gold)")
+    parser.add_argument("--refit-risk", action="append", default=[], help="NAME=PARQUET (text)")
     parser.add_argument("--rules", nargs="+", default=["risk", "entropy"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[325, 1000, 2000, 4000])
     parser.add_argument("--draws", type=int, default=20)
@@ -227,17 +251,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     target = ThresholdTarget("retention", args.min_agreement, delta=args.delta)
     rows, corpora = [], {}
+    refits = dict(spec.split("=", 1) for spec in args.refit_risk)
     with tempfile.TemporaryDirectory() as scratch:
         for spec in args.corpus:
             name, _, rest = spec.partition("=")
             reference, _, path = rest.partition("@")
             table = pq.read_table(path, columns=["text", "gold"]) if path else bbc_test_pieces()
             model = load(reference, Path(scratch))
+            if name in refits:
+                refit_risk(model, refits[name])
             rules = [r for r in args.rules if r != "risk" or model.config.exit_risk is not None]
             recorded = record(name, model, table, rules)
             corpora[name] = {"model": reference, "rows": table.num_rows, "path": path or "BBC test articles",
-                             "full_depth_accuracy": recorded.gold.full_accuracy}  # fmt: skip
-            rows += corpus_rows(recorded, rules, args.sizes, args.draws, target)
+                             "full_depth_accuracy": recorded.gold.full_accuracy,
+                             "risk_refitted_on": refits.get(name)}  # fmt: skip
+            rows += corpus_rows(recorded, rules, args.sizes, args.draws, target, name not in refits)
             print(markdown([r for r in rows if r["corpus"] == name]), flush=True)
     table_md = markdown(rows)
     record_json = {

@@ -104,13 +104,22 @@ def test_exit_promise(tmp_path, tiny):
     import pyarrow as pa
 
     table = labeled_table(200, seed=3)
-    pq.write_table(pa.table({"text": table["text"], "gold": table["label"]}), tmp_path / "unseen.parquet")
+    unseen = tmp_path / "unseen.parquet"
+    pq.write_table(pa.table({"text": table["text"], "gold": table["label"]}), unseen)
     out = tmp_path / "promise"
-    printed = run(tmp_path, "exit_promise", "--corpus", f"tiny={tiny[0]}@{tmp_path / 'unseen.parquet'}",
+    printed = run(tmp_path, "exit_promise", "--corpus", f"tiny={tiny[0]}@{unseen}",
+                  "--corpus", f"refit={tiny[0]}@{unseen}", "--refit-risk", f"refit={unseen}",
                   "--sizes", "50", "150", "--draws", "2", "--out", str(out))  # fmt: skip
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [r["calibrated_on"] for r in rows] == ["stored knob 0.5", "all 200 rows, no bound", "50 rows"]
-    assert rows[-1]["draws"] == 2 and 0 <= rows[-1]["share_of_gold_oracle"] <= 1
+    tiny_rows = [(r["rule"], r["calibrated_on"]) for r in rows if r["corpus"] == "tiny"]
+    assert tiny_rows == [
+        ("entropy", "stored knob 0.5"),
+        ("entropy", "all 200 rows, no bound"),
+        ("entropy", "50 rows"),
+    ]  # fmt: skip (the model has no exit risk)
+    refit_rows = [(r["rule"], r["calibrated_on"]) for r in rows if r["corpus"] == "refit"]
+    assert ("risk", "50 rows") in refit_rows and not any(on.startswith("stored") for _, on in refit_rows)
+    assert rows[2]["draws"] == 2 and 0 <= rows[2]["share_of_gold_oracle"] <= 1
     assert "over half the 200 rows; skipped" in printed
 
 
