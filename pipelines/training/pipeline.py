@@ -228,8 +228,8 @@ def check_inputs(config: TrainConfig) -> TrainingInputs:
         overlap = count_overlap(files, filesystem, column, eval_text_keys(splits))
         warn_overlap(overlap)
     certification = certification_rows(config, splits)
-    if certification is not None and config.data.train_path is not None:  # drawn from the unlabeled corpus
-        splits = dataclasses.replace(splits, held_out=certification.texts)
+    if certification is not None and config.data.train_path is not None:  # some from the unlabeled corpus
+        splits = dataclasses.replace(splits, held_out=certification.texts)  # (dev's are excluded anyway)
     return TrainingInputs(splits, encoder, overlap, in_train, certification)
 
 

@@ -204,7 +204,8 @@ def test_count_job_with_default_resources(tmp_path, labeled_parquet, tiny_encode
     )
     assert summary["policy"] == "count" and summary["registered"]["version"] == 1
     assert summary["test_accuracy_full_depth"] > 0.6
-    assert summary["promise"]["rows_source"].startswith("the labeled dev split")  # no unlabeled corpus
+    promise = summary["promise"]  # no unlabeled corpus: label-free on the dev texts
+    assert promise["of"] == "agreement with full depth (no labels)" and " dev texts" in promise["rows_source"]
 
 
 @pytest.mark.slow

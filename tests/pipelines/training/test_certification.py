@@ -47,11 +47,20 @@ def test_a_slice_of_an_unlabeled_corpus_is_held_out_of_stage2(tmp_path, tiny_enc
         },
     }
     inputs = check_inputs(load_train_config(overrides=overrides))
-    held = inputs.certification.texts
-    assert 150 <= len(held) <= 200 and "from the unlabeled corpus's 1,000" in inputs.certification.source
-    assert inputs.splits.held_out == held and all(overlapping(held, eval_text_keys(inputs.splits)))
-    corpus = pq.read_table(unlabeled)["body"].to_pylist()
-    assert set(held) <= set(corpus)
-    # labeled data only: certified on dev's labels, as before
+    certifying = inputs.certification.texts
+    assert "from the unlabeled corpus's 1,000" in inputs.certification.source
+    assert "; and the 36 dev texts, without their labels" in inputs.certification.source
+    assert inputs.splits.held_out == certifying
+    assert all(overlapping(certifying, eval_text_keys(inputs.splits)))
+    corpus = set(pq.read_table(unlabeled)["body"].to_pylist())
+    dev_texts = set(inputs.splits.dev["text"].to_pylist())
+    held, dev = [t for t in certifying if t not in dev_texts], [t for t in certifying if t in dev_texts]
+    assert 150 <= len(held) <= 200 and set(held) <= corpus and sorted(dev) == sorted(dev_texts)
+    assert len(set(certifying)) == len(certifying)
+    # labeled data only: certified label-free on the dev texts
     only_labeled = load_train_config(overrides={**overrides, "data": {"train_path": str(labeled)}})
-    assert check_inputs(only_labeled).certification is None
+    alone = check_inputs(only_labeled).certification
+    assert sorted(alone.texts) == sorted(dev) and alone.source.startswith("the 36 dev texts")
+    # no knob certification asked (eval.certify_rows 0): dev's labels, as before
+    no_rows = {**overrides, "eval": {"certify_rows": 0}}
+    assert check_inputs(load_train_config(overrides=no_rows)).certification is None
