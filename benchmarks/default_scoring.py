@@ -99,7 +99,7 @@ def main() -> None:
             "scorer": name,
             "flags": " ".join(flags),
             "rows_per_s_process": round(wall, 1),
-            "steady_rows_per_s": statistics.median(r["steady_rows_per_s"] or 0 for r in runs),
+            "steady_rows_per_s": round(statistics.median(r["steady_rows_per_s"] or 0 for r in runs), 1),
             "ratio_to_first": round(wall / first, 3),
             "knob": runs[0]["knob"],
             "layer_speedup": runs[0]["layer_speedup"],
