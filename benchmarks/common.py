@@ -66,16 +66,15 @@ def write_json(path: str | Path, record: dict[str, Any]) -> Path:
 def unseen_bbc(directory: Path, rows: int) -> Path:
     """`rows` texts of the dev and test articles (never trained on): their paragraphs, then sentence
     passages, distinct, shuffled; `gold` is the article's label."""
-    from pipelines.bbc import sentence_passages, split_paragraphs
     from pipelines.config import DataConfig
     from pipelines.data import load_labeled_splits
+    from pipelines.training.certification import article_pieces
 
     splits = load_labeled_splits(DataConfig())
     articles = pa.concat_tables([splits.dev, splits.test])
     texts, gold = [], []
     for text, label in zip(articles["text"].to_pylist(), articles["label"].to_pylist(), strict=True):
-        one = pa.table({"doc_id": [0], "text": [text]})
-        pieces = split_paragraphs(one)["text"].to_pylist() + sentence_passages([text])
+        pieces = article_pieces([text])
         texts += pieces
         gold += [label] * len(pieces)
     unique = dict(zip(texts, gold, strict=True))  # distinct (a one-sentence paragraph is also a passage)

@@ -48,7 +48,7 @@ from pipelines.config import EvalConfig, ThresholdTarget
 from pipelines.evaluation.passes import SplitPass, texts_pass
 from pipelines.evaluation.results import SweepPoint
 from pipelines.evaluation.sweep import oracle_layers, point_from_layers, swept_settings
-from pipelines.evaluation.thresholds import choose_knob, safest_first
+from pipelines.evaluation.thresholds import choose_knob
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -126,15 +126,16 @@ def certified(recorded: Recorded, sample: np.ndarray, rule: str, target: Thresho
 def perfectly_calibrated(recorded: Recorded, rule: str, target: float) -> int:
     """The fastest knob whose agreement on every row is >= `target` (walked safest first, as the bound is)."""
     agree = recorded.agrees.mean(1)
-    ordered = safest_first(
-        [SweepPoint(s.policy, s.knob, 0, 0, 0, 0, 0, 0, 0, 0, 0) for s in recorded.settings], rule
+    ordered = sorted(
+        (i for i, s in enumerate(recorded.settings) if s.policy == rule),
+        key=lambda i: recorded.settings[i].eagerness,
     )
-    best = ordered[0].setting
-    for point in ordered:
-        if agree[recorded.settings.index(point.setting)] < target:
+    best = ordered[0]
+    for i in ordered:
+        if agree[i] < target:
             break
-        best = point.setting
-    return recorded.settings.index(best)
+        best = i
+    return best
 
 
 def scored(recorded: Recorded, layers: np.ndarray, rows: np.ndarray, target: float) -> dict[str, float]:

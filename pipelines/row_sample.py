@@ -78,7 +78,7 @@ def read_rows(
         try:
             column = parquet.read_row_groups(groups.tolist(), columns=[text_column])[text_column]
         except (OSError, pa.ArrowException) as error:
-            raise UserError(f"cannot read the calibration sample from {path!r}: {error}") from None
+            raise UserError(f"cannot read the sampled rows from {path!r}: {error}") from None
         read_starts = np.cumsum(np.concatenate([[0], np.diff(group_starts)[groups]]))[:-1]  # in `column`
         positions = read_starts[np.searchsorted(groups, group_of)] + (local - group_starts[group_of])
         texts.extend(column_texts(column.take(positions)))

@@ -82,17 +82,23 @@ AUTO_MIN_ROWS = 1000
 AUTO_MAX_ROWS = 4000
 
 
+def auto_sample_rows(input_rows: int) -> int:
+    """The size of `--calibrate-rows auto`'s sample for an input of `input_rows` rows (before it is weighed
+    against `AUTO_MIN_ROWS` and the stored knob's rows)."""
+    return min(AUTO_MAX_ROWS, int(input_rows * AUTO_SHARE))
+
+
 def auto_calibration_rows(input_rows: int, stored_rows: int = 0) -> int:
     """The rows `--calibrate-rows auto` calibrates on for an input of `input_rows` rows, given that the stored
     knob was certified on `stored_rows` (0: it was not); 0: too few to pay for a calibration (the model's
     stored knob is kept)."""
-    rows = min(AUTO_MAX_ROWS, int(input_rows * AUTO_SHARE))
+    rows = auto_sample_rows(input_rows)
     return rows if rows >= max(AUTO_MIN_ROWS, stored_rows) else 0
 
 
 def auto_kept_reason(input_rows: int, stored_rows: int = 0) -> str:
     """Why `--calibrate-rows auto` kept the stored knob on an input of `input_rows` rows."""
-    rows = min(AUTO_MAX_ROWS, int(input_rows * AUTO_SHARE))
+    rows = auto_sample_rows(input_rows)
     if rows >= AUTO_MIN_ROWS:
         why = (
             f"a sample of {rows:,} rows ({AUTO_SHARE:.0%} of the input's {input_rows:,}) would certify less "

@@ -1,8 +1,9 @@
 """The rows the training job certifies its automatic knob on: unlabeled text like the text to be scored, that
 trains no student and fits no exit risk (issue 40, part 1).
 
-The promise is label-free agreement with full depth (`pipelines.scoring.calibration.calibrate`, the rule the
-scoring job uses); the labeled dev split is reported beside it as a check. Which rows:
+The promise is label-free agreement with full depth (`pipelines.evaluation.agreement.certified_setting`, the
+rule the scoring job's calibration uses too); the labeled dev split is reported beside it as a check. Which
+rows:
 - the default corpus (BBC): every distinct paragraph and sentence passage of the **dev** articles. Stage 1
   trains on the training articles only, so these are text the backbone never saw (the training articles'
   paragraphs, stage 2's corpus, are not: full depth is more confident on them than on new text);
