@@ -74,7 +74,10 @@ class ModelOptions:
 
     Attributes:
         head_type: "linear" (the paper's Linear + Softmax) or "mlp" (the paper's Table 1:
-            H -> 128 -> 128 -> N).
+            H -> 128 -> 128 -> N): the final classifier's (the teacher's), and the students' unless
+            `student_head_type` says otherwise.
+        student_head_type: the student heads' type (every layer but the last), when it differs from
+            `head_type`: for example MLP students distilling a linear teacher; None: `head_type`.
         pooling: "cls" (first token) or "mean" (average over real tokens).
         threshold: default normalised-entropy threshold S for the "entropy" policy (0 <= S <= 1;
             S = 0: full depth).
@@ -90,6 +93,7 @@ class ModelOptions:
     """
 
     head_type: HeadType = "linear"
+    student_head_type: HeadType | None = None
     pooling: Pooling = "mean"  # measured best on BBC with MiniLM-L6 (see docs/results.md)
     threshold: float = 0.1
     patience: int = 3
@@ -100,6 +104,8 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         _check_choice("head_type", self.head_type, HEAD_TYPES)
+        if self.student_head_type is not None:
+            _check_choice("student_head_type", self.student_head_type, HEAD_TYPES)
         _check_choice("head_norm", self.head_norm, HEAD_NORMS)
         _check_choice("pooling", self.pooling, POOLINGS)
         check_threshold(self.threshold)
@@ -108,6 +114,12 @@ class ModelOptions:
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"max_length={self.max_length!r} must be an integer >= 2")
         check_head_dropout(self.head_dropout)
+
+    @property
+    def student_heads(self) -> str:
+        """The type of every student head (every layer's but the last): `student_head_type`, else
+        `head_type`."""
+        return self.student_head_type or self.head_type
 
     def options(self) -> dict[str, Any]:
         """The ModelOptions fields as keyword arguments (of `EarlyExitClassifier.from_encoder`)."""

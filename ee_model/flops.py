@@ -66,12 +66,15 @@ class FlopsModel:
     intermediate_size: int
     embedding_size: int  # == hidden_size unless ELECTRA projects embeddings
     n_layers: int
-    head_flops: int
+    head_flops: int  # the final classifier's (the teacher's)
     ffn_matrices: int = 2  # H x I matrices in each feed-forward (3: gated, ModernBERT)
     layer_constant: int = 0  # per layer and row whatever its tokens (DeBERTa's relative projections)
+    student_head_flops: int | None = None  # each student head's; None: head_flops (the same type)
 
     @classmethod
-    def from_encoder_config(cls, encoder_config: Any, head_type: str, num_labels: int) -> FlopsModel:
+    def from_encoder_config(
+        cls, encoder_config: Any, head_type: str, num_labels: int, student_head_type: str | None = None
+    ) -> FlopsModel:
         if encoder_config.model_type == "distilbert":
             hidden, intermediate, layers = (
                 encoder_config.dim,
@@ -91,6 +94,14 @@ class FlopsModel:
             head_flops(head_type, hidden, num_labels),
             ffn_matrices=3 if encoder_config.model_type == "modernbert" else 2,
             layer_constant=relative_position_flops(encoder_config),
+            student_head_flops=head_flops(student_head_type or head_type, hidden, num_labels),
+        )
+
+    @classmethod
+    def of_model(cls, config: Any) -> FlopsModel:
+        """The FLOPs model of an `EarlyExitConfig`: its stored encoder config and head types."""
+        return cls.from_encoder_config(
+            config.pretrained_encoder_config(), config.head_type, config.num_labels, config.student_heads
         )
 
     def layer_flops(self, tokens: int | np.ndarray) -> Any:
@@ -104,8 +115,13 @@ class FlopsModel:
         return 2 * tokens * self.embedding_size * self.hidden_size
 
     def row_flops(self, tokens: int | np.ndarray, exit_layer: int | np.ndarray) -> Any:
-        """FLOPs of rows with `tokens` real tokens that exit after layer `exit_layer` (1-based)."""
-        return self.embedding_flops(tokens) + exit_layer * (self.layer_flops(tokens) + self.head_flops)
+        """FLOPs of rows with `tokens` real tokens that exit after layer `exit_layer` (1-based): the layers
+        run, and the head of each (students up to layer n_layers - 1, the teacher's at the last)."""
+        student = self.head_flops if self.student_head_flops is None else self.student_head_flops
+        students = np.minimum(exit_layer, self.n_layers - 1)
+        teacher = np.asarray(exit_layer) >= self.n_layers
+        heads = students * student + teacher * self.head_flops
+        return self.embedding_flops(tokens) + exit_layer * self.layer_flops(tokens) + heads
 
     def full_depth_flops(self, tokens: int | np.ndarray) -> Any:
         """FLOPs of the same model run to the teacher only (no student head evaluated): the baseline."""

@@ -42,18 +42,11 @@ class EarlyExitClassifier(nn.Module):
         self.tokenizer = tokenizer
         if tokenizer is not None:
             tokenizer.padding_side = "right"  # early_exit trims trailing padding columns
-        self.flops_model = FlopsModel.from_encoder_config(encoder.config, config.head_type, config.num_labels)
-        encoders.check_head_norm(encoder.config.model_type, config.head_norm)
-        self.heads = nn.ModuleList(
-            build_head(
-                config.head_type,
-                self.flops_model.hidden_size,
-                config.num_labels,
-                config.head_dropout,
-                self._own_norm() if self.has_own_norm(index) else None,
-            )
-            for index in range(self.n_layers)
+        self.flops_model = FlopsModel.from_encoder_config(
+            encoder.config, config.head_type, config.num_labels, config.student_heads
         )
+        encoders.check_head_norm(encoder.config.model_type, config.head_norm)
+        self.heads = self._build_heads()
         risk = self.config.exit_risk
         if risk is not None and risk.n_students != self.n_layers - 1:
             raise ValueError(
@@ -62,6 +55,32 @@ class EarlyExitClassifier(nn.Module):
         self.stage2_frozen = False  # set by freeze_for_stage2; keeps frozen parts in eval mode
         self.runtime = FP32  # what runs the transformer layers (runtime_layers.with_runtime swaps them)
         self.layers_folder: Path | None = None  # the built layer files a runtime runs (int8, OpenVINO)
+
+    def _build_heads(self) -> nn.ModuleList:
+        """Every layer's exit head, students then the teacher, drawn from the global random stream. Students
+        of a type of their own (`student_head_type`) are drawn from a fork of it, in place of students of the
+        teacher's type, so the teacher and what follows (stage 1's dropout and order) draw the same numbers
+        as in a model of one head type: MLP students change the students only."""
+        config = self.config
+
+        def heads(indices: range, head_type: str) -> list[nn.Module]:
+            return [
+                build_head(
+                    head_type,
+                    self.flops_model.hidden_size,
+                    config.num_labels,
+                    config.head_dropout,
+                    self._own_norm() if self.has_own_norm(index) else None,
+                )
+                for index in indices
+            ]
+
+        students = heads(range(self.n_layers - 1), config.head_type)
+        teacher = heads(range(self.n_layers - 1, self.n_layers), config.head_type)
+        if config.student_heads != config.head_type:
+            with torch.random.fork_rng(devices=[]):
+                students = heads(range(self.n_layers - 1), config.student_heads)
+        return nn.ModuleList([*students, *teacher])
 
     def _own_norm(self) -> nn.Module:
         """A student's own norm (head_norm="own"): a copy of the final norm, trained with the head."""

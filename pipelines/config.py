@@ -77,9 +77,16 @@ class DataConfig:
             raise ValueError(f"max_unlabeled_rows={self.max_unlabeled_rows!r} must be >= 0")
 
 
+# Stage 2's learning rate by the students' head type, measured on BBC with the quick profile (docs/results.md:
+# linear students, "How much stage 2 the students need"; MLP students, issue 40: 2e-3 beat 1e-2)
+STAGE2_LEARNING_RATES = {"linear": 1e-2, "mlp": 2e-3}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(ModelOptions):
-    """The model to train: its encoder, and `ee_model.ModelOptions` (declared and checked there, once)."""
+    """The model to train: its encoder, and `ee_model.ModelOptions` (declared and checked there, once).
+    `student_head_type` unset (None) is the variant's (`TrainConfig.student_heads`): MLP students for kl,
+    the teacher's head type for count."""
 
     encoder: str | None = None  # HF id or local path; None -> the packaged MiniLM-L6 (demo extra)
     encoder_revision: str | None = None
@@ -109,7 +116,8 @@ class StageConfig:
     checkpoint_every_steps: int = 50  # also at each epoch end; the paper (full profile): 1500
 
     def __post_init__(self) -> None:
-        check_positive("learning_rate", self.learning_rate)
+        if self.learning_rate is not None or not isinstance(self, Stage2Config):  # stage 2: None = by heads
+            check_positive("learning_rate", self.learning_rate)
         check_positive("epochs", self.epochs)
         check_positive("batch_size_per_worker", self.batch_size_per_worker)
         check_positive("checkpoint_every_steps", self.checkpoint_every_steps)
@@ -137,8 +145,9 @@ class Stage2Config(StageConfig):
 
     # Heads only, on features the frozen backbone computed once per row (pipelines.training.features): epochs
     # cost heads, not backbones. The budget below was measured on BBC (docs/results.md, "How much stage 2 the
-    # students need" and "Stage 2 from cached features").
-    learning_rate: float = 1e-2
+    # students need" and "Stage 2 from cached features"). learning_rate None: the students' head type's
+    # (`STAGE2_LEARNING_RATES`, set when the TrainConfig is built).
+    learning_rate: float | None = None
     epochs: int = 3
     batch_size_per_worker: int = 32
     checkpoint_every_steps: int = 100
@@ -344,10 +353,25 @@ class TrainConfig:
                 "resources.num_workers=0 is Ray Train's local mode, which keeps no checkpoints; the job "
                 "trains from them: use 1 or more workers"
             )
+        self._resolve_student_heads()
         if self.model.policy == "risk" and self.eval.exit_risk_rows == 0:
             raise ValueError(
                 "model.policy 'risk' needs its exit risk fitted: eval.exit_risk_rows must be > 0"
             )
+
+    def _resolve_student_heads(self) -> None:
+        """Unset student head type and stage-2 learning rate made concrete, so what runs, what MLflow logs and
+        what the model saves say the same: kl -> MLP students over the teacher's head (the paper's Table 1
+        classifier; on BBC they left rows earlier at the same promise: docs/results.md, issue 40), count ->
+        the teacher's head type (trained jointly with it; not measured with MLP students); stage 2's learning
+        rate the students' type's (`STAGE2_LEARNING_RATES`)."""
+        students = self.model.student_head_type
+        if students is None:
+            students = "mlp" if self.variant == "kl" else self.model.head_type
+            object.__setattr__(self, "model", dataclasses.replace(self.model, student_head_type=students))
+        if self.stage2.learning_rate is None:
+            rate = STAGE2_LEARNING_RATES[students]
+            object.__setattr__(self, "stage2", dataclasses.replace(self.stage2, learning_rate=rate))
 
     def stages(self) -> list[Stage]:
         return ["stage1", "stage2"] if self.variant == "kl" else ["joint"]

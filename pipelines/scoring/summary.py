@@ -48,9 +48,7 @@ class Tally:
         """The rows, rates and speed-ups of these totals, as `ScoringSummary` fields."""
         layers = np.concatenate(self.exit_layers) if self.exit_layers else np.array([])
         tokens = np.concatenate(self.tokens).astype(np.int64) if self.tokens else np.array([], dtype=np.int64)
-        flops_model = FlopsModel.from_encoder_config(
-            model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
-        )
+        flops_model = FlopsModel.of_model(model_config)
         full = int(flops_model.full_depth_flops(tokens).sum()) if len(tokens) else 0
         steady = self.steady_rows_per_s(actors or 1)
         return {

@@ -473,9 +473,7 @@ def extraction_plan(splits: LabeledSplits, init: Checkpoint, config: TrainConfig
         for name in ("train", "dev")
     }
     files, filesystem, column = unlabeled_files(config, splits)
-    flops = FlopsModel.from_encoder_config(
-        model_config.pretrained_encoder_config(), model_config.head_type, model_config.num_labels
-    )
+    flops = FlopsModel.of_model(model_config)
 
     def size(rows: int) -> int:
         return bytes_needed(

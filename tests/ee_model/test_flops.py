@@ -27,6 +27,17 @@ def test_hand_count_of_a_tiny_row():
     assert head_flops("mlp", 32, 3) == 2 * (32 * 128 + 128 * 128 + 128 * 3)
 
 
+def test_students_and_teacher_heads_counted_apart():
+    linear, mlp = head_flops("linear", 32, 3), head_flops("mlp", 32, 3)
+    model = FlopsModel(32, 64, 32, 3, head_flops=linear, student_head_flops=mlp)
+    layer = transformer_layer_flops(32, 64, 10)
+    assert model.row_flops(10, 2) == 2 * layer + 2 * mlp  # two students' heads
+    assert model.row_flops(10, 3) == 3 * layer + 2 * mlp + linear  # and the teacher's
+    assert model.full_depth_flops(10) == 3 * layer + linear  # the teacher only
+    rows = model.row_flops(np.array([10, 10]), np.array([2, 3]))
+    assert rows.tolist() == [2 * layer + 2 * mlp, 3 * layer + 2 * mlp + linear]
+
+
 def test_speedups():
     model = FlopsModel(32, 64, 32, 4, head_flops=0)
     tokens, exits = np.array([10, 10]), np.array([1, 3])
@@ -50,17 +61,19 @@ def linear_flops_counted(model, texts, policy):
 
 
 @pytest.mark.parametrize(
-    "model_type, head_type",
+    "model_type, head_type, student_head_type",
     [
-        ("bert", "linear"),
-        ("electra", "mlp"),
-        ("distilbert", "linear"),
-        ("modernbert", "linear"),  # gated feed-forward
-        ("deberta-v2", "mlp"),  # relative-embedding projections in every layer
+        ("bert", "linear", None),
+        ("bert", "linear", "mlp"),  # MLP students, a linear teacher
+        ("electra", "mlp", None),
+        ("distilbert", "linear", None),
+        ("roberta", "mlp", "linear"),
+        ("modernbert", "linear", None),  # gated feed-forward
+        ("deberta-v2", "mlp", None),  # relative-embedding projections in every layer
     ],
 )
-def test_flops_match_torch_flop_counter(tiny_model, model_type, head_type):
-    model = tiny_model(model_type, num_layers=3, head_type=head_type)
+def test_flops_match_torch_flop_counter(tiny_model, model_type, head_type, student_head_type):
+    model = tiny_model(model_type, num_layers=3, head_type=head_type, student_head_type=student_head_type)
     texts = ["the film was good", "money and sport and the bad film of the year"]
     for policy in (make_policy("none"), make_policy("entropy", threshold=0.999)):
         total = 0

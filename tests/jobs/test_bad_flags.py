@@ -121,6 +121,7 @@ def test_score_job_refuses_an_output_that_is_a_file_before_anything_starts(tmp_p
         (["variant=fast"], "variant='fast' is not one of ['kl', 'count']"),
         (["model.max_length=1"], "max_length=1 must be an integer >= 2"),
         (["model.head_norm=layer"], "head_norm='layer' is not one of ['final', 'own']"),
+        (["model.student_head_type=conv"], "student_head_type='conv' is not one of ['linear', 'mlp']"),
         (["model.head_norm=own"], "head_norm='own' is for encoders whose inner layers leave un-normalised"),
     ],
 )

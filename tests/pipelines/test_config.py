@@ -21,6 +21,7 @@ def test_the_defaults_a_reader_sees_are_the_ones_that_run():
     assert PROFILES["quick"] == {} and load_train_config() == TrainConfig()
     assert TrainConfig().model.options() == {
         "head_type": "linear",
+        "student_head_type": "mlp",  # kl's (TrainConfig.student_heads); ee_model's own: None (the teacher's)
         "pooling": "mean",
         "threshold": 0.1,
         "patience": 3,
@@ -28,7 +29,24 @@ def test_the_defaults_a_reader_sees_are_the_ones_that_run():
         "max_length": 64,
         "head_dropout": 0.1,
         "head_norm": "final",
-    }  # ee_model.ModelOptions' fields and checks; only max_length has a training default of its own
+    }  # ee_model.ModelOptions' fields and checks; max_length and student_head_type have training defaults
+
+
+@pytest.mark.parametrize(
+    "overrides, students, stage2_rate",
+    [
+        ({}, "mlp", 2e-3),  # kl: MLP students over the linear teacher, at their learning rate
+        ({"variant": "count"}, "linear", 1e-2),  # count: the teacher's head type, trained with it
+        ({"model": {"student_head_type": "linear"}}, "linear", 1e-2),
+        ({"model": {"head_type": "mlp"}, "variant": "count"}, "mlp", 2e-3),
+        ({"stage2": {"learning_rate": 5e-3}}, "mlp", 5e-3),  # given: kept
+    ],
+)
+def test_unset_student_heads_and_stage2_rate_are_made_concrete(overrides, students, stage2_rate):
+    config = load_train_config(None, overrides)
+    assert config.model.student_head_type == students
+    assert config.stage2.learning_rate == pytest.approx(stage2_rate)
+    assert config.to_dict()["model"]["student_head_type"] == students  # what MLflow logs
 
 
 def test_yaml_and_overrides_layer_on_the_profile(tmp_path):
