@@ -85,8 +85,7 @@ STAGE2_LEARNING_RATES = {"linear": 1e-2, "mlp": 2e-3}
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(ModelOptions):
     """The model to train: its encoder, and `ee_model.ModelOptions` (declared and checked there, once).
-    `student_head_type` unset (None) is the variant's (`TrainConfig.student_heads`): MLP students for kl,
-    the teacher's head type for count."""
+    `student_head_type` unset (None) is `head_type`, made concrete when the TrainConfig is built."""
 
     encoder: str | None = None  # HF id or local path; None -> the packaged MiniLM-L6 (demo extra)
     encoder_revision: str | None = None
@@ -361,13 +360,12 @@ class TrainConfig:
 
     def _resolve_student_heads(self) -> None:
         """Unset student head type and stage-2 learning rate made concrete, so what runs, what MLflow logs and
-        what the model saves say the same: kl -> MLP students over the teacher's head (the paper's Table 1
-        classifier; on BBC they left rows earlier at the same promise: docs/results.md, issue 40), count ->
-        the teacher's head type (trained jointly with it; not measured with MLP students); stage 2's learning
-        rate the students' type's (`STAGE2_LEARNING_RATES`)."""
+        what the model saves say the same: the students' type the teacher's (MLP students over a linear
+        teacher are `model.student_head_type=mlp`: faster on two corpora of three, slower on the third,
+        docs/results.md, issue 40), stage 2's learning rate the students' type's (`STAGE2_LEARNING_RATES`)."""
         students = self.model.student_head_type
         if students is None:
-            students = "mlp" if self.variant == "kl" else self.model.head_type
+            students = self.model.head_type
             object.__setattr__(self, "model", dataclasses.replace(self.model, student_head_type=students))
         if self.stage2.learning_rate is None:
             rate = STAGE2_LEARNING_RATES[students]

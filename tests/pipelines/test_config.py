@@ -21,7 +21,7 @@ def test_the_defaults_a_reader_sees_are_the_ones_that_run():
     assert PROFILES["quick"] == {} and load_train_config() == TrainConfig()
     assert TrainConfig().model.options() == {
         "head_type": "linear",
-        "student_head_type": "mlp",  # kl's (TrainConfig.student_heads); ee_model's own: None (the teacher's)
+        "student_head_type": "linear",  # made concrete: the teacher's (ee_model's own default: None, the same)
         "pooling": "mean",
         "threshold": 0.1,
         "patience": 3,
@@ -29,17 +29,16 @@ def test_the_defaults_a_reader_sees_are_the_ones_that_run():
         "max_length": 64,
         "head_dropout": 0.1,
         "head_norm": "final",
-    }  # ee_model.ModelOptions' fields and checks; max_length and student_head_type have training defaults
+    }  # ee_model.ModelOptions' fields and checks; only max_length has a training default of its own
 
 
 @pytest.mark.parametrize(
     "overrides, students, stage2_rate",
     [
-        ({}, "mlp", 2e-3),  # kl: MLP students over the linear teacher, at their learning rate
-        ({"variant": "count"}, "linear", 1e-2),  # count: the teacher's head type, trained with it
-        ({"model": {"student_head_type": "linear"}}, "linear", 1e-2),
+        ({}, "linear", 1e-2),  # the teacher's head type, at linear students' learning rate
+        ({"model": {"student_head_type": "mlp"}}, "mlp", 2e-3),  # MLP students over a linear teacher
         ({"model": {"head_type": "mlp"}, "variant": "count"}, "mlp", 2e-3),
-        ({"stage2": {"learning_rate": 5e-3}}, "mlp", 5e-3),  # given: kept
+        ({"model": {"student_head_type": "mlp"}, "stage2": {"learning_rate": 5e-3}}, "mlp", 5e-3),  # kept
     ],
 )
 def test_unset_student_heads_and_stage2_rate_are_made_concrete(overrides, students, stage2_rate):
