@@ -21,7 +21,7 @@ def test_the_defaults_a_reader_sees_are_the_ones_that_run():
     assert PROFILES["quick"] == {} and load_train_config() == TrainConfig()
     assert TrainConfig().model.options() == {
         "head_type": "linear",
-        "student_head_type": "linear",  # made concrete: the teacher's (ee_model's own default: None, the same)
+        "student_head_type": "linear",  # made concrete: the teacher's (ee_model's own: None, the same)
         "pooling": "mean",
         "threshold": 0.1,
         "patience": 3,
