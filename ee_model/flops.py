@@ -71,6 +71,10 @@ class FlopsModel:
     layer_constant: int = 0  # per layer and row whatever its tokens (DeBERTa's relative projections)
     student_head_flops: int | None = None  # each student head's; None: head_flops (the same type)
 
+    def __post_init__(self) -> None:
+        if self.student_head_flops is None:
+            object.__setattr__(self, "student_head_flops", self.head_flops)
+
     @classmethod
     def from_encoder_config(
         cls, encoder_config: Any, head_type: str, num_labels: int, student_head_type: str | None = None
@@ -117,10 +121,9 @@ class FlopsModel:
     def row_flops(self, tokens: int | np.ndarray, exit_layer: int | np.ndarray) -> Any:
         """FLOPs of rows with `tokens` real tokens that exit after layer `exit_layer` (1-based): the layers
         run, and the head of each (students up to layer n_layers - 1, the teacher's at the last)."""
-        student = self.head_flops if self.student_head_flops is None else self.student_head_flops
         students = np.minimum(exit_layer, self.n_layers - 1)
         teacher = np.asarray(exit_layer) >= self.n_layers
-        heads = students * student + teacher * self.head_flops
+        heads = students * self.student_head_flops + teacher * self.head_flops
         return self.embedding_flops(tokens) + exit_layer * self.layer_flops(tokens) + heads
 
     def full_depth_flops(self, tokens: int | np.ndarray) -> Any:

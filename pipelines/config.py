@@ -115,8 +115,7 @@ class StageConfig:
     checkpoint_every_steps: int = 50  # also at each epoch end; the paper (full profile): 1500
 
     def __post_init__(self) -> None:
-        if self.learning_rate is not None or not isinstance(self, Stage2Config):  # stage 2: None = by heads
-            check_positive("learning_rate", self.learning_rate)
+        self.check_learning_rate()
         check_positive("epochs", self.epochs)
         check_positive("batch_size_per_worker", self.batch_size_per_worker)
         check_positive("checkpoint_every_steps", self.checkpoint_every_steps)
@@ -124,6 +123,9 @@ class StageConfig:
             check_positive("max_steps", self.max_steps)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+
+    def check_learning_rate(self) -> None:
+        check_positive("learning_rate", self.learning_rate)
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,10 @@ class Stage2Config(StageConfig):
     feature_dtype: str = "float16"
     feature_store: str | None = None
     keep_features: bool = False
+
+    def check_learning_rate(self) -> None:
+        if self.learning_rate is not None:  # None: the students' head type's, set by TrainConfig
+            super().check_learning_rate()
 
     def __post_init__(self) -> None:
         super().__post_init__()
