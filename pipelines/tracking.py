@@ -16,7 +16,13 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 SELECTION_TAG = "dev_accuracy"  # version tag compared when promoting to champion
-CLAIM_ATTEMPTS, CLAIM_SETTLE_SECONDS = 5, 0.2  # `claim_champion`: re-reads after setting the alias
+# `claim_champion`: reads of the champion (a set between two), the pause after each, the reads in a row that
+# must agree, the versions looked at for overlapping claims, and when a claim is over: ended this long
+# before another started (clocks of two machines differ), or started this long before and never ended
+CLAIM_ATTEMPTS, CLAIM_SETTLE_SECONDS, CLAIM_STEADY_READS, CLAIM_RIVALS = 12, 0.2, 2, 100
+CLAIM_CLOCK_MARGIN_SECONDS, CLAIM_STALE_SECONDS = 5.0, 600.0
+CLAIM_STARTED_TAG, CLAIM_ENDED_TAG = "champion_claim_started", "champion_claim_ended"
+ALIAS_ATTEMPTS = 5  # `set_alias`: tries against a conflicting insert of the same new alias
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 EE_MODEL_DIR = Path(__file__).resolve().parent.parent / "ee_model"
 
@@ -147,9 +153,9 @@ def register(model_uri: str, name: str, dev_accuracy: float, tags: dict[str, str
     client.set_model_version_tag(name, version, SELECTION_TAG, f"{dev_accuracy:.6f}")
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
-    client.set_registered_model_alias(name, CANDIDATE, version)
+    set_alias(client, name, CANDIDATE, version)
     champion_accuracy = current_champion_accuracy(client, name)
-    promoted = claim_champion(client, name, version, dev_accuracy)
+    promoted = claim_champion(client, name, version)
     return {
         "name": name,
         "version": int(version),
@@ -160,31 +166,85 @@ def register(model_uri: str, name: str, dev_accuracy: float, tags: dict[str, str
     }
 
 
-def claim_champion(client: MlflowClient, name: str, version: str, dev_accuracy: float) -> bool:
-    """Point `champion` at `version` unless the champion beats it (more accurate on dev, or as accurate and
-    newer), and re-read until that holds. MLflow sets an alias without comparing first, so of two trainings
-    that compare at once the worse could set it last: each re-reads after setting and takes it back if it
-    is the better, so the alias settles on the best of them. Whether `version` is the champion at the end."""
-    for _ in range(CLAIM_ATTEMPTS):
-        holder = champion_version(client, name)
-        if holder is not None and str(holder.version) == str(version):
-            return True
-        if holder is not None and beats(holder, dev_accuracy, version):
-            return False
-        client.set_registered_model_alias(name, CHAMPION, version)
-        time.sleep(CLAIM_SETTLE_SECONDS)  # another registration's set lands in this window, or after it
+def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    """Point `alias` at `version`. Two processes creating one new alias at once both insert it, and a
+    SQL store refuses the second (a UNIQUE constraint, raised as MlflowException): the retry updates
+    the row the other inserted."""
+    for attempt in range(ALIAS_ATTEMPTS):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except mlflow.exceptions.MlflowException:
+            if attempt == ALIAS_ATTEMPTS - 1:
+                raise
+            time.sleep(CLAIM_SETTLE_SECONDS)
+
+
+def claim_champion(client: MlflowClient, name: str, version: str) -> bool:
+    """Point `champion` at the best of the champion, `version` and every registration whose claim overlaps
+    this one (more accurate on dev, or as accurate and newer), and re-read until that holds on two reads
+    in a row. Whether `version` is the champion at the end.
+
+    MLflow sets an alias without comparing first, so two trainings that register at once could each see
+    the other's set after its own check. Each marks its claim on its version (started, ended) before it
+    reads, so of claims that overlap in time every one sees the others' and all compute the same best; the
+    champion only moves to a better version, so the alias settles there, and a worse set that lands late
+    is taken back. A claim that ended before this one started is not a rival: a champion a user moved back
+    (a rollback) is compared with this version only."""
+    started = time.time()
+    client.set_model_version_tag(name, version, CLAIM_STARTED_TAG, f"{started:.3f}")
+    try:
+        steady = 0
+        for _ in range(CLAIM_ATTEMPTS):
+            holder = champion_version(client, name)
+            best = best_claim(client, name, version, started, holder)
+            if holder is not None and str(holder.version) == str(best):
+                steady += 1
+                if steady == CLAIM_STEADY_READS:
+                    break
+            else:
+                steady = 0
+                set_alias(client, name, CHAMPION, best)
+            time.sleep(CLAIM_SETTLE_SECONDS)  # another registration's set lands in this window, or after it
+    finally:
+        client.set_model_version_tag(name, version, CLAIM_ENDED_TAG, f"{time.time():.3f}")
     holder = champion_version(client, name)
     return holder is not None and str(holder.version) == str(version)
 
 
-def beats(holder, dev_accuracy: float, version: str) -> bool:
-    """Whether the champion `holder` (a ModelVersion) keeps the title against `version` of `dev_accuracy`:
-    more accurate, or as accurate and registered later. A holder without the tag never does."""
-    held = holder.tags.get(SELECTION_TAG)
-    if held is None:
+def best_claim(client: MlflowClient, name: str, version: str, started: float, holder) -> str:
+    """The version that should be champion: the best (dev accuracy, then newer) of the `holder` (a
+    ModelVersion, or None), `version`, and the newest versions whose claims overlap this one's (started
+    by now, not ended before `started` less the clock margin, not started so long ago that its claimant
+    must have died). A holder or rival without the accuracy tag never wins."""
+    candidates = {str(version)}
+    if holder is not None and holder.tags.get(SELECTION_TAG) is not None:
+        candidates.add(str(holder.version))
+    accuracies = {}
+    for mv in client.search_model_versions(
+        f"name = '{name}'", max_results=CLAIM_RIVALS, order_by=["version_number DESC"]
+    ):
+        accuracies[str(mv.version)] = mv.tags.get(SELECTION_TAG)
+        if overlaps(mv.tags, started):
+            candidates.add(str(mv.version))
+    if holder is not None:
+        accuracies.setdefault(str(holder.version), holder.tags.get(SELECTION_TAG))
+
+    def rank(v: str) -> tuple[float, int]:
+        accuracy = accuracies.get(v)
+        return (float(accuracy) if accuracy is not None else float("-inf"), int(v))
+
+    return max(candidates, key=rank)
+
+
+def overlaps(version_tags: dict[str, str], started: float) -> bool:
+    """Whether a version's claim (its tags) overlaps a claim `started` at that time."""
+    began, ended = version_tags.get(CLAIM_STARTED_TAG), version_tags.get(CLAIM_ENDED_TAG)
+    if began is None or version_tags.get(SELECTION_TAG) is None:
         return False
-    mine = float(f"{dev_accuracy:.6f}")  # as the tag holds it
-    return (float(held), int(holder.version)) > (mine, int(version))
+    if ended is not None:
+        return float(ended) >= started - CLAIM_CLOCK_MARGIN_SECONDS
+    return float(began) >= started - CLAIM_STALE_SECONDS
 
 
 def champion_version(client: MlflowClient, name: str):

@@ -107,3 +107,25 @@ def test_a_store_path_with_spaces_logs_registers_and_resolves(tmp_path, model_di
     assert source.version == "1" and (source.directory / "ee_config.json").is_file()
     out = mlflow.pyfunc.load_model("models:/spaced@champion").predict(pd.DataFrame({"text": ["a", None]}))
     assert out["error"].tolist() == [None, "null text"]
+
+
+def test_a_champion_moved_back_by_hand_meets_later_trainings_only(tmp_path, model_dir, monkeypatch):
+    """A rollback holds: a user points `champion` back at an older version; a later, less accurate training
+    does not hand the title to the more accurate version the user moved away from (its claim is over)."""
+    import pipelines.tracking as tracking
+
+    monkeypatch.setattr(tracking, "CLAIM_CLOCK_MARGIN_SECONDS", 0.0)  # claims over the moment they end
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    setup_tracking(uri, "registry")
+    with mlflow.start_run():
+        model_uri = log_pyfunc_model(model_dir, ["a text", "another"]).model_uri
+    client = MlflowClient(uri)
+    assert register(model_uri, "shared", 0.9, {})["champion"]
+    assert register(model_uri, "shared", 0.95, {})["champion"]
+    client.set_registered_model_alias("shared", CHAMPION, "1")  # the user's rollback
+    later = register(model_uri, "shared", 0.85, {})
+    assert not later["champion"] and later["previous_champion_dev_accuracy"] == 0.9
+    assert str(client.get_model_version_by_alias("shared", CHAMPION).version) == "1"
+    assert register(model_uri, "shared", 0.92, {})["champion"]  # better than the champion: takes it
+    tags = client.get_model_version("shared", "4").tags
+    assert float(tags[tracking.CLAIM_STARTED_TAG]) <= float(tags[tracking.CLAIM_ENDED_TAG])
