@@ -3,7 +3,8 @@
 Read from the CPU's flags (`/proc/cpuinfo` on Linux), capped as oneDNN is capped by `ONEDNN_MAX_CPU_ISA`
 (set it to `AVX512_CORE_VNNI` to run as on a CPU without bf16 or AMX, `AVX2` as on one without VNNI either):
 PyTorch's CPU kernels (oneDNN) then use no instruction above the cap, so neither may the choice made here.
-Elsewhere (macOS, other architectures) no flag is seen and the choice is fp32.
+On ARM (aarch64) the flags are the `Features` line (bf16; i8mm and asimddp for int8 dot products) and no
+cap applies. Elsewhere (macOS) no flag is seen and the choice is fp32.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+ARM_BF16_FLAGS = ("bf16",)
+ARM_INT8_FLAGS = ("i8mm", "asimddp")
+ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 # oneDNN's ISA names, lowest first, and the flags each one (and those above it) may use
 ISA_ORDER = (
@@ -57,9 +61,17 @@ def cpuinfo_field(name: str) -> str | None:
     return None
 
 
-def read_cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux); empty where they cannot be read."""
-    return frozenset((cpuinfo_field("flags") or "").split())
+def machine_arch() -> str:
+    """This machine's architecture: "x86_64", "aarch64", or what `platform.machine()` says."""
+    machine = platform.machine()
+    return ARCHES.get(machine.lower(), machine)
+
+
+def read_cpu_flags(arch: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags (Linux: `flags` on x86, `Features` on ARM); empty where they cannot be
+    read."""
+    field = "Features" if (arch or machine_arch()) == "aarch64" else "flags"
+    return frozenset((cpuinfo_field(field) or "").split())
 
 
 def isa_allows(flag: str, cap: str | None) -> bool:
@@ -79,6 +91,7 @@ class CpuSupport:
     bf16: tuple[str, ...]  # the bf16 flags seen (and allowed)
     int8: tuple[str, ...]  # the int8 dot-product flags seen (and allowed)
     cap: str | None  # ONEDNN_MAX_CPU_ISA
+    arch: str = "x86_64"  # `machine_arch`
 
     @property
     def has_bf16(self) -> bool:
@@ -91,17 +104,30 @@ class CpuSupport:
     def describe(self) -> str:
         seen = [*self.bf16, *self.int8] or ["no bf16 or VNNI flag"]
         capped = f", ONEDNN_MAX_CPU_ISA={self.cap}" if self.cap else ""
-        return f"CPU flags: {', '.join(seen)}{capped}"
+        arch = "" if self.arch == "x86_64" else f" ({self.arch})"
+        return f"CPU flags{arch}: {', '.join(seen)}{capped}"
 
 
-def cpu_support(flags: frozenset[str] | None = None, cap: str | None = None) -> CpuSupport:
+def cpu_support(
+    flags: frozenset[str] | None = None, cap: str | None = None, arch: str | None = None
+) -> CpuSupport:
     """What the CPU (`flags`, default this one's) offers under the oneDNN cap (`cap`, default the
-    environment's)."""
-    flags = read_cpu_flags() if flags is None else flags
+    environment's; x86 only). `arch`: default this machine's, or x86_64 for injected `flags` (what tests
+    of an x86 CPU's decisions give, on any machine)."""
+    arch = arch or (machine_arch() if flags is None else "x86_64")
+    flags = read_cpu_flags(arch) if flags is None else flags
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") if cap is None else cap
+    if arch == "aarch64":
+        return CpuSupport(
+            tuple(f for f in ARM_BF16_FLAGS if f in flags),
+            tuple(f for f in ARM_INT8_FLAGS if f in flags),
+            None,
+            arch,
+        )
     allowed = [f for f in (*BF16_FLAGS, *INT8_FLAGS) if f in flags and isa_allows(f, cap)]
     return CpuSupport(
         tuple(f for f in BF16_FLAGS if f in allowed),
         tuple(f for f in INT8_FLAGS if f in allowed),
         cap or None,
+        arch,
     )

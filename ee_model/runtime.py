@@ -120,7 +120,11 @@ def auto_runtimes(support: CpuSupport, gpu: bool) -> tuple[tuple[Runtime, ...], 
     if gpu:
         return (BF16,), "a GPU: bf16"
     fast = {"int8": support.has_int8, "bf16": support.has_bf16}
-    runtimes = tuple(runtime for runtime in CPU_RUNTIMES if fast[runtime.precision])
+    runtimes = tuple(
+        runtime
+        for runtime in CPU_RUNTIMES
+        if fast[runtime.precision] and (runtime.backend != "openvino" or support.arch == "x86_64")
+    )  # OpenVINO's ARM plugin runs int8 and bf16 layers in fp16
     has = {
         (True, True): "int8 dot products and bf16",
         (True, False): "int8 dot products but no bf16",

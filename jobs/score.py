@@ -119,6 +119,15 @@ def main(
             show_default=default("backend"),
         ),
     ] = None,
+    choose_runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="how --precision auto chooses on CPU actors: measure (time the runtimes this CPU runs on "
+            "256 input rows, keep the fastest agreeing >= 99 % with fp32), auto (measure on inputs of "
+            ">= 50,000 rows, else the CPU-flag table), table; pinned in <output>/_runtime",
+            show_default=default("choose_runtime"),
+        ),
+    ] = None,
     include_probs: Annotated[
         bool | None,
         typer.Option(help="also write every class probability", show_default=default("include_probs")),

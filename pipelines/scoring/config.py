@@ -12,6 +12,7 @@ from ee_model.runtime import Runtime, resolve_runtime
 from pipelines.config import ThresholdTarget, check_choice, check_positive
 
 Tokenizing = Literal["auto", "actor", "tasks"]
+ChooseRuntime = Literal["auto", "measure", "table"]
 EXIT_FLAGS = ("policy", "threshold", "patience", "risk")  # the CLI's flags that make ScoreConfig.exit
 
 
@@ -48,6 +49,10 @@ class ScoreConfig:
     # the inputs) and shipped with the model
     precision: str = "auto"
     backend: str = "auto"
+    # how "auto" chooses on CPU actors (pipelines.scoring.runtime_choice): "measure" (time the candidates
+    # this CPU runs on rows of the input, keep the fastest at >= 99 % agreement with fp32), "auto" (measure
+    # on inputs of >= 50,000 rows, else the CPU-flag table), "table" (the table); pinned per output folder
+    choose_runtime: str = "auto"
     include_probs: bool = False
     output_prefix: str = ""  # prepended to every output column (label -> pred_label) to keep an input `label`
     # > 0: choose the knob on this many rows of the input without labels (pipelines.scoring.calibration): the
@@ -75,6 +80,7 @@ class ScoreConfig:
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor!r} must be >= 0")
         check_choice("tokenize", self.tokenize, Tokenizing)
+        check_choice("choose_runtime", self.choose_runtime, ChooseRuntime)
         check_output_folder(self.output)
         self.runtime()  # an unknown, unavailable or unsupported precision / backend is refused here
         if self.output_prefix and not self.output_prefix.replace("_", "").isalnum():

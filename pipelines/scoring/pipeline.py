@@ -26,6 +26,7 @@ import pyarrow as pa
 from ee_model import ExitSetting
 from ee_model.config import EarlyExitConfig
 from ee_model.runtime import FP32, Runtime
+from ee_model.runtime_choice import RuntimeChoice
 from pipelines import actor_stream
 from pipelines.actor_stream import actor_pool, commit_each_input
 from pipelines.config import S_GRID
@@ -58,6 +59,7 @@ from pipelines.scoring.inputs import (
     restore_reader_path,
     unreadable_texts,
 )
+from pipelines.scoring.runtime_choice import chosen_runtime, measures_runtime
 from pipelines.scoring.scorer import CALL_SECONDS, Scorer
 from pipelines.scoring.summary import ScoringSummary, Tally, little_saved_warning
 from pipelines.tokenizing import TokenizerFiles, tokenize_batch
@@ -256,25 +258,59 @@ def layers_for(
     config: ScoreConfig, source: ModelSource, runtime: Runtime, inputs: list[InputFile]
 ) -> Path | None:
     """The layers `runtime` runs (`build_layers`: int8, OpenVINO), built by the driver once per model version
-    into `<output>/<layer_cache_name>/<identity>` and reused by every later run on that output (checked
-    first: weights' digest and every file's); None for the runtimes that build none. OpenVINO int8 is
-    calibrated on `openvino_layers.CALIBRATION_ROWS` rows drawn from `inputs` (seeded by
-    `config.calibration_seed`, else 0) when first built."""
+    into `layers_folder` and reused by every later run on that output (checked first: weights' digest and
+    every file's); None for the runtimes that build none. OpenVINO int8 is calibrated on
+    `layer_calibration_texts` when first built."""
     from ee_model import EarlyExitClassifier
-    from ee_model.openvino_layers import CALIBRATION_ROWS
     from ee_model.runtime_layers import build_layers
 
     if not runtime.builds_layers:
         return None
-    folder = Path(config.output).resolve() / layer_cache_name(runtime) / source.identity
     model = EarlyExitClassifier.from_pretrained(source.directory)
+    folder = layers_folder(config, source, runtime)
+    return build_layers(model, runtime, folder, lambda: layer_calibration_texts(config, inputs))
 
-    def calibration_texts() -> list[str]:  # drawn only when the layers are built
-        seed = config.calibration_seed if config.calibration_seed is not None else 0
-        files = [(f.path, f.rows) for f in inputs]
-        return sample_texts(files, config.text_column, CALIBRATION_ROWS, seed)
 
-    return build_layers(model, runtime, folder, calibration_texts)
+def layers_folder(config: ScoreConfig, source: ModelSource, runtime: Runtime) -> Path:
+    """`<output>/<layer_cache_name>/<identity>`: where a runtime's built layers live, per model version."""
+    return Path(config.output).resolve() / layer_cache_name(runtime) / source.identity
+
+
+def layer_calibration_texts(config: ScoreConfig, inputs: list[InputFile]) -> list[str]:
+    """`openvino_layers.CALIBRATION_ROWS` texts drawn from `inputs` (seeded by `config.calibration_seed`,
+    else 0): what OpenVINO int8 layers are calibrated on when built (drawn only then)."""
+    from ee_model.openvino_layers import CALIBRATION_ROWS
+
+    seed = config.calibration_seed if config.calibration_seed is not None else 0
+    return sample_texts([(f.path, f.rows) for f in inputs], config.text_column, CALIBRATION_ROWS, seed)
+
+
+def run_runtime(
+    config: ScoreConfig,
+    source: ModelSource,
+    model_config: EarlyExitConfig,
+    inputs: list[InputFile],
+) -> tuple[Runtime, str, RuntimeChoice | None]:
+    """(what runs the layers, why, the measured choice): `--precision auto` on CPU actors is chosen by
+    timing the candidates on the inputs' rows (`pipelines.scoring.runtime_choice`), else as `model_runtime`
+    resolves it."""
+    table = model_runtime(config, model_config)
+    if not measures_runtime(config.precision, config.choose_runtime, config.gpus_per_actor):
+        return (*table, None)
+    seed = config.calibration_seed if config.calibration_seed is not None else 0
+    files = [(f.path, f.rows) for f in inputs]
+    return chosen_runtime(
+        config,
+        source.identity,
+        source.directory,
+        model_config.encoder_model_type,
+        model_config.resolve(config.exit),
+        sum(f.rows for f in inputs),
+        lambda rows: sample_texts(files, config.text_column, rows, seed),
+        lambda runtime: layers_folder(config, source, runtime),
+        lambda: layer_calibration_texts(config, inputs),
+        table,
+    )
 
 
 def ship_model(source: ModelSource, layers: Path | None = None) -> ObjectRef:
@@ -484,6 +520,7 @@ class ScoringRun:
     calibration: Calibration | None = None
     pinned: bool = False
     promise: str = ""  # `stated_promise`
+    runtime_choice: RuntimeChoice | None = None  # `--precision auto` chosen by timing (or the table, pinned)
 
     @property
     def record(self) -> dict[str, Any]:
@@ -621,7 +658,7 @@ def settle_run(
 ) -> ScoringRun:
     """The run's runtime (its layers built once), exit setting (calibrated when asked) and output folder,
     prepared for writing."""
-    runtime, runtime_reason = model_runtime(config, model_config)
+    runtime, runtime_reason, runtime_choice = run_runtime(config, source, model_config, inputs)
     layers = layers_for(config, source, runtime, inputs)
 
     def shipped() -> ObjectRef:
@@ -650,6 +687,7 @@ def settle_run(
         calibration,
         pinned,
         stated_promise(config, model_config, setting, calibration, kept),
+        runtime_choice,
     )
 
 
@@ -735,6 +773,7 @@ def run_summary(
         precision_reason=run.runtime_reason,
         started_at=round(stream.started, 3),
         calibration=calibration,
+        runtime_choice=None if run.runtime_choice is None else run.runtime_choice.to_dict(),
         promise=run.promise,
         unreadable=unreadable,
         orphaned=[] if plan.orphans_removed else plan.outputs.orphaned,
@@ -798,5 +837,15 @@ def log_scoring_run(summary: ScoringSummary, config: ScoreConfig, source: ModelS
                     "calibration_seed": calibration["seed"],
                 }
             )
+        choice = summary.runtime_choice or {}
+        for measured in choice.get("measurements", ()):  # every candidate `auto` timed, beside the pick
+            if measured["error"] is None:
+                name = measured["runtime"]
+                mlflow.log_metrics(
+                    {
+                        f"runtime_{name}_rows_per_s": measured["rows_per_s"],
+                        f"runtime_{name}_agreement": measured["agreement"],
+                    }
+                )
         mlflow.log_metrics(summary.metrics())
         mlflow.log_dict(summary.to_dict(), "scoring_summary.json")

@@ -119,6 +119,7 @@ class ScoringSummary:
     precision_reason: str
     started_at: float
     calibration: dict | None = None
+    runtime_choice: dict | None = None  # how `auto` chose the runtime (`ee_model.runtime_choice`), if it did
     promise: str = ""  # which rows the run's promise stands on (`pipelines.scoring.pipeline.stated_promise`)
     unreadable: dict[str, str] = field(default_factory=dict)
     orphaned: list[str] = field(default_factory=list)
@@ -127,7 +128,7 @@ class ScoringSummary:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for optional in ("calibration", "unreadable", "orphaned"):
+        for optional in ("calibration", "runtime_choice", "unreadable", "orphaned"):
             if not data[optional]:
                 del data[optional]
         return data
