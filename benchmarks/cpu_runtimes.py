@@ -46,6 +46,10 @@ import pyarrow.parquet as pq
 import torch
 from common import PlainClassifier, plain_openvino, unseen_bbc
 
+from ee_model.cpu_support import cpu_support
+from ee_model.runtime_choice import cpu_candidates, measure_runtimes, pick
+from pipelines.scoring.runtime_choice import MEASURE_ROWS
+
 
 def export_plain_int8(model_dir: str, folder: Path) -> dict[str, Path]:
     """(d): the plain model exported whole, then int8 per-channel and per-tensor."""
@@ -172,7 +176,6 @@ def run(args) -> dict:
     from ee_model import EarlyExitClassifier, ExitSetting
 
     torch.set_num_threads(args.threads)
-    from ee_model.cpu_support import cpu_support
 
     # without bf16 units (this CPU's, or as capped by ONEDNN_MAX_CPU_ISA): no bf16 scorer (it would only be
     # emulated), and OpenVINO told to run f32 (its default reads the CPU's own flags, past a oneDNN cap)
@@ -220,8 +223,12 @@ def run(args) -> dict:
         for name, score in plain.items():
             rows_per_s, label_ids = timed(score, calls, len(texts), args.repeats)
             record(f"plain {name}", rows_per_s, label_ids)
-        runtimes = ["fp32", "int8", "int8-openvino", "fp32-openvino"]
-        runtimes += [] if capped else ["bf16", "bf16-openvino"]
+        candidates, left_out = cpu_candidates()  # what `auto` times here (under the cap, if capped)
+        runtimes = [r.name for r in candidates] + ["fp32-openvino"]  # OpenVINO f32: never auto's, compared
+        for name, why in left_out.items():
+            print(f"left out: ee-{name}: {why}", flush=True)
+        if capped:
+            print("left out: plain torch-bf16, plain openvino (its bf16 default): no bf16 units", flush=True)
         runs = early_exit_runs(
             args.model, runtimes, token_ids, calibration_texts, args.threads, args.batch_size, scratch, capped
         )
@@ -238,13 +245,41 @@ def run(args) -> dict:
                 out = predict()
                 best = min(best, time.perf_counter() - start)
             record(name, len(texts) / best, out.label_id, out.exit_layer, calibration.knob)
+        # what `--precision auto` picks here, timed as the scoring job times it (its own sample of the
+        # calibration rows, the model's stored knob, these threads and batch size; the layers built above)
+        start = time.perf_counter()
+        measurements = measure_runtimes(
+            model,
+            candidates,
+            calibration_texts[:MEASURE_ROWS],
+            model.config.setting(),
+            lambda runtime: scratch / f"layers-{runtime.name}",
+            calibration_texts[:300],
+            threads=args.threads,
+            batch_size=args.batch_size,
+        )
+        auto, auto_why = pick(measurements)
+        choosing_s = round(time.perf_counter() - start, 1)
+        print(f"auto picked {auto} in {choosing_s} s: {auto_why}", flush=True)
     plain = [r for r in results if r["scorer"].startswith("plain")]
     base = next(r for r in plain if r["scorer"] == "plain torch-fp32")["rows_per_s"]
     fastest = max(plain, key=lambda r: r["rows_per_s"])
     for row in results:
         row["x_torch_fp32"] = round(row["rows_per_s"] / base, 2)
         row["x_fastest_plain"] = round(row["rows_per_s"] / fastest["rows_per_s"], 2)
+    early = [r for r in results if r["scorer"].startswith("ee-")]
+    fastest_ee = max(early, key=lambda r: r["rows_per_s"])
+    picked = next(r for r in early if r["scorer"] == f"ee-{auto}")
+    for row in results:
+        row["auto"] = row["scorer"] == f"ee-{auto}"
     summary = {
+        "auto": auto,
+        "auto_reason": auto_why,
+        "choosing_s": choosing_s,
+        "auto_measurements": [m.__dict__ for m in measurements],
+        "left_out": left_out,
+        "auto_x_fastest_early_exit": round(picked["rows_per_s"] / fastest_ee["rows_per_s"], 3),
+        "auto_x_fastest_plain": picked["x_fastest_plain"],
         "threads": args.threads,
         "rows": len(texts),
         "as_cpu_without_bf16": capped,
@@ -252,11 +287,18 @@ def run(args) -> dict:
         "results": results,
     }
     print(json.dumps(summary, indent=2))
-    print("\n| scorer | rows/s | x torch fp32 | x fastest plain | agreement | accuracy | mean exit | knob |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"\nauto: {auto} = {summary['auto_x_fastest_early_exit']}x the fastest early exit "
+        f"({fastest_ee['scorer']}), {summary['auto_x_fastest_plain']}x the fastest plain; "
+        f"chose in {choosing_s} s"
+    )
+    columns = ["scorer", "rows/s", "x torch fp32", "x fastest plain", "agreement", "accuracy", "mean exit"]
+    print("\n| " + " | ".join([*columns, "knob", "auto"]) + " |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         cells = [r["scorer"], r["rows_per_s"], r["x_torch_fp32"], r["x_fastest_plain"], r["agreement"]]
         cells += [r.get("accuracy", ""), r.get("mean_exit_layer", ""), r.get("knob", "")]
+        cells += ["picked" if r["auto"] else ""]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     return summary
 

@@ -55,6 +55,7 @@ def test_cpu_runtimes(tmp_path, tiny):
     printed = run(tmp_path, "cpu_runtimes", "--model", tiny[0], "--rows", "64", "--calibrate-rows", "64",
                   "--repeats", "1")  # fmt: skip
     assert "| plain torch-fp32 |" in printed and "| ee-fp32 |" in printed
+    assert "auto picked " in printed and printed.count("| picked |") == 1  # what auto chose, beside the rest
 
 
 @pytest.mark.ray
