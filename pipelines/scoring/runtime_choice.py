@@ -81,6 +81,8 @@ def chosen_runtime(
         choice = RuntimeChoice.from_dict(record)
         print(f"runtime {choice.runtime}, as pinned in {path}", file=sys.stderr)
         return Runtime.parse(choice.runtime), f"as pinned in {path}: {choice.reason}", choice
+    if not candidates:
+        return (*table, None)  # e.g. a backend none of this CPU's candidates runs on: the table decides
     if config.choose_runtime == "auto" and input_rows < MEASURE_MIN_ROWS:
         runtime, why = table
         reason = (
@@ -101,7 +103,11 @@ def chosen_runtime(
             threads=threads,
             batch_size=config.batch_size,
         )
-        name, why = pick(measurements)
+        try:
+            name, why = pick(measurements)
+        except ValueError:  # none held the agreement floor (fp32, the reference, was not a candidate)
+            name = table[0].name
+            why = f"none of {[m.runtime for m in measurements]} held the agreement floor, so {table[1]}"
         seconds = round(time.perf_counter() - start, 1)
         reason = f"timed on {MEASURE_ROWS} input rows at {threads} thread(s), {seconds} s: {why}"
         choice = RuntimeChoice(name, reason, tuple(measurements), left_out, key, seconds)
