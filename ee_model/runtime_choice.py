@@ -153,7 +153,6 @@ def measure_runtimes(
     layers are built or found (kept for the run that follows), `threads` and `batch_size` those of the
     scorers. A runtime whose layers fail to build or run is measured as an error, not raised."""
     from ee_model.policies import ExitSetting
-    from ee_model.runtime_layers import build_layers, with_runtime
 
     threads = threads or torch.get_num_threads()
     before = torch.get_num_threads()
@@ -162,44 +161,52 @@ def measure_runtimes(
         token_ids = model.tokenize(list(texts))
         full = ExitSetting("none")
         reference = model.predict_tokens(token_ids, setting=full, batch_size=batch_size).label_id
-        ready, errors, built = {}, {}, {}
+        ready: dict[str, tuple[EarlyExitClassifier, float, float]] = {}
+        errors: dict[str, str] = {}
         for runtime in runtimes:
             start = time.perf_counter()
             try:
-                texts_for = calibration_texts if runtime.needs_calibration_texts else None
-                folder = build_layers(model, runtime, layers_folder(runtime), texts_for)
-                candidate = with_runtime(copy.deepcopy(model), runtime, folder, threads)
+                candidate = _ready(model, runtime, layers_folder, calibration_texts, threads)
                 labels = candidate.predict_tokens(token_ids, setting=full, batch_size=batch_size).label_id
                 candidate.predict_tokens(token_ids, setting=setting, batch_size=batch_size)  # warm-up
             except Exception as error:  # a runtime that cannot run here is out, with why
                 errors[runtime.name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                 continue
-            built[runtime.name] = time.perf_counter() - start
-            ready[runtime.name] = (candidate, float(np.mean(np.asarray(labels) == np.asarray(reference))))
+            agreement = float(np.mean(np.asarray(labels) == np.asarray(reference)))
+            ready[runtime.name] = (candidate, agreement, time.perf_counter() - start)
         passes: dict[str, list[float]] = {name: [] for name in ready}
-        for _ in range(repeats):
-            for name, (candidate, _) in ready.items():
+        for _ in range(repeats):  # interleaved: a slow spell of the machine falls on every candidate
+            for name, (candidate, _, _) in ready.items():
                 start = time.perf_counter()
                 candidate.predict_tokens(token_ids, setting=setting, batch_size=batch_size)
                 passes[name].append(len(texts) / (time.perf_counter() - start))
     finally:
         torch.set_num_threads(before)
-    out = []
-    for runtime in runtimes:
-        name = runtime.name
-        if name in errors:
-            out.append(Measurement(name, error=errors[name]))
-            continue
-        out.append(
-            Measurement(
-                name,
-                round(statistics.median(passes[name]), 2),
-                round(ready[name][1], 5),
-                round(built[name], 2),
-                tuple(round(p, 2) for p in passes[name]),
-            )
-        )
-    return out
+    return [
+        Measurement(r.name, error=errors[r.name])
+        if r.name in errors
+        else _measurement(r.name, passes[r.name], *ready[r.name][1:])
+        for r in runtimes
+    ]
+
+
+def _ready(model, runtime: Runtime, layers_folder, calibration_texts, threads: int) -> EarlyExitClassifier:
+    """A copy of `model` running `runtime`, its layers built (or found) in `layers_folder(runtime)`."""
+    from ee_model.runtime_layers import build_layers, with_runtime
+
+    texts = calibration_texts if runtime.needs_calibration_texts else None
+    folder = build_layers(model, runtime, layers_folder(runtime), texts)
+    return with_runtime(copy.deepcopy(model), runtime, folder, threads)
+
+
+def _measurement(name: str, passes: list[float], agreement: float, build_s: float) -> Measurement:
+    return Measurement(
+        name,
+        round(statistics.median(passes), 2),
+        round(agreement, 5),
+        round(build_s, 2),
+        tuple(round(p, 2) for p in passes),
+    )
 
 
 def pick(

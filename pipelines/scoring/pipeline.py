@@ -821,31 +821,38 @@ def log_scoring_run(summary: ScoringSummary, config: ScoreConfig, source: ModelS
                 "promise": summary.promise[:500],
             }
         )
-        if summary.calibration is not None:
-            calibration = summary.calibration
-            mlflow.log_metrics(
-                {
-                    f"calibration_{k}": float(calibration[k])
-                    for k in ("agreement", "agreement_bound", "rows", "flops_speedup", "mean_exit_layer")
-                }
-            )
-            mlflow.log_params(
-                {
-                    "calibration_met": calibration["met"],
-                    "calibration_pinned": calibration["pinned"],
-                    "calibration_reason": calibration["reason"],
-                    "calibration_seed": calibration["seed"],
-                }
-            )
-        choice = summary.runtime_choice or {}
-        for measured in choice.get("measurements", ()):  # every candidate `auto` timed, beside the pick
-            if measured["error"] is None:
-                name = measured["runtime"]
-                mlflow.log_metrics(
-                    {
-                        f"runtime_{name}_rows_per_s": measured["rows_per_s"],
-                        f"runtime_{name}_agreement": measured["agreement"],
-                    }
-                )
+        log_how_it_chose(summary)
         mlflow.log_metrics(summary.metrics())
         mlflow.log_dict(summary.to_dict(), "scoring_summary.json")
+
+
+def log_how_it_chose(summary: ScoringSummary) -> None:
+    """The calibration's figures and every runtime candidate `auto` timed, in the active MLflow run."""
+    import mlflow
+
+    if summary.calibration is not None:
+        calibration = summary.calibration
+        mlflow.log_metrics(
+            {
+                f"calibration_{k}": float(calibration[k])
+                for k in ("agreement", "agreement_bound", "rows", "flops_speedup", "mean_exit_layer")
+            }
+        )
+        mlflow.log_params(
+            {
+                "calibration_met": calibration["met"],
+                "calibration_pinned": calibration["pinned"],
+                "calibration_reason": calibration["reason"],
+                "calibration_seed": calibration["seed"],
+            }
+        )
+    choice = summary.runtime_choice or {}
+    for measured in choice.get("measurements", ()):  # every candidate `auto` timed, beside the pick
+        if measured["error"] is None:
+            name = measured["runtime"]
+            mlflow.log_metrics(
+                {
+                    f"runtime_{name}_rows_per_s": measured["rows_per_s"],
+                    f"runtime_{name}_agreement": measured["agreement"],
+                }
+            )

@@ -66,7 +66,7 @@ def chosen_runtime(
     inputs; `layers_folder(runtime)`: where its layers are built, the run's own folder so the winner's are
     reused) or the flag `table`'s (runtime, why) on an input of fewer than `MEASURE_MIN_ROWS` rows under
     "auto"; pinned either way."""
-    from ee_model import EarlyExitClassifier, encoders
+    from ee_model import encoders
 
     support = cpu_support()
     exportable = encoders.FAMILIES[model_type].exportable
@@ -91,26 +91,43 @@ def chosen_runtime(
         )
         choice = RuntimeChoice(runtime.name, reason, left_out=left_out, key=key)
     else:
-        start = time.perf_counter()
-        model = EarlyExitClassifier.from_pretrained(model_dir)
-        measurements = measure_runtimes(
-            model,
-            candidates,
-            sample(MEASURE_ROWS),
-            setting,
-            layers_folder,
-            calibration_texts,
-            threads=threads,
-            batch_size=config.batch_size,
-        )
-        try:
-            name, why = pick(measurements)
-        except ValueError:  # none held the agreement floor (fp32, the reference, was not a candidate)
-            name = table[0].name
-            why = f"none of {[m.runtime for m in measurements]} held the agreement floor, so {table[1]}"
-        seconds = round(time.perf_counter() - start, 1)
-        reason = f"timed on {MEASURE_ROWS} input rows at {threads} thread(s), {seconds} s: {why}"
-        choice = RuntimeChoice(name, reason, tuple(measurements), left_out, key, seconds)
-        print(f"runtime {name}, {reason}", file=sys.stderr)
+        choice = timed_choice(
+            model_dir, candidates, sample, layers_folder, calibration_texts, setting, threads,
+            config.batch_size, table, left_out, key,
+        )  # fmt: skip
     write_text_atomically(path, json.dumps(choice.to_dict(), indent=2))
     return Runtime.parse(choice.runtime), choice.reason, choice
+
+
+def timed_choice(
+    model_dir: Path,
+    candidates: list[Runtime],
+    sample: Callable[[int], list[str]],
+    layers_folder: Callable[[Runtime], Path],
+    calibration_texts: Callable[[], list[str]],
+    setting,
+    threads: int,
+    batch_size: int,
+    table: tuple[Runtime, str],
+    left_out: dict[str, str],
+    key: dict,
+) -> RuntimeChoice:
+    """The candidates timed on `MEASURE_ROWS` input rows and the pick (`ee_model.runtime_choice`); the
+    `table`'s runtime when none holds the agreement floor."""
+    from ee_model import EarlyExitClassifier
+
+    start = time.perf_counter()
+    model = EarlyExitClassifier.from_pretrained(model_dir)
+    texts = sample(MEASURE_ROWS)
+    measurements = measure_runtimes(
+        model, candidates, texts, setting, layers_folder, calibration_texts, threads, batch_size
+    )
+    try:
+        name, why = pick(measurements)
+    except ValueError:  # none held the agreement floor (fp32, the reference, was not a candidate)
+        name = table[0].name
+        why = f"none of {[m.runtime for m in measurements]} held the agreement floor, so {table[1]}"
+    seconds = round(time.perf_counter() - start, 1)
+    reason = f"timed on {len(texts)} input rows at {threads} thread(s), {seconds} s: {why}"
+    print(f"runtime {name}, {reason}", file=sys.stderr)
+    return RuntimeChoice(name, reason, tuple(measurements), left_out, key, seconds)
