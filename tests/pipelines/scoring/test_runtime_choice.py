@@ -1,6 +1,6 @@
 """`--precision auto` chosen by timing on the input's rows (pipelines.scoring.runtime_choice): the decision
 pinned per output folder and reused by a rerun, timed again when what it depends on changes, the CPU-flag
-table on an input too small to pay for timing, and the whole job's summary and MLflow run."""
+table on an input too small to pay for timing, and a scoring run's summary, output key and MLflow run."""
 
 from __future__ import annotations
 
@@ -69,9 +69,7 @@ def test_the_job_times_scores_in_the_runtime_it_picked_and_logs_every_candidate(
     choice = first["runtime_choice"]
     assert first["precision"] == choice["runtime"] and first["precision_reason"] == choice["reason"]
     assert first["rows_scored"] == 40 and choice["measurements"][0]["runtime"] == "fp32"
-    write(tmp_path / "in" / "b.parquet", random_texts(10, seed=2))
-    again = score(model_dir, tmp_path / "in", tmp_path / "out", tmp_path, **flags)
-    assert again["output"] == first["output"] and (again["files_scored"], again["files_skipped"]) == (1, 1)
-    assert again["precision_reason"].startswith("as pinned in ")
+    assert first["output"].endswith(("" if choice["runtime"] == "fp32" else f"__{choice['runtime']}"))
+    assert list((tmp_path / "out" / "_runtime").glob("*.json"))  # pinned: reruns reuse it (tested above)
     runs = scoring_runs(model_dir, order_by=["start_time ASC"])
     assert runs["metrics.runtime_fp32_rows_per_s"].iloc[0] == choice["measurements"][0]["rows_per_s"]
