@@ -69,7 +69,8 @@ def test_the_job_times_scores_in_the_runtime_it_picked_and_logs_every_candidate(
     choice = first["runtime_choice"]
     assert first["precision"] == choice["runtime"] and first["precision_reason"] == choice["reason"]
     assert first["rows_scored"] == 40 and choice["measurements"][0]["runtime"] == "fp32"
-    assert first["output"].endswith(("" if choice["runtime"] == "fp32" else f"__{choice['runtime']}"))
+    suffix = "" if choice["runtime"] == "fp32" else f"__{choice['runtime']}"  # fp32 keys carry none
+    assert first["output"].endswith(f"__{first['policy']}-{first['knob']:g}{suffix}")
     assert list((tmp_path / "out" / "_runtime").glob("*.json"))  # pinned: reruns reuse it (tested above)
     runs = scoring_runs(model_dir, order_by=["start_time ASC"])
     assert runs["metrics.runtime_fp32_rows_per_s"].iloc[0] == choice["measurements"][0]["rows_per_s"]
