@@ -54,7 +54,8 @@ VERSIONED = ("torch", "onnxruntime", "openvino", "nncf", "transformers")  # what
 @dataclass(frozen=True)
 class Measurement:
     """One candidate's timing: rows/s with early exit (the median pass), its full-depth labels' agreement
-    with fp32 full depth, the seconds its layers took to build (0 when reused), or why it could not run."""
+    with fp32 full depth, the seconds it took to get ready (build or find its layers, score the rows at
+    full depth, the warm-up pass), or why it could not run."""
 
     runtime: str
     rows_per_s: float = 0.0
