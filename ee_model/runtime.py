@@ -25,6 +25,7 @@ Building and swapping in a runtime's layers: `ee_model.runtime_layers`.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ee_model.cpu_support import CpuSupport, cpu_support
@@ -123,8 +124,8 @@ def auto_runtimes(support: CpuSupport, gpu: bool) -> tuple[tuple[Runtime, ...], 
     runtimes = tuple(
         runtime
         for runtime in CPU_RUNTIMES
-        if fast[runtime.precision] and (runtime.backend != "openvino" or support.arch == "x86_64")
-    )  # OpenVINO's ARM plugin runs int8 and bf16 layers in fp16
+        if fast[runtime.precision] and not_on_this_arch(runtime, support) is None
+    )
     has = {
         (True, True): "int8 dot products and bf16",
         (True, False): "int8 dot products but no bf16",
@@ -140,7 +141,7 @@ def auto_backends(precision: str, can_calibrate: bool = True) -> list[str]:
     return [
         backend
         for backend in AUTO_BACKENDS[precision]
-        if _why_not(Runtime(precision, backend), can_calibrate) is None
+        if why_not(Runtime(precision, backend), can_calibrate) is None
     ]
 
 
@@ -196,18 +197,29 @@ def _automatic(support: CpuSupport, backend: str, gpu: bool, can_calibrate: bool
         names = [r.name for r in candidates]
         return fallback, f"{why}; none of {names} runs on {backend}, so {fallback.name}"
     for runtime in candidates:
-        blocked = _why_not(runtime, can_calibrate)
+        blocked = why_not(runtime, can_calibrate)
         if blocked is None:
             return runtime, f"{why}; {runtime.name} (the fastest that runs here, docs/results.md)"
         why += f"; not {runtime.name}: {blocked}"
     return FP32, f"{why}; so fp32; backend torch"  # e.g. int8 without the int8 extras
 
 
-def _why_not(runtime: Runtime, can_calibrate: bool) -> str | None:
-    """Why `runtime` cannot run here (its backend is missing, or it calibrates with no texts), else None."""
+def not_on_this_arch(runtime: Runtime, support: CpuSupport) -> str | None:
+    """Why `runtime` does not run as asked on the CPU's architecture, else None: OpenVINO's ARM plugin runs
+    int8 and bf16 layers in fp16."""
+    if runtime.backend == "openvino" and support.arch != "x86_64":
+        return f"OpenVINO's {support.arch} plugin runs these layers in fp16, not as asked"
+    return None
+
+
+def why_not(
+    runtime: Runtime, can_calibrate: bool, installed: Callable[[str], str | None] = missing_backend
+) -> str | None:
+    """Why `runtime` cannot run here (its backend is missing: `installed`, or it calibrates with no
+    texts), else None."""
     if not can_calibrate and runtime.needs_calibration_texts:
         return "no texts to calibrate its layers on"
-    return missing_backend(runtime.backend)
+    return installed(runtime.backend)
 
 
 def _check_gpu_backend(backend: str) -> None:

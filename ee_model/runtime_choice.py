@@ -35,7 +35,17 @@ import numpy as np
 import torch
 
 from ee_model.cpu_support import CpuSupport, cpu_support, cpuinfo_field
-from ee_model.runtime import BF16, BF16_OPENVINO, FP32, INT8, INT8_OPENVINO, Runtime, missing_backend
+from ee_model.runtime import (
+    BF16,
+    BF16_OPENVINO,
+    FP32,
+    INT8,
+    INT8_OPENVINO,
+    Runtime,
+    missing_backend,
+    not_on_this_arch,
+    why_not,
+)
 
 if TYPE_CHECKING:
     from ee_model.modeling import EarlyExitClassifier
@@ -129,13 +139,10 @@ def _why_not_candidate(
         return f"not on backend {backend}"
     if runtime.precision == "bf16" and not support.has_bf16:
         return f"no bf16 units: it would be emulated ({support.describe()})"
-    if runtime.backend == "openvino" and support.arch != "x86_64":
-        return f"OpenVINO's {support.arch} plugin runs these layers in fp16, not as asked"
-    if runtime.builds_layers and not exportable:
+    elsewhere = not_on_this_arch(runtime, support)
+    if elsewhere is None and runtime.builds_layers and not exportable:
         return "the encoder's layers are not exported one by one (not BERT-like)"
-    if runtime.needs_calibration_texts and not can_calibrate:
-        return "no texts to calibrate its layers on"
-    return installed(runtime.backend)
+    return elsewhere or why_not(runtime, can_calibrate, installed)
 
 
 def measure_runtimes(

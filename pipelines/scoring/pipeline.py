@@ -277,12 +277,18 @@ def layers_folder(config: ScoreConfig, source: ModelSource, runtime: Runtime) ->
 
 
 def layer_calibration_texts(config: ScoreConfig, inputs: list[InputFile]) -> list[str]:
-    """`openvino_layers.CALIBRATION_ROWS` texts drawn from `inputs` (seeded by `config.calibration_seed`,
-    else 0): what OpenVINO int8 layers are calibrated on when built (drawn only then)."""
+    """`openvino_layers.CALIBRATION_ROWS` texts drawn from `inputs`: what OpenVINO int8 layers are
+    calibrated on when built (drawn only then)."""
     from ee_model.openvino_layers import CALIBRATION_ROWS
 
+    return seeded_texts(config, inputs, CALIBRATION_ROWS)
+
+
+def seeded_texts(config: ScoreConfig, inputs: list[InputFile], rows: int) -> list[str]:
+    """`rows` texts drawn from `inputs`, seeded by `config.calibration_seed` (else 0), so a rerun draws the
+    same ones."""
     seed = config.calibration_seed if config.calibration_seed is not None else 0
-    return sample_texts([(f.path, f.rows) for f in inputs], config.text_column, CALIBRATION_ROWS, seed)
+    return sample_texts([(f.path, f.rows) for f in inputs], config.text_column, rows, seed)
 
 
 def run_runtime(
@@ -297,8 +303,6 @@ def run_runtime(
     table = model_runtime(config, model_config)
     if not measures_runtime(config.precision, config.choose_runtime, config.gpus_per_actor):
         return (*table, None)
-    seed = config.calibration_seed if config.calibration_seed is not None else 0
-    files = [(f.path, f.rows) for f in inputs]
     return chosen_runtime(
         config,
         source.identity,
@@ -306,7 +310,7 @@ def run_runtime(
         model_config.encoder_model_type,
         model_config.resolve(config.exit),
         sum(f.rows for f in inputs),
-        lambda rows: sample_texts(files, config.text_column, rows, seed),
+        lambda rows: seeded_texts(config, inputs, rows),
         lambda runtime: layers_folder(config, source, runtime),
         lambda: layer_calibration_texts(config, inputs),
         table,
